@@ -1,0 +1,358 @@
+"""`BNLSTM`: a batch-normalized LSTM that drops in where `torch.nn.LSTM` stood."""
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Dict, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
+
+from . import validation
+from .backends import BACKEND_NAMES, resolve_backend
+from .reference import LayerParams, RunningStats
+from .statistics import BatchStats, update_running_stats
+from .variants import feature_size, get_variant
+
+# (layer-direction name, e.g. "l1_reverse") -> part -> batch statistics of that pass
+ForwardStats = Dict[str, Dict[str, BatchStats]]
+
+
+class BNLSTM(nn.Module):
+    r"""Batch-normalized LSTM (Cooijmans et al., 2017), shaped like :class:`torch.nn.LSTM`.
+
+    .. math::
+        gates_t = BN(W_{ih} x_t; \gamma_{ih}, 0) + BN(W_{hh} h_{t-1}; \gamma_{hh}, 0) + b \\
+        c_t = \sigma(f_t) c_{t-1} + \sigma(i_t) \tanh(g_t) \qquad
+        h_t = \sigma(o_t) \tanh(BN(c_t; \gamma_c, \beta_c))
+
+    Statistics are per time step: over the active sequences of the batch in training, the
+    running statistics of slot ``min(t, max_length - 1)`` in evaluation.
+
+    Args:
+        input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional:
+            as :class:`torch.nn.LSTM` (``proj_size`` is not supported).
+        max_length: number of per-step statistics slots; later steps use the last one.
+        variant: ``"cooijmans"`` (input, recurrent and cell normalization),
+            ``"laurent_step"`` / ``"laurent_sequence"`` (input projection only, statistics
+            per step / over the whole sequence, one slot), or ``"none"`` (a plain LSTM).
+        momentum: running statistics update ``running = (1 - m) running + m batch``.
+        eps: added to the variance before the square root.
+        gamma_init: initial value of every gamma (the paper's 0.1).
+        backend: ``"auto"`` or ``"reference"`` (the plain PyTorch loop).
+
+    Inputs: ``input, hx=None, lengths=None``
+        input: [T, B, I] ([B, T, I] if batch_first), [T, I] unbatched, or a PackedSequence.
+        hx: (h_0, c_0), each [num_layers * num_directions, B, H] ([.., H] unbatched);
+            zeros if omitted.
+        lengths: [B] valid lengths of a padded batch (ints in [1, T], on the CPU or the
+            input's device). Padded positions give zero outputs and leave the state alone;
+            statistics are taken over the sequences still active at each step.
+
+    Outputs: ``output, (h_n, c_n)`` shaped as :class:`torch.nn.LSTM`'s; h_n and c_n hold
+    each sequence's state at its last valid step.
+
+    State dict, for layer k and direction suffix "" or "_reverse":
+    ``weight_ih_l{k}`` [4H, I_k], ``weight_hh_l{k}`` [4H, H], ``bias_l{k}`` [4H],
+    ``gamma_ih_l{k}`` [4H], ``gamma_hh_l{k}`` [4H], ``gamma_c_l{k}`` [H], ``beta_c_l{k}`` [H],
+    buffers ``running_mean_{ih,hh,c}_l{k}`` and ``running_var_{ih,hh,c}_l{k}`` of shape
+    [max_length, 4H] (ih, hh; [1, 4H] for laurent_sequence's ih) or [max_length, H] (c).
+    Gate order i, f, g, o. Parts a variant does not normalize have no entries.
+    """
+
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        num_layers: int = 1,
+        bias: bool = True,
+        batch_first: bool = False,
+        dropout: float = 0.0,
+        bidirectional: bool = False,
+        *,
+        max_length: int = 100,
+        variant: str = "cooijmans",
+        momentum: float = 0.1,
+        eps: float = 1e-5,
+        gamma_init: float = 0.1,
+        backend: str = "auto",
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        self.input_size = validation.check_positive_int("input_size", input_size)
+        self.hidden_size = validation.check_positive_int("hidden_size", hidden_size)
+        self.num_layers = validation.check_positive_int("num_layers", num_layers)
+        self.max_length = validation.check_positive_int("max_length", max_length)
+        self.dropout = validation.check_float("dropout", dropout, 0.0, 1.0)
+        self.momentum = validation.check_float("momentum", momentum, 0.0, 1.0)
+        self.eps = validation.check_float("eps", eps, 0.0, math.inf, low_open=True)
+        self.gamma_init = validation.check_float("gamma_init", gamma_init, -math.inf, math.inf)
+        self.bias = bool(bias)
+        self.batch_first = bool(batch_first)
+        self.bidirectional = bool(bidirectional)
+        self.variant = get_variant(variant).name
+        self.backend = validation.check_choice("backend", backend, BACKEND_NAMES)
+        if self.dropout > 0 and self.num_layers == 1:
+            warnings.warn(
+                "dropout acts between layers, so it has no effect with num_layers=1 "
+                f"(got dropout={self.dropout})"
+            )
+
+        factory = {"device": device, "dtype": dtype}
+        hidden = self.hidden_size
+        for name, layer_input in self._layer_directions():
+            self._register_parameter(f"weight_ih_{name}", (4 * hidden, layer_input), factory)
+            self._register_parameter(f"weight_hh_{name}", (4 * hidden, hidden), factory)
+            if self.bias:
+                self._register_parameter(f"bias_{name}", (4 * hidden,), factory)
+            for part in self._variant.parts:
+                features = feature_size(part, hidden)
+                slots = self._variant.num_slots(part, self.max_length)
+                self._register_parameter(f"gamma_{part}_{name}", (features,), factory)
+                stats_shape = (slots, features)
+                self.register_buffer(f"running_mean_{part}_{name}", torch.zeros(stats_shape, **factory))
+                self.register_buffer(f"running_var_{part}_{name}", torch.ones(stats_shape, **factory))
+            if self._variant.normalize_cell:
+                self._register_parameter(f"beta_c_{name}", (hidden,), factory)
+        self.reset_parameters()
+
+    # Construction helpers ---------------------------------------------------------------
+
+    @property
+    def _variant(self):
+        return get_variant(self.variant)
+
+    @property
+    def num_directions(self) -> int:
+        return 2 if self.bidirectional else 1
+
+    def _suffixes(self) -> Tuple[str, ...]:
+        return ("", "_reverse") if self.bidirectional else ("",)
+
+    def _layer_directions(self):
+        """(name, input features) of every layer-direction, in hx order."""
+        for layer in range(self.num_layers):
+            layer_input = self.input_size if layer == 0 else self.hidden_size * self.num_directions
+            for suffix in self._suffixes():
+                yield f"l{layer}{suffix}", layer_input
+
+    def _register_parameter(self, name: str, shape, factory) -> None:
+        self.register_parameter(name, nn.Parameter(torch.empty(shape, **factory)))
+
+    def reset_running_stats(self) -> None:
+        """Running means to 0 and variances to 1."""
+        for name, buffer in self.named_buffers(recurse=False):
+            if name.startswith("running_mean_"):
+                nn.init.zeros_(buffer)
+            elif name.startswith("running_var_"):
+                nn.init.ones_(buffer)
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """The "none" variant initialises as torch.nn.LSTM does. Normalized variants follow
+        the paper: orthogonal W_hh per gate, zero bias, every gamma gamma_init, beta_c 0."""
+        bound = 1.0 / math.sqrt(self.hidden_size)
+        plain = self._variant.name == "none"
+        for name, _ in self._layer_directions():
+            nn.init.uniform_(getattr(self, f"weight_ih_{name}"), -bound, bound)
+            weight_hh = getattr(self, f"weight_hh_{name}")
+            if plain:
+                nn.init.uniform_(weight_hh, -bound, bound)
+            else:
+                for gate in weight_hh.chunk(4, dim=0):
+                    nn.init.orthogonal_(gate)
+            if self.bias:
+                bias = getattr(self, f"bias_{name}")
+                if plain:
+                    nn.init.uniform_(bias, -bound, bound)
+                else:
+                    nn.init.zeros_(bias)
+            for part in self._variant.parts:
+                nn.init.constant_(getattr(self, f"gamma_{part}_{name}"), self.gamma_init)
+            if self._variant.normalize_cell:
+                nn.init.zeros_(getattr(self, f"beta_c_{name}"))
+        self.reset_running_stats()
+
+    def _apply(self, fn, *args, **kwargs):
+        # Running statistics stay float32 when the module is cast to half precision: a
+        # momentum-0.1 average in bfloat16 would lose most of each update.
+        super()._apply(fn, *args, **kwargs)
+        for name, buffer in self.named_buffers(recurse=False):
+            if buffer.dtype in (torch.float16, torch.bfloat16):
+                setattr(self, name, buffer.float())
+        return self
+
+    def flatten_parameters(self) -> None:
+        """No-op, for code written for torch.nn.LSTM: the weights need no flat buffer."""
+
+    def extra_repr(self) -> str:
+        text = f"{self.input_size}, {self.hidden_size}"
+        if self.num_layers != 1:
+            text += f", num_layers={self.num_layers}"
+        if not self.bias:
+            text += ", bias=False"
+        if self.batch_first:
+            text += ", batch_first=True"
+        if self.dropout:
+            text += f", dropout={self.dropout}"
+        if self.bidirectional:
+            text += ", bidirectional=True"
+        return text + (
+            f", max_length={self.max_length}, variant={self.variant!r}, "
+            f"momentum={self.momentum}, eps={self.eps}, backend={self.backend!r}"
+        )
+
+    # Per layer-direction views ----------------------------------------------------------
+
+    def _layer_params(self, name: str) -> LayerParams:
+        return LayerParams(
+            *(getattr(self, f"{field}_{name}", None) for field in (
+                "weight_ih", "weight_hh", "bias", "gamma_ih", "gamma_hh", "gamma_c", "beta_c"
+            ))
+        )
+
+    def _running_stats(self, name: str) -> RunningStats:
+        return {
+            part: (getattr(self, f"running_mean_{part}_{name}"), getattr(self, f"running_var_{part}_{name}"))
+            for part in self._variant.parts
+        }
+
+    # Forward ----------------------------------------------------------------------------
+
+    def forward(self, input, hx: Optional[Tuple[Tensor, Tensor]] = None, lengths=None):
+        output, state, batch_stats = self._forward(
+            input, hx, lengths,
+            batch_statistics=self.training,
+            dropout=self.dropout if self.training else 0.0,
+        )
+        if self.training:
+            self._update_running_stats(batch_stats)
+        return output, state
+
+    def _update_running_stats(self, batch_stats: ForwardStats) -> None:
+        for name, parts in batch_stats.items():
+            running = self._running_stats(name)
+            for part, stats in parts.items():
+                update_running_stats(*running[part], stats, self.momentum)
+
+    def _forward(self, input, hx, lengths, *, batch_statistics: bool, dropout: float):
+        """Validate, bring the input to [T, B, I], run every layer, restore the layout.
+
+        Returns (output, (h_n, c_n), batch statistics of every layer-direction).
+        """
+        weight = self.weight_ih_l0
+        packed = isinstance(input, PackedSequence)
+        if packed:
+            if lengths is not None:
+                raise ValueError("lengths must be None when input is a PackedSequence (it carries its own)")
+            x, lengths = pad_packed_sequence(input)  # [T, B, I] in the caller's batch order
+            validation.check_input(x, self.input_size, weight.dtype, weight.device)
+        else:
+            validation.check_input(input, self.input_size, weight.dtype, weight.device)
+            if input.dim() == 2:
+                x = input.unsqueeze(1)
+            else:
+                x = input.transpose(0, 1) if self.batch_first else input
+        unbatched = not packed and input.dim() == 2
+        num_steps, batch = x.shape[0], x.shape[1]
+        validation.check_training_batch(batch, batch_statistics)
+        lengths = validation.check_lengths(lengths, batch, num_steps, x.device)
+
+        num_states = self.num_layers * self.num_directions
+        if hx is None:
+            zeros = torch.zeros(num_states, batch, self.hidden_size, dtype=x.dtype, device=x.device)
+            h0, c0 = zeros, zeros
+        else:
+            shape = (num_states, self.hidden_size) if unbatched else (num_states, batch, self.hidden_size)
+            h0, c0 = validation.check_hx(hx, shape, x)
+            if unbatched:
+                h0, c0 = h0.unsqueeze(1), c0.unsqueeze(1)
+
+        output, h_n, c_n, batch_stats = self._run_layers(x, h0, c0, lengths, batch_statistics, dropout)
+
+        if packed:
+            output = _pack_like(output, input)
+        elif unbatched:
+            output, h_n, c_n = output.squeeze(1), h_n.squeeze(1), c_n.squeeze(1)
+        elif self.batch_first:
+            output = output.transpose(0, 1)
+        return output, (h_n, c_n), batch_stats
+
+    def _run_layers(self, x, h0, c0, lengths, batch_statistics: bool, dropout: float):
+        """x: [T, B, I]; h0, c0: [num_layers * num_directions, B, H]."""
+        layer_fn = resolve_backend(self.backend, x.device)
+        h_n, c_n, outputs = [], [], []
+        batch_stats: ForwardStats = {}
+        for index, (name, _) in enumerate(self._layer_directions()):
+            direction = index % self.num_directions
+            result = layer_fn(
+                x, h0[index], c0[index], self._layer_params(name), self._running_stats(name),
+                variant=self._variant, training=batch_statistics, eps=self.eps,
+                lengths=lengths, reverse=direction == 1,
+            )
+            outputs.append(result.output)
+            h_n.append(result.h_n)
+            c_n.append(result.c_n)
+            batch_stats[name] = result.batch_stats
+            if direction == self.num_directions - 1:
+                x = torch.cat(outputs, dim=-1) if len(outputs) > 1 else outputs[0]
+                outputs = []
+                last_layer = index == self.num_layers * self.num_directions - 1
+                if dropout > 0 and not last_layer:
+                    x = F.dropout(x, dropout, training=True)
+        return x, torch.stack(h_n), torch.stack(c_n), batch_stats
+
+    # Interoperability -------------------------------------------------------------------
+
+    @classmethod
+    def from_lstm(cls, lstm: nn.LSTM, **kwargs) -> "BNLSTM":
+        """A BNLSTM with the sizes and weights of `lstm` (bias = bias_ih + bias_hh).
+
+        kwargs go to the constructor (max_length, variant, ...); the BN parameters take
+        their initial values. With variant="none" the result computes what `lstm` does.
+        """
+        if not isinstance(lstm, nn.LSTM):
+            raise TypeError(f"lstm must be a torch.nn.LSTM, got {type(lstm).__name__}")
+        if lstm.proj_size:
+            raise ValueError(f"lstm.proj_size must be 0 (projections are not supported), got {lstm.proj_size}")
+        reference = lstm.weight_ih_l0
+        kwargs.setdefault("device", reference.device)
+        kwargs.setdefault("dtype", reference.dtype)
+        module = cls(
+            lstm.input_size, lstm.hidden_size, lstm.num_layers, lstm.bias, lstm.batch_first,
+            lstm.dropout, lstm.bidirectional, **kwargs,
+        )
+        with torch.no_grad():
+            for name, _ in module._layer_directions():
+                getattr(module, f"weight_ih_{name}").copy_(getattr(lstm, f"weight_ih_{name}"))
+                getattr(module, f"weight_hh_{name}").copy_(getattr(lstm, f"weight_hh_{name}"))
+                if lstm.bias:
+                    getattr(module, f"bias_{name}").copy_(
+                        getattr(lstm, f"bias_ih_{name}") + getattr(lstm, f"bias_hh_{name}")
+                    )
+        return module
+
+    def calibrate(self, batches, progress: bool = False) -> "BNLSTM":
+        """Replace the running statistics by exact population statistics over `batches`.
+
+        See :func:`bnlstm_cuda.calibration.calibrate_statistics`.
+        """
+        from .calibration import calibrate_statistics
+
+        calibrate_statistics(self, batches, progress=progress)
+        return self
+
+
+def _pack_like(output: Tensor, template: PackedSequence) -> PackedSequence:
+    """Pack output [T, B, H] (caller's batch order) with the layout of `template`."""
+    if template.sorted_indices is not None:
+        output = output.index_select(1, template.sorted_indices)
+    batch_sizes = template.batch_sizes  # [T] on the CPU
+    steps = output.shape[0]
+    rows = torch.arange(output.shape[1]).unsqueeze(0) < batch_sizes[:steps].unsqueeze(1)  # [T, B]
+    # Row-major boolean indexing walks steps, then sorted sequences: the packed order.
+    data = output[rows.to(output.device)]
+    return PackedSequence(data, batch_sizes, template.sorted_indices, template.unsorted_indices)

@@ -1,0 +1,178 @@
+"""The reference BN-LSTM layer: a plain PyTorch time loop, written to be read.
+
+This is the oracle every fused backend is tested against and the fallback where no fused
+kernel runs. It implements ../shared/PAPER.md for one layer and one direction:
+
+    gates_t = BN(W_ih x_t; gamma_ih, 0) + BN(W_hh h_{t-1}; gamma_hh, 0) + bias    # [B, 4H]
+    i, f, g, o = split(gates_t)                                                # torch order
+    c_t = sigmoid(f) * c_{t-1} + sigmoid(i) * tanh(g)
+    h_t = sigmoid(o) * tanh(BN(c_t; gamma_c, beta_c))
+
+with the normalizations a Variant asks for, per-step statistics over the active sequences
+in training and the running statistics of slot min(t, S-1) in evaluation. float64 and
+float32 inputs are computed in their own dtype, float16 and bfloat16 inputs in float32.
+"""
+from __future__ import annotations
+
+from typing import Dict, NamedTuple, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from .statistics import BatchStats, masked_batch_stats, normalize
+from .variants import Variant
+
+
+class LayerParams(NamedTuple):
+    """Parameters of one layer and direction (None where the variant has no such part)."""
+
+    weight_ih: Tensor  # [4H, I]
+    weight_hh: Tensor  # [4H, H]
+    bias: Optional[Tensor]  # [4H]
+    gamma_ih: Optional[Tensor]  # [4H]
+    gamma_hh: Optional[Tensor]  # [4H]
+    gamma_c: Optional[Tensor]  # [H]
+    beta_c: Optional[Tensor]  # [H]
+
+    def to(self, dtype: torch.dtype) -> "LayerParams":
+        return LayerParams(*(None if p is None else p.to(dtype) for p in self))
+
+
+# part -> (running_mean [S, F], running_var [S, F]); S = max_length, or 1 for sequence-wise.
+RunningStats = Dict[str, Tuple[Tensor, Tensor]]
+
+
+class LayerResult(NamedTuple):
+    output: Tensor  # [T, B, H], zero at padded positions
+    h_n: Tensor  # [B, H], each sequence's state at its last valid step
+    c_n: Tensor  # [B, H]
+    # part -> BatchStats of each processed step ([T, F]; [1, F] for sequence-wise input
+    # statistics). Filled in training only: evaluation takes no batch statistics.
+    batch_stats: Dict[str, BatchStats]
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 and float32 compute in their own dtype; half precision in float32."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def active_mask(lengths: Optional[Tensor], num_steps: int, batch: int, device) -> Tensor:
+    """[T, B] bool: step t of sequence b is real (t < lengths[b]); all True without lengths."""
+    if lengths is None:
+        return torch.ones(num_steps, batch, dtype=torch.bool, device=device)
+    steps = torch.arange(num_steps, device=device).unsqueeze(1)
+    return steps < lengths.to(device).unsqueeze(0)
+
+
+def reverse_padded(x: Tensor, lengths: Optional[Tensor]) -> Tensor:
+    """Reverse each sequence within its own length; padded positions stay where they are.
+
+    x: [T, B, ...]; lengths: [B] or None (all of length T). Its own inverse.
+    """
+    if lengths is None:
+        return x.flip(0)
+    num_steps, batch = x.shape[0], x.shape[1]
+    steps = torch.arange(num_steps, device=x.device).unsqueeze(1)  # [T, 1]
+    lengths = lengths.to(x.device).unsqueeze(0)  # [1, B]
+    index = torch.where(steps < lengths, lengths - 1 - steps, steps)  # [T, B]
+    index = index.reshape(num_steps, batch, *([1] * (x.dim() - 2))).expand_as(x)
+    return x.gather(0, index)
+
+
+def bnlstm_layer_reference(
+    x: Tensor,
+    h0: Tensor,
+    c0: Tensor,
+    params: LayerParams,
+    running: RunningStats,
+    *,
+    variant: Variant,
+    training: bool,
+    eps: float,
+    lengths: Optional[Tensor] = None,
+    reverse: bool = False,
+) -> LayerResult:
+    """Run one BN-LSTM layer in one direction over a padded batch.
+
+    x:       [T, B, I]
+    h0, c0:  [B, H]
+    lengths: [B] int64 on x's device, 1 <= lengths <= T, or None for all T
+    running: running statistics read in evaluation (training leaves them alone: the caller
+             folds LayerResult.batch_stats into them)
+    reverse: process each sequence from its own last element: step t reads position
+             lengths[b] - 1 - t.
+    """
+    out_dtype = x.dtype
+    dtype = compute_dtype(x.dtype)
+    num_steps, batch, _ = x.shape
+    p = params.to(dtype)
+    h, c = h0.to(dtype), c0.to(dtype)
+    x = x.to(dtype)
+    if reverse:
+        x = reverse_padded(x, lengths)
+    active = active_mask(lengths, num_steps, batch, x.device)  # [T, B]
+    steps = torch.arange(num_steps, device=x.device)
+    batch_stats: Dict[str, BatchStats] = {}
+
+    def population(part: str, step: Tensor) -> Tuple[Tensor, Tensor]:
+        # Evaluation statistics of the given step(s): slot min(step, S - 1).
+        mean, var = running[part]
+        slot = step.clamp(max=mean.shape[0] - 1)
+        return mean[slot].to(dtype), var[slot].to(dtype)
+
+    # Input side, all steps at once: one GEMM, then the input normalization.
+    wx = x @ p.weight_ih.t()  # [T, B, 4H]
+    if variant.input_statistics == "step":
+        if training:
+            stats = batch_stats["ih"] = masked_batch_stats(wx, active)  # [T, 4H]
+            mean, var = stats.mean, stats.var
+        else:
+            mean, var = population("ih", steps)
+        wx = normalize(wx, mean, var, p.gamma_ih, None, eps)
+    elif variant.input_statistics == "sequence":
+        if training:
+            flat = masked_batch_stats(wx.reshape(1, -1, wx.shape[-1]), active.reshape(1, -1))
+            batch_stats["ih"] = flat  # [1, 4H]
+            mean, var = flat.mean, flat.var
+        else:
+            mean, var = population("ih", steps[:1])
+        wx = normalize(wx, mean, var, p.gamma_ih, None, eps)  # [1, F] broadcasts over T
+    if p.bias is not None:
+        wx = wx + p.bias
+
+    recurrent_stats, cell_stats, outputs = [], [], []
+    for t in range(num_steps):
+        wh = h @ p.weight_hh.t()  # [B, 4H]
+        if variant.normalize_recurrent:
+            if training:
+                stats = masked_batch_stats(wh, active[t])
+                recurrent_stats.append(stats)
+                mean, var = stats.mean, stats.var
+            else:
+                mean, var = population("hh", steps[t])
+            wh = normalize(wh, mean, var, p.gamma_hh, None, eps)
+        i, f, g, o = (wx[t] + wh).chunk(4, dim=1)  # each [B, H]
+        c_next = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        c_out = c_next
+        if variant.normalize_cell:
+            if training:
+                stats = masked_batch_stats(c_next, active[t])
+                cell_stats.append(stats)
+                mean, var = stats.mean, stats.var
+            else:
+                mean, var = population("c", steps[t])
+            c_out = normalize(c_next, mean, var, p.gamma_c, p.beta_c, eps)
+        h_next = torch.sigmoid(o) * torch.tanh(c_out)
+        # Padded positions give zero output and leave the state where it was.
+        keep = active[t].unsqueeze(1)  # [B, 1]
+        h = torch.where(keep, h_next, h)
+        c = torch.where(keep, c_next, c)
+        outputs.append(torch.where(keep, h_next, torch.zeros_like(h_next)))
+
+    for part, per_step in (("hh", recurrent_stats), ("c", cell_stats)):
+        if per_step:
+            batch_stats[part] = BatchStats(*(torch.stack(field) for field in zip(*per_step)))
+    output = torch.stack(outputs)  # [T, B, H]
+    if reverse:
+        output = reverse_padded(output, lengths)
+    return LayerResult(output.to(out_dtype), h.to(out_dtype), c.to(out_dtype), batch_stats)

@@ -1,0 +1,101 @@
+"""Batch statistics over active sequences, and the running statistics they update.
+
+Conventions (../shared/PAPER.md, as torch.nn.BatchNorm): batch statistics use the biased
+variance; running statistics are updated with the unbiased one,
+`running = (1 - momentum) * running + momentum * batch`; time step t uses statistics slot
+`min(t, num_slots - 1)`; a step with fewer than 2 active sequences does not update them.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+
+class BatchStats(NamedTuple):
+    """Statistics of one normalized part, for each processed time step (or for the sequence).
+
+    mean:  [N, F]  mean over the active rows
+    var:   [N, F]  biased variance over the active rows
+    count: [N]     number of active rows (float, in the dtype of mean)
+    """
+
+    mean: Tensor
+    var: Tensor
+    count: Tensor
+
+
+def masked_batch_stats(z: Tensor, mask: Tensor) -> BatchStats:
+    """Mean and biased variance of z over dimension -2, counting only rows where mask holds.
+
+    z:    [..., B, F]
+    mask: [..., B]    bool, True for active rows
+    Returns BatchStats with mean, var [..., F] and count [...]. With no active row the
+    statistics are 0 (the count is clamped to 1 for the division): such rows are all masked.
+    """
+    weight = mask.to(z.dtype).unsqueeze(-1)  # [..., B, 1]
+    count = weight.sum(dim=-2)  # [..., 1]
+    divisor = count.clamp(min=1)
+    mean = (weight * z).sum(dim=-2) / divisor
+    centred = (z - mean.unsqueeze(-2)) * weight
+    var = (centred * centred).sum(dim=-2) / divisor
+    return BatchStats(mean, var, count.squeeze(-1))
+
+
+def normalize(z: Tensor, mean: Tensor, var: Tensor, gamma: Tensor, beta, eps: float) -> Tensor:
+    """BN(z; gamma, beta) = beta + gamma * (z - mean) / sqrt(var + eps).
+
+    z: [..., B, F]; mean, var: [..., F]; gamma, beta: [F] (beta may be None for 0).
+    """
+    z_hat = (z - mean.unsqueeze(-2)) * torch.rsqrt(var.unsqueeze(-2) + eps) * gamma
+    return z_hat if beta is None else z_hat + beta
+
+
+def statistics_slots(num_steps: int, num_slots: int, device) -> Tensor:
+    """Slot of each step: min(t, num_slots - 1), as int64 [num_steps]."""
+    return torch.arange(num_steps, device=device).clamp(max=num_slots - 1)
+
+
+@torch.no_grad()
+def update_running_stats(
+    running_mean: Tensor, running_var: Tensor, stats: BatchStats, momentum: float
+) -> None:
+    """Fold the batch statistics of steps 0..N-1, in order, into the running statistics.
+
+    running_mean, running_var: [S, F], updated in place
+    stats: BatchStats with mean, var [N, F] (biased) and count [N]
+    Step t updates slot min(t, S-1) with the unbiased variance, unless count[t] < 2.
+    Vectorised (no host synchronisation): slots below S-1 see at most one step; slot S-1
+    sees the K valid steps t >= S-1 in order, which unrolls to
+    r_K = (1-m)^K r_0 + sum_k m (1-m)^(K-k) v_k.
+    """
+    num_slots = running_mean.shape[0]
+    num_steps = stats.mean.shape[0]
+    dtype = running_mean.dtype
+    count = stats.count.to(dtype)
+    valid = count >= 2  # [N]
+    unbiased_var = stats.var.to(dtype) * (count / (count - 1).clamp(min=1)).unsqueeze(-1)
+    mean = stats.mean.to(dtype)
+
+    head = min(num_steps, num_slots - 1)  # steps that own a slot of their own
+    if head > 0:
+        keep = valid[:head].unsqueeze(-1)
+        for running, batch in ((running_mean, mean), (running_var, unbiased_var)):
+            blended = (1 - momentum) * running[:head] + momentum * batch[:head]
+            running[:head] = torch.where(keep, blended, running[:head])
+
+    tail_valid = valid[num_slots - 1 :].to(dtype)  # [K'] steps sharing the last slot
+    if tail_valid.numel() == 0:
+        return
+    # Number of valid steps after each step, and in all.
+    later = tail_valid.flip(0).cumsum(0).flip(0) - tail_valid
+    total = tail_valid.sum()
+    weights = tail_valid * momentum * (1 - momentum) ** later  # [K']
+    decay = (1 - momentum) ** total
+    keep = valid[num_slots - 1 :].unsqueeze(-1)
+    for running, batch in ((running_mean, mean), (running_var, unbiased_var)):
+        # where, not a product with the zero weight: a skipped step may hold NaN.
+        batch_tail = torch.where(keep, batch[num_slots - 1 :], torch.zeros_like(running[-1]))
+        tail = (weights.unsqueeze(-1) * batch_tail).sum(0)
+        running[-1] = decay * running[-1] + tail

@@ -1,0 +1,36 @@
+import math
+
+import pytest
+import torch
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cuda: needs a CUDA GPU (skipped without one)")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.get_closest_marker("cuda") is not None:
+            item.add_marker(requires_cuda)
+
+
+@pytest.fixture(autouse=True)
+def nan_filled_empty(monkeypatch):
+    """torch.empty and torch.empty_like return NaN-filled floats, so a value that code
+    forgets to write fails loudly instead of passing on leftover memory."""
+    real_empty, real_empty_like = torch.empty, torch.empty_like
+
+    def poison(tensor):
+        if tensor.is_floating_point() or tensor.is_complex():
+            tensor.fill_(math.nan)
+        return tensor
+
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: poison(real_empty(*a, **k)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: poison(real_empty_like(*a, **k)))
+
+
+@pytest.fixture(autouse=True)
+def seeded():
+    torch.manual_seed(0)
