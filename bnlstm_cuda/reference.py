@@ -111,6 +111,10 @@ def bnlstm_layer_reference(
     if reverse:
         x = reverse_padded(x, lengths)
     active = active_mask(lengths, num_steps, batch, x.device)  # [T, B]
+    if lengths is not None:
+        # Padding may hold anything (NaN too); zero it so it cannot reach a statistic or,
+        # through 0 * NaN in the backward pass, a gradient.
+        x = torch.where(active.unsqueeze(-1), x, torch.zeros_like(x))
     steps = torch.arange(num_steps, device=x.device)
     batch_stats: Dict[str, BatchStats] = {}
 

@@ -1,0 +1,130 @@
+"""Running statistics: the update rule by hand, the max_length rule, calibration."""
+import pytest
+import torch
+
+from bnlstm_cuda import BNLSTM, BatchStats, update_running_stats
+from helpers import make_module, randomize_bn_parameters
+
+
+def identity_input_module(max_length, momentum=0.1):
+    """laurent_step with H=1 and W_ih = I: the ih statistics are those of the input itself."""
+    module = BNLSTM(4, 1, max_length=max_length, variant="laurent_step", momentum=momentum, dtype=torch.float64)
+    with torch.no_grad():
+        module.weight_ih_l0.copy_(torch.eye(4, dtype=torch.float64))
+    return module
+
+
+def test_running_statistics_by_hand():
+    module = identity_input_module(max_length=2, momentum=0.25)
+    batches = [torch.randn(3, 5, 4, dtype=torch.float64) for _ in range(2)]
+    mean = torch.zeros(2, 4, dtype=torch.float64)
+    var = torch.ones(2, 4, dtype=torch.float64)
+    for x in batches:
+        module(x)
+        # Step 0 updates slot 0; steps 1 and 2 both update slot 1, in that order.
+        for t, slot in ((0, 0), (1, 1), (2, 1)):
+            mean[slot] = 0.75 * mean[slot] + 0.25 * x[t].mean(0)
+            var[slot] = 0.75 * var[slot] + 0.25 * x[t].var(0, unbiased=True)
+    torch.testing.assert_close(module.running_mean_ih_l0, mean, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(module.running_var_ih_l0, var, rtol=1e-12, atol=1e-12)
+
+
+def test_steps_with_fewer_than_two_active_sequences_do_not_update():
+    module = identity_input_module(max_length=5)
+    x = torch.randn(4, 3, 4, dtype=torch.float64)
+    module(x, lengths=[4, 2, 1])  # steps 2 and 3 have one active sequence
+    assert torch.all(module.running_mean_ih_l0[2:] == 0)
+    assert torch.all(module.running_var_ih_l0[2:] == 1)
+    torch.testing.assert_close(module.running_mean_ih_l0[1], 0.1 * x[1, :2].mean(0))
+
+
+@pytest.mark.parametrize("num_slots, num_steps", [(1, 1), (1, 5), (3, 2), (3, 3), (3, 8)])
+def test_vectorised_update_equals_sequential_rule(num_slots, num_steps):
+    momentum = 0.3
+    stats = BatchStats(
+        torch.randn(num_steps, 6, dtype=torch.float64),
+        torch.rand(num_steps, 6, dtype=torch.float64),
+        torch.tensor([5.0, 1.0, 3.0, 0.0, 2.0, 4.0, 1.0, 7.0], dtype=torch.float64)[:num_steps],
+    )
+    running_mean = torch.randn(num_slots, 6, dtype=torch.float64)
+    running_var = torch.rand(num_slots, 6, dtype=torch.float64)
+    expected_mean, expected_var = running_mean.clone(), running_var.clone()
+    for t in range(num_steps):
+        n = stats.count[t]
+        if n < 2:
+            continue
+        slot = min(t, num_slots - 1)
+        expected_mean[slot] = (1 - momentum) * expected_mean[slot] + momentum * stats.mean[t]
+        expected_var[slot] = (1 - momentum) * expected_var[slot] + momentum * stats.var[t] * n / (n - 1)
+    update_running_stats(running_mean, running_var, stats, momentum)
+    torch.testing.assert_close(running_mean, expected_mean, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(running_var, expected_var, rtol=1e-12, atol=1e-12)
+
+
+def test_skipped_step_holding_nan_does_not_touch_the_last_slot():
+    stats = BatchStats(
+        torch.tensor([[1.0], [float("nan")], [3.0]]), torch.tensor([[1.0], [float("nan")], [1.0]]),
+        torch.tensor([4.0, 1.0, 4.0]),
+    )
+    running_mean, running_var = torch.zeros(1, 1), torch.ones(1, 1)
+    update_running_stats(running_mean, running_var, stats, 0.5)
+    assert torch.isfinite(running_mean).all() and torch.isfinite(running_var).all()
+
+
+@pytest.mark.parametrize("variant", ["cooijmans", "laurent_step"])
+def test_eval_past_max_length_uses_the_last_slot(variant):
+    """A module with max_length=3 gives, at every step, the output of one with max_length=7
+    whose slots 3..6 repeat slot 2."""
+    short = make_module(variant, input_size=3, hidden_size=4, max_length=3).eval()
+    long = BNLSTM(3, 4, max_length=7, variant=variant, dtype=torch.float64).eval()
+    state = short.state_dict()
+    for name, tensor in list(state.items()):
+        if name.startswith("running_"):
+            state[name] = torch.cat([tensor, tensor[-1:].expand(4, -1)])
+    long.load_state_dict(state)
+    x = torch.randn(7, 2, 3, dtype=torch.float64)
+    torch.testing.assert_close(short(x)[0], long(x)[0], rtol=0, atol=0)
+    # And the slots matter: another value in slot 2 of the short module changes steps 2..6.
+    with torch.no_grad():
+        short.running_mean_ih_l0[2] += 1.0
+    changed = (short(x)[0] - long(x)[0]).abs().amax(dim=(1, 2))
+    assert torch.all(changed[:2] == 0) and torch.all(changed[2:] > 0)
+
+
+def test_calibration_gives_population_statistics_of_each_slot():
+    module = identity_input_module(max_length=2)
+    batches = [torch.randn(3, 4, 4, dtype=torch.float64) + i for i in range(3)]
+    lengths = [[3, 3, 2, 1], [3, 1, 1, 2], [2, 3, 3, 3]]
+    module.train()
+    module.calibrate(list(zip(batches, lengths)))
+    assert module.training
+    samples = {0: [], 1: []}
+    for x, lens in zip(batches, lengths):
+        for b, n in enumerate(lens):
+            for t in range(n):
+                samples[min(t, 1)].append(x[t, b])
+    for slot, rows in samples.items():
+        rows = torch.stack(rows)
+        torch.testing.assert_close(module.running_mean_ih_l0[slot], rows.mean(0), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(module.running_var_ih_l0[slot], rows.var(0), rtol=1e-10, atol=1e-12)
+
+
+def test_calibration_of_a_stack_matches_running_average_of_one_repeated_batch():
+    """Calibrating on a single batch gives that batch's statistics: the limit the running
+    average of the same batch converges to with momentum 1. Also leaves weights alone."""
+    module = make_module("cooijmans", input_size=3, hidden_size=4, num_layers=2, bidirectional=True, max_length=6)
+    other = make_module("cooijmans", input_size=3, hidden_size=4, num_layers=2, bidirectional=True, max_length=6, momentum=1.0)
+    other.load_state_dict(module.state_dict())
+    x = torch.randn(5, 6, 3, dtype=torch.float64)
+    module.calibrate([x])
+    other.train()(x)
+    for name, buffer in module.named_buffers():
+        # Slot 5 is never reached by T=5 and keeps its value in both.
+        torch.testing.assert_close(buffer, getattr(other, name), rtol=1e-10, atol=1e-10, msg=lambda m: f"{name}: {m}")
+
+
+def test_calibration_needs_batches():
+    with pytest.raises(ValueError, match="at least one batch"):
+        BNLSTM(3, 4).calibrate([])
+    with pytest.raises(TypeError, match="calibration batch"):
+        BNLSTM(3, 4).calibrate([1.0])
