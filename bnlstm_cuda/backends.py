@@ -20,6 +20,11 @@ _BACKENDS: Dict[str, LayerFunction] = {
 BACKEND_NAMES = ("auto",) + tuple(_BACKENDS)
 
 
+def available_backends(device: torch.device) -> tuple:
+    """Names of the backends that can run on `device` here (without "auto")."""
+    return tuple(_BACKENDS)
+
+
 def resolve_backend(name: str, device: torch.device) -> LayerFunction:
     """The layer function for backend `name` on `device`; "auto" picks the fastest available.
 
