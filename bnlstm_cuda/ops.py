@@ -1,0 +1,194 @@
+"""The compiled layer operators: loading, fake kernels, autograd, and the layer function.
+
+The schemas `bnlstm::layer_forward` and `bnlstm::layer_backward` are declared in
+csrc/ops.cpp and implemented per device in C++. Here they get fake (meta) kernels and an
+autograd formula through `torch.library`, so they work under autograd, pass
+`torch.library.opcheck` and trace under `torch.compile(fullgraph=True)`.
+`bnlstm_layer_fused` has the signature of `reference.bnlstm_layer_reference`.
+"""
+from __future__ import annotations
+
+import threading
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .reference import LayerParams, LayerResult, RunningStats, active_mask, compute_dtype
+from .statistics import BatchStats
+from .variants import Variant
+
+# Variant.input_statistics -> the operators' int argument (csrc/bnlstm.h, InputStatistics).
+INPUT_STATISTICS = {None: 0, "step": 1, "sequence": 2}
+
+_lock = threading.Lock()
+_registered = False
+_failure: Optional[Exception] = None  # a failed build is not retried on every call
+
+
+def reserve_width(hidden: int, normalize_input: bool, normalize_recurrent: bool, normalize_cell: bool) -> int:
+    """Columns of the reserve the forward op keeps per (t, b): csrc/bnlstm.h, ReserveLayout."""
+    return (
+        (4 * hidden if normalize_input else 0)
+        + (4 * hidden if normalize_recurrent else 0)
+        + 4 * hidden  # gates
+        + 3 * hidden  # h_prev, c_prev, tanh_c
+        + (hidden if normalize_cell else 0)
+    )
+
+
+def ensure_loaded() -> None:
+    """Build or load the extension and register fake kernels and autograd, once.
+    Raises build.ExtensionUnavailable when the extension cannot be had here."""
+    global _registered, _failure
+    with _lock:
+        if _registered:
+            return
+        if _failure is not None:
+            raise _failure
+        from .build import ExtensionUnavailable, load_cpu_extension
+
+        try:
+            load_cpu_extension()
+        except ExtensionUnavailable as error:
+            _failure = error
+            raise
+        _register_python_parts()
+        _registered = True
+
+
+def _register_python_parts() -> None:
+    torch.library.register_fake("bnlstm::layer_forward")(_layer_forward_fake)
+    torch.library.register_fake("bnlstm::layer_backward")(_layer_backward_fake)
+    torch.library.register_autograd(
+        "bnlstm::layer_forward", _layer_backward_formula, setup_context=_setup_context
+    )
+
+
+def _layer_forward_fake(x, h0, c0, lengths, weight_ih, weight_hh, bias, gamma_ih, gamma_hh, gamma_c,
+                        beta_c, running_mean_ih, running_var_ih, running_mean_hh, running_var_hh,
+                        running_mean_c, running_var_c, input_statistics, normalize_recurrent,
+                        normalize_cell, training, eps, reverse, keep_reserve):
+    steps, batch, _ = x.shape
+    hidden = weight_hh.shape[1]
+    gates = 4 * hidden
+    input_rows = {0: 0, 1: steps, 2: 1}[input_statistics]
+    recurrent_rows = steps if normalize_recurrent else 0
+    cell_rows = steps if normalize_cell else 0
+    width = reserve_width(hidden, input_statistics != 0, normalize_recurrent, normalize_cell)
+    reserve_shape = (steps, batch, width) if keep_reserve else (0,)
+    new = x.new_empty
+    return (
+        new(steps, batch, hidden), new(batch, hidden), new(batch, hidden),
+        new(input_rows, gates), new(input_rows, gates),
+        new(recurrent_rows, gates), new(recurrent_rows, gates),
+        new(cell_rows, hidden), new(cell_rows, hidden),
+        new(reserve_shape),
+    )
+
+
+def _layer_backward_fake(grad_output, grad_h_n, grad_c_n, x, lengths, weight_ih, weight_hh, gamma_ih,
+                         gamma_hh, gamma_c, var_ih, var_hh, var_c, reserve, input_statistics,
+                         normalize_recurrent, normalize_cell, training, eps, reverse):
+    hidden = weight_hh.shape[1]
+    new = x.new_empty
+    sized = lambda condition, size: new(size) if condition else new(0)
+    return (
+        torch.empty_like(x), torch.empty_like(grad_h_n), torch.empty_like(grad_c_n),
+        torch.empty_like(weight_ih), torch.empty_like(weight_hh), new(4 * hidden),
+        sized(input_statistics != 0, 4 * hidden), sized(normalize_recurrent, 4 * hidden),
+        sized(normalize_cell, hidden), sized(normalize_cell, hidden),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    (x, _h0, _c0, lengths, weight_ih, weight_hh, bias, gamma_ih, gamma_hh, gamma_c, beta_c,
+     *_running, input_statistics, normalize_recurrent, normalize_cell, training, eps, reverse,
+     keep_reserve) = inputs
+    _, _, _, _mean_ih, var_ih, _mean_hh, var_hh, _mean_c, var_c, reserve = output
+    ctx.mark_non_differentiable(*output[3:])
+    ctx.keep_reserve = keep_reserve
+    ctx.flags = (input_statistics, normalize_recurrent, normalize_cell, training, eps, reverse)
+    ctx.has_bias = bias is not None
+    ctx.has_beta = beta_c is not None
+    ctx.save_for_backward(x, lengths, weight_ih, weight_hh, gamma_ih, gamma_hh, gamma_c,
+                          var_ih, var_hh, var_c, reserve)
+
+
+def _layer_backward_formula(ctx, grad_output, grad_h_n, grad_c_n, *_grad_statistics):
+    if not ctx.keep_reserve:
+        raise RuntimeError(
+            "bnlstm::layer_forward ran with keep_reserve=False (inference), so it kept nothing "
+            "for the backward pass; call it with keep_reserve=True to differentiate"
+        )
+    (x, lengths, weight_ih, weight_hh, gamma_ih, gamma_hh, gamma_c,
+     var_ih, var_hh, var_c, reserve) = ctx.saved_tensors
+    batch, hidden = x.shape[1], weight_hh.shape[1]
+    zeros = lambda *shape: x.new_zeros(shape)
+    grad_output = zeros(*x.shape[:2], hidden) if grad_output is None else grad_output
+    grad_h_n = zeros(batch, hidden) if grad_h_n is None else grad_h_n
+    grad_c_n = zeros(batch, hidden) if grad_c_n is None else grad_c_n
+    (grad_x, grad_h0, grad_c0, grad_weight_ih, grad_weight_hh, grad_bias, grad_gamma_ih,
+     grad_gamma_hh, grad_gamma_c, grad_beta_c) = torch.ops.bnlstm.layer_backward(
+        grad_output, grad_h_n, grad_c_n, x, lengths, weight_ih, weight_hh, gamma_ih, gamma_hh,
+        gamma_c, var_ih, var_hh, var_c, reserve, *ctx.flags,
+    )
+    present = lambda tensor, grad: grad if tensor is not None else None
+    return (
+        grad_x, grad_h0, grad_c0, None, grad_weight_ih, grad_weight_hh,
+        grad_bias if ctx.has_bias else None,
+        present(gamma_ih, grad_gamma_ih), present(gamma_hh, grad_gamma_hh),
+        present(gamma_c, grad_gamma_c), grad_beta_c if ctx.has_beta else None,
+        None, None, None, None, None, None,  # running statistics
+        None, None, None, None, None, None, None,  # flags
+    )
+
+
+def bnlstm_layer_fused(
+    x: Tensor,
+    h0: Tensor,
+    c0: Tensor,
+    params: LayerParams,
+    running: RunningStats,
+    *,
+    variant: Variant,
+    training: bool,
+    eps: float,
+    lengths: Optional[Tensor] = None,
+    reverse: bool = False,
+) -> LayerResult:
+    """One layer-direction through `bnlstm::layer_forward`; arguments and result as
+    `reference.bnlstm_layer_reference`. Half-precision inputs are computed in float32."""
+    ensure_loaded()
+    out_dtype = x.dtype
+    dtype = compute_dtype(x.dtype)
+    x, h0, c0 = x.to(dtype), h0.to(dtype), c0.to(dtype)
+    params = params.to(dtype)
+    steps, batch = x.shape[0], x.shape[1]
+    if lengths is None:
+        lengths = torch.full((batch,), steps, dtype=torch.int64, device=x.device)
+    differentiable = (x, h0, c0) + tuple(p for p in params if p is not None)
+    keep_reserve = torch.is_grad_enabled() and any(t.requires_grad for t in differentiable)
+    no_stats = (None, None)
+    running_ih = running.get("ih", no_stats) if not training else no_stats
+    running_hh = running.get("hh", no_stats) if not training else no_stats
+    running_c = running.get("c", no_stats) if not training else no_stats
+    (output, h_n, c_n, mean_ih, var_ih, mean_hh, var_hh, mean_c, var_c, _reserve) = (
+        torch.ops.bnlstm.layer_forward(
+            x, h0, c0, lengths, *params, *running_ih, *running_hh, *running_c,
+            INPUT_STATISTICS[variant.input_statistics], variant.normalize_recurrent,
+            variant.normalize_cell, training, eps, reverse, keep_reserve,
+        )
+    )
+    batch_stats = {}
+    if training:
+        counts = active_mask(lengths, steps, batch, x.device).sum(1).to(dtype)  # [T]
+        if variant.input_statistics == "step":
+            batch_stats["ih"] = BatchStats(mean_ih, var_ih, counts)
+        elif variant.input_statistics == "sequence":
+            batch_stats["ih"] = BatchStats(mean_ih, var_ih, counts.sum().reshape(1))
+        if variant.normalize_recurrent:
+            batch_stats["hh"] = BatchStats(mean_hh, var_hh, counts)
+        if variant.normalize_cell:
+            batch_stats["c"] = BatchStats(mean_c, var_c, counts)
+    return LayerResult(output.to(out_dtype), h_n.to(out_dtype), c_n.to(out_dtype), batch_stats)

@@ -1,0 +1,108 @@
+// Shared declarations of the BN-LSTM layer operators (../shared/PAPER.md).
+//
+// One operator pair runs one layer in one direction over a whole padded sequence:
+//   bnlstm::layer_forward   and   bnlstm::layer_backward
+// (schemas in ops.cpp). The host code in layer.cpp is written with ATen operations only,
+// so every device shares it: the input side (one GEMM for all steps, then the per-step
+// input batch norm over all steps at once), the reversal of the reverse direction and the
+// weight gradients as large GEMMs. Each device supplies only the recurrent part, one fused
+// pass per step after the recurrent GEMM (recurrent_cpu.cpp for the CPU).
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cstdint>
+
+namespace bnlstm {
+
+// Input statistics, as Variant.input_statistics in bnlstm_cuda/variants.py.
+enum InputStatistics : int64_t { kInputNone = 0, kInputStep = 1, kInputSequence = 2 };
+
+// What the variant normalizes, and how this call runs.
+struct LayerFlags {
+  int64_t input_statistics;  // InputStatistics
+  bool normalize_recurrent;
+  bool normalize_cell;
+  bool training;  // batch statistics (true) or running statistics (false)
+  double eps;
+};
+
+// Per-step values the backward pass reads, stored row by row in reserve [T, B, width].
+// A slice exists only when the flags need it. bnlstm_cuda/ops.py mirrors the width.
+struct ReserveLayout {
+  int64_t xhat;   // [4H] (W_ih x_t - mean) * rstd, if the input is normalized
+  int64_t zhat;   // [4H] (W_hh h_{t-1} - mean) * rstd, if normalize_recurrent
+  int64_t gates;  // [4H] activated gates i, f, g, o
+  int64_t h_prev; // [H]  h_{t-1} as seen by step t
+  int64_t c_prev; // [H]  c_{t-1}
+  int64_t c_hat;  // [H]  (c_t - mean) * rstd, if normalize_cell
+  int64_t tanh_c; // [H]  tanh of the cell copy that feeds h_t
+  int64_t width;
+
+  ReserveLayout(int64_t hidden, const LayerFlags& flags) {
+    int64_t offset = 0;
+    auto take = [&offset](int64_t size) { int64_t at = offset; offset += size; return at; };
+    xhat = flags.input_statistics != kInputNone ? take(4 * hidden) : -1;
+    zhat = flags.normalize_recurrent ? take(4 * hidden) : -1;
+    gates = take(4 * hidden);
+    h_prev = take(hidden);
+    c_prev = take(hidden);
+    c_hat = flags.normalize_cell ? take(hidden) : -1;
+    tanh_c = take(hidden);
+    width = offset;
+  }
+};
+
+// Inputs of the recurrent part, in processing order (the reverse direction is already
+// reversed by the host code). Each step normalizes its slice of the input projection in
+// the same pass as the recurrent one: with its own batch statistics (step-wise training)
+// or with row min(t, S - 1) of input_mean / input_var.
+struct RecurrentForwardArgs {
+  at::Tensor input_projection;  // [T, B, 4H] W_ih x_t, zero at padded steps
+  at::Tensor active;            // [T, B] bool, step t of sequence b is real
+  at::Tensor counts;            // [T] int64, active sequences per step
+  at::Tensor weight_hh;         // [4H, H]
+  at::Tensor bias;              // [4H] or undefined
+  at::Tensor gamma_ih;          // [4H] or undefined
+  at::Tensor gamma_hh;          // [4H] or undefined
+  at::Tensor gamma_c;           // [H] or undefined
+  at::Tensor beta_c;            // [H] or undefined
+  at::Tensor input_mean, input_var;            // [S, 4H] unless step-wise training
+  at::Tensor running_mean_hh, running_var_hh;  // [S, 4H], read in evaluation
+  at::Tensor running_mean_c, running_var_c;    // [S, H]
+};
+
+// Outputs of the recurrent part. All are allocated by the caller; the kernel writes every
+// element (reserve only when defined).
+struct RecurrentForwardOutputs {
+  at::Tensor output;           // [T, B, H], zero at padded steps
+  at::Tensor h, c;             // [B, H], initial states on entry, final states on exit
+  at::Tensor mean_ih, var_ih;  // [T, 4H] statistics used at each step, if step-wise input
+  at::Tensor mean_hh, var_hh;  // [T, 4H] statistics used at each step, if normalize_recurrent
+  at::Tensor mean_c, var_c;    // [T, H], if normalize_cell
+  at::Tensor reserve;          // [T, B, width] or undefined (inference)
+};
+
+struct RecurrentBackwardArgs {
+  at::Tensor grad_output;  // [T, B, H] in processing order
+  at::Tensor active, counts, weight_hh, gamma_hh, gamma_c;
+  at::Tensor var_hh, var_c;  // [T, F] statistics used in the forward pass
+  at::Tensor reserve;        // [T, B, width]
+};
+
+struct RecurrentBackwardOutputs {
+  at::Tensor grad_h, grad_c;   // [B, H]: gradients of h_n, c_n on entry, of h_0, c_0 on exit
+  at::Tensor grad_gates;       // [T, B, 4H] gradient of the gate pre-activations
+  at::Tensor grad_zh;          // [T, B, 4H] gradient of W_hh h_{t-1} (aliases grad_gates
+                               // when the recurrence is not normalized)
+  at::Tensor grad_gamma_hh;    // [4H] or undefined
+  at::Tensor grad_gamma_c, grad_beta_c;  // [H] or undefined
+};
+
+// Device parts, one pair per backend.
+void recurrent_forward_cpu(const RecurrentForwardArgs& args, RecurrentForwardOutputs& out,
+                           const LayerFlags& flags);
+void recurrent_backward_cpu(const RecurrentBackwardArgs& args, RecurrentBackwardOutputs& out,
+                            const LayerFlags& flags);
+
+}  // namespace bnlstm

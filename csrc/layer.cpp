@@ -1,0 +1,238 @@
+// Host code of the layer operators, in ATen only, shared by every device; and their CPU
+// registration. See bnlstm.h for the split between host code and device kernels.
+#include "bnlstm.h"
+
+#include <torch/library.h>
+
+#include "checks.h"
+#include "layer_ops.h"
+
+namespace bnlstm {
+namespace {
+
+// Reverse each sequence of x [T, B, ...] within its own length; padded steps stay put.
+at::Tensor reverse_padded(const at::Tensor& x, const at::Tensor& lengths) {
+  const int64_t T = x.size(0), B = x.size(1);
+  const at::Tensor steps = at::arange(T, lengths.options()).unsqueeze(1);  // [T, 1]
+  const at::Tensor last = lengths.unsqueeze(0) - 1;                        // [1, B]
+  at::Tensor index = at::where(steps <= last, last - steps, steps);       // [T, B]
+  std::vector<int64_t> shape{T, B};
+  shape.resize(x.dim(), 1);
+  return x.gather(0, index.view(shape).expand_as(x));
+}
+
+// Mean and biased variance over dim 1 of z [N, M, F], counting rows where weight [N, M, 1]
+// is 1; count [N, 1]. With no active row the statistics are 0.
+std::tuple<at::Tensor, at::Tensor> masked_moments(const at::Tensor& z, const at::Tensor& weight,
+                                                  const at::Tensor& count) {
+  const at::Tensor divisor = count.clamp_min(1);
+  const at::Tensor mean = (z * weight).sum(1) / divisor;  // [N, F]
+  const at::Tensor centred = (z - mean.unsqueeze(1)) * weight;
+  return {mean, (centred * centred).sum(1) / divisor};
+}
+
+// Inputs of both passes: processing-order input with padding zeroed, the active mask.
+struct Prepared {
+  at::Tensor x;       // [T, B, I] in processing order, zero at padded steps
+  at::Tensor active;  // [T, B] bool
+  at::Tensor weight;  // [T, B, 1] active as the input's dtype
+  at::Tensor counts;  // [T] int64, active sequences per step
+};
+
+Prepared prepare(const at::Tensor& x, const at::Tensor& lengths, bool reverse) {
+  const int64_t T = x.size(0);
+  Prepared p;
+  p.active = at::arange(T, lengths.options()).unsqueeze(1) < lengths.unsqueeze(0);
+  p.weight = p.active.unsqueeze(2).to(x.scalar_type());
+  // Padding may hold anything (NaN too); zeroed, it cannot reach a statistic or a gradient.
+  const at::Tensor ordered = reverse ? reverse_padded(x, lengths) : x;
+  p.x = at::where(p.active.unsqueeze(2), ordered, at::zeros({}, x.options()));
+  p.counts = p.active.sum(1);
+  return p;
+}
+
+}  // namespace
+
+LayerForwardResult layer_forward(
+    RecurrentForwardFn recurrent, const at::Tensor& x, const at::Tensor& h0, const at::Tensor& c0,
+    const at::Tensor& lengths, const at::Tensor& weight_ih, const at::Tensor& weight_hh,
+    const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& gamma_ih,
+    const c10::optional<at::Tensor>& gamma_hh, const c10::optional<at::Tensor>& gamma_c,
+    const c10::optional<at::Tensor>& beta_c, const c10::optional<at::Tensor>& running_mean_ih,
+    const c10::optional<at::Tensor>& running_var_ih, const c10::optional<at::Tensor>& running_mean_hh,
+    const c10::optional<at::Tensor>& running_var_hh, const c10::optional<at::Tensor>& running_mean_c,
+    const c10::optional<at::Tensor>& running_var_c, int64_t input_statistics, bool normalize_recurrent,
+    bool normalize_cell, bool training, double eps, bool reverse, bool keep_reserve) {
+  TORCH_CHECK(x.dim() == 3, "x must be [T, B, I], got ", x.sizes());
+  TORCH_CHECK(input_statistics >= kInputNone && input_statistics <= kInputSequence,
+              "input_statistics must be 0 (none), 1 (step) or 2 (sequence), got ", input_statistics);
+  const int64_t T = x.size(0), B = x.size(1), I = x.size(2), H = weight_hh.size(-1), G = 4 * H;
+  const LayerFlags flags{input_statistics, normalize_recurrent, normalize_cell, training, eps};
+  const bool normalize_input = input_statistics != kInputNone;
+  check_tensor(h0, "h0", {B, H}, x);
+  check_tensor(c0, "c0", {B, H}, x);
+  check_tensor(weight_ih, "weight_ih", {G, I}, x);
+  check_tensor(weight_hh, "weight_hh", {G, H}, x);
+  TORCH_CHECK(lengths.dim() == 1 && lengths.size(0) == B && lengths.scalar_type() == at::kLong &&
+                  lengths.device() == x.device(),
+              "lengths must be int64 [", B, "] on ", x.device(), ", got ", lengths.scalar_type(), " ",
+              lengths.sizes(), " on ", lengths.device());
+  if (bias.has_value()) check_tensor(*bias, "bias", {G}, x);
+  check_optional(gamma_ih, normalize_input, "gamma_ih", {G}, x);
+  check_optional(gamma_hh, normalize_recurrent, "gamma_hh", {G}, x);
+  check_optional(gamma_c, normalize_cell, "gamma_c", {H}, x);
+  check_optional(beta_c, normalize_cell, "beta_c", {H}, x);
+  check_running(running_mean_ih, normalize_input && !training, "running_mean_ih", G, x);
+  check_running(running_var_ih, normalize_input && !training, "running_var_ih", G, x);
+  check_running(running_mean_hh, normalize_recurrent && !training, "running_mean_hh", G, x);
+  check_running(running_var_hh, normalize_recurrent && !training, "running_var_hh", G, x);
+  check_running(running_mean_c, normalize_cell && !training, "running_mean_c", H, x);
+  check_running(running_var_c, normalize_cell && !training, "running_var_c", H, x);
+
+  const Prepared p = prepare(x, lengths, reverse);
+  const at::Tensor empty_g = at::empty({0, G}, x.options());
+  const at::Tensor empty_h = at::empty({0, H}, x.options());
+  const auto as_input = [&x](const OptTensor& t) { return t->to(x.scalar_type()).contiguous(); };
+
+  RecurrentForwardArgs args;
+  // The input projection of all steps: one GEMM. The step kernels normalize it.
+  args.input_projection = at::matmul(p.x, weight_ih.t()).contiguous();  // [T, B, 4H]
+  args.active = p.active.contiguous();
+  args.counts = p.counts.contiguous();
+  args.weight_hh = weight_hh.contiguous();
+  if (bias.has_value()) args.bias = bias->contiguous();
+  if (normalize_input) args.gamma_ih = gamma_ih->contiguous();
+  if (normalize_recurrent) args.gamma_hh = gamma_hh->contiguous();
+  if (normalize_cell) {
+    args.gamma_c = gamma_c->contiguous();
+    args.beta_c = beta_c->contiguous();
+  }
+
+  RecurrentForwardOutputs out;
+  out.mean_ih = empty_g;
+  out.var_ih = empty_g;
+  if (input_statistics == kInputStep) {
+    out.mean_ih = at::empty({T, G}, x.options());
+    out.var_ih = at::empty({T, G}, x.options());
+    if (!training) {
+      args.input_mean = as_input(running_mean_ih);
+      args.input_var = as_input(running_var_ih);
+    }
+  } else if (input_statistics == kInputSequence) {
+    // Sequence-wise statistics need every step before the first one runs.
+    if (training) {
+      const at::Tensor weight = p.weight.view({1, T * B, 1});
+      std::tie(out.mean_ih, out.var_ih) =
+          masked_moments(args.input_projection.view({1, T * B, G}), weight, weight.sum(1));
+    } else {
+      out.mean_ih = as_input(running_mean_ih).narrow(0, 0, 1);
+      out.var_ih = as_input(running_var_ih).narrow(0, 0, 1);
+    }
+    args.input_mean = out.mean_ih.contiguous();
+    args.input_var = out.var_ih.contiguous();
+  }
+  if (!training && normalize_recurrent) {
+    args.running_mean_hh = as_input(running_mean_hh);
+    args.running_var_hh = as_input(running_var_hh);
+  }
+  if (!training && normalize_cell) {
+    args.running_mean_c = as_input(running_mean_c);
+    args.running_var_c = as_input(running_var_c);
+  }
+  out.output = at::empty({T, B, H}, x.options());
+  out.h = h0.contiguous().clone();
+  out.c = c0.contiguous().clone();
+  out.mean_hh = normalize_recurrent ? at::empty({T, G}, x.options()) : empty_g;
+  out.var_hh = normalize_recurrent ? at::empty({T, G}, x.options()) : empty_g;
+  out.mean_c = normalize_cell ? at::empty({T, H}, x.options()) : empty_h;
+  out.var_c = normalize_cell ? at::empty({T, H}, x.options()) : empty_h;
+  const ReserveLayout layout(H, flags);
+  if (keep_reserve) out.reserve = at::empty({T, B, layout.width}, x.options());
+  recurrent(args, out, flags);
+
+  at::Tensor output = reverse ? reverse_padded(out.output, lengths) : out.output;
+  at::Tensor reserve = keep_reserve ? out.reserve : at::empty({0}, x.options());
+  return {output, out.h, out.c, out.mean_ih, out.var_ih, out.mean_hh, out.var_hh, out.mean_c, out.var_c, reserve};
+}
+
+LayerBackwardResult layer_backward(
+    RecurrentBackwardFn recurrent, const at::Tensor& grad_output, const at::Tensor& grad_h_n,
+    const at::Tensor& grad_c_n, const at::Tensor& x, const at::Tensor& lengths,
+    const at::Tensor& weight_ih, const at::Tensor& weight_hh, const c10::optional<at::Tensor>& gamma_ih,
+    const c10::optional<at::Tensor>& gamma_hh, const c10::optional<at::Tensor>& gamma_c,
+    const at::Tensor& var_ih, const at::Tensor& var_hh, const at::Tensor& var_c, const at::Tensor& reserve,
+    int64_t input_statistics, bool normalize_recurrent, bool normalize_cell,
+    bool training, double eps, bool reverse) {
+  const int64_t T = x.size(0), B = x.size(1), I = x.size(2), H = weight_hh.size(-1), G = 4 * H;
+  const LayerFlags flags{input_statistics, normalize_recurrent, normalize_cell, training, eps};
+  const bool normalize_input = input_statistics != kInputNone;
+  const ReserveLayout layout(H, flags);
+  TORCH_CHECK(reserve.dim() == 3 && reserve.size(0) == T && reserve.size(1) == B && reserve.size(2) == layout.width,
+              "reserve must be [", T, ", ", B, ", ", layout.width,
+              "] from layer_forward(keep_reserve=True) with the same flags, got ", reserve.sizes());
+  check_tensor(grad_output, "grad_output", {T, B, H}, x);
+  check_tensor(grad_h_n, "grad_h_n", {B, H}, x);
+  check_tensor(grad_c_n, "grad_c_n", {B, H}, x);
+
+  const Prepared p = prepare(x, lengths, reverse);
+  RecurrentBackwardArgs args;
+  args.grad_output = (reverse ? reverse_padded(grad_output, lengths) : grad_output).contiguous();
+  args.active = p.active.contiguous();
+  args.counts = p.counts.contiguous();
+  args.weight_hh = weight_hh.contiguous();
+  args.gamma_hh = normalize_recurrent ? gamma_hh->contiguous() : at::Tensor();
+  args.gamma_c = normalize_cell ? gamma_c->contiguous() : at::Tensor();
+  args.var_hh = var_hh.contiguous();
+  args.var_c = var_c.contiguous();
+  args.reserve = reserve.contiguous();
+
+  RecurrentBackwardOutputs out;
+  out.grad_h = grad_h_n.contiguous().clone();
+  out.grad_c = grad_c_n.contiguous().clone();
+  out.grad_gates = at::empty({T, B, G}, x.options());
+  out.grad_zh = normalize_recurrent ? at::empty({T, B, G}, x.options()) : out.grad_gates;
+  const at::Tensor empty = at::empty({0}, x.options());
+  out.grad_gamma_hh = normalize_recurrent ? at::zeros({G}, x.options()) : empty;
+  out.grad_gamma_c = normalize_cell ? at::zeros({H}, x.options()) : empty;
+  out.grad_beta_c = normalize_cell ? at::zeros({H}, x.options()) : empty;
+  recurrent(args, out, flags);
+
+  // Weight gradients as large GEMMs over all steps.
+  const at::Tensor h_prev = reserve.narrow(2, layout.h_prev, H).reshape({T * B, H});
+  const at::Tensor grad_weight_hh = out.grad_zh.view({T * B, G}).t().mm(h_prev);
+  const at::Tensor grad_bias = out.grad_gates.sum({0, 1});
+
+  // Input side: back through the input batch norm (padded rows carry no gradient).
+  at::Tensor grad_input_gates = out.grad_gates, grad_gamma_ih = empty;
+  if (normalize_input) {
+    const at::Tensor xhat = reserve.narrow(2, layout.xhat, G);  // [T, B, 4H]
+    grad_gamma_ih = (out.grad_gates * xhat).sum({0, 1});
+    const at::Tensor rstd = (var_ih.unsqueeze(-2) + eps).rsqrt();  // [T or 1, 1, 4H]
+    const at::Tensor grad_xhat = out.grad_gates * *gamma_ih;
+    if (training) {
+      const bool sequence = input_statistics == kInputSequence;
+      const std::vector<int64_t> flat{1, T * B, G};
+      const at::Tensor dy = sequence ? grad_xhat.view(flat) : grad_xhat;
+      const at::Tensor xh = sequence ? xhat.reshape(flat) : xhat;
+      const at::Tensor weight = sequence ? p.weight.view({1, T * B, 1}) : p.weight;
+      const at::Tensor divisor = weight.sum(1, true).clamp_min(1);  // [N, 1, 1]
+      const at::Tensor mean_dy = dy.sum(1, true) / divisor;
+      const at::Tensor mean_dy_xhat = (dy * xh).sum(1, true) / divisor;
+      grad_input_gates = ((dy - mean_dy - xh * mean_dy_xhat) * weight).view({T, B, G}) * rstd;
+    } else {
+      grad_input_gates = grad_xhat * rstd;
+    }
+  }
+  const at::Tensor grad_x_ordered = at::matmul(grad_input_gates, weight_ih);  // [T, B, I]
+  const at::Tensor grad_weight_ih = grad_input_gates.reshape({T * B, G}).t().mm(p.x.reshape({T * B, I}));
+  const at::Tensor grad_x = reverse ? reverse_padded(grad_x_ordered, lengths) : grad_x_ordered;
+  return {grad_x, out.grad_h, out.grad_c, grad_weight_ih, grad_weight_hh, grad_bias,
+          grad_gamma_ih, out.grad_gamma_hh, out.grad_gamma_c, out.grad_beta_c};
+}
+
+TORCH_LIBRARY_IMPL(bnlstm, CPU, m) {
+  m.impl("layer_forward", bind_layer_forward<recurrent_forward_cpu>);
+  m.impl("layer_backward", bind_layer_backward<recurrent_backward_cpu>);
+}
+
+}  // namespace bnlstm

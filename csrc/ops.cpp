@@ -1,0 +1,27 @@
+// Operator schemas, declared once for every device. Implementations register per dispatch
+// key (layer.cpp for the CPU); fake kernels and autograd are registered from Python
+// (bnlstm_cuda/ops.py) so that torch.compile can trace the ops.
+#include <torch/library.h>
+
+TORCH_LIBRARY(bnlstm, m) {
+  // One layer, one direction, over a padded batch x [T, B, I] with lengths [B] (int64).
+  // Running statistics are read only in evaluation (training=False). The statistics used
+  // at each step are returned (batch statistics in training, for the running update).
+  // keep_reserve=False (inference) returns an empty reserve.
+  m.def(
+      "layer_forward(Tensor x, Tensor h0, Tensor c0, Tensor lengths, Tensor weight_ih, Tensor weight_hh, "
+      "Tensor? bias, Tensor? gamma_ih, Tensor? gamma_hh, Tensor? gamma_c, Tensor? beta_c, "
+      "Tensor? running_mean_ih, Tensor? running_var_ih, Tensor? running_mean_hh, Tensor? running_var_hh, "
+      "Tensor? running_mean_c, Tensor? running_var_c, int input_statistics, bool normalize_recurrent, "
+      "bool normalize_cell, bool training, float eps, bool reverse, bool keep_reserve) -> "
+      "(Tensor output, Tensor h_n, Tensor c_n, Tensor mean_ih, Tensor var_ih, Tensor mean_hh, Tensor var_hh, "
+      "Tensor mean_c, Tensor var_c, Tensor reserve)");
+  // Gradients of layer_forward's inputs, from its reserve and statistics.
+  m.def(
+      "layer_backward(Tensor grad_output, Tensor grad_h_n, Tensor grad_c_n, Tensor x, Tensor lengths, "
+      "Tensor weight_ih, Tensor weight_hh, Tensor? gamma_ih, Tensor? gamma_hh, Tensor? gamma_c, "
+      "Tensor var_ih, Tensor var_hh, Tensor var_c, Tensor reserve, int input_statistics, "
+      "bool normalize_recurrent, bool normalize_cell, bool training, float eps, bool reverse) -> "
+      "(Tensor grad_x, Tensor grad_h0, Tensor grad_c0, Tensor grad_weight_ih, Tensor grad_weight_hh, "
+      "Tensor grad_bias, Tensor grad_gamma_ih, Tensor grad_gamma_hh, Tensor grad_gamma_c, Tensor grad_beta_c)");
+}

@@ -1,0 +1,533 @@
+// The recurrent part of the BN-LSTM layer on the CPU: per step, one GEMM h_{t-1} W_hh^T and
+// one fused pass that takes the batch statistics, normalizes, applies the gates, updates
+// and normalizes the cell and writes h (../shared/PAPER.md):
+//
+//   gates_t = input_gates_t + BN(W_hh h_{t-1}; gamma_hh, 0)          input_gates = BN(W_ih x) + b
+//   c_t = sigmoid(f) * c_{t-1} + sigmoid(i) * tanh(g)
+//   h_t = sigmoid(o) * tanh(BN(c_t; gamma_c, beta_c))
+//
+// The fused pass is parallel over hidden units: a task owns hidden units [j0, j1) with
+// their four gate columns and the whole batch, so every batch statistic it needs is a
+// reduction over rows it holds. Inner loops run along hidden units, which are contiguous,
+// with at::vec (AVX2 when built for it).
+#include "bnlstm.h"
+
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+namespace bnlstm {
+namespace {
+
+template <typename T>
+using Vec = at::vec::Vectorized<T>;
+
+// Hidden units per task: enough work per task to amortise scheduling.
+constexpr int64_t kGrain = 32;
+
+template <typename T>
+inline Vec<T> sigmoid(const Vec<T>& x) {
+  const Vec<T> one(T(1));
+  return one / (one + x.neg().exp());
+}
+
+// Calls body(offset, count) over [0, size) in vector-sized pieces; the last may be short.
+template <typename T, typename Body>
+inline void for_each_vec(int64_t size, const Body& body) {
+  constexpr int64_t width = Vec<T>::size();
+  for (int64_t offset = 0; offset < size; offset += width) {
+    body(offset, std::min(width, size - offset));
+  }
+}
+
+// Mean and biased variance over the active rows of z[b * stride + 0 .. size).
+// z: rows of a [B, stride] matrix, already offset to the first column.
+template <typename T>
+void masked_moments(const T* z, int64_t stride, int64_t batch, const bool* active, int64_t count,
+                    int64_t size, T* mean, T* var) {
+  const Vec<T> inv_count(T(1) / T(std::max<int64_t>(count, 1)));
+  for_each_vec<T>(size, [&](int64_t j, int64_t n) {
+    Vec<T> sum(T(0));
+    for (int64_t b = 0; b < batch; ++b) {
+      if (active[b]) sum = sum + Vec<T>::loadu(z + b * stride + j, n);
+    }
+    const Vec<T> mu = sum * inv_count;
+    Vec<T> sq(T(0));
+    for (int64_t b = 0; b < batch; ++b) {
+      if (active[b]) {
+        const Vec<T> d = Vec<T>::loadu(z + b * stride + j, n) - mu;
+        sq = sq + d * d;
+      }
+    }
+    mu.store(mean + j, n);
+    (sq * inv_count).store(var + j, n);
+  });
+}
+
+// tanh(x) = 1 - 2 / (exp(2x) + 1): one Sleef exp instead of Sleef's tanh, which costs
+// several times as much; the absolute error stays within a few ulp of 1.
+template <typename T>
+inline Vec<T> fast_tanh(const Vec<T>& x) {
+  const Vec<T> one(T(1)), two(T(2));
+  return one - two / ((x + x).exp() + one);
+}
+
+template <typename T>
+struct StepForward {
+  // Shapes: wx, zh [B, 4H]; h, c, output [B, H]; reserve [B, width].
+  const T* wx;  // W_ih x_t
+  const T* zh;  // W_hh h_{t-1}
+  const bool* active;
+  int64_t count;
+  int64_t step;  // t: picks the statistics rows min(t, S - 1) in evaluation
+  T* h;
+  T* c;
+  T* output;
+  T* reserve;  // this step's rows, or null in inference
+  T* mean_ih;  // [4H] statistics used at this step (step-wise input), else null
+  T* var_ih;
+  T* mean_hh;  // [4H], if normalize_recurrent
+  T* var_hh;
+  T* mean_c;  // [H], if normalize_cell
+  T* var_c;
+};
+
+// The statistics of one normalized part for a task's columns: BN(z) = (z - mean) * scale
+// + shift, scale = gamma * rstd. A part that is not normalized gets mean 0, scale 1.
+template <typename T>
+struct ColumnStats {
+  std::vector<T> mean, rstd, scale;
+  explicit ColumnStats(int64_t size) : mean(size, T(0)), rstd(size, T(1)), scale(size, T(1)) {}
+
+  // Fill columns [0, size) from batch moments (training) or given rows, and report them.
+  void normalize_with(const T* z, int64_t stride, int64_t batch, const bool* active, int64_t count,
+                      const T* given_mean, const T* given_var, const T* gamma, T eps, int64_t offset,
+                      int64_t size, T* used_mean, T* used_var) {
+    T* m = mean.data() + offset;
+    T* r = rstd.data() + offset;
+    if (given_mean == nullptr) {
+      masked_moments(z, stride, batch, active, count, size, m, r);
+    } else {
+      std::copy_n(given_mean, size, m);
+      std::copy_n(given_var, size, r);
+    }
+    if (used_mean != nullptr) {
+      std::copy_n(m, size, used_mean);
+      std::copy_n(r, size, used_var);
+    }
+    for_each_vec<T>(size, [&](int64_t j, int64_t n) {
+      const Vec<T> inv = (Vec<T>::loadu(r + j, n) + Vec<T>(eps)).rsqrt();
+      inv.store(r + j, n);
+      (inv * Vec<T>::loadu(gamma + j, n)).store(scale.data() + offset + j, n);
+    });
+  }
+};
+
+template <typename T>
+class RecurrentForwardCPU {
+ public:
+  RecurrentForwardCPU(const RecurrentForwardArgs& args, const LayerFlags& flags, int64_t batch,
+                      int64_t hidden)
+      : flags_(flags), layout_(hidden, flags), batch_(batch), hidden_(hidden),
+        bias_(data_or_null(args.bias)), gamma_ih_(data_or_null(args.gamma_ih)),
+        gamma_hh_(data_or_null(args.gamma_hh)), gamma_c_(data_or_null(args.gamma_c)),
+        beta_c_(data_or_null(args.beta_c)), input_mean_(data_or_null(args.input_mean)),
+        input_var_(data_or_null(args.input_var)),
+        running_mean_hh_(data_or_null(args.running_mean_hh)),
+        running_var_hh_(data_or_null(args.running_var_hh)),
+        running_mean_c_(data_or_null(args.running_mean_c)),
+        running_var_c_(data_or_null(args.running_var_c)),
+        slots_in_(args.input_mean.defined() ? args.input_mean.size(0) : 0),
+        slots_hh_(args.running_mean_hh.defined() ? args.running_mean_hh.size(0) : 0),
+        slots_c_(args.running_mean_c.defined() ? args.running_mean_c.size(0) : 0) {}
+
+  // One step over hidden units [j0, j1). kKeep: store what the backward pass reads.
+  template <bool kKeep>
+  void run(const StepForward<T>& s, int64_t j0, int64_t j1) const {
+    const int64_t H = hidden_, G = 4 * hidden_, B = batch_, W = layout_.width, J = j1 - j0;
+    const T eps = T(flags_.eps);
+    const bool normalize_input = flags_.input_statistics != kInputNone;
+    const bool given_input = normalize_input && !(flags_.training && flags_.input_statistics == kInputStep);
+    ColumnStats<T> in(4 * J), rec(4 * J);
+    std::vector<T> bias(4 * J, T(0));
+    for (int64_t g = 0; g < 4; ++g) {
+      const int64_t k0 = g * H + j0;
+      if (normalize_input) {
+        const int64_t row = std::min(s.step, slots_in_ - 1) * G + k0;
+        in.normalize_with(s.wx + k0, G, B, s.active, s.count, given_input ? input_mean_ + row : nullptr,
+                          given_input ? input_var_ + row : nullptr, gamma_ih_ + k0, eps, g * J, J,
+                          s.mean_ih ? s.mean_ih + k0 : nullptr, s.var_ih ? s.var_ih + k0 : nullptr);
+      }
+      if (flags_.normalize_recurrent) {
+        const int64_t row = std::min(s.step, slots_hh_ - 1) * G + k0;
+        rec.normalize_with(s.zh + k0, G, B, s.active, s.count,
+                           flags_.training ? nullptr : running_mean_hh_ + row,
+                           flags_.training ? nullptr : running_var_hh_ + row, gamma_hh_ + k0, eps, g * J, J,
+                           s.mean_hh + k0, s.var_hh + k0);
+      }
+      if (bias_ != nullptr) std::copy_n(bias_ + k0, J, bias.data() + g * J);
+    }
+
+    // Gates and the new cell for every row (padded rows too: their values stay finite and
+    // the backward pass multiplies them by zero).
+    std::vector<T> c_new(B * J), out_gate(kKeep ? 0 : B * J);
+    for (int64_t b = 0; b < B; ++b) {
+      T* rs = kKeep ? s.reserve + b * W : nullptr;
+      for_each_vec<T>(J, [&](int64_t j, int64_t n) {
+        Vec<T> pre[4];
+        for (int64_t g = 0; g < 4; ++g) {
+          const int64_t k = g * H + j0 + j, u = g * J + j;
+          // gates = BN(W_ih x) + BN(W_hh h) + bias, each BN as (z - mean) * gamma * rstd.
+          const Vec<T> x_centred = Vec<T>::loadu(s.wx + b * G + k, n) - Vec<T>::loadu(in.mean.data() + u, n);
+          const Vec<T> h_centred = Vec<T>::loadu(s.zh + b * G + k, n) - Vec<T>::loadu(rec.mean.data() + u, n);
+          if (kKeep && normalize_input)
+            (x_centred * Vec<T>::loadu(in.rstd.data() + u, n)).store(rs + layout_.xhat + k, n);
+          if (kKeep && flags_.normalize_recurrent)
+            (h_centred * Vec<T>::loadu(rec.rstd.data() + u, n)).store(rs + layout_.zhat + k, n);
+          pre[g] = at::vec::fmadd(x_centred, Vec<T>::loadu(in.scale.data() + u, n),
+                                  at::vec::fmadd(h_centred, Vec<T>::loadu(rec.scale.data() + u, n),
+                                                 Vec<T>::loadu(bias.data() + u, n)));
+        }
+        const Vec<T> i = sigmoid(pre[0]), f = sigmoid(pre[1]), g = fast_tanh(pre[2]), o = sigmoid(pre[3]);
+        const Vec<T> c_prev = Vec<T>::loadu(s.c + b * H + j0 + j, n);
+        if (kKeep) {
+          i.store(rs + layout_.gates + 0 * H + j0 + j, n);
+          f.store(rs + layout_.gates + 1 * H + j0 + j, n);
+          g.store(rs + layout_.gates + 2 * H + j0 + j, n);
+          o.store(rs + layout_.gates + 3 * H + j0 + j, n);
+          Vec<T>::loadu(s.h + b * H + j0 + j, n).store(rs + layout_.h_prev + j0 + j, n);
+          c_prev.store(rs + layout_.c_prev + j0 + j, n);
+        } else {
+          o.store(out_gate.data() + b * J + j, n);
+        }
+        at::vec::fmadd(f, c_prev, i * g).store(c_new.data() + b * J + j, n);
+      });
+    }
+
+    // Cell statistics over the active rows, then h.
+    ColumnStats<T> cell(J);
+    std::vector<T> beta(J, T(0));
+    if (flags_.normalize_cell) {
+      const int64_t row = std::min(s.step, slots_c_ - 1) * H + j0;
+      cell.normalize_with(c_new.data(), J, B, s.active, s.count,
+                          flags_.training ? nullptr : running_mean_c_ + row,
+                          flags_.training ? nullptr : running_var_c_ + row, gamma_c_ + j0, eps, 0, J,
+                          s.mean_c + j0, s.var_c + j0);
+      std::copy_n(beta_c_ + j0, J, beta.data());
+    }
+    for (int64_t b = 0; b < B; ++b) {
+      T* rs = kKeep ? s.reserve + b * W : nullptr;
+      const bool active = s.active[b];
+      for_each_vec<T>(J, [&](int64_t j, int64_t n) {
+        const Vec<T> value = Vec<T>::loadu(c_new.data() + b * J + j, n);
+        const Vec<T> centred = value - Vec<T>::loadu(cell.mean.data() + j, n);
+        if (kKeep && flags_.normalize_cell)
+          (centred * Vec<T>::loadu(cell.rstd.data() + j, n)).store(rs + layout_.c_hat + j0 + j, n);
+        const Vec<T> seen = at::vec::fmadd(centred, Vec<T>::loadu(cell.scale.data() + j, n), Vec<T>::loadu(beta.data() + j, n));
+        const Vec<T> tanh_c = fast_tanh(seen);
+        if (kKeep) tanh_c.store(rs + layout_.tanh_c + j0 + j, n);
+        const Vec<T> o = kKeep ? Vec<T>::loadu(rs + layout_.gates + 3 * H + j0 + j, n)
+                               : Vec<T>::loadu(out_gate.data() + b * J + j, n);
+        const Vec<T> h_new = o * tanh_c;
+        // Padded steps give zero output and leave the state alone.
+        if (active) {
+          h_new.store(s.h + b * H + j0 + j, n);
+          value.store(s.c + b * H + j0 + j, n);
+          h_new.store(s.output + b * H + j0 + j, n);
+        } else {
+          Vec<T>(T(0)).store(s.output + b * H + j0 + j, n);
+        }
+      });
+    }
+  }
+
+ private:
+  static const T* data_or_null(const at::Tensor& t) { return t.defined() ? t.data_ptr<T>() : nullptr; }
+
+  LayerFlags flags_;
+  ReserveLayout layout_;
+  int64_t batch_, hidden_;
+  const T* bias_;
+  const T* gamma_ih_;
+  const T* gamma_hh_;
+  const T* gamma_c_;
+  const T* beta_c_;
+  const T* input_mean_;
+  const T* input_var_;
+  const T* running_mean_hh_;
+  const T* running_var_hh_;
+  const T* running_mean_c_;
+  const T* running_var_c_;
+  int64_t slots_in_, slots_hh_, slots_c_;
+};
+
+template <typename T>
+void recurrent_forward_impl(const RecurrentForwardArgs& args, RecurrentForwardOutputs& out,
+                            const LayerFlags& flags) {
+  const int64_t T_ = args.input_projection.size(0), B = args.input_projection.size(1);
+  const int64_t H = args.weight_hh.size(1), G = 4 * H;
+  const RecurrentForwardCPU<T> kernel(args, flags, B, H);
+  const at::Tensor weight_hh_t = args.weight_hh.t();  // [H, 4H] view: BLAS reads it transposed
+  at::Tensor zh = at::empty({B, G}, args.input_projection.options());
+  const bool* active = args.active.data_ptr<bool>();
+  const int64_t* counts = args.counts.data_ptr<int64_t>();
+  const bool keep = out.reserve.defined();
+  const bool step_input = flags.input_statistics == kInputStep;
+  auto row = [](const at::Tensor& t, int64_t step, bool present) -> T* {
+    return present ? t[step].data_ptr<T>() : nullptr;
+  };
+  for (int64_t t = 0; t < T_; ++t) {
+    at::mm_out(zh, out.h, weight_hh_t);  // [B, 4H]
+    const StepForward<T> step{
+        args.input_projection[t].data_ptr<T>(),
+        zh.data_ptr<T>(),
+        active + t * B,
+        counts[t],
+        t,
+        out.h.data_ptr<T>(),
+        out.c.data_ptr<T>(),
+        out.output[t].data_ptr<T>(),
+        row(out.reserve, t, keep),
+        row(out.mean_ih, t, step_input),
+        row(out.var_ih, t, step_input),
+        row(out.mean_hh, t, flags.normalize_recurrent),
+        row(out.var_hh, t, flags.normalize_recurrent),
+        row(out.mean_c, t, flags.normalize_cell),
+        row(out.var_c, t, flags.normalize_cell),
+    };
+    at::parallel_for(0, H, kGrain, [&](int64_t j0, int64_t j1) {
+      if (keep) {
+        kernel.template run<true>(step, j0, j1);
+      } else {
+        kernel.template run<false>(step, j0, j1);
+      }
+    });
+  }
+}
+
+template <typename T>
+struct StepBackward {
+  // Shapes: grad_output, grad_h, grad_c [B, H]; grad_gates, grad_zh [B, 4H]; reserve [B, width].
+  const T* grad_output;
+  const T* reserve;
+  const bool* active;
+  int64_t count;
+  const T* var_hh;  // [4H] statistics used at this step
+  const T* var_c;   // [H]
+  T* grad_h;        // read: gradient of h_t
+  T* grad_c;        // read: gradient of c_t; written: gradient of c_{t-1}
+  T* grad_gates;
+  T* grad_zh;
+};
+
+template <typename T>
+class RecurrentBackwardCPU {
+ public:
+  RecurrentBackwardCPU(const RecurrentBackwardArgs& args, RecurrentBackwardOutputs& out,
+                       const LayerFlags& flags, int64_t batch, int64_t hidden)
+      : flags_(flags), layout_(hidden, flags), batch_(batch), hidden_(hidden),
+        gamma_hh_(args.gamma_hh.defined() ? args.gamma_hh.data_ptr<T>() : nullptr),
+        gamma_c_(args.gamma_c.defined() ? args.gamma_c.data_ptr<T>() : nullptr),
+        grad_gamma_hh_(out.grad_gamma_hh.defined() ? out.grad_gamma_hh.data_ptr<T>() : nullptr),
+        grad_gamma_c_(out.grad_gamma_c.defined() ? out.grad_gamma_c.data_ptr<T>() : nullptr),
+        grad_beta_c_(out.grad_beta_c.defined() ? out.grad_beta_c.data_ptr<T>() : nullptr) {}
+
+  // One step backwards over hidden units [j0, j1). Accumulates the gamma/beta gradients of
+  // these units (no other task touches them).
+  void run(const StepBackward<T>& s, int64_t j0, int64_t j1) const {
+    const int64_t H = hidden_, G = 4 * hidden_, B = batch_, W = layout_.width, J = j1 - j0;
+    const Vec<T> one(T(1)), zero(T(0)), eps(T(flags_.eps));
+    const Vec<T> inv_count(T(1) / T(std::max<int64_t>(s.count, 1)));
+
+    // Gradient reaching the copy of c_t that feeds h_t, and the output gate.
+    std::vector<T> grad_seen(B * J);
+    for (int64_t b = 0; b < B; ++b) {
+      const T* rs = s.reserve + b * W;
+      const bool active = s.active[b];
+      for_each_vec<T>(J, [&](int64_t j, int64_t n) {
+        const int64_t u = j0 + j;
+        const Vec<T> grad_h_new =
+            active ? Vec<T>::loadu(s.grad_output + b * H + u, n) + Vec<T>::loadu(s.grad_h + b * H + u, n) : zero;
+        const Vec<T> tanh_c = Vec<T>::loadu(rs + layout_.tanh_c + u, n);
+        const Vec<T> o = Vec<T>::loadu(rs + layout_.gates + 3 * H + u, n);
+        (grad_h_new * tanh_c * o * (one - o)).store(s.grad_gates + b * G + 3 * H + u, n);
+        (grad_h_new * o * (one - tanh_c * tanh_c)).store(grad_seen.data() + b * J + j, n);
+      });
+    }
+
+    // Through the cell normalization (inactive rows carry zero gradient and are left out
+    // of the batch reductions), plus the gradient arriving at c_t from step t+1.
+    std::vector<T> grad_cell(B * J);
+    std::vector<T> sum_dy(J, T(0)), sum_dy_xhat(J, T(0)), rstd(J);
+    if (flags_.normalize_cell) {
+      for_each_vec<T>(J, [&](int64_t j, int64_t n) {
+        (Vec<T>::loadu(s.var_c + j0 + j, n) + eps).rsqrt().store(rstd.data() + j, n);
+      });
+      for (int64_t b = 0; b < B; ++b) {
+        const T* rs = s.reserve + b * W;
+        for_each_vec<T>(J, [&](int64_t j, int64_t n) {
+          const Vec<T> dy = Vec<T>::loadu(grad_seen.data() + b * J + j, n);
+          const Vec<T> c_hat = Vec<T>::loadu(rs + layout_.c_hat + j0 + j, n);
+          (Vec<T>::loadu(sum_dy.data() + j, n) + dy).store(sum_dy.data() + j, n);
+          (Vec<T>::loadu(sum_dy_xhat.data() + j, n) + dy * c_hat).store(sum_dy_xhat.data() + j, n);
+        });
+      }
+      for_each_vec<T>(J, [&](int64_t j, int64_t n) {
+        const int64_t u = j0 + j;
+        const Vec<T> dbeta = Vec<T>::loadu(sum_dy.data() + j, n);
+        const Vec<T> dgamma = Vec<T>::loadu(sum_dy_xhat.data() + j, n);
+        (Vec<T>::loadu(grad_beta_c_ + u, n) + dbeta).store(grad_beta_c_ + u, n);
+        (Vec<T>::loadu(grad_gamma_c_ + u, n) + dgamma).store(grad_gamma_c_ + u, n);
+      });
+    }
+    for (int64_t b = 0; b < B; ++b) {
+      const T* rs = s.reserve + b * W;
+      if (!s.active[b]) {
+        std::fill_n(grad_cell.data() + b * J, J, T(0));
+        continue;
+      }
+      for_each_vec<T>(J, [&](int64_t j, int64_t n) {
+        const int64_t u = j0 + j;
+        Vec<T> grad = Vec<T>::loadu(grad_seen.data() + b * J + j, n);
+        if (flags_.normalize_cell) {
+          // d c = gamma * rstd * (dy - mean(dy) - c_hat * mean(dy * c_hat)), dy = d BN output
+          const Vec<T> gamma = Vec<T>::loadu(gamma_c_ + u, n);
+          const Vec<T> r = Vec<T>::loadu(rstd.data() + j, n);
+          if (flags_.training) {
+            const Vec<T> c_hat = Vec<T>::loadu(rs + layout_.c_hat + u, n);
+            grad = gamma * r *
+                   (grad - Vec<T>::loadu(sum_dy.data() + j, n) * inv_count -
+                    c_hat * Vec<T>::loadu(sum_dy_xhat.data() + j, n) * inv_count);
+          } else {
+            grad = gamma * r * grad;
+          }
+        }
+        (grad + Vec<T>::loadu(s.grad_c + b * H + u, n)).store(grad_cell.data() + b * J + j, n);
+      });
+    }
+
+    // Gates i, f, g, and the gradient flowing to c_{t-1}.
+    for (int64_t b = 0; b < B; ++b) {
+      const T* rs = s.reserve + b * W;
+      const bool active = s.active[b];
+      for_each_vec<T>(J, [&](int64_t j, int64_t n) {
+        const int64_t u = j0 + j;
+        const Vec<T> dc = Vec<T>::loadu(grad_cell.data() + b * J + j, n);
+        const Vec<T> i = Vec<T>::loadu(rs + layout_.gates + 0 * H + u, n);
+        const Vec<T> f = Vec<T>::loadu(rs + layout_.gates + 1 * H + u, n);
+        const Vec<T> g = Vec<T>::loadu(rs + layout_.gates + 2 * H + u, n);
+        const Vec<T> c_prev = Vec<T>::loadu(rs + layout_.c_prev + u, n);
+        (dc * g * i * (one - i)).store(s.grad_gates + b * G + 0 * H + u, n);
+        (dc * c_prev * f * (one - f)).store(s.grad_gates + b * G + 1 * H + u, n);
+        (dc * i * (one - g * g)).store(s.grad_gates + b * G + 2 * H + u, n);
+        // A padded step passes the gradient of its (unchanged) state straight through.
+        if (active) (dc * f).store(s.grad_c + b * H + u, n);
+      });
+    }
+
+    if (!flags_.normalize_recurrent) return;  // grad_zh aliases grad_gates
+    // Through the recurrent normalization, per gate column k = g*H + j.
+    for (int64_t g = 0; g < 4; ++g) {
+      const int64_t k0 = g * H + j0;
+      std::fill(sum_dy.begin(), sum_dy.end(), T(0));
+      std::fill(sum_dy_xhat.begin(), sum_dy_xhat.end(), T(0));
+      for_each_vec<T>(J, [&](int64_t j, int64_t n) {
+        (Vec<T>::loadu(s.var_hh + k0 + j, n) + eps).rsqrt().store(rstd.data() + j, n);
+      });
+      for (int64_t b = 0; b < B; ++b) {
+        const T* rs = s.reserve + b * W;
+        for_each_vec<T>(J, [&](int64_t j, int64_t n) {
+          const Vec<T> dy = Vec<T>::loadu(s.grad_gates + b * G + k0 + j, n);
+          const Vec<T> zhat = Vec<T>::loadu(rs + layout_.zhat + k0 + j, n);
+          (Vec<T>::loadu(sum_dy.data() + j, n) + dy).store(sum_dy.data() + j, n);
+          (Vec<T>::loadu(sum_dy_xhat.data() + j, n) + dy * zhat).store(sum_dy_xhat.data() + j, n);
+        });
+      }
+      for_each_vec<T>(J, [&](int64_t j, int64_t n) {
+        const Vec<T> dgamma = Vec<T>::loadu(sum_dy_xhat.data() + j, n);
+        (Vec<T>::loadu(grad_gamma_hh_ + k0 + j, n) + dgamma).store(grad_gamma_hh_ + k0 + j, n);
+      });
+      for (int64_t b = 0; b < B; ++b) {
+        const T* rs = s.reserve + b * W;
+        if (!s.active[b]) {
+          std::fill_n(s.grad_zh + b * G + k0, J, T(0));
+          continue;
+        }
+        for_each_vec<T>(J, [&](int64_t j, int64_t n) {
+          const Vec<T> gamma = Vec<T>::loadu(gamma_hh_ + k0 + j, n);
+          const Vec<T> r = Vec<T>::loadu(rstd.data() + j, n);
+          Vec<T> grad = Vec<T>::loadu(s.grad_gates + b * G + k0 + j, n);
+          if (flags_.training) {
+            const Vec<T> zhat = Vec<T>::loadu(rs + layout_.zhat + k0 + j, n);
+            grad = grad - Vec<T>::loadu(sum_dy.data() + j, n) * inv_count -
+                   zhat * Vec<T>::loadu(sum_dy_xhat.data() + j, n) * inv_count;
+          }
+          (gamma * r * grad).store(s.grad_zh + b * G + k0 + j, n);
+        });
+      }
+    }
+  }
+
+ private:
+  LayerFlags flags_;
+  ReserveLayout layout_;
+  int64_t batch_, hidden_;
+  const T* gamma_hh_;
+  const T* gamma_c_;
+  T* grad_gamma_hh_;
+  T* grad_gamma_c_;
+  T* grad_beta_c_;
+};
+
+template <typename T>
+void recurrent_backward_impl(const RecurrentBackwardArgs& args, RecurrentBackwardOutputs& out,
+                             const LayerFlags& flags) {
+  const int64_t T_ = args.reserve.size(0), B = args.reserve.size(1);
+  const int64_t H = args.weight_hh.size(1);
+  const RecurrentBackwardCPU<T> kernel(args, out, flags, B, H);
+  const bool* active = args.active.data_ptr<bool>();
+  const int64_t* counts = args.counts.data_ptr<int64_t>();
+  at::Tensor grad_h_prev = at::empty({B, H}, out.grad_h.options());
+  T* dummy = nullptr;
+  for (int64_t t = T_ - 1; t >= 0; --t) {
+    StepBackward<T> step{
+        args.grad_output[t].data_ptr<T>(),
+        args.reserve[t].data_ptr<T>(),
+        active + t * B,
+        counts[t],
+        flags.normalize_recurrent ? args.var_hh[t].data_ptr<T>() : dummy,
+        flags.normalize_cell ? args.var_c[t].data_ptr<T>() : dummy,
+        out.grad_h.data_ptr<T>(),
+        out.grad_c.data_ptr<T>(),
+        out.grad_gates[t].data_ptr<T>(),
+        out.grad_zh[t].data_ptr<T>(),
+    };
+    at::parallel_for(0, H, kGrain, [&](int64_t j0, int64_t j1) { kernel.run(step, j0, j1); });
+    // Gradient of h_{t-1}: through W_hh for active rows, straight through for padded ones.
+    at::mm_out(grad_h_prev, out.grad_zh[t], args.weight_hh);  // [B, H]
+    T* grad_h = out.grad_h.data_ptr<T>();
+    const T* from_gemm = grad_h_prev.data_ptr<T>();
+    for (int64_t b = 0; b < B; ++b) {
+      if (active[t * B + b]) std::copy_n(from_gemm + b * H, H, grad_h + b * H);
+    }
+  }
+}
+
+}  // namespace
+
+void recurrent_forward_cpu(const RecurrentForwardArgs& args, RecurrentForwardOutputs& out,
+                           const LayerFlags& flags) {
+  AT_DISPATCH_FLOATING_TYPES(args.input_projection.scalar_type(), "bnlstm_recurrent_forward_cpu",
+                             [&] { recurrent_forward_impl<scalar_t>(args, out, flags); });
+}
+
+void recurrent_backward_cpu(const RecurrentBackwardArgs& args, RecurrentBackwardOutputs& out,
+                            const LayerFlags& flags) {
+  AT_DISPATCH_FLOATING_TYPES(args.reserve.scalar_type(), "bnlstm_recurrent_backward_cpu",
+                             [&] { recurrent_backward_impl<scalar_t>(args, out, flags); });
+}
+
+}  // namespace bnlstm
