@@ -107,6 +107,8 @@ def _setup_context(ctx, inputs, output):
      keep_reserve) = inputs
     _, _, _, _mean_ih, var_ih, _mean_hh, var_hh, _mean_c, var_c, reserve = output
     ctx.mark_non_differentiable(*output[3:])
+    # No zero gradients for the statistics and the (large) reserve: they are not used.
+    ctx.set_materialize_grads(False)
     ctx.keep_reserve = keep_reserve
     ctx.flags = (input_statistics, normalize_recurrent, normalize_cell, training, eps, reverse)
     ctx.has_bias = bias is not None

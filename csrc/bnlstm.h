@@ -85,17 +85,23 @@ struct RecurrentForwardOutputs {
 
 struct RecurrentBackwardArgs {
   at::Tensor grad_output;  // [T, B, H] in processing order
-  at::Tensor active, counts, weight_hh, gamma_hh, gamma_c;
-  at::Tensor var_hh, var_c;  // [T, F] statistics used in the forward pass
+  at::Tensor active, counts, weight_hh;
+  at::Tensor gamma_ih, gamma_hh, gamma_c;  // or undefined
+  at::Tensor var_ih;         // [T, 4H] statistics used in the forward pass, if step-wise input
+  at::Tensor var_hh, var_c;  // [T, 4H], [T, H], if normalized
   at::Tensor reserve;        // [T, B, width]
 };
 
+// Outputs of the backward recurrence; accumulators start at zero.
 struct RecurrentBackwardOutputs {
-  at::Tensor grad_h, grad_c;   // [B, H]: gradients of h_n, c_n on entry, of h_0, c_0 on exit
-  at::Tensor grad_gates;       // [T, B, 4H] gradient of the gate pre-activations
-  at::Tensor grad_zh;          // [T, B, 4H] gradient of W_hh h_{t-1} (aliases grad_gates
-                               // when the recurrence is not normalized)
-  at::Tensor grad_gamma_hh;    // [4H] or undefined
+  at::Tensor grad_h, grad_c;  // [B, H]: gradients of h_n, c_n on entry, of h_0, c_0 on exit
+  at::Tensor grad_gates;      // [T, B, 4H] gradient of the gate pre-activations
+  at::Tensor grad_zh;         // [T, B, 4H] gradient of W_hh h_{t-1} (aliases grad_gates
+                              // when the recurrence is not normalized)
+  at::Tensor grad_wx;         // [T, B, 4H] gradient of W_ih x_t, if step-wise input
+  at::Tensor grad_bias;       // [4H] sum of grad_gates
+  at::Tensor grad_gamma_ih;   // [4H] sum of grad_gates * xhat, if the input is normalized
+  at::Tensor grad_gamma_hh;   // [4H] or undefined
   at::Tensor grad_gamma_c, grad_beta_c;  // [H] or undefined
 };
 

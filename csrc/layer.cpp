@@ -175,59 +175,56 @@ LayerBackwardResult layer_backward(
   check_tensor(grad_c_n, "grad_c_n", {B, H}, x);
 
   const Prepared p = prepare(x, lengths, reverse);
+  const bool step_input = input_statistics == kInputStep;
   RecurrentBackwardArgs args;
   args.grad_output = (reverse ? reverse_padded(grad_output, lengths) : grad_output).contiguous();
   args.active = p.active.contiguous();
   args.counts = p.counts.contiguous();
   args.weight_hh = weight_hh.contiguous();
-  args.gamma_hh = normalize_recurrent ? gamma_hh->contiguous() : at::Tensor();
-  args.gamma_c = normalize_cell ? gamma_c->contiguous() : at::Tensor();
+  if (normalize_input) args.gamma_ih = gamma_ih->contiguous();
+  if (normalize_recurrent) args.gamma_hh = gamma_hh->contiguous();
+  if (normalize_cell) args.gamma_c = gamma_c->contiguous();
+  args.var_ih = var_ih.contiguous();
   args.var_hh = var_hh.contiguous();
   args.var_c = var_c.contiguous();
   args.reserve = reserve.contiguous();
 
   RecurrentBackwardOutputs out;
+  const at::Tensor empty = at::empty({0}, x.options());
   out.grad_h = grad_h_n.contiguous().clone();
   out.grad_c = grad_c_n.contiguous().clone();
   out.grad_gates = at::empty({T, B, G}, x.options());
   out.grad_zh = normalize_recurrent ? at::empty({T, B, G}, x.options()) : out.grad_gates;
-  const at::Tensor empty = at::empty({0}, x.options());
+  out.grad_wx = step_input ? at::empty({T, B, G}, x.options()) : out.grad_gates;
+  out.grad_bias = at::zeros({G}, x.options());
+  out.grad_gamma_ih = normalize_input ? at::zeros({G}, x.options()) : empty;
   out.grad_gamma_hh = normalize_recurrent ? at::zeros({G}, x.options()) : empty;
   out.grad_gamma_c = normalize_cell ? at::zeros({H}, x.options()) : empty;
   out.grad_beta_c = normalize_cell ? at::zeros({H}, x.options()) : empty;
   recurrent(args, out, flags);
 
-  // Weight gradients as large GEMMs over all steps.
-  const at::Tensor h_prev = reserve.narrow(2, layout.h_prev, H).reshape({T * B, H});
-  const at::Tensor grad_weight_hh = out.grad_zh.view({T * B, G}).t().mm(h_prev);
-  const at::Tensor grad_bias = out.grad_gates.sum({0, 1});
-
-  // Input side: back through the input batch norm (padded rows carry no gradient).
-  at::Tensor grad_input_gates = out.grad_gates, grad_gamma_ih = empty;
-  if (normalize_input) {
-    const at::Tensor xhat = reserve.narrow(2, layout.xhat, G);  // [T, B, 4H]
-    grad_gamma_ih = (out.grad_gates * xhat).sum({0, 1});
-    const at::Tensor rstd = (var_ih.unsqueeze(-2) + eps).rsqrt();  // [T or 1, 1, 4H]
-    const at::Tensor grad_xhat = out.grad_gates * *gamma_ih;
+  at::Tensor grad_wx = out.grad_wx;  // [T, B, 4H]
+  if (input_statistics == kInputSequence) {
+    // Sequence-wise statistics: the batch-norm backward needs sums over every step, which
+    // the kernel accumulated as grad_bias = sum(dy) and grad_gamma_ih = sum(dy * xhat).
+    const at::Tensor xhat = reserve.narrow(2, layout.xhat, G);
+    const at::Tensor scale = (var_ih + eps).rsqrt() * *gamma_ih;  // [1, 4H]
     if (training) {
-      const bool sequence = input_statistics == kInputSequence;
-      const std::vector<int64_t> flat{1, T * B, G};
-      const at::Tensor dy = sequence ? grad_xhat.view(flat) : grad_xhat;
-      const at::Tensor xh = sequence ? xhat.reshape(flat) : xhat;
-      const at::Tensor weight = sequence ? p.weight.view({1, T * B, 1}) : p.weight;
-      const at::Tensor divisor = weight.sum(1, true).clamp_min(1);  // [N, 1, 1]
-      const at::Tensor mean_dy = dy.sum(1, true) / divisor;
-      const at::Tensor mean_dy_xhat = (dy * xh).sum(1, true) / divisor;
-      grad_input_gates = ((dy - mean_dy - xh * mean_dy_xhat) * weight).view({T, B, G}) * rstd;
+      const at::Tensor count = p.counts.sum().clamp_min(1).to(x.scalar_type());
+      grad_wx = (out.grad_gates - out.grad_bias / count - xhat * (out.grad_gamma_ih / count)) * p.weight * scale;
     } else {
-      grad_input_gates = grad_xhat * rstd;
+      grad_wx = out.grad_gates * scale;
     }
   }
-  const at::Tensor grad_x_ordered = at::matmul(grad_input_gates, weight_ih);  // [T, B, I]
-  const at::Tensor grad_weight_ih = grad_input_gates.reshape({T * B, G}).t().mm(p.x.reshape({T * B, I}));
+
+  // Weight gradients and the input gradient as large GEMMs over all steps.
+  const at::Tensor h_prev = reserve.narrow(2, layout.h_prev, H).reshape({T * B, H});
+  const at::Tensor grad_weight_hh = out.grad_zh.view({T * B, G}).t().mm(h_prev);
+  const at::Tensor grad_weight_ih = grad_wx.reshape({T * B, G}).t().mm(p.x.reshape({T * B, I}));
+  const at::Tensor grad_x_ordered = at::matmul(grad_wx, weight_ih);  // [T, B, I]
   const at::Tensor grad_x = reverse ? reverse_padded(grad_x_ordered, lengths) : grad_x_ordered;
-  return {grad_x, out.grad_h, out.grad_c, grad_weight_ih, grad_weight_hh, grad_bias,
-          grad_gamma_ih, out.grad_gamma_hh, out.grad_gamma_c, out.grad_beta_c};
+  return {grad_x, out.grad_h, out.grad_c, grad_weight_ih, grad_weight_hh, out.grad_bias,
+          out.grad_gamma_ih, out.grad_gamma_hh, out.grad_gamma_c, out.grad_beta_c};
 }
 
 TORCH_LIBRARY_IMPL(bnlstm, CPU, m) {

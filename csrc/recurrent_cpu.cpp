@@ -310,18 +310,87 @@ void recurrent_forward_impl(const RecurrentForwardArgs& args, RecurrentForwardOu
 
 template <typename T>
 struct StepBackward {
-  // Shapes: grad_output, grad_h, grad_c [B, H]; grad_gates, grad_zh [B, 4H]; reserve [B, width].
+  // Shapes: grad_output, grad_h, grad_c [B, H]; grad_gates, grad_zh, grad_wx [B, 4H];
+  // reserve [B, width].
   const T* grad_output;
   const T* reserve;
   const bool* active;
   int64_t count;
-  const T* var_hh;  // [4H] statistics used at this step
-  const T* var_c;   // [H]
+  const T* var_ih;  // [4H] statistics used at this step, if step-wise input; else null
+  const T* var_hh;  // [4H], if normalize_recurrent
+  const T* var_c;   // [H], if normalize_cell
   T* grad_h;        // read: gradient of h_t
   T* grad_c;        // read: gradient of c_t; written: gradient of c_{t-1}
-  T* grad_gates;
-  T* grad_zh;
+  T* grad_gates;    // gradient of the gate pre-activations
+  T* grad_zh;       // gradient of W_hh h_{t-1}, if normalize_recurrent (else grad_gates)
+  T* grad_wx;       // gradient of W_ih x_t, if step-wise input (else written by the host)
 };
+
+// Sums over the rows of a batch, per column, for batch-norm backward passes.
+template <typename T>
+struct ColumnSums {
+  std::vector<T> dy, dy_xhat;
+  explicit ColumnSums(int64_t size) : dy(size), dy_xhat(size) {}
+  void clear() {
+    std::fill(dy.begin(), dy.end(), T(0));
+    std::fill(dy_xhat.begin(), dy_xhat.end(), T(0));
+  }
+};
+
+// Backward of y = gamma * xhat over one column block: with dy the gradient of y,
+//   training:   dx = gamma * rstd * (dy - mean(dy) - xhat * mean(dy * xhat))  on active rows
+//   evaluation: dx = gamma * rstd * dy
+// (means over the active rows; padded rows get 0). sums hold sum(dy), sum(dy * xhat).
+template <typename T>
+void batch_norm_backward_rows(const T* dy, int64_t dy_stride, const T* xhat, int64_t xhat_stride,
+                              const ColumnSums<T>& sums, const T* gamma, const T* var, T eps,
+                              bool training, const bool* active, int64_t batch, int64_t count,
+                              int64_t size, T* dx, int64_t dx_stride) {
+  const Vec<T> inv_count(T(1) / T(std::max<int64_t>(count, 1)));
+  std::vector<T> scale(size);
+  for_each_vec<T>(size, [&](int64_t j, int64_t n) {
+    const Vec<T> rstd = (Vec<T>::loadu(var + j, n) + Vec<T>(eps)).rsqrt();
+    (rstd * Vec<T>::loadu(gamma + j, n)).store(scale.data() + j, n);
+  });
+  for (int64_t b = 0; b < batch; ++b) {
+    if (!active[b]) {
+      std::fill_n(dx + b * dx_stride, size, T(0));
+      continue;
+    }
+    for_each_vec<T>(size, [&](int64_t j, int64_t n) {
+      Vec<T> grad = Vec<T>::loadu(dy + b * dy_stride + j, n);
+      if (training) {
+        grad = grad - Vec<T>::loadu(sums.dy.data() + j, n) * inv_count -
+               Vec<T>::loadu(xhat + b * xhat_stride + j, n) * Vec<T>::loadu(sums.dy_xhat.data() + j, n) * inv_count;
+      }
+      (grad * Vec<T>::loadu(scale.data() + j, n)).store(dx + b * dx_stride + j, n);
+    });
+  }
+}
+
+// Adds sums over rows of dy (and of dy * xhat when xhat is given) into sum_dy, sum_dy_xhat.
+template <typename T>
+void accumulate_column_sums(const T* dy, int64_t dy_stride, const T* xhat, int64_t xhat_stride,
+                            int64_t batch, int64_t size, T* sum_dy, T* sum_dy_xhat) {
+  for (int64_t b = 0; b < batch; ++b) {
+    for_each_vec<T>(size, [&](int64_t j, int64_t n) {
+      const Vec<T> grad = Vec<T>::loadu(dy + b * dy_stride + j, n);
+      (Vec<T>::loadu(sum_dy + j, n) + grad).store(sum_dy + j, n);
+      if (xhat != nullptr) {
+        const Vec<T> product = grad * Vec<T>::loadu(xhat + b * xhat_stride + j, n);
+        (Vec<T>::loadu(sum_dy_xhat + j, n) + product).store(sum_dy_xhat + j, n);
+      }
+    });
+  }
+}
+
+// Adds src[0, size) into dst.
+template <typename T>
+void add_into(T* dst, const T* src, int64_t size) {
+  for_each_vec<T>(size, [&](int64_t j, int64_t n) {
+    (Vec<T>::loadu(dst + j, n) + Vec<T>::loadu(src + j, n)).store(dst + j, n);
+  });
+}
 
 template <typename T>
 class RecurrentBackwardCPU {
@@ -329,18 +398,17 @@ class RecurrentBackwardCPU {
   RecurrentBackwardCPU(const RecurrentBackwardArgs& args, RecurrentBackwardOutputs& out,
                        const LayerFlags& flags, int64_t batch, int64_t hidden)
       : flags_(flags), layout_(hidden, flags), batch_(batch), hidden_(hidden),
-        gamma_hh_(args.gamma_hh.defined() ? args.gamma_hh.data_ptr<T>() : nullptr),
-        gamma_c_(args.gamma_c.defined() ? args.gamma_c.data_ptr<T>() : nullptr),
-        grad_gamma_hh_(out.grad_gamma_hh.defined() ? out.grad_gamma_hh.data_ptr<T>() : nullptr),
-        grad_gamma_c_(out.grad_gamma_c.defined() ? out.grad_gamma_c.data_ptr<T>() : nullptr),
-        grad_beta_c_(out.grad_beta_c.defined() ? out.grad_beta_c.data_ptr<T>() : nullptr) {}
+        gamma_ih_(data_or_null(args.gamma_ih)), gamma_hh_(data_or_null(args.gamma_hh)),
+        gamma_c_(data_or_null(args.gamma_c)), grad_bias_(out.grad_bias.data_ptr<T>()),
+        grad_gamma_ih_(data_or_null(out.grad_gamma_ih)), grad_gamma_hh_(data_or_null(out.grad_gamma_hh)),
+        grad_gamma_c_(data_or_null(out.grad_gamma_c)), grad_beta_c_(data_or_null(out.grad_beta_c)) {}
 
-  // One step backwards over hidden units [j0, j1). Accumulates the gamma/beta gradients of
-  // these units (no other task touches them).
+  // One step backwards over hidden units [j0, j1). Accumulates the bias, gamma and beta
+  // gradients of these units' columns (no other task touches them).
   void run(const StepBackward<T>& s, int64_t j0, int64_t j1) const {
     const int64_t H = hidden_, G = 4 * hidden_, B = batch_, W = layout_.width, J = j1 - j0;
-    const Vec<T> one(T(1)), zero(T(0)), eps(T(flags_.eps));
-    const Vec<T> inv_count(T(1) / T(std::max<int64_t>(s.count, 1)));
+    const T eps = T(flags_.eps);
+    const Vec<T> one(T(1)), zero(T(0));
 
     // Gradient reaching the copy of c_t that feeds h_t, and the output gate.
     std::vector<T> grad_seen(B * J);
@@ -358,55 +426,20 @@ class RecurrentBackwardCPU {
       });
     }
 
-    // Through the cell normalization (inactive rows carry zero gradient and are left out
-    // of the batch reductions), plus the gradient arriving at c_t from step t+1.
+    // Through the cell normalization (padded rows carry zero gradient), then add the
+    // gradient arriving at c_t from step t+1.
+    ColumnSums<T> sums(J);
     std::vector<T> grad_cell(B * J);
-    std::vector<T> sum_dy(J, T(0)), sum_dy_xhat(J, T(0)), rstd(J);
     if (flags_.normalize_cell) {
-      for_each_vec<T>(J, [&](int64_t j, int64_t n) {
-        (Vec<T>::loadu(s.var_c + j0 + j, n) + eps).rsqrt().store(rstd.data() + j, n);
-      });
-      for (int64_t b = 0; b < B; ++b) {
-        const T* rs = s.reserve + b * W;
-        for_each_vec<T>(J, [&](int64_t j, int64_t n) {
-          const Vec<T> dy = Vec<T>::loadu(grad_seen.data() + b * J + j, n);
-          const Vec<T> c_hat = Vec<T>::loadu(rs + layout_.c_hat + j0 + j, n);
-          (Vec<T>::loadu(sum_dy.data() + j, n) + dy).store(sum_dy.data() + j, n);
-          (Vec<T>::loadu(sum_dy_xhat.data() + j, n) + dy * c_hat).store(sum_dy_xhat.data() + j, n);
-        });
-      }
-      for_each_vec<T>(J, [&](int64_t j, int64_t n) {
-        const int64_t u = j0 + j;
-        const Vec<T> dbeta = Vec<T>::loadu(sum_dy.data() + j, n);
-        const Vec<T> dgamma = Vec<T>::loadu(sum_dy_xhat.data() + j, n);
-        (Vec<T>::loadu(grad_beta_c_ + u, n) + dbeta).store(grad_beta_c_ + u, n);
-        (Vec<T>::loadu(grad_gamma_c_ + u, n) + dgamma).store(grad_gamma_c_ + u, n);
-      });
-    }
-    for (int64_t b = 0; b < B; ++b) {
-      const T* rs = s.reserve + b * W;
-      if (!s.active[b]) {
-        std::fill_n(grad_cell.data() + b * J, J, T(0));
-        continue;
-      }
-      for_each_vec<T>(J, [&](int64_t j, int64_t n) {
-        const int64_t u = j0 + j;
-        Vec<T> grad = Vec<T>::loadu(grad_seen.data() + b * J + j, n);
-        if (flags_.normalize_cell) {
-          // d c = gamma * rstd * (dy - mean(dy) - c_hat * mean(dy * c_hat)), dy = d BN output
-          const Vec<T> gamma = Vec<T>::loadu(gamma_c_ + u, n);
-          const Vec<T> r = Vec<T>::loadu(rstd.data() + j, n);
-          if (flags_.training) {
-            const Vec<T> c_hat = Vec<T>::loadu(rs + layout_.c_hat + u, n);
-            grad = gamma * r *
-                   (grad - Vec<T>::loadu(sum_dy.data() + j, n) * inv_count -
-                    c_hat * Vec<T>::loadu(sum_dy_xhat.data() + j, n) * inv_count);
-          } else {
-            grad = gamma * r * grad;
-          }
-        }
-        (grad + Vec<T>::loadu(s.grad_c + b * H + u, n)).store(grad_cell.data() + b * J + j, n);
-      });
+      sums.clear();
+      accumulate_column_sums(grad_seen.data(), J, s.reserve + layout_.c_hat + j0, W, B, J,
+                             sums.dy.data(), sums.dy_xhat.data());
+      add_into(grad_beta_c_ + j0, sums.dy.data(), J);
+      add_into(grad_gamma_c_ + j0, sums.dy_xhat.data(), J);
+      batch_norm_backward_rows(grad_seen.data(), J, s.reserve + layout_.c_hat + j0, W, sums, gamma_c_ + j0,
+                               s.var_c + j0, eps, flags_.training, s.active, B, s.count, J, grad_cell.data(), J);
+    } else {
+      std::copy(grad_seen.begin(), grad_seen.end(), grad_cell.begin());
     }
 
     // Gates i, f, g, and the gradient flowing to c_{t-1}.
@@ -415,7 +448,8 @@ class RecurrentBackwardCPU {
       const bool active = s.active[b];
       for_each_vec<T>(J, [&](int64_t j, int64_t n) {
         const int64_t u = j0 + j;
-        const Vec<T> dc = Vec<T>::loadu(grad_cell.data() + b * J + j, n);
+        const Vec<T> dc = active ? Vec<T>::loadu(grad_cell.data() + b * J + j, n) + Vec<T>::loadu(s.grad_c + b * H + u, n)
+                                 : zero;
         const Vec<T> i = Vec<T>::loadu(rs + layout_.gates + 0 * H + u, n);
         const Vec<T> f = Vec<T>::loadu(rs + layout_.gates + 1 * H + u, n);
         const Vec<T> g = Vec<T>::loadu(rs + layout_.gates + 2 * H + u, n);
@@ -428,55 +462,49 @@ class RecurrentBackwardCPU {
       });
     }
 
-    if (!flags_.normalize_recurrent) return;  // grad_zh aliases grad_gates
-    // Through the recurrent normalization, per gate column k = g*H + j.
+    // Per gate column block: the bias gradient, and back through the recurrent and the
+    // (step-wise) input normalizations. Padded rows have zero gate gradients.
+    const bool step_input = flags_.input_statistics == kInputStep;
+    const bool any_input = flags_.input_statistics != kInputNone;
+    ColumnSums<T> input_sums(J);
     for (int64_t g = 0; g < 4; ++g) {
       const int64_t k0 = g * H + j0;
-      std::fill(sum_dy.begin(), sum_dy.end(), T(0));
-      std::fill(sum_dy_xhat.begin(), sum_dy_xhat.end(), T(0));
-      for_each_vec<T>(J, [&](int64_t j, int64_t n) {
-        (Vec<T>::loadu(s.var_hh + k0 + j, n) + eps).rsqrt().store(rstd.data() + j, n);
-      });
-      for (int64_t b = 0; b < B; ++b) {
-        const T* rs = s.reserve + b * W;
-        for_each_vec<T>(J, [&](int64_t j, int64_t n) {
-          const Vec<T> dy = Vec<T>::loadu(s.grad_gates + b * G + k0 + j, n);
-          const Vec<T> zhat = Vec<T>::loadu(rs + layout_.zhat + k0 + j, n);
-          (Vec<T>::loadu(sum_dy.data() + j, n) + dy).store(sum_dy.data() + j, n);
-          (Vec<T>::loadu(sum_dy_xhat.data() + j, n) + dy * zhat).store(sum_dy_xhat.data() + j, n);
-        });
+      const T* dy = s.grad_gates + k0;
+      sums.clear();
+      input_sums.clear();
+      accumulate_column_sums(dy, G, flags_.normalize_recurrent ? s.reserve + layout_.zhat + k0 : nullptr, W, B, J,
+                             sums.dy.data(), sums.dy_xhat.data());
+      add_into(grad_bias_ + k0, sums.dy.data(), J);
+      if (flags_.normalize_recurrent) {
+        add_into(grad_gamma_hh_ + k0, sums.dy_xhat.data(), J);
+        batch_norm_backward_rows(dy, G, s.reserve + layout_.zhat + k0, W, sums, gamma_hh_ + k0, s.var_hh + k0, eps,
+                                 flags_.training, s.active, B, s.count, J, s.grad_zh + k0, G);
       }
-      for_each_vec<T>(J, [&](int64_t j, int64_t n) {
-        const Vec<T> dgamma = Vec<T>::loadu(sum_dy_xhat.data() + j, n);
-        (Vec<T>::loadu(grad_gamma_hh_ + k0 + j, n) + dgamma).store(grad_gamma_hh_ + k0 + j, n);
-      });
-      for (int64_t b = 0; b < B; ++b) {
-        const T* rs = s.reserve + b * W;
-        if (!s.active[b]) {
-          std::fill_n(s.grad_zh + b * G + k0, J, T(0));
-          continue;
-        }
-        for_each_vec<T>(J, [&](int64_t j, int64_t n) {
-          const Vec<T> gamma = Vec<T>::loadu(gamma_hh_ + k0 + j, n);
-          const Vec<T> r = Vec<T>::loadu(rstd.data() + j, n);
-          Vec<T> grad = Vec<T>::loadu(s.grad_gates + b * G + k0 + j, n);
-          if (flags_.training) {
-            const Vec<T> zhat = Vec<T>::loadu(rs + layout_.zhat + k0 + j, n);
-            grad = grad - Vec<T>::loadu(sum_dy.data() + j, n) * inv_count -
-                   zhat * Vec<T>::loadu(sum_dy_xhat.data() + j, n) * inv_count;
-          }
-          (gamma * r * grad).store(s.grad_zh + b * G + k0 + j, n);
-        });
+      if (any_input) {
+        // sum(dy * xhat) is gamma_ih's gradient for both input statistics.
+        accumulate_column_sums(dy, G, s.reserve + layout_.xhat + k0, W, B, J, input_sums.dy.data(),
+                               input_sums.dy_xhat.data());
+        add_into(grad_gamma_ih_ + k0, input_sums.dy_xhat.data(), J);
+      }
+      if (step_input) {
+        batch_norm_backward_rows(dy, G, s.reserve + layout_.xhat + k0, W, input_sums, gamma_ih_ + k0, s.var_ih + k0,
+                                 eps, flags_.training, s.active, B, s.count, J, s.grad_wx + k0, G);
       }
     }
   }
 
  private:
+  static const T* data_or_null(const at::Tensor& t) { return t.defined() ? t.data_ptr<T>() : nullptr; }
+  static T* data_or_null(at::Tensor& t) { return t.defined() ? t.data_ptr<T>() : nullptr; }
+
   LayerFlags flags_;
   ReserveLayout layout_;
   int64_t batch_, hidden_;
+  const T* gamma_ih_;
   const T* gamma_hh_;
   const T* gamma_c_;
+  T* grad_bias_;
+  T* grad_gamma_ih_;
   T* grad_gamma_hh_;
   T* grad_gamma_c_;
   T* grad_beta_c_;
@@ -490,20 +518,25 @@ void recurrent_backward_impl(const RecurrentBackwardArgs& args, RecurrentBackwar
   const RecurrentBackwardCPU<T> kernel(args, out, flags, B, H);
   const bool* active = args.active.data_ptr<bool>();
   const int64_t* counts = args.counts.data_ptr<int64_t>();
+  const bool step_input = flags.input_statistics == kInputStep;
   at::Tensor grad_h_prev = at::empty({B, H}, out.grad_h.options());
-  T* dummy = nullptr;
+  auto row = [](const at::Tensor& t, int64_t step, bool present) -> T* {
+    return present ? t[step].data_ptr<T>() : nullptr;
+  };
   for (int64_t t = T_ - 1; t >= 0; --t) {
-    StepBackward<T> step{
+    const StepBackward<T> step{
         args.grad_output[t].data_ptr<T>(),
         args.reserve[t].data_ptr<T>(),
         active + t * B,
         counts[t],
-        flags.normalize_recurrent ? args.var_hh[t].data_ptr<T>() : dummy,
-        flags.normalize_cell ? args.var_c[t].data_ptr<T>() : dummy,
+        row(args.var_ih, t, step_input),
+        row(args.var_hh, t, flags.normalize_recurrent),
+        row(args.var_c, t, flags.normalize_cell),
         out.grad_h.data_ptr<T>(),
         out.grad_c.data_ptr<T>(),
         out.grad_gates[t].data_ptr<T>(),
         out.grad_zh[t].data_ptr<T>(),
+        row(out.grad_wx, t, step_input),
     };
     at::parallel_for(0, H, kGrain, [&](int64_t j0, int64_t j1) { kernel.run(step, j0, j1); });
     // Gradient of h_{t-1}: through W_hh for active rows, straight through for padded ones.
