@@ -13,6 +13,8 @@ from typing import Callable, Dict, Optional
 
 import torch
 
+from .build import ExtensionUnavailable
+from .ops import bnlstm_layer_fused, ensure_loaded
 from .reference import LayerResult, bnlstm_layer_reference
 
 LayerFunction = Callable[..., LayerResult]
@@ -22,24 +24,21 @@ BACKEND_NAMES = ("auto", "reference", "cpu")
 _fallback_warned = False
 
 
-def _cpu_backend() -> LayerFunction:
-    """The fused CPU layer function, built and loaded on first call (raises
-    build.ExtensionUnavailable with the reason when it cannot be)."""
-    from .ops import bnlstm_layer_fused, ensure_loaded
-
-    ensure_loaded()
-    return bnlstm_layer_fused
+_cpu_status: Optional[str] = None  # None: not tried yet; "": available; else why not
 
 
 def _cpu_problem() -> Optional[str]:
-    """Why the CPU backend cannot run here, or None."""
-    from .build import ExtensionUnavailable
-
-    try:
-        _cpu_backend()
-    except ExtensionUnavailable as error:
-        return str(error)
-    return None
+    """Why the CPU backend cannot run here, or None. Tries to build and load the extension
+    on the first call only; the answer is kept (and read lock-free, so torch.compile can
+    trace through it)."""
+    global _cpu_status
+    if _cpu_status is None:
+        try:
+            ensure_loaded()
+            _cpu_status = ""
+        except ExtensionUnavailable as error:
+            _cpu_status = str(error)
+    return _cpu_status or None
 
 
 def available_backends(device: torch.device) -> tuple:
@@ -66,12 +65,12 @@ def resolve_backend(name: str, device: torch.device) -> LayerFunction:
         problem = _cpu_problem()
         if problem is not None:
             raise RuntimeError(f'backend="cpu" is unavailable: {problem}')
-        return _cpu_backend()
+        return bnlstm_layer_fused
     if name == "auto":
         if device.type == "cpu":
             problem = _cpu_problem()
             if problem is None:
-                return _cpu_backend()
+                return bnlstm_layer_fused
             if not _fallback_warned:
                 warnings.warn(f"bnlstm_cuda: using the slow reference implementation; {problem}")
                 _fallback_warned = True

@@ -41,6 +41,8 @@ def ensure_loaded() -> None:
     """Build or load the extension and register fake kernels and autograd, once.
     Raises build.ExtensionUnavailable when the extension cannot be had here."""
     global _registered, _failure
+    if _registered:  # lock-free fast path: also what torch.compile traces
+        return
     with _lock:
         if _registered:
             return

@@ -113,8 +113,9 @@ def check_lengths(
         raise ValueError(
             f"lengths must be on the CPU or on the input's device {device}, got {lengths.device}"
         )
-    # Checking values reads them on the host; skipped while a CUDA graph is being captured.
-    if not _capturing(lengths):
+    # Checking values reads them on the host: skipped while torch.compile traces (they are
+    # data) and while a CUDA graph is being captured (no host synchronisation allowed).
+    if not torch.compiler.is_compiling() and not _capturing(lengths):
         low, high = int(lengths.min()), int(lengths.max())
         if low < 1:
             raise ValueError(f"lengths must be >= 1, got a length of {low}")

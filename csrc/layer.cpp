@@ -90,8 +90,10 @@ LayerForwardResult layer_forward(
   check_running(running_var_c, normalize_cell && !training, "running_var_c", H, x);
 
   const Prepared p = prepare(x, lengths, reverse);
-  const at::Tensor empty_g = at::empty({0, G}, x.options());
-  const at::Tensor empty_h = at::empty({0, H}, x.options());
+  // Every output is a tensor of its own (the schema promises no aliasing), so unused ones
+  // are fresh empty tensors, never one shared.
+  const auto empty_g = [&x, G] { return at::empty({0, G}, x.options()); };
+  const auto empty_h = [&x, H] { return at::empty({0, H}, x.options()); };
   const auto as_input = [&x](const OptTensor& t) { return t->to(x.scalar_type()).contiguous(); };
 
   RecurrentForwardArgs args;
@@ -109,8 +111,8 @@ LayerForwardResult layer_forward(
   }
 
   RecurrentForwardOutputs out;
-  out.mean_ih = empty_g;
-  out.var_ih = empty_g;
+  out.mean_ih = empty_g();
+  out.var_ih = empty_g();
   if (input_statistics == kInputStep) {
     out.mean_ih = at::empty({T, G}, x.options());
     out.var_ih = at::empty({T, G}, x.options());
@@ -125,8 +127,8 @@ LayerForwardResult layer_forward(
       std::tie(out.mean_ih, out.var_ih) =
           masked_moments(args.input_projection.view({1, T * B, G}), weight, weight.sum(1));
     } else {
-      out.mean_ih = as_input(running_mean_ih).narrow(0, 0, 1);
-      out.var_ih = as_input(running_var_ih).narrow(0, 0, 1);
+      out.mean_ih = as_input(running_mean_ih).narrow(0, 0, 1).clone();
+      out.var_ih = as_input(running_var_ih).narrow(0, 0, 1).clone();
     }
     args.input_mean = out.mean_ih.contiguous();
     args.input_var = out.var_ih.contiguous();
@@ -142,10 +144,10 @@ LayerForwardResult layer_forward(
   out.output = at::empty({T, B, H}, x.options());
   out.h = h0.contiguous().clone();
   out.c = c0.contiguous().clone();
-  out.mean_hh = normalize_recurrent ? at::empty({T, G}, x.options()) : empty_g;
-  out.var_hh = normalize_recurrent ? at::empty({T, G}, x.options()) : empty_g;
-  out.mean_c = normalize_cell ? at::empty({T, H}, x.options()) : empty_h;
-  out.var_c = normalize_cell ? at::empty({T, H}, x.options()) : empty_h;
+  out.mean_hh = normalize_recurrent ? at::empty({T, G}, x.options()) : empty_g();
+  out.var_hh = normalize_recurrent ? at::empty({T, G}, x.options()) : empty_g();
+  out.mean_c = normalize_cell ? at::empty({T, H}, x.options()) : empty_h();
+  out.var_c = normalize_cell ? at::empty({T, H}, x.options()) : empty_h();
   const ReserveLayout layout(H, flags);
   if (keep_reserve) out.reserve = at::empty({T, B, layout.width}, x.options());
   recurrent(args, out, flags);
@@ -190,17 +192,17 @@ LayerBackwardResult layer_backward(
   args.reserve = reserve.contiguous();
 
   RecurrentBackwardOutputs out;
-  const at::Tensor empty = at::empty({0}, x.options());
+  const auto empty = [&x] { return at::empty({0}, x.options()); };
   out.grad_h = grad_h_n.contiguous().clone();
   out.grad_c = grad_c_n.contiguous().clone();
   out.grad_gates = at::empty({T, B, G}, x.options());
   out.grad_zh = normalize_recurrent ? at::empty({T, B, G}, x.options()) : out.grad_gates;
   out.grad_wx = step_input ? at::empty({T, B, G}, x.options()) : out.grad_gates;
   out.grad_bias = at::zeros({G}, x.options());
-  out.grad_gamma_ih = normalize_input ? at::zeros({G}, x.options()) : empty;
-  out.grad_gamma_hh = normalize_recurrent ? at::zeros({G}, x.options()) : empty;
-  out.grad_gamma_c = normalize_cell ? at::zeros({H}, x.options()) : empty;
-  out.grad_beta_c = normalize_cell ? at::zeros({H}, x.options()) : empty;
+  out.grad_gamma_ih = normalize_input ? at::zeros({G}, x.options()) : empty();
+  out.grad_gamma_hh = normalize_recurrent ? at::zeros({G}, x.options()) : empty();
+  out.grad_gamma_c = normalize_cell ? at::zeros({H}, x.options()) : empty();
+  out.grad_beta_c = normalize_cell ? at::zeros({H}, x.options()) : empty();
   recurrent(args, out, flags);
 
   at::Tensor grad_wx = out.grad_wx;  // [T, B, 4H]

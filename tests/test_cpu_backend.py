@@ -1,0 +1,243 @@
+"""The fused CPU operators: registration (opcheck), torch.compile, gradcheck in float64,
+float32 accuracy, and what happens when the extension cannot be built."""
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+import bnlstm_cuda
+from bnlstm_cuda import BNLSTM, LayerParams, backends, get_variant
+from bnlstm_cuda.ops import INPUT_STATISTICS, bnlstm_layer_fused, ensure_loaded
+from helpers import make_module, scalar_loss
+
+VARIANTS = ["cooijmans", "laurent_step", "laurent_sequence", "none"]
+
+
+def op_arguments(variant, training, reverse, keep_reserve=True, T=4, B=3, I=2, H=5, S=3, dtype=torch.float64):
+    """Arguments of bnlstm::layer_forward for a small random problem."""
+    v = get_variant(variant)
+    r = lambda *shape: torch.randn(*shape, dtype=dtype)
+    grad = lambda t: t.requires_grad_(keep_reserve)
+    G = 4 * H
+    optional = lambda present, tensor: tensor if present else None
+    S_ih = 1 if v.input_statistics == "sequence" else S
+    running = lambda present, rows, features: (
+        (r(rows, features), torch.rand(rows, features, dtype=dtype) + 0.5) if present and not training else (None, None)
+    )
+    return (
+        grad(r(T, B, I)), grad(r(B, H)), grad(r(B, H)), torch.tensor([T, 2, 1][:B]),
+        grad(r(G, I)), grad(r(G, H)), grad(r(G)),
+        optional(v.input_statistics, grad(r(G))), optional(v.normalize_recurrent, grad(r(G))),
+        optional(v.normalize_cell, grad(r(H))), optional(v.normalize_cell, grad(r(H))),
+        *running(v.input_statistics, S_ih, G), *running(v.normalize_recurrent, S, G),
+        *running(v.normalize_cell, S, H),
+        INPUT_STATISTICS[v.input_statistics], v.normalize_recurrent, v.normalize_cell, training, 1e-5,
+        reverse, keep_reserve,
+    )
+
+
+@pytest.fixture(scope="module", autouse=True)
+def extension():
+    ensure_loaded()
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_opcheck_layer_forward(variant, training):
+    args = op_arguments(variant, training, reverse=training)
+    torch.library.opcheck(torch.ops.bnlstm.layer_forward.default, args)
+    inference = op_arguments(variant, training, reverse=False, keep_reserve=False)
+    torch.library.opcheck(torch.ops.bnlstm.layer_forward.default, inference)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_opcheck_layer_backward(variant, training):
+    args = op_arguments(variant, training, reverse=True)
+    (x, _, _, lengths, weight_ih, weight_hh, _, gamma_ih, gamma_hh, gamma_c, *_rest) = args
+    flags = args[-7:-1]
+    with torch.no_grad():
+        out = torch.ops.bnlstm.layer_forward(*args)
+    output, h_n, c_n, _, var_ih, _, var_hh, _, var_c, reserve = out
+    backward_args = (
+        torch.randn_like(output), torch.randn_like(h_n), torch.randn_like(c_n), x.detach(), lengths,
+        weight_ih.detach(), weight_hh.detach(), *(None if g is None else g.detach() for g in (gamma_ih, gamma_hh, gamma_c)),
+        var_ih, var_hh, var_c, reserve, *flags,
+    )
+    torch.library.opcheck(torch.ops.bnlstm.layer_backward.default, backward_args)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+def test_gradcheck_fused_layer(variant, training, reverse):
+    (x, h0, c0, lengths, *params) = op_arguments(variant, training, reverse)[:11]
+    v = get_variant(variant)
+    running = {}
+    if not training:
+        S = 3
+        for part, features in (("ih", 20), ("hh", 20), ("c", 5)):
+            rows = 1 if part == "ih" and v.input_statistics == "sequence" else S
+            running[part] = (torch.randn(rows, features, dtype=torch.float64), torch.rand(rows, features, dtype=torch.float64) + 0.5)
+    inputs = [t for t in (x, h0, c0, *params) if t is not None]
+    layout = [t is not None for t in params]
+
+    def layer(x, h0, c0, *present):
+        it = iter(present)
+        full = LayerParams(*(next(it) if keep else None for keep in layout))
+        result = bnlstm_layer_fused(x, h0, c0, full, running, variant=v, training=training, eps=1e-5,
+                                    lengths=lengths, reverse=reverse)
+        return result.output, result.h_n, result.c_n
+
+    assert torch.autograd.gradcheck(layer, tuple(inputs))
+
+
+@pytest.mark.parametrize("variant", ["cooijmans", "laurent_sequence"])
+def test_torch_compile_fullgraph_matches_eager(variant):
+    """The ops trace under torch.compile through their fake kernels and autograd formula.
+    aot_eager traces forward and backward exactly as inductor would, without spending
+    minutes compiling C++ for the surrounding graph."""
+    module = make_module(variant, input_size=3, hidden_size=5, num_layers=2, bidirectional=True, backend="cpu")
+    x = torch.randn(6, 3, 3, dtype=torch.float64)
+    lengths = torch.tensor([6, 4, 2])
+
+    def run(module, x):
+        out, (h_n, c_n) = module(x, lengths=lengths)
+        return out, h_n, c_n
+
+    compiled_module = make_module(variant, input_size=3, hidden_size=5, num_layers=2, bidirectional=True, backend="cpu")
+    compiled_module.load_state_dict(module.state_dict())
+    expected = run(module, x)
+    scalar_loss(*expected).backward()
+    compiled = torch.compile(run, backend="aot_eager", fullgraph=True)
+    out = compiled(compiled_module, x)
+    scalar_loss(*out).backward()
+    for got, want in zip(out, expected):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    for (name, p), q in zip(module.named_parameters(), compiled_module.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-10, atol=1e-10, msg=lambda m: f"{name}: {m}")
+    for name, buffer in module.named_buffers():
+        torch.testing.assert_close(getattr(compiled_module, name), buffer, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_float32_against_float64_reference(variant):
+    """Error of the float32 CPU backend against the float64 reference is at most about
+    twice that of the float32 reference (the plain PyTorch computation in float32)."""
+    # The paper's initialisation (gamma 0.1): a well-conditioned problem, where rounding
+    # differences are not amplified by near-zero batch variances.
+    wide = BNLSTM(16, 20, 2, bidirectional=True, max_length=10, variant=variant, backend="reference",
+                  dtype=torch.float64)
+    state = wide.state_dict()
+    narrow = {
+        backend: BNLSTM(16, 20, 2, bidirectional=True, max_length=10, variant=variant, backend=backend)
+        for backend in ("reference", "cpu")
+    }
+    for module in narrow.values():
+        module.load_state_dict({k: v.float() for k, v in state.items()})
+    x = torch.randn(12, 7, 16, dtype=torch.float64)
+    lengths = [12, 3, 7, 12, 1, 9, 10]
+    x32 = x.float().requires_grad_(True)
+    x64 = x.clone().requires_grad_(True)
+    expected = wide(x64, lengths=lengths)[0]
+    expected.pow(2).sum().backward()
+    errors = {}
+    for backend, module in narrow.items():
+        x32.grad = None
+        out = module(x32, lengths=lengths)[0]
+        out.pow(2).sum().backward()
+        errors[backend] = ((out.double() - expected).abs().max().item(), (x32.grad.double() - x64.grad).abs().max().item())
+    for which in (0, 1):
+        assert errors["cpu"][which] <= 2 * errors["reference"][which] + 1e-7, errors
+
+
+def test_half_precision_inputs_are_computed_in_float32():
+    module = BNLSTM(4, 6, max_length=5, backend="cpu").to(torch.bfloat16)
+    reference = BNLSTM(4, 6, max_length=5, backend="reference").to(torch.bfloat16)
+    reference.load_state_dict(module.state_dict())
+    x = torch.randn(5, 3, 4).to(torch.bfloat16)
+    out = module(x)[0]
+    assert out.dtype == torch.bfloat16
+    # Both compute in float32 and round once: at most one bfloat16 ulp apart.
+    torch.testing.assert_close(out, reference(x)[0], rtol=1e-2, atol=1e-2)
+    for name, buffer in module.named_buffers():
+        torch.testing.assert_close(buffer, getattr(reference, name), rtol=1e-5, atol=1e-6)
+
+
+def test_op_boundary_checks_name_the_argument():
+    args = list(op_arguments("cooijmans", True, False))
+    args[3] = args[3].int()
+    with pytest.raises(RuntimeError, match=r"lengths must be int64 \[3\]"):
+        torch.ops.bnlstm.layer_forward(*args)
+    args = list(op_arguments("cooijmans", True, False))
+    args[1] = torch.randn(2, 5, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match=r"h0 must have shape \[3, 5\], got \[2, 5\]"):
+        torch.ops.bnlstm.layer_forward(*args)
+    args = list(op_arguments("cooijmans", False, False))
+    args[13] = None  # running_mean_hh in evaluation
+    with pytest.raises(RuntimeError, match="running_mean_hh is required in evaluation"):
+        torch.ops.bnlstm.layer_forward(*args)
+
+
+def test_backward_without_reserve_says_why():
+    args = op_arguments("cooijmans", True, False, keep_reserve=False)
+    x = args[0].requires_grad_(True)
+    out = torch.ops.bnlstm.layer_forward(*args)[0]
+    with pytest.raises(RuntimeError, match="keep_reserve=False"):
+        out.sum().backward()
+
+
+def test_auto_falls_back_to_the_reference_with_one_warning(monkeypatch):
+    monkeypatch.setattr(backends, "_cpu_problem", lambda: "no C++ compiler: `c++` is not on PATH")
+    monkeypatch.setattr(backends, "_fallback_warned", False)
+    with pytest.warns(UserWarning, match="slow reference implementation; no C\\+\\+ compiler"):
+        assert backends.resolve_backend("auto", torch.device("cpu")) is bnlstm_cuda.bnlstm_layer_reference
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        backends.resolve_backend("auto", torch.device("cpu"))  # the second time is silent
+    with pytest.raises(RuntimeError, match='backend="cpu" is unavailable: no C\\+\\+ compiler'):
+        backends.resolve_backend("cpu", torch.device("cpu"))
+    assert backends.available_backends("cpu") == ("reference",)
+
+
+def test_cpu_backend_refuses_other_devices():
+    with pytest.raises(ValueError, match='backend="cpu" runs on CPU tensors; the input is on meta'):
+        backends.resolve_backend("cpu", torch.device("meta"))
+
+
+def test_missing_compiler_is_reported(monkeypatch):
+    from bnlstm_cuda import build
+
+    monkeypatch.setenv("CXX", "no-such-compiler-bnlstm")
+    assert "no C++ compiler: `no-such-compiler-bnlstm` is not on PATH" in build.missing_tools()
+
+
+def test_concurrent_first_use_builds_once(tmp_path):
+    """Two processes that load the extension at once into an empty cache: one compiles, the
+    other waits on the lock and reuses the build."""
+    script = textwrap.dedent(
+        """
+        import torch
+        from bnlstm_cuda import BNLSTM
+        out, _ = BNLSTM(3, 4, backend="cpu")(torch.randn(5, 2, 3))
+        print("shape", tuple(out.shape))
+        """
+    )
+    env = dict(os.environ, BNLSTM_CACHE_DIR=str(tmp_path), PYTHONPATH=str(Path(bnlstm_cuda.__file__).parents[1]))
+    processes = [
+        subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
+    results = [p.communicate(timeout=900) for p in processes]
+    for process, (stdout, stderr) in zip(processes, results):
+        assert process.returncode == 0, stderr
+        assert "shape (5, 2, 4)" in stdout
+    messages = sum(stderr.count("compiling the CPU extension") for _, stderr in results)
+    assert messages == 1, [stderr for _, stderr in results]
+    assert len(list(tmp_path.glob("cpu-*/bnlstm_cpu.so"))) == 1
