@@ -92,13 +92,25 @@ def missing_tools() -> Optional[str]:
 
 
 def _load_prebuilt() -> bool:
-    """Load the library that `pip install` built into the package, if there is one."""
+    """Load the library that `pip install` built into the package, if there is one and the
+    sources next to it are the ones it was built from (an edited checkout rebuilds)."""
     import torch
 
     for path in PACKAGE_DIR.glob(f"{PREBUILT_NAME}*.so"):
+        stamp = path.with_suffix(".key")
+        if stamp.is_file() and stamp.read_text().strip() != source_key():
+            print(f"bnlstm_cuda: ignoring {path.name}: built from other sources", file=sys.stderr)
+            return False
         torch.ops.load_library(str(path))
         return True
     return False
+
+
+def source_key(src: Optional[Path] = None) -> str:
+    """Key of the C++ sources, the compiler flags and the torch version: the build cache's
+    directory name, and the stamp setup.py writes next to a library it builds."""
+    src = src or source_dir()
+    return _build_key([src / name for name in CPU_SOURCES + HEADERS], cpu_cflags())
 
 
 def load_cpu_extension(verbose: Optional[bool] = None) -> Path:
@@ -116,7 +128,7 @@ def load_cpu_extension(verbose: Optional[bool] = None) -> Path:
     src = source_dir()
     sources = [src / name for name in CPU_SOURCES]
     flags = cpu_cflags()
-    build_dir = cache_dir() / f"cpu-{_build_key(sources + [src / h for h in HEADERS], flags)}"
+    build_dir = cache_dir() / f"cpu-{source_key(src)}"
     build_dir.mkdir(parents=True, exist_ok=True)
     library = build_dir / "bnlstm_cpu.so"
     with open(build_dir / ".lock", "w") as lock:

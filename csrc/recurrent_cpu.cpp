@@ -2,14 +2,15 @@
 // one fused pass that takes the batch statistics, normalizes, applies the gates, updates
 // and normalizes the cell and writes h (../shared/PAPER.md):
 //
-//   gates_t = input_gates_t + BN(W_hh h_{t-1}; gamma_hh, 0)          input_gates = BN(W_ih x) + b
+//   gates_t = BN(W_ih x_t; gamma_ih, 0) + BN(W_hh h_{t-1}; gamma_hh, 0) + bias
 //   c_t = sigmoid(f) * c_{t-1} + sigmoid(i) * tanh(g)
 //   h_t = sigmoid(o) * tanh(BN(c_t; gamma_c, beta_c))
 //
-// The fused pass is parallel over hidden units: a task owns hidden units [j0, j1) with
-// their four gate columns and the whole batch, so every batch statistic it needs is a
-// reduction over rows it holds. Inner loops run along hidden units, which are contiguous,
-// with at::vec (AVX2 when built for it).
+// W_ih x_t comes from one GEMM over all steps (layer.cpp). The fused pass is parallel over
+// hidden units: a task owns hidden units [j0, j1) with their four gate columns and the
+// whole batch, so every batch statistic it needs is a reduction over rows it holds. Inner
+// loops run along hidden units, which are contiguous, with at::vec (AVX2 when built for it).
+// The backward pass mirrors it, one fused pass per step plus the GEMM for dh_{t-1}.
 #include "bnlstm.h"
 
 #include <ATen/Parallel.h>
