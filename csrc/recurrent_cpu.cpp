@@ -36,13 +36,15 @@ inline Vec<T> sigmoid(const Vec<T>& x) {
   return one / (one + x.neg().exp());
 }
 
-// Calls body(offset, count) over [0, size) in vector-sized pieces; the last may be short.
+// Calls body(offset, count) over [0, size) in vector-sized pieces. Full pieces get count
+// as a compile-time constant, so loadu/store compile to plain vector moves; only the last
+// piece may be short.
 template <typename T, typename Body>
 inline void for_each_vec(int64_t size, const Body& body) {
   constexpr int64_t width = Vec<T>::size();
-  for (int64_t offset = 0; offset < size; offset += width) {
-    body(offset, std::min(width, size - offset));
-  }
+  int64_t offset = 0;
+  for (; offset + width <= size; offset += width) body(offset, std::integral_constant<int64_t, width>());
+  if (offset < size) body(offset, size - offset);
 }
 
 // Mean and biased variance over the active rows of z[b * stride + 0 .. size).
@@ -50,33 +52,52 @@ inline void for_each_vec(int64_t size, const Body& body) {
 template <typename T>
 void masked_moments(const T* z, int64_t stride, int64_t batch, const bool* active, int64_t count,
                     int64_t size, T* mean, T* var) {
+  // Row by row, so each pass streams through memory (a column walk over rows 16 KB apart
+  // would thrash the L1 sets); the sums live in mean and var.
   const Vec<T> inv_count(T(1) / T(std::max<int64_t>(count, 1)));
-  for_each_vec<T>(size, [&](int64_t j, int64_t n) {
-    Vec<T> sum(T(0));
-    for (int64_t b = 0; b < batch; ++b) {
-      if (active[b]) sum = sum + Vec<T>::loadu(z + b * stride + j, n);
-    }
-    const Vec<T> mu = sum * inv_count;
-    Vec<T> sq(T(0));
-    for (int64_t b = 0; b < batch; ++b) {
-      if (active[b]) {
-        const Vec<T> d = Vec<T>::loadu(z + b * stride + j, n) - mu;
-        sq = sq + d * d;
-      }
-    }
-    mu.store(mean + j, n);
-    (sq * inv_count).store(var + j, n);
-  });
+  std::fill_n(mean, size, T(0));
+  std::fill_n(var, size, T(0));
+  for (int64_t b = 0; b < batch; ++b) {
+    if (!active[b]) continue;
+    for_each_vec<T>(size, [&](int64_t j, auto n) {
+      (Vec<T>::loadu(mean + j, n) + Vec<T>::loadu(z + b * stride + j, n)).store(mean + j, n);
+    });
+  }
+  for_each_vec<T>(size, [&](int64_t j, auto n) { (Vec<T>::loadu(mean + j, n) * inv_count).store(mean + j, n); });
+  for (int64_t b = 0; b < batch; ++b) {
+    if (!active[b]) continue;
+    for_each_vec<T>(size, [&](int64_t j, auto n) {
+      const Vec<T> d = Vec<T>::loadu(z + b * stride + j, n) - Vec<T>::loadu(mean + j, n);
+      at::vec::fmadd(d, d, Vec<T>::loadu(var + j, n)).store(var + j, n);
+    });
+  }
+  for_each_vec<T>(size, [&](int64_t j, auto n) { (Vec<T>::loadu(var + j, n) * inv_count).store(var + j, n); });
 }
 
-// tanh(x) = expm1(2x) / (expm1(2x) + 2): one Sleef expm1, a fraction of the cost of
-// Sleef's tanh, with a few ulp of relative error (1 - 2 / (exp(2x) + 1) loses the relative
-// accuracy near 0). |x| is clamped where tanh is +-1 in T, so expm1 cannot overflow.
+// tanh for the step kernels. Sleef's tanh costs several Sleef exps; in float32 a cheaper
+// form keeps a few ulp of relative error: Cephes' odd polynomial below |x| = 0.625, and
+// 1 - 2 / (exp(2|x|) + 1) with the sign of x above (no cancellation there, tanh > 0.55).
+// float64 keeps Sleef's tanh: it is the precision tests run in, not the one timed.
 template <typename T>
 inline Vec<T> fast_tanh(const Vec<T>& x) {
-  const Vec<T> limit(std::is_same<T, float>::value ? T(10) : T(20));
-  const Vec<T> e = at::vec::clamp(x + x, -(limit + limit), limit + limit).expm1();
-  return e / (e + Vec<T>(T(2)));
+  return x.tanh();
+}
+
+template <>
+inline Vec<float> fast_tanh(const Vec<float>& x) {
+  using V = Vec<float>;
+  const V one(1.0f), two(2.0f);
+  const V z = x * x;
+  V p(-5.70498872745e-3f);
+  p = at::vec::fmadd(p, z, V(2.06390887954e-2f));
+  p = at::vec::fmadd(p, z, V(-5.37397155531e-2f));
+  p = at::vec::fmadd(p, z, V(1.33314422036e-1f));
+  p = at::vec::fmadd(p, z, V(-3.33332819422e-1f));
+  const V small = at::vec::fmadd(p * z, x, x);
+  const V magnitude = x.abs();
+  const V large = one - two / ((magnitude + magnitude).exp() + one);
+  const V signed_large = V::blendv(large, V(0.0f) - large, x < V(0.0f));
+  return V::blendv(signed_large, small, magnitude < V(0.625f));
 }
 
 template <typename T>
@@ -122,7 +143,7 @@ struct ColumnStats {
       std::copy_n(m, size, used_mean);
       std::copy_n(r, size, used_var);
     }
-    for_each_vec<T>(size, [&](int64_t j, int64_t n) {
+    for_each_vec<T>(size, [&](int64_t j, auto n) {
       const Vec<T> inv = (Vec<T>::loadu(r + j, n) + Vec<T>(eps)).rsqrt();
       inv.store(r + j, n);
       (inv * Vec<T>::loadu(gamma + j, n)).store(scale.data() + offset + j, n);
@@ -156,7 +177,7 @@ class RecurrentForwardCPU {
     const bool normalize_input = flags_.input_statistics != kInputNone;
     const bool given_input = normalize_input && !(flags_.training && flags_.input_statistics == kInputStep);
     ColumnStats<T> in(4 * J), rec(4 * J);
-    std::vector<T> bias(4 * J, T(0));
+    std::vector<T> shift(4 * J, T(0));
     for (int64_t g = 0; g < 4; ++g) {
       const int64_t k0 = g * H + j0;
       if (normalize_input) {
@@ -172,28 +193,40 @@ class RecurrentForwardCPU {
                            flags_.training ? nullptr : running_var_hh_ + row, gamma_hh_ + k0, eps, g * J, J,
                            s.mean_hh + k0, s.var_hh + k0);
       }
-      if (bias_ != nullptr) std::copy_n(bias_ + k0, J, bias.data() + g * J);
+      if (bias_ != nullptr) std::copy_n(bias_ + k0, J, shift.data() + g * J);
     }
+    // gates = BN(W_ih x) + BN(W_hh h) + bias = W_ih x * scale_in + W_hh h * scale_rec + shift,
+    // scale = gamma * rstd, shift = bias - mean_in * scale_in - mean_rec * scale_rec: two FMAs
+    // a gate. (Rounding of the shift is of the order of W_ih x's own GEMM rounding.)
+    for_each_vec<T>(4 * J, [&](int64_t u, auto n) {
+      Vec<T> value = Vec<T>::loadu(shift.data() + u, n);
+      value = value - Vec<T>::loadu(in.mean.data() + u, n) * Vec<T>::loadu(in.scale.data() + u, n);
+      value = value - Vec<T>::loadu(rec.mean.data() + u, n) * Vec<T>::loadu(rec.scale.data() + u, n);
+      value.store(shift.data() + u, n);
+    });
 
     // Gates and the new cell for every row (padded rows too: their values stay finite and
     // the backward pass multiplies them by zero).
     std::vector<T> c_new(B * J), out_gate(kKeep ? 0 : B * J);
     for (int64_t b = 0; b < B; ++b) {
       T* rs = kKeep ? s.reserve + b * W : nullptr;
-      for_each_vec<T>(J, [&](int64_t j, int64_t n) {
+      for_each_vec<T>(J, [&](int64_t j, auto n) {
         Vec<T> pre[4];
         for (int64_t g = 0; g < 4; ++g) {
           const int64_t k = g * H + j0 + j, u = g * J + j;
-          // gates = BN(W_ih x) + BN(W_hh h) + bias, each BN as (z - mean) * gamma * rstd.
-          const Vec<T> x_centred = Vec<T>::loadu(s.wx + b * G + k, n) - Vec<T>::loadu(in.mean.data() + u, n);
-          const Vec<T> h_centred = Vec<T>::loadu(s.zh + b * G + k, n) - Vec<T>::loadu(rec.mean.data() + u, n);
-          if (kKeep && normalize_input)
-            (x_centred * Vec<T>::loadu(in.rstd.data() + u, n)).store(rs + layout_.xhat + k, n);
-          if (kKeep && flags_.normalize_recurrent)
-            (h_centred * Vec<T>::loadu(rec.rstd.data() + u, n)).store(rs + layout_.zhat + k, n);
-          pre[g] = at::vec::fmadd(x_centred, Vec<T>::loadu(in.scale.data() + u, n),
-                                  at::vec::fmadd(h_centred, Vec<T>::loadu(rec.scale.data() + u, n),
-                                                 Vec<T>::loadu(bias.data() + u, n)));
+          const Vec<T> wx = Vec<T>::loadu(s.wx + b * G + k, n);
+          const Vec<T> zh = Vec<T>::loadu(s.zh + b * G + k, n);
+          if (kKeep && normalize_input) {
+            const Vec<T> xhat = (wx - Vec<T>::loadu(in.mean.data() + u, n)) * Vec<T>::loadu(in.rstd.data() + u, n);
+            xhat.store(rs + layout_.xhat + k, n);
+          }
+          if (kKeep && flags_.normalize_recurrent) {
+            const Vec<T> zhat = (zh - Vec<T>::loadu(rec.mean.data() + u, n)) * Vec<T>::loadu(rec.rstd.data() + u, n);
+            zhat.store(rs + layout_.zhat + k, n);
+          }
+          pre[g] = at::vec::fmadd(wx, Vec<T>::loadu(in.scale.data() + u, n),
+                                  at::vec::fmadd(zh, Vec<T>::loadu(rec.scale.data() + u, n),
+                                                 Vec<T>::loadu(shift.data() + u, n)));
         }
         const Vec<T> i = sigmoid(pre[0]), f = sigmoid(pre[1]), g = fast_tanh(pre[2]), o = sigmoid(pre[3]);
         const Vec<T> c_prev = Vec<T>::loadu(s.c + b * H + j0 + j, n);
@@ -213,24 +246,29 @@ class RecurrentForwardCPU {
 
     // Cell statistics over the active rows, then h.
     ColumnStats<T> cell(J);
-    std::vector<T> beta(J, T(0));
+    std::vector<T> cell_shift(J, T(0));  // beta_c - mean * scale
     if (flags_.normalize_cell) {
       const int64_t row = std::min(s.step, slots_c_ - 1) * H + j0;
       cell.normalize_with(c_new.data(), J, B, s.active, s.count,
                           flags_.training ? nullptr : running_mean_c_ + row,
                           flags_.training ? nullptr : running_var_c_ + row, gamma_c_ + j0, eps, 0, J,
                           s.mean_c + j0, s.var_c + j0);
-      std::copy_n(beta_c_ + j0, J, beta.data());
+      for_each_vec<T>(J, [&](int64_t j, auto n) {
+        const Vec<T> value = Vec<T>::loadu(beta_c_ + j0 + j, n) -
+                             Vec<T>::loadu(cell.mean.data() + j, n) * Vec<T>::loadu(cell.scale.data() + j, n);
+        value.store(cell_shift.data() + j, n);
+      });
     }
     for (int64_t b = 0; b < B; ++b) {
       T* rs = kKeep ? s.reserve + b * W : nullptr;
       const bool active = s.active[b];
-      for_each_vec<T>(J, [&](int64_t j, int64_t n) {
+      for_each_vec<T>(J, [&](int64_t j, auto n) {
         const Vec<T> value = Vec<T>::loadu(c_new.data() + b * J + j, n);
-        const Vec<T> centred = value - Vec<T>::loadu(cell.mean.data() + j, n);
-        if (kKeep && flags_.normalize_cell)
-          (centred * Vec<T>::loadu(cell.rstd.data() + j, n)).store(rs + layout_.c_hat + j0 + j, n);
-        const Vec<T> seen = at::vec::fmadd(centred, Vec<T>::loadu(cell.scale.data() + j, n), Vec<T>::loadu(beta.data() + j, n));
+        if (kKeep && flags_.normalize_cell) {
+          const Vec<T> c_hat = (value - Vec<T>::loadu(cell.mean.data() + j, n)) * Vec<T>::loadu(cell.rstd.data() + j, n);
+          c_hat.store(rs + layout_.c_hat + j0 + j, n);
+        }
+        const Vec<T> seen = at::vec::fmadd(value, Vec<T>::loadu(cell.scale.data() + j, n), Vec<T>::loadu(cell_shift.data() + j, n));
         const Vec<T> tanh_c = fast_tanh(seen);
         if (kKeep) tanh_c.store(rs + layout_.tanh_c + j0 + j, n);
         const Vec<T> o = kKeep ? Vec<T>::loadu(rs + layout_.gates + 3 * H + j0 + j, n)
@@ -352,7 +390,7 @@ void batch_norm_backward_rows(const T* dy, int64_t dy_stride, const T* xhat, int
                               int64_t size, T* dx, int64_t dx_stride) {
   const Vec<T> inv_count(T(1) / T(std::max<int64_t>(count, 1)));
   std::vector<T> scale(size);
-  for_each_vec<T>(size, [&](int64_t j, int64_t n) {
+  for_each_vec<T>(size, [&](int64_t j, auto n) {
     const Vec<T> rstd = (Vec<T>::loadu(var + j, n) + Vec<T>(eps)).rsqrt();
     (rstd * Vec<T>::loadu(gamma + j, n)).store(scale.data() + j, n);
   });
@@ -361,7 +399,7 @@ void batch_norm_backward_rows(const T* dy, int64_t dy_stride, const T* xhat, int
       std::fill_n(dx + b * dx_stride, size, T(0));
       continue;
     }
-    for_each_vec<T>(size, [&](int64_t j, int64_t n) {
+    for_each_vec<T>(size, [&](int64_t j, auto n) {
       Vec<T> grad = Vec<T>::loadu(dy + b * dy_stride + j, n);
       if (training) {
         grad = grad - Vec<T>::loadu(sums.dy.data() + j, n) * inv_count -
@@ -377,7 +415,7 @@ template <typename T>
 void accumulate_column_sums(const T* dy, int64_t dy_stride, const T* xhat, int64_t xhat_stride,
                             int64_t batch, int64_t size, T* sum_dy, T* sum_dy_xhat) {
   for (int64_t b = 0; b < batch; ++b) {
-    for_each_vec<T>(size, [&](int64_t j, int64_t n) {
+    for_each_vec<T>(size, [&](int64_t j, auto n) {
       const Vec<T> grad = Vec<T>::loadu(dy + b * dy_stride + j, n);
       (Vec<T>::loadu(sum_dy + j, n) + grad).store(sum_dy + j, n);
       if (xhat != nullptr) {
@@ -391,7 +429,7 @@ void accumulate_column_sums(const T* dy, int64_t dy_stride, const T* xhat, int64
 // Adds src[0, size) into dst.
 template <typename T>
 void add_into(T* dst, const T* src, int64_t size) {
-  for_each_vec<T>(size, [&](int64_t j, int64_t n) {
+  for_each_vec<T>(size, [&](int64_t j, auto n) {
     (Vec<T>::loadu(dst + j, n) + Vec<T>::loadu(src + j, n)).store(dst + j, n);
   });
 }
@@ -419,7 +457,7 @@ class RecurrentBackwardCPU {
     for (int64_t b = 0; b < B; ++b) {
       const T* rs = s.reserve + b * W;
       const bool active = s.active[b];
-      for_each_vec<T>(J, [&](int64_t j, int64_t n) {
+      for_each_vec<T>(J, [&](int64_t j, auto n) {
         const int64_t u = j0 + j;
         const Vec<T> grad_h_new =
             active ? Vec<T>::loadu(s.grad_output + b * H + u, n) + Vec<T>::loadu(s.grad_h + b * H + u, n) : zero;
@@ -450,7 +488,7 @@ class RecurrentBackwardCPU {
     for (int64_t b = 0; b < B; ++b) {
       const T* rs = s.reserve + b * W;
       const bool active = s.active[b];
-      for_each_vec<T>(J, [&](int64_t j, int64_t n) {
+      for_each_vec<T>(J, [&](int64_t j, auto n) {
         const int64_t u = j0 + j;
         const Vec<T> dc = active ? Vec<T>::loadu(grad_cell.data() + b * J + j, n) + Vec<T>::loadu(s.grad_c + b * H + u, n)
                                  : zero;
