@@ -26,15 +26,9 @@ _registered = False
 _failure: Optional[Exception] = None  # a failed build is not retried on every call
 
 
-def reserve_width(hidden: int, normalize_input: bool, normalize_recurrent: bool, normalize_cell: bool) -> int:
+def reserve_width(hidden: int, normalize_recurrent: bool) -> int:
     """Columns of the reserve the forward op keeps per (t, b): csrc/bnlstm.h, ReserveLayout."""
-    return (
-        (4 * hidden if normalize_input else 0)
-        + (4 * hidden if normalize_recurrent else 0)
-        + 4 * hidden  # gates
-        + 3 * hidden  # h_prev, c_prev, tanh_c
-        + (hidden if normalize_cell else 0)
-    )
+    return (4 * hidden if normalize_recurrent else 0) + 4 * hidden + hidden  # zhat, gates, c_new
 
 
 def ensure_loaded() -> None:
@@ -77,21 +71,22 @@ def _layer_forward_fake(x, h0, c0, lengths, weight_ih, weight_hh, bias, gamma_ih
     input_rows = {0: 0, 1: steps, 2: 1}[input_statistics]
     recurrent_rows = steps if normalize_recurrent else 0
     cell_rows = steps if normalize_cell else 0
-    width = reserve_width(hidden, input_statistics != 0, normalize_recurrent, normalize_cell)
-    reserve_shape = (steps, batch, width) if keep_reserve else (0,)
+    projection_shape = (steps, batch, gates) if keep_reserve and input_statistics else (0,)
+    reserve_shape = (steps, batch, reserve_width(hidden, normalize_recurrent)) if keep_reserve else (0,)
     new = x.new_empty
     return (
         new(steps, batch, hidden), new(batch, hidden), new(batch, hidden),
         new(input_rows, gates), new(input_rows, gates),
         new(recurrent_rows, gates), new(recurrent_rows, gates),
         new(cell_rows, hidden), new(cell_rows, hidden),
-        new(reserve_shape),
+        new(projection_shape), new(reserve_shape),
     )
 
 
-def _layer_backward_fake(grad_output, grad_h_n, grad_c_n, x, lengths, weight_ih, weight_hh, gamma_ih,
-                         gamma_hh, gamma_c, var_ih, var_hh, var_c, reserve, input_statistics,
-                         normalize_recurrent, normalize_cell, training, eps, reverse):
+def _layer_backward_fake(grad_output, grad_h_n, grad_c_n, x, lengths, h0, c0, output, weight_ih,
+                         weight_hh, gamma_ih, gamma_hh, gamma_c, beta_c, mean_ih, var_ih, var_hh, mean_c,
+                         var_c, projection, reserve, input_statistics, normalize_recurrent,
+                         normalize_cell, training, eps, reverse):
     hidden = weight_hh.shape[1]
     new = x.new_empty
     sized = lambda condition, size: new(size) if condition else new(0)
@@ -104,19 +99,18 @@ def _layer_backward_fake(grad_output, grad_h_n, grad_c_n, x, lengths, weight_ih,
 
 
 def _setup_context(ctx, inputs, output):
-    (x, _h0, _c0, lengths, weight_ih, weight_hh, bias, gamma_ih, gamma_hh, gamma_c, beta_c,
+    (x, h0, c0, lengths, weight_ih, weight_hh, bias, gamma_ih, gamma_hh, gamma_c, beta_c,
      *_running, input_statistics, normalize_recurrent, normalize_cell, training, eps, reverse,
      keep_reserve) = inputs
-    _, _, _, _mean_ih, var_ih, _mean_hh, var_hh, _mean_c, var_c, reserve = output
+    out, _, _, mean_ih, var_ih, _mean_hh, var_hh, mean_c, var_c, projection, reserve = output
     ctx.mark_non_differentiable(*output[3:])
     # No zero gradients for the statistics and the (large) reserve: they are not used.
     ctx.set_materialize_grads(False)
     ctx.keep_reserve = keep_reserve
     ctx.flags = (input_statistics, normalize_recurrent, normalize_cell, training, eps, reverse)
     ctx.has_bias = bias is not None
-    ctx.has_beta = beta_c is not None
-    ctx.save_for_backward(x, lengths, weight_ih, weight_hh, gamma_ih, gamma_hh, gamma_c,
-                          var_ih, var_hh, var_c, reserve)
+    ctx.save_for_backward(x, lengths, h0, c0, out, weight_ih, weight_hh, gamma_ih, gamma_hh, gamma_c,
+                          beta_c, mean_ih, var_ih, var_hh, mean_c, var_c, projection, reserve)
 
 
 def _layer_backward_formula(ctx, grad_output, grad_h_n, grad_c_n, *_grad_statistics):
@@ -125,8 +119,9 @@ def _layer_backward_formula(ctx, grad_output, grad_h_n, grad_c_n, *_grad_statist
             "bnlstm::layer_forward ran with keep_reserve=False (inference), so it kept nothing "
             "for the backward pass; call it with keep_reserve=True to differentiate"
         )
-    (x, lengths, weight_ih, weight_hh, gamma_ih, gamma_hh, gamma_c,
-     var_ih, var_hh, var_c, reserve) = ctx.saved_tensors
+    saved = ctx.saved_tensors
+    (x, _lengths, _h0, _c0, _output, _weight_ih, weight_hh, gamma_ih, gamma_hh, gamma_c, beta_c,
+     *_statistics_and_reserve) = saved
     batch, hidden = x.shape[1], weight_hh.shape[1]
     zeros = lambda *shape: x.new_zeros(shape)
     grad_output = zeros(*x.shape[:2], hidden) if grad_output is None else grad_output
@@ -134,15 +129,14 @@ def _layer_backward_formula(ctx, grad_output, grad_h_n, grad_c_n, *_grad_statist
     grad_c_n = zeros(batch, hidden) if grad_c_n is None else grad_c_n
     (grad_x, grad_h0, grad_c0, grad_weight_ih, grad_weight_hh, grad_bias, grad_gamma_ih,
      grad_gamma_hh, grad_gamma_c, grad_beta_c) = torch.ops.bnlstm.layer_backward(
-        grad_output, grad_h_n, grad_c_n, x, lengths, weight_ih, weight_hh, gamma_ih, gamma_hh,
-        gamma_c, var_ih, var_hh, var_c, reserve, *ctx.flags,
+        grad_output, grad_h_n, grad_c_n, *saved, *ctx.flags,
     )
     present = lambda tensor, grad: grad if tensor is not None else None
     return (
         grad_x, grad_h0, grad_c0, None, grad_weight_ih, grad_weight_hh,
         grad_bias if ctx.has_bias else None,
         present(gamma_ih, grad_gamma_ih), present(gamma_hh, grad_gamma_hh),
-        present(gamma_c, grad_gamma_c), grad_beta_c if ctx.has_beta else None,
+        present(gamma_c, grad_gamma_c), present(beta_c, grad_beta_c),
         None, None, None, None, None, None,  # running statistics
         None, None, None, None, None, None, None,  # flags
     )
@@ -177,7 +171,7 @@ def bnlstm_layer_fused(
     running_ih = running.get("ih", no_stats) if not training else no_stats
     running_hh = running.get("hh", no_stats) if not training else no_stats
     running_c = running.get("c", no_stats) if not training else no_stats
-    (output, h_n, c_n, mean_ih, var_ih, mean_hh, var_hh, mean_c, var_c, _reserve) = (
+    (output, h_n, c_n, mean_ih, var_ih, mean_hh, var_hh, mean_c, var_c, _projection, _reserve) = (
         torch.ops.bnlstm.layer_forward(
             x, h0, c0, lengths, *params, *running_ih, *running_hh, *running_c,
             INPUT_STATISTICS[variant.input_statistics], variant.normalize_recurrent,

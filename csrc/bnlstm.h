@@ -28,27 +28,23 @@ struct LayerFlags {
 };
 
 // Per-step values the backward pass reads, stored row by row in reserve [T, B, width].
-// A slice exists only when the flags need it. bnlstm_cuda/ops.py mirrors the width.
+// Memory bandwidth, not arithmetic, is what a stored value costs, so the reserve keeps only
+// what cannot be had cheaply: W_ih x_t is kept whole by the host (the input GEMM wrote it
+// anyway), h_{t-1} is the previous step's output, c_{t-1} the previous step's c_new, and
+// the normalized cell and its tanh are recomputed from c_new and the step's statistics.
+// bnlstm_cuda/ops.py mirrors the width.
 struct ReserveLayout {
-  int64_t xhat;   // [4H] (W_ih x_t - mean) * rstd, if the input is normalized
   int64_t zhat;   // [4H] (W_hh h_{t-1} - mean) * rstd, if normalize_recurrent
   int64_t gates;  // [4H] activated gates i, f, g, o
-  int64_t h_prev; // [H]  h_{t-1} as seen by step t
-  int64_t c_prev; // [H]  c_{t-1}
-  int64_t c_hat;  // [H]  (c_t - mean) * rstd, if normalize_cell
-  int64_t tanh_c; // [H]  tanh of the cell copy that feeds h_t
+  int64_t c_new;  // [H]  c_t as computed at step t (the state where the step is active)
   int64_t width;
 
   ReserveLayout(int64_t hidden, const LayerFlags& flags) {
     int64_t offset = 0;
     auto take = [&offset](int64_t size) { int64_t at = offset; offset += size; return at; };
-    xhat = flags.input_statistics != kInputNone ? take(4 * hidden) : -1;
     zhat = flags.normalize_recurrent ? take(4 * hidden) : -1;
     gates = take(4 * hidden);
-    h_prev = take(hidden);
-    c_prev = take(hidden);
-    c_hat = flags.normalize_cell ? take(hidden) : -1;
-    tanh_c = take(hidden);
+    c_new = take(hidden);
     width = offset;
   }
 };
@@ -83,13 +79,16 @@ struct RecurrentForwardOutputs {
   at::Tensor reserve;          // [T, B, width] or undefined (inference)
 };
 
-struct RecurrentBackwardArgs {
+struct RecurrentBackwardArgs {  // see ReserveLayout for what the backward pass recomputes
   at::Tensor grad_output;  // [T, B, H] in processing order
   at::Tensor active, counts, weight_hh;
-  at::Tensor gamma_ih, gamma_hh, gamma_c;  // or undefined
-  at::Tensor var_ih;         // [T, 4H] statistics used in the forward pass, if step-wise input
-  at::Tensor var_hh, var_c;  // [T, 4H], [T, H], if normalized
-  at::Tensor reserve;        // [T, B, width]
+  at::Tensor c0;             // [B, H] initial cell state
+  at::Tensor projection;     // [T, B, 4H] W_ih x_t as in the forward pass, if the input is normalized
+  at::Tensor gamma_ih, gamma_hh, gamma_c, beta_c;  // or undefined
+  at::Tensor mean_ih, var_ih;  // [T | 1, 4H] statistics used in the forward pass, if normalized
+  at::Tensor var_hh;           // [T, 4H], if normalize_recurrent
+  at::Tensor mean_c, var_c;    // [T, H], if normalize_cell
+  at::Tensor reserve;          // [T, B, width]
 };
 
 // Outputs of the backward recurrence; accumulators start at zero.

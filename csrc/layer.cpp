@@ -154,17 +154,20 @@ LayerForwardResult layer_forward(
 
   at::Tensor output = reverse ? reverse_padded(out.output, lengths) : out.output;
   at::Tensor reserve = keep_reserve ? out.reserve : at::empty({0}, x.options());
-  return {output, out.h, out.c, out.mean_ih, out.var_ih, out.mean_hh, out.var_hh, out.mean_c, out.var_c, reserve};
+  // The backward pass recomputes the normalized input from the projection.
+  at::Tensor projection = keep_reserve && normalize_input ? args.input_projection : at::empty({0}, x.options());
+  return {output, out.h, out.c, out.mean_ih, out.var_ih, out.mean_hh, out.var_hh, out.mean_c, out.var_c,
+          projection, reserve};
 }
 
 LayerBackwardResult layer_backward(
     RecurrentBackwardFn recurrent, const at::Tensor& grad_output, const at::Tensor& grad_h_n,
-    const at::Tensor& grad_c_n, const at::Tensor& x, const at::Tensor& lengths,
-    const at::Tensor& weight_ih, const at::Tensor& weight_hh, const c10::optional<at::Tensor>& gamma_ih,
-    const c10::optional<at::Tensor>& gamma_hh, const c10::optional<at::Tensor>& gamma_c,
-    const at::Tensor& var_ih, const at::Tensor& var_hh, const at::Tensor& var_c, const at::Tensor& reserve,
-    int64_t input_statistics, bool normalize_recurrent, bool normalize_cell,
-    bool training, double eps, bool reverse) {
+    const at::Tensor& grad_c_n, const at::Tensor& x, const at::Tensor& lengths, const at::Tensor& h0,
+    const at::Tensor& c0, const at::Tensor& output, const at::Tensor& weight_ih, const at::Tensor& weight_hh,
+    const OptTensor& gamma_ih, const OptTensor& gamma_hh, const OptTensor& gamma_c, const OptTensor& beta_c,
+    const at::Tensor& mean_ih, const at::Tensor& var_ih, const at::Tensor& var_hh, const at::Tensor& mean_c,
+    const at::Tensor& var_c, const at::Tensor& projection, const at::Tensor& reserve, int64_t input_statistics,
+    bool normalize_recurrent, bool normalize_cell, bool training, double eps, bool reverse) {
   const int64_t T = x.size(0), B = x.size(1), I = x.size(2), H = weight_hh.size(-1), G = 4 * H;
   const LayerFlags flags{input_statistics, normalize_recurrent, normalize_cell, training, eps};
   const bool normalize_input = input_statistics != kInputNone;
@@ -175,6 +178,10 @@ LayerBackwardResult layer_backward(
   check_tensor(grad_output, "grad_output", {T, B, H}, x);
   check_tensor(grad_h_n, "grad_h_n", {B, H}, x);
   check_tensor(grad_c_n, "grad_c_n", {B, H}, x);
+  check_tensor(h0, "h0", {B, H}, x);
+  check_tensor(c0, "c0", {B, H}, x);
+  check_tensor(output, "output", {T, B, H}, x);
+  if (normalize_input) check_tensor(projection, "projection", {T, B, G}, x);
 
   const Prepared p = prepare(x, lengths, reverse);
   const bool step_input = input_statistics == kInputStep;
@@ -185,8 +192,15 @@ LayerBackwardResult layer_backward(
   args.weight_hh = weight_hh.contiguous();
   if (normalize_input) args.gamma_ih = gamma_ih->contiguous();
   if (normalize_recurrent) args.gamma_hh = gamma_hh->contiguous();
-  if (normalize_cell) args.gamma_c = gamma_c->contiguous();
+  if (normalize_cell) {
+    args.gamma_c = gamma_c->contiguous();
+    args.beta_c = beta_c->contiguous();
+  }
+  args.c0 = c0.contiguous();
+  if (normalize_input) args.projection = projection.contiguous();
+  args.mean_ih = mean_ih.contiguous();
   args.var_ih = var_ih.contiguous();
+  args.mean_c = mean_c.contiguous();
   args.var_hh = var_hh.contiguous();
   args.var_c = var_c.contiguous();
   args.reserve = reserve.contiguous();
@@ -209,8 +223,9 @@ LayerBackwardResult layer_backward(
   if (input_statistics == kInputSequence) {
     // Sequence-wise statistics: the batch-norm backward needs sums over every step, which
     // the kernel accumulated as grad_bias = sum(dy) and grad_gamma_ih = sum(dy * xhat).
-    const at::Tensor xhat = reserve.narrow(2, layout.xhat, G);
-    const at::Tensor scale = (var_ih + eps).rsqrt() * *gamma_ih;  // [1, 4H]
+    const at::Tensor rstd = (var_ih + eps).rsqrt();  // [1, 4H]
+    const at::Tensor xhat = (projection - mean_ih) * rstd;
+    const at::Tensor scale = rstd * *gamma_ih;
     if (training) {
       const at::Tensor count = p.counts.sum().clamp_min(1).to(x.scalar_type());
       grad_wx = (out.grad_gates - out.grad_bias / count - xhat * (out.grad_gamma_ih / count)) * p.weight * scale;
@@ -220,8 +235,14 @@ LayerBackwardResult layer_backward(
   }
 
   // Weight gradients and the input gradient as large GEMMs over all steps.
-  const at::Tensor h_prev = reserve.narrow(2, layout.h_prev, H).reshape({T * B, H});
-  const at::Tensor grad_weight_hh = out.grad_zh.view({T * B, G}).t().mm(h_prev);
+  // h_{t-1} is h_0 at the first step and the previous step's output after it (padded rows
+  // differ, but their gradient is zero).
+  const at::Tensor h_prev = (reverse ? reverse_padded(output, lengths) : output).narrow(0, 0, T - 1);
+  at::Tensor grad_weight_hh = out.grad_zh[0].t().mm(h0);
+  if (T > 1) {
+    grad_weight_hh.addmm_(out.grad_zh.narrow(0, 1, T - 1).reshape({(T - 1) * B, G}).t(),
+                          h_prev.reshape({(T - 1) * B, H}));
+  }
   const at::Tensor grad_weight_ih = grad_wx.reshape({T * B, G}).t().mm(p.x.reshape({T * B, I}));
   const at::Tensor grad_x_ordered = at::matmul(grad_wx, weight_ih);  // [T, B, I]
   const at::Tensor grad_x = reverse ? reverse_padded(grad_x_ordered, lengths) : grad_x_ordered;

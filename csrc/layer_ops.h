@@ -12,9 +12,9 @@ namespace bnlstm {
 
 // (output [T, B, H], h_n [B, H], c_n [B, H],
 //  mean_ih, var_ih [T | 1 | 0, 4H], mean_hh, var_hh [T | 0, 4H], mean_c, var_c [T | 0, H],
-//  reserve [T, B, width] | [0])
+//  projection [T, B, 4H] | [0], reserve [T, B, width] | [0])
 using LayerForwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
-                                      at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+                                      at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 // (grad_x, grad_h0, grad_c0, grad_weight_ih, grad_weight_hh, grad_bias,
 //  grad_gamma_ih, grad_gamma_hh, grad_gamma_c, grad_beta_c); [0] for parts not normalized.
 using LayerBackwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
@@ -36,11 +36,12 @@ LayerForwardResult layer_forward(
 
 LayerBackwardResult layer_backward(
     RecurrentBackwardFn recurrent, const at::Tensor& grad_output, const at::Tensor& grad_h_n,
-    const at::Tensor& grad_c_n, const at::Tensor& x, const at::Tensor& lengths, const at::Tensor& weight_ih,
-    const at::Tensor& weight_hh, const OptTensor& gamma_ih, const OptTensor& gamma_hh, const OptTensor& gamma_c,
-    const at::Tensor& var_ih, const at::Tensor& var_hh, const at::Tensor& var_c, const at::Tensor& reserve,
-    int64_t input_statistics, bool normalize_recurrent, bool normalize_cell,
-    bool training, double eps, bool reverse);
+    const at::Tensor& grad_c_n, const at::Tensor& x, const at::Tensor& lengths, const at::Tensor& h0,
+    const at::Tensor& c0, const at::Tensor& output, const at::Tensor& weight_ih, const at::Tensor& weight_hh,
+    const OptTensor& gamma_ih, const OptTensor& gamma_hh, const OptTensor& gamma_c, const OptTensor& beta_c,
+    const at::Tensor& mean_ih, const at::Tensor& var_ih, const at::Tensor& var_hh, const at::Tensor& mean_c,
+    const at::Tensor& var_c, const at::Tensor& projection, const at::Tensor& reserve, int64_t input_statistics,
+    bool normalize_recurrent, bool normalize_cell, bool training, double eps, bool reverse);
 
 template <RecurrentForwardFn Recurrent>
 LayerForwardResult bind_layer_forward(
@@ -59,13 +60,16 @@ LayerForwardResult bind_layer_forward(
 template <RecurrentBackwardFn Recurrent>
 LayerBackwardResult bind_layer_backward(
     const at::Tensor& grad_output, const at::Tensor& grad_h_n, const at::Tensor& grad_c_n, const at::Tensor& x,
-    const at::Tensor& lengths, const at::Tensor& weight_ih, const at::Tensor& weight_hh, const OptTensor& gamma_ih,
-    const OptTensor& gamma_hh, const OptTensor& gamma_c, const at::Tensor& var_ih, const at::Tensor& var_hh,
-    const at::Tensor& var_c, const at::Tensor& reserve, int64_t input_statistics,
-    bool normalize_recurrent, bool normalize_cell, bool training, double eps, bool reverse) {
-  return layer_backward(Recurrent, grad_output, grad_h_n, grad_c_n, x, lengths, weight_ih, weight_hh, gamma_ih,
-                        gamma_hh, gamma_c, var_ih, var_hh, var_c, reserve, input_statistics,
-                        normalize_recurrent, normalize_cell, training, eps, reverse);
+    const at::Tensor& lengths, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& output,
+    const at::Tensor& weight_ih, const at::Tensor& weight_hh, const OptTensor& gamma_ih, const OptTensor& gamma_hh,
+    const OptTensor& gamma_c, const OptTensor& beta_c, const at::Tensor& mean_ih, const at::Tensor& var_ih,
+    const at::Tensor& var_hh, const at::Tensor& mean_c, const at::Tensor& var_c, const at::Tensor& projection,
+    const at::Tensor& reserve, int64_t input_statistics, bool normalize_recurrent, bool normalize_cell,
+    bool training, double eps, bool reverse) {
+  return layer_backward(Recurrent, grad_output, grad_h_n, grad_c_n, x, lengths, h0, c0, output, weight_ih,
+                        weight_hh, gamma_ih, gamma_hh, gamma_c, beta_c, mean_ih, var_ih, var_hh, mean_c, var_c,
+                        projection, reserve, input_statistics, normalize_recurrent, normalize_cell, training, eps,
+                        reverse);
 }
 
 }  // namespace bnlstm

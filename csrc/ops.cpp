@@ -7,7 +7,7 @@ TORCH_LIBRARY(bnlstm, m) {
   // One layer, one direction, over a padded batch x [T, B, I] with lengths [B] (int64).
   // Running statistics are read only in evaluation (training=False). The statistics used
   // at each step are returned (batch statistics in training, for the running update).
-  // keep_reserve=False (inference) returns an empty reserve.
+  // keep_reserve=False (inference) returns an empty projection and reserve.
   m.def(
       "layer_forward(Tensor x, Tensor h0, Tensor c0, Tensor lengths, Tensor weight_ih, Tensor weight_hh, "
       "Tensor? bias, Tensor? gamma_ih, Tensor? gamma_hh, Tensor? gamma_c, Tensor? beta_c, "
@@ -15,12 +15,14 @@ TORCH_LIBRARY(bnlstm, m) {
       "Tensor? running_mean_c, Tensor? running_var_c, int input_statistics, bool normalize_recurrent, "
       "bool normalize_cell, bool training, float eps, bool reverse, bool keep_reserve) -> "
       "(Tensor output, Tensor h_n, Tensor c_n, Tensor mean_ih, Tensor var_ih, Tensor mean_hh, Tensor var_hh, "
-      "Tensor mean_c, Tensor var_c, Tensor reserve)");
-  // Gradients of layer_forward's inputs, from its reserve and statistics.
+      "Tensor mean_c, Tensor var_c, Tensor projection, Tensor reserve)");
+  // Gradients of layer_forward's inputs, from its inputs, output, statistics, projection
+  // and reserve.
   m.def(
       "layer_backward(Tensor grad_output, Tensor grad_h_n, Tensor grad_c_n, Tensor x, Tensor lengths, "
-      "Tensor weight_ih, Tensor weight_hh, Tensor? gamma_ih, Tensor? gamma_hh, Tensor? gamma_c, "
-      "Tensor var_ih, Tensor var_hh, Tensor var_c, Tensor reserve, int input_statistics, "
+      "Tensor h0, Tensor c0, Tensor output, Tensor weight_ih, Tensor weight_hh, Tensor? gamma_ih, "
+      "Tensor? gamma_hh, Tensor? gamma_c, Tensor? beta_c, Tensor mean_ih, Tensor var_ih, Tensor var_hh, "
+      "Tensor mean_c, Tensor var_c, Tensor projection, Tensor reserve, int input_statistics, "
       "bool normalize_recurrent, bool normalize_cell, bool training, float eps, bool reverse) -> "
       "(Tensor grad_x, Tensor grad_h0, Tensor grad_c0, Tensor grad_weight_ih, Tensor grad_weight_hh, "
       "Tensor grad_bias, Tensor grad_gamma_ih, Tensor grad_gamma_hh, Tensor grad_gamma_c, Tensor grad_beta_c)");

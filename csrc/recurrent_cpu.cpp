@@ -216,10 +216,6 @@ class RecurrentForwardCPU {
           const int64_t k = g * H + j0 + j, u = g * J + j;
           const Vec<T> wx = Vec<T>::loadu(s.wx + b * G + k, n);
           const Vec<T> zh = Vec<T>::loadu(s.zh + b * G + k, n);
-          if (kKeep && normalize_input) {
-            const Vec<T> xhat = (wx - Vec<T>::loadu(in.mean.data() + u, n)) * Vec<T>::loadu(in.rstd.data() + u, n);
-            xhat.store(rs + layout_.xhat + k, n);
-          }
           if (kKeep && flags_.normalize_recurrent) {
             const Vec<T> zhat = (zh - Vec<T>::loadu(rec.mean.data() + u, n)) * Vec<T>::loadu(rec.rstd.data() + u, n);
             zhat.store(rs + layout_.zhat + k, n);
@@ -230,17 +226,17 @@ class RecurrentForwardCPU {
         }
         const Vec<T> i = sigmoid(pre[0]), f = sigmoid(pre[1]), g = fast_tanh(pre[2]), o = sigmoid(pre[3]);
         const Vec<T> c_prev = Vec<T>::loadu(s.c + b * H + j0 + j, n);
+        const Vec<T> cell = at::vec::fmadd(f, c_prev, i * g);
+        cell.store(c_new.data() + b * J + j, n);
         if (kKeep) {
           i.store(rs + layout_.gates + 0 * H + j0 + j, n);
           f.store(rs + layout_.gates + 1 * H + j0 + j, n);
           g.store(rs + layout_.gates + 2 * H + j0 + j, n);
           o.store(rs + layout_.gates + 3 * H + j0 + j, n);
-          Vec<T>::loadu(s.h + b * H + j0 + j, n).store(rs + layout_.h_prev + j0 + j, n);
-          c_prev.store(rs + layout_.c_prev + j0 + j, n);
+          cell.store(rs + layout_.c_new + j0 + j, n);
         } else {
           o.store(out_gate.data() + b * J + j, n);
         }
-        at::vec::fmadd(f, c_prev, i * g).store(c_new.data() + b * J + j, n);
       });
     }
 
@@ -264,13 +260,8 @@ class RecurrentForwardCPU {
       const bool active = s.active[b];
       for_each_vec<T>(J, [&](int64_t j, auto n) {
         const Vec<T> value = Vec<T>::loadu(c_new.data() + b * J + j, n);
-        if (kKeep && flags_.normalize_cell) {
-          const Vec<T> c_hat = (value - Vec<T>::loadu(cell.mean.data() + j, n)) * Vec<T>::loadu(cell.rstd.data() + j, n);
-          c_hat.store(rs + layout_.c_hat + j0 + j, n);
-        }
         const Vec<T> seen = at::vec::fmadd(value, Vec<T>::loadu(cell.scale.data() + j, n), Vec<T>::loadu(cell_shift.data() + j, n));
         const Vec<T> tanh_c = fast_tanh(seen);
-        if (kKeep) tanh_c.store(rs + layout_.tanh_c + j0 + j, n);
         const Vec<T> o = kKeep ? Vec<T>::loadu(rs + layout_.gates + 3 * H + j0 + j, n)
                                : Vec<T>::loadu(out_gate.data() + b * J + j, n);
         const Vec<T> h_new = o * tanh_c;
@@ -352,20 +343,25 @@ void recurrent_forward_impl(const RecurrentForwardArgs& args, RecurrentForwardOu
 
 template <typename T>
 struct StepBackward {
-  // Shapes: grad_output, grad_h, grad_c [B, H]; grad_gates, grad_zh, grad_wx [B, 4H];
+  // Shapes: grad_output, grad_h, grad_c [B, H]; grad_gates, grad_zh, grad_wx, wx [B, 4H];
   // reserve [B, width].
   const T* grad_output;
   const T* reserve;
+  const T* c_prev;      // c_{t-1}: the previous step's c_new, or c_0
+  int64_t c_prev_stride;
+  const T* wx;          // W_ih x_t, if the input is normalized
   const bool* active;
   int64_t count;
-  const T* var_ih;  // [4H] statistics used at this step, if step-wise input; else null
-  const T* var_hh;  // [4H], if normalize_recurrent
-  const T* var_c;   // [H], if normalize_cell
-  T* grad_h;        // read: gradient of h_t
-  T* grad_c;        // read: gradient of c_t; written: gradient of c_{t-1}
-  T* grad_gates;    // gradient of the gate pre-activations
-  T* grad_zh;       // gradient of W_hh h_{t-1}, if normalize_recurrent (else grad_gates)
-  T* grad_wx;       // gradient of W_ih x_t, if step-wise input (else written by the host)
+  const T* mean_ih;  // [4H] statistics used at this step, if the input is normalized
+  const T* var_ih;
+  const T* var_hh;   // [4H], if normalize_recurrent
+  const T* mean_c;   // [H], if normalize_cell
+  const T* var_c;
+  T* grad_h;         // read: gradient of h_t
+  T* grad_c;         // read: gradient of c_t; written: gradient of c_{t-1}
+  T* grad_gates;     // gradient of the gate pre-activations
+  T* grad_zh;        // gradient of W_hh h_{t-1}, if normalize_recurrent (else grad_gates)
+  T* grad_wx;        // gradient of W_ih x_t, if step-wise input (else written by the host)
 };
 
 // Sums over the rows of a batch, per column, for batch-norm backward passes.
@@ -441,7 +437,8 @@ class RecurrentBackwardCPU {
                        const LayerFlags& flags, int64_t batch, int64_t hidden)
       : flags_(flags), layout_(hidden, flags), batch_(batch), hidden_(hidden),
         gamma_ih_(data_or_null(args.gamma_ih)), gamma_hh_(data_or_null(args.gamma_hh)),
-        gamma_c_(data_or_null(args.gamma_c)), grad_bias_(out.grad_bias.data_ptr<T>()),
+        gamma_c_(data_or_null(args.gamma_c)), beta_c_(data_or_null(args.beta_c)),
+        grad_bias_(out.grad_bias.data_ptr<T>()),
         grad_gamma_ih_(data_or_null(out.grad_gamma_ih)), grad_gamma_hh_(data_or_null(out.grad_gamma_hh)),
         grad_gamma_c_(data_or_null(out.grad_gamma_c)), grad_beta_c_(data_or_null(out.grad_beta_c)) {}
 
@@ -452,6 +449,31 @@ class RecurrentBackwardCPU {
     const T eps = T(flags_.eps);
     const Vec<T> one(T(1)), zero(T(0));
 
+    // The normalized cell and its tanh, from c_t and the step's statistics.
+    std::vector<T> c_hat(flags_.normalize_cell ? B * J : 0), tanh_c(B * J);
+    std::vector<T> cell_rstd(J, T(1)), cell_scale(J, T(1)), cell_mean(J, T(0)), cell_beta(J, T(0));
+    if (flags_.normalize_cell) {
+      for_each_vec<T>(J, [&](int64_t j, auto n) {
+        const Vec<T> rstd = (Vec<T>::loadu(s.var_c + j0 + j, n) + Vec<T>(eps)).rsqrt();
+        rstd.store(cell_rstd.data() + j, n);
+        (rstd * Vec<T>::loadu(gamma_c_ + j0 + j, n)).store(cell_scale.data() + j, n);
+      });
+      std::copy_n(s.mean_c + j0, J, cell_mean.data());
+      std::copy_n(beta_c_ + j0, J, cell_beta.data());
+    }
+    for (int64_t b = 0; b < B; ++b) {
+      const T* rs = s.reserve + b * W;
+      for_each_vec<T>(J, [&](int64_t j, auto n) {
+        Vec<T> seen = Vec<T>::loadu(rs + layout_.c_new + j0 + j, n);
+        if (flags_.normalize_cell) {
+          const Vec<T> normalized = (seen - Vec<T>::loadu(cell_mean.data() + j, n)) * Vec<T>::loadu(cell_rstd.data() + j, n);
+          normalized.store(c_hat.data() + b * J + j, n);
+          seen = at::vec::fmadd(normalized, Vec<T>::loadu(gamma_c_ + j0 + j, n), Vec<T>::loadu(cell_beta.data() + j, n));
+        }
+        fast_tanh(seen).store(tanh_c.data() + b * J + j, n);
+      });
+    }
+
     // Gradient reaching the copy of c_t that feeds h_t, and the output gate.
     std::vector<T> grad_seen(B * J);
     for (int64_t b = 0; b < B; ++b) {
@@ -461,10 +483,10 @@ class RecurrentBackwardCPU {
         const int64_t u = j0 + j;
         const Vec<T> grad_h_new =
             active ? Vec<T>::loadu(s.grad_output + b * H + u, n) + Vec<T>::loadu(s.grad_h + b * H + u, n) : zero;
-        const Vec<T> tanh_c = Vec<T>::loadu(rs + layout_.tanh_c + u, n);
+        const Vec<T> tanh = Vec<T>::loadu(tanh_c.data() + b * J + j, n);
         const Vec<T> o = Vec<T>::loadu(rs + layout_.gates + 3 * H + u, n);
-        (grad_h_new * tanh_c * o * (one - o)).store(s.grad_gates + b * G + 3 * H + u, n);
-        (grad_h_new * o * (one - tanh_c * tanh_c)).store(grad_seen.data() + b * J + j, n);
+        (grad_h_new * tanh * o * (one - o)).store(s.grad_gates + b * G + 3 * H + u, n);
+        (grad_h_new * o * (one - tanh * tanh)).store(grad_seen.data() + b * J + j, n);
       });
     }
 
@@ -474,11 +496,10 @@ class RecurrentBackwardCPU {
     std::vector<T> grad_cell(B * J);
     if (flags_.normalize_cell) {
       sums.clear();
-      accumulate_column_sums(grad_seen.data(), J, s.reserve + layout_.c_hat + j0, W, B, J,
-                             sums.dy.data(), sums.dy_xhat.data());
+      accumulate_column_sums(grad_seen.data(), J, c_hat.data(), J, B, J, sums.dy.data(), sums.dy_xhat.data());
       add_into(grad_beta_c_ + j0, sums.dy.data(), J);
       add_into(grad_gamma_c_ + j0, sums.dy_xhat.data(), J);
-      batch_norm_backward_rows(grad_seen.data(), J, s.reserve + layout_.c_hat + j0, W, sums, gamma_c_ + j0,
+      batch_norm_backward_rows(grad_seen.data(), J, c_hat.data(), J, sums, gamma_c_ + j0,
                                s.var_c + j0, eps, flags_.training, s.active, B, s.count, J, grad_cell.data(), J);
     } else {
       std::copy(grad_seen.begin(), grad_seen.end(), grad_cell.begin());
@@ -495,7 +516,7 @@ class RecurrentBackwardCPU {
         const Vec<T> i = Vec<T>::loadu(rs + layout_.gates + 0 * H + u, n);
         const Vec<T> f = Vec<T>::loadu(rs + layout_.gates + 1 * H + u, n);
         const Vec<T> g = Vec<T>::loadu(rs + layout_.gates + 2 * H + u, n);
-        const Vec<T> c_prev = Vec<T>::loadu(rs + layout_.c_prev + u, n);
+        const Vec<T> c_prev = Vec<T>::loadu(s.c_prev + b * s.c_prev_stride + u, n);
         (dc * g * i * (one - i)).store(s.grad_gates + b * G + 0 * H + u, n);
         (dc * c_prev * f * (one - f)).store(s.grad_gates + b * G + 1 * H + u, n);
         (dc * i * (one - g * g)).store(s.grad_gates + b * G + 2 * H + u, n);
@@ -509,9 +530,22 @@ class RecurrentBackwardCPU {
     const bool step_input = flags_.input_statistics == kInputStep;
     const bool any_input = flags_.input_statistics != kInputNone;
     ColumnSums<T> input_sums(J);
+    std::vector<T> xhat(any_input ? B * J : 0), input_rstd(J);
     for (int64_t g = 0; g < 4; ++g) {
       const int64_t k0 = g * H + j0;
       const T* dy = s.grad_gates + k0;
+      if (any_input) {
+        // xhat = (W_ih x_t - mean) * rstd, from the projection the host kept.
+        for_each_vec<T>(J, [&](int64_t j, auto n) {
+          (Vec<T>::loadu(s.var_ih + k0 + j, n) + Vec<T>(eps)).rsqrt().store(input_rstd.data() + j, n);
+        });
+        for (int64_t b = 0; b < B; ++b) {
+          for_each_vec<T>(J, [&](int64_t j, auto n) {
+            const Vec<T> centred = Vec<T>::loadu(s.wx + b * G + k0 + j, n) - Vec<T>::loadu(s.mean_ih + k0 + j, n);
+            (centred * Vec<T>::loadu(input_rstd.data() + j, n)).store(xhat.data() + b * J + j, n);
+          });
+        }
+      }
       sums.clear();
       input_sums.clear();
       accumulate_column_sums(dy, G, flags_.normalize_recurrent ? s.reserve + layout_.zhat + k0 : nullptr, W, B, J,
@@ -524,12 +558,11 @@ class RecurrentBackwardCPU {
       }
       if (any_input) {
         // sum(dy * xhat) is gamma_ih's gradient for both input statistics.
-        accumulate_column_sums(dy, G, s.reserve + layout_.xhat + k0, W, B, J, input_sums.dy.data(),
-                               input_sums.dy_xhat.data());
+        accumulate_column_sums(dy, G, xhat.data(), J, B, J, input_sums.dy.data(), input_sums.dy_xhat.data());
         add_into(grad_gamma_ih_ + k0, input_sums.dy_xhat.data(), J);
       }
       if (step_input) {
-        batch_norm_backward_rows(dy, G, s.reserve + layout_.xhat + k0, W, input_sums, gamma_ih_ + k0, s.var_ih + k0,
+        batch_norm_backward_rows(dy, G, xhat.data(), J, input_sums, gamma_ih_ + k0, s.var_ih + k0,
                                  eps, flags_.training, s.active, B, s.count, J, s.grad_wx + k0, G);
       }
     }
@@ -545,6 +578,7 @@ class RecurrentBackwardCPU {
   const T* gamma_ih_;
   const T* gamma_hh_;
   const T* gamma_c_;
+  const T* beta_c_;
   T* grad_bias_;
   T* grad_gamma_ih_;
   T* grad_gamma_hh_;
@@ -565,14 +599,26 @@ void recurrent_backward_impl(const RecurrentBackwardArgs& args, RecurrentBackwar
   auto row = [](const at::Tensor& t, int64_t step, bool present) -> T* {
     return present ? t[step].data_ptr<T>() : nullptr;
   };
+  const ReserveLayout layout(H, flags);
+  const int64_t width = layout.width;
+  const bool any_input = flags.input_statistics != kInputNone;
+  const T* reserve = args.reserve.data_ptr<T>();
+  const T* c0 = args.c0.data_ptr<T>();
   for (int64_t t = T_ - 1; t >= 0; --t) {
+    // The sequence-wise input statistics have one row for every step.
+    const int64_t input_row = flags.input_statistics == kInputSequence ? 0 : t;
     const StepBackward<T> step{
         args.grad_output[t].data_ptr<T>(),
-        args.reserve[t].data_ptr<T>(),
+        reserve + t * B * width,
+        t > 0 ? reserve + (t - 1) * B * width + layout.c_new : c0,
+        t > 0 ? width : H,
+        row(args.projection, t, any_input),
         active + t * B,
         counts[t],
-        row(args.var_ih, t, step_input),
+        row(args.mean_ih, input_row, any_input),
+        row(args.var_ih, input_row, any_input),
         row(args.var_hh, t, flags.normalize_recurrent),
+        row(args.mean_c, t, flags.normalize_cell),
         row(args.var_c, t, flags.normalize_cell),
         out.grad_h.data_ptr<T>(),
         out.grad_c.data_ptr<T>(),

@@ -58,15 +58,17 @@ def test_opcheck_layer_forward(variant, training):
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_opcheck_layer_backward(variant, training):
     args = op_arguments(variant, training, reverse=True)
-    (x, _, _, lengths, weight_ih, weight_hh, _, gamma_ih, gamma_hh, gamma_c, *_rest) = args
+    (x, h0, c0, lengths, weight_ih, weight_hh, _, gamma_ih, gamma_hh, gamma_c, beta_c, *_rest) = args
     flags = args[-7:-1]
     with torch.no_grad():
         out = torch.ops.bnlstm.layer_forward(*args)
-    output, h_n, c_n, _, var_ih, _, var_hh, _, var_c, reserve = out
+    output, h_n, c_n, mean_ih, var_ih, _, var_hh, mean_c, var_c, projection, reserve = out
+    detached = lambda t: None if t is None else t.detach()
     backward_args = (
         torch.randn_like(output), torch.randn_like(h_n), torch.randn_like(c_n), x.detach(), lengths,
-        weight_ih.detach(), weight_hh.detach(), *(None if g is None else g.detach() for g in (gamma_ih, gamma_hh, gamma_c)),
-        var_ih, var_hh, var_c, reserve, *flags,
+        h0.detach(), c0.detach(), output, weight_ih.detach(), weight_hh.detach(),
+        *(detached(g) for g in (gamma_ih, gamma_hh, gamma_c, beta_c)),
+        mean_ih, var_ih, var_hh, mean_c, var_c, projection, reserve, *flags,
     )
     torch.library.opcheck(torch.ops.bnlstm.layer_backward.default, backward_args)
 

@@ -1,5 +1,5 @@
 // C++ unit test of the CPU layer operators through the dispatcher (no Python): the "none"
-// variant against an LSTM written with ATen, padded steps, and a backward call.
+// variant against an LSTM written with ATen, and padded steps.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 
@@ -19,7 +19,7 @@ void expect(bool condition, const char* what) {
 }
 
 using ForwardOp = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
-                             at::Tensor, at::Tensor, at::Tensor>(
+                             at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
     const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
     const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&,
     const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&,
@@ -57,7 +57,7 @@ int main() {
     for (int64_t t = length; t < T; ++t) expect(output[t][b].abs().max().item<double>() == 0.0, "padded output is 0");
     expect(at::allclose(h_n[b], h, 1e-10, 1e-10), "h_n is the state at the last valid step");
   }
-  expect(std::get<9>(out).size(0) == T && std::get<9>(out).size(1) == B, "reserve kept for backward");
+  expect(std::get<10>(out).size(0) == T && std::get<10>(out).size(1) == B, "reserve kept for backward");
 
   if (failures == 0) std::printf("test_layer_cpu: all checks passed\n");
   return failures == 0 ? EXIT_SUCCESS : EXIT_FAILURE;
