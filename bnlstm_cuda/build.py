@@ -27,7 +27,7 @@ from typing import List, Optional
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 CPU_SOURCES = ("ops.cpp", "layer.cpp", "recurrent_cpu.cpp")
-HEADERS = ("bnlstm.h", "checks.h", "layer_ops.h")
+HEADERS = ("bnlstm.h", "checks.h", "layer_ops.h", "packed_gemm.h")
 # Name of the library that `pip install` builds into the package (setup.py).
 PREBUILT_NAME = "_bnlstm_cpu"
 

@@ -12,6 +12,7 @@
 // loops run along hidden units, which are contiguous, with at::vec (AVX2 when built for it).
 // The backward pass mirrors it, one fused pass per step plus the GEMM for dh_{t-1}.
 #include "bnlstm.h"
+#include "packed_gemm.h"
 
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
@@ -303,7 +304,7 @@ void recurrent_forward_impl(const RecurrentForwardArgs& args, RecurrentForwardOu
   const int64_t T_ = args.input_projection.size(0), B = args.input_projection.size(1);
   const int64_t H = args.weight_hh.size(1), G = 4 * H;
   const RecurrentForwardCPU<T> kernel(args, flags, B, H);
-  const at::Tensor weight_hh_t = args.weight_hh.t();  // [H, 4H] view: BLAS reads it transposed
+  const StepGemm recurrent_gemm(args.weight_hh, /*transpose=*/true, B);  // h [B, H] @ W_hh^T
   at::Tensor zh = at::empty({B, G}, args.input_projection.options());
   const bool* active = args.active.data_ptr<bool>();
   const int64_t* counts = args.counts.data_ptr<int64_t>();
@@ -313,7 +314,7 @@ void recurrent_forward_impl(const RecurrentForwardArgs& args, RecurrentForwardOu
     return present ? t[step].data_ptr<T>() : nullptr;
   };
   for (int64_t t = 0; t < T_; ++t) {
-    at::mm_out(zh, out.h, weight_hh_t);  // [B, 4H]
+    recurrent_gemm.run(out.h, zh);  // [B, 4H]
     const StepForward<T> step{
         args.input_projection[t].data_ptr<T>(),
         zh.data_ptr<T>(),
@@ -526,44 +527,81 @@ class RecurrentBackwardCPU {
     }
 
     // Per gate column block: the bias gradient, and back through the recurrent and the
-    // (step-wise) input normalizations. Padded rows have zero gate gradients.
+    // input normalizations, which receive the same upstream gradient dy = d gates. Two
+    // passes over the rows: the column sums, then the rows. xhat is recomputed on the fly
+    // from the projection the host kept. Padded rows have zero gate gradients.
     const bool step_input = flags_.input_statistics == kInputStep;
     const bool any_input = flags_.input_statistics != kInputNone;
-    ColumnSums<T> input_sums(J);
-    std::vector<T> xhat(any_input ? B * J : 0), input_rstd(J);
+    const bool recurrent = flags_.normalize_recurrent;
+    const Vec<T> inv_count(T(1) / T(std::max<int64_t>(s.count, 1)));
+    std::vector<T> sum_dy(J), sum_dy_zhat(J), sum_dy_xhat(J), in_rstd(J), in_scale(J), rec_scale(J);
     for (int64_t g = 0; g < 4; ++g) {
       const int64_t k0 = g * H + j0;
-      const T* dy = s.grad_gates + k0;
-      if (any_input) {
-        // xhat = (W_ih x_t - mean) * rstd, from the projection the host kept.
-        for_each_vec<T>(J, [&](int64_t j, auto n) {
-          (Vec<T>::loadu(s.var_ih + k0 + j, n) + Vec<T>(eps)).rsqrt().store(input_rstd.data() + j, n);
-        });
-        for (int64_t b = 0; b < B; ++b) {
-          for_each_vec<T>(J, [&](int64_t j, auto n) {
-            const Vec<T> centred = Vec<T>::loadu(s.wx + b * G + k0 + j, n) - Vec<T>::loadu(s.mean_ih + k0 + j, n);
-            (centred * Vec<T>::loadu(input_rstd.data() + j, n)).store(xhat.data() + b * J + j, n);
-          });
+      std::fill(sum_dy.begin(), sum_dy.end(), T(0));
+      std::fill(sum_dy_zhat.begin(), sum_dy_zhat.end(), T(0));
+      std::fill(sum_dy_xhat.begin(), sum_dy_xhat.end(), T(0));
+      for_each_vec<T>(J, [&](int64_t j, auto n) {
+        if (any_input) {
+          const Vec<T> rstd = (Vec<T>::loadu(s.var_ih + k0 + j, n) + Vec<T>(eps)).rsqrt();
+          rstd.store(in_rstd.data() + j, n);
+          (rstd * Vec<T>::loadu(gamma_ih_ + k0 + j, n)).store(in_scale.data() + j, n);
         }
+        if (recurrent) {
+          const Vec<T> rstd = (Vec<T>::loadu(s.var_hh + k0 + j, n) + Vec<T>(eps)).rsqrt();
+          (rstd * Vec<T>::loadu(gamma_hh_ + k0 + j, n)).store(rec_scale.data() + j, n);
+        }
+      });
+      const auto xhat_at = [&](int64_t b, int64_t j, auto n) {
+        return (Vec<T>::loadu(s.wx + b * G + k0 + j, n) - Vec<T>::loadu(s.mean_ih + k0 + j, n)) *
+               Vec<T>::loadu(in_rstd.data() + j, n);
+      };
+      for (int64_t b = 0; b < B; ++b) {
+        const T* rs = s.reserve + b * W;
+        for_each_vec<T>(J, [&](int64_t j, auto n) {
+          const Vec<T> dy = Vec<T>::loadu(s.grad_gates + b * G + k0 + j, n);
+          (Vec<T>::loadu(sum_dy.data() + j, n) + dy).store(sum_dy.data() + j, n);
+          if (recurrent) {
+            const Vec<T> zhat = Vec<T>::loadu(rs + layout_.zhat + k0 + j, n);
+            at::vec::fmadd(dy, zhat, Vec<T>::loadu(sum_dy_zhat.data() + j, n)).store(sum_dy_zhat.data() + j, n);
+          }
+          if (any_input) {
+            at::vec::fmadd(dy, xhat_at(b, j, n), Vec<T>::loadu(sum_dy_xhat.data() + j, n)).store(sum_dy_xhat.data() + j, n);
+          }
+        });
       }
-      sums.clear();
-      input_sums.clear();
-      accumulate_column_sums(dy, G, flags_.normalize_recurrent ? s.reserve + layout_.zhat + k0 : nullptr, W, B, J,
-                             sums.dy.data(), sums.dy_xhat.data());
-      add_into(grad_bias_ + k0, sums.dy.data(), J);
-      if (flags_.normalize_recurrent) {
-        add_into(grad_gamma_hh_ + k0, sums.dy_xhat.data(), J);
-        batch_norm_backward_rows(dy, G, s.reserve + layout_.zhat + k0, W, sums, gamma_hh_ + k0, s.var_hh + k0, eps,
-                                 flags_.training, s.active, B, s.count, J, s.grad_zh + k0, G);
-      }
-      if (any_input) {
-        // sum(dy * xhat) is gamma_ih's gradient for both input statistics.
-        accumulate_column_sums(dy, G, xhat.data(), J, B, J, input_sums.dy.data(), input_sums.dy_xhat.data());
-        add_into(grad_gamma_ih_ + k0, input_sums.dy_xhat.data(), J);
-      }
-      if (step_input) {
-        batch_norm_backward_rows(dy, G, xhat.data(), J, input_sums, gamma_ih_ + k0, s.var_ih + k0,
-                                 eps, flags_.training, s.active, B, s.count, J, s.grad_wx + k0, G);
+      add_into(grad_bias_ + k0, sum_dy.data(), J);
+      if (recurrent) add_into(grad_gamma_hh_ + k0, sum_dy_zhat.data(), J);
+      // sum(dy * xhat) is gamma_ih's gradient for both input statistics; the sequence-wise
+      // input backward is finished by the host from these sums.
+      if (any_input) add_into(grad_gamma_ih_ + k0, sum_dy_xhat.data(), J);
+      if (!recurrent && !step_input) continue;
+
+      // training: dz = gamma * rstd * (dy - mean(dy) - zhat * mean(dy * zhat)) on active
+      // rows; evaluation: dz = gamma * rstd * dy. Padded rows get 0.
+      for (int64_t b = 0; b < B; ++b) {
+        const T* rs = s.reserve + b * W;
+        if (!s.active[b]) {
+          if (recurrent) std::fill_n(s.grad_zh + b * G + k0, J, T(0));
+          if (step_input) std::fill_n(s.grad_wx + b * G + k0, J, T(0));
+          continue;
+        }
+        for_each_vec<T>(J, [&](int64_t j, auto n) {
+          const Vec<T> dy = Vec<T>::loadu(s.grad_gates + b * G + k0 + j, n);
+          const Vec<T> centred_dy = flags_.training ? dy - Vec<T>::loadu(sum_dy.data() + j, n) * inv_count : dy;
+          if (recurrent) {
+            Vec<T> grad = centred_dy;
+            if (flags_.training) {
+              const Vec<T> zhat = Vec<T>::loadu(rs + layout_.zhat + k0 + j, n);
+              grad = grad - zhat * Vec<T>::loadu(sum_dy_zhat.data() + j, n) * inv_count;
+            }
+            (grad * Vec<T>::loadu(rec_scale.data() + j, n)).store(s.grad_zh + b * G + k0 + j, n);
+          }
+          if (step_input) {
+            Vec<T> grad = centred_dy;
+            if (flags_.training) grad = grad - xhat_at(b, j, n) * Vec<T>::loadu(sum_dy_xhat.data() + j, n) * inv_count;
+            (grad * Vec<T>::loadu(in_scale.data() + j, n)).store(s.grad_wx + b * G + k0 + j, n);
+          }
+        });
       }
     }
   }
@@ -596,6 +634,7 @@ void recurrent_backward_impl(const RecurrentBackwardArgs& args, RecurrentBackwar
   const int64_t* counts = args.counts.data_ptr<int64_t>();
   const bool step_input = flags.input_statistics == kInputStep;
   at::Tensor grad_h_prev = at::empty({B, H}, out.grad_h.options());
+  const StepGemm recurrent_gemm(args.weight_hh, /*transpose=*/false, B);  // grad_zh [B, 4H] @ W_hh
   auto row = [](const at::Tensor& t, int64_t step, bool present) -> T* {
     return present ? t[step].data_ptr<T>() : nullptr;
   };
@@ -628,7 +667,7 @@ void recurrent_backward_impl(const RecurrentBackwardArgs& args, RecurrentBackwar
     };
     at::parallel_for(0, H, kGrain, [&](int64_t j0, int64_t j1) { kernel.run(step, j0, j1); });
     // Gradient of h_{t-1}: through W_hh for active rows, straight through for padded ones.
-    at::mm_out(grad_h_prev, out.grad_zh[t], args.weight_hh);  // [B, H]
+    recurrent_gemm.run(out.grad_zh[t], grad_h_prev);  // [B, H]
     T* grad_h = out.grad_h.data_ptr<T>();
     const T* from_gemm = grad_h_prev.data_ptr<T>();
     for (int64_t b = 0; b < B; ++b) {
