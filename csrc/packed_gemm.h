@@ -7,6 +7,7 @@
 #include <ATen/ATen.h>
 
 #include <cstddef>
+#include <type_traits>
 
 extern "C" {
 // CBLAS enums, as in mkl_cblas.h.
@@ -38,14 +39,20 @@ class StepGemm {
     }
   }
 
-  // a: [M, K] contiguous; out: [M, N] contiguous.
-  void run(const at::Tensor& a, at::Tensor& out) const {
-    if (packed_.defined()) {
-      cblas_sgemm_compute(kCblasRowMajor, kCblasNoTrans, kCblasPacked, m_, n_, k_, a.data_ptr<float>(), k_,
-                          reinterpret_cast<const float*>(packed_.data_ptr()), n_, 0.0f, out.data_ptr<float>(), n_);
-    } else {
-      at::mm_out(out, a, transpose_ ? weight_.t() : weight_);
+  // out [M, N] = a [M, K] @ op(weight), both contiguous, by raw pointer: no dispatcher call
+  // on the packed path, which runs once a step.
+  template <typename T>
+  void run(const T* a, T* out) const {
+    if constexpr (std::is_same<T, float>::value) {
+      if (packed_.defined()) {
+        cblas_sgemm_compute(kCblasRowMajor, kCblasNoTrans, kCblasPacked, m_, n_, k_, a, k_,
+                            reinterpret_cast<const float*>(packed_.data_ptr()), n_, 0.0f, out, n_);
+        return;
+      }
     }
+    const auto options = weight_.options();
+    at::Tensor result = at::from_blob(out, {m_, n_}, options);
+    at::mm_out(result, at::from_blob(const_cast<T*>(a), {m_, k_}, options), transpose_ ? weight_.t() : weight_);
   }
 
  private:

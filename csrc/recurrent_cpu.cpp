@@ -48,6 +48,20 @@ inline void for_each_vec(int64_t size, const Body& body) {
   if (offset < size) body(offset, size - offset);
 }
 
+// Rows of a contiguous [T, ...] tensor by raw pointer: indexing a tensor at every step
+// costs a dispatcher call each (a select), which adds up at small sizes.
+template <typename T>
+class Rows {
+ public:
+  Rows(const at::Tensor& t, bool present)
+      : base_(present ? t.data_ptr<T>() : nullptr), stride_(present && t.size(0) > 0 ? t.numel() / t.size(0) : 0) {}
+  T* operator[](int64_t row) const { return base_ == nullptr ? nullptr : base_ + row * stride_; }
+
+ private:
+  T* base_;
+  int64_t stride_;
+};
+
 // Mean and biased variance over the active rows of z[b * stride + 0 .. size).
 // z: rows of a [B, stride] matrix, already offset to the first column.
 template <typename T>
@@ -310,27 +324,16 @@ void recurrent_forward_impl(const RecurrentForwardArgs& args, RecurrentForwardOu
   const int64_t* counts = args.counts.data_ptr<int64_t>();
   const bool keep = out.reserve.defined();
   const bool step_input = flags.input_statistics == kInputStep;
-  auto row = [](const at::Tensor& t, int64_t step, bool present) -> T* {
-    return present ? t[step].data_ptr<T>() : nullptr;
-  };
+  const Rows<T> projection(args.input_projection, true), output(out.output, true), reserve(out.reserve, keep),
+      mean_ih(out.mean_ih, step_input), var_ih(out.var_ih, step_input),
+      mean_hh(out.mean_hh, flags.normalize_recurrent), var_hh(out.var_hh, flags.normalize_recurrent),
+      mean_c(out.mean_c, flags.normalize_cell), var_c(out.var_c, flags.normalize_cell);
   for (int64_t t = 0; t < T_; ++t) {
-    recurrent_gemm.run(out.h, zh);  // [B, 4H]
+    recurrent_gemm.run(out.h.data_ptr<T>(), zh.data_ptr<T>());  // [B, 4H]
     const StepForward<T> step{
-        args.input_projection[t].data_ptr<T>(),
-        zh.data_ptr<T>(),
-        active + t * B,
-        counts[t],
-        t,
-        out.h.data_ptr<T>(),
-        out.c.data_ptr<T>(),
-        out.output[t].data_ptr<T>(),
-        row(out.reserve, t, keep),
-        row(out.mean_ih, t, step_input),
-        row(out.var_ih, t, step_input),
-        row(out.mean_hh, t, flags.normalize_recurrent),
-        row(out.var_hh, t, flags.normalize_recurrent),
-        row(out.mean_c, t, flags.normalize_cell),
-        row(out.var_c, t, flags.normalize_cell),
+        projection[t], zh.data_ptr<T>(), active + t * B, counts[t], t,
+        out.h.data_ptr<T>(), out.c.data_ptr<T>(), output[t], reserve[t],
+        mean_ih[t], var_ih[t], mean_hh[t], var_hh[t], mean_c[t], var_c[t],
     };
     at::parallel_for(0, H, kGrain, [&](int64_t j0, int64_t j1) {
       if (keep) {
@@ -635,39 +638,41 @@ void recurrent_backward_impl(const RecurrentBackwardArgs& args, RecurrentBackwar
   const bool step_input = flags.input_statistics == kInputStep;
   at::Tensor grad_h_prev = at::empty({B, H}, out.grad_h.options());
   const StepGemm recurrent_gemm(args.weight_hh, /*transpose=*/false, B);  // grad_zh [B, 4H] @ W_hh
-  auto row = [](const at::Tensor& t, int64_t step, bool present) -> T* {
-    return present ? t[step].data_ptr<T>() : nullptr;
-  };
   const ReserveLayout layout(H, flags);
   const int64_t width = layout.width;
   const bool any_input = flags.input_statistics != kInputNone;
   const T* reserve = args.reserve.data_ptr<T>();
   const T* c0 = args.c0.data_ptr<T>();
+  const Rows<T> grad_output(args.grad_output, true), projection(args.projection, any_input),
+      mean_ih(args.mean_ih, any_input), var_ih(args.var_ih, any_input),
+      var_hh(args.var_hh, flags.normalize_recurrent), mean_c(args.mean_c, flags.normalize_cell),
+      var_c(args.var_c, flags.normalize_cell), grad_gates(out.grad_gates, true), grad_zh(out.grad_zh, true),
+      grad_wx(out.grad_wx, step_input);
   for (int64_t t = T_ - 1; t >= 0; --t) {
     // The sequence-wise input statistics have one row for every step.
     const int64_t input_row = flags.input_statistics == kInputSequence ? 0 : t;
     const StepBackward<T> step{
-        args.grad_output[t].data_ptr<T>(),
+        grad_output[t],
         reserve + t * B * width,
         t > 0 ? reserve + (t - 1) * B * width + layout.c_new : c0,
         t > 0 ? width : H,
-        row(args.projection, t, any_input),
+        projection[t],
         active + t * B,
         counts[t],
-        row(args.mean_ih, input_row, any_input),
-        row(args.var_ih, input_row, any_input),
-        row(args.var_hh, t, flags.normalize_recurrent),
-        row(args.mean_c, t, flags.normalize_cell),
-        row(args.var_c, t, flags.normalize_cell),
+        mean_ih[input_row],
+        var_ih[input_row],
+        var_hh[t],
+        mean_c[t],
+        var_c[t],
         out.grad_h.data_ptr<T>(),
         out.grad_c.data_ptr<T>(),
-        out.grad_gates[t].data_ptr<T>(),
-        out.grad_zh[t].data_ptr<T>(),
-        row(out.grad_wx, t, step_input),
+        grad_gates[t],
+        grad_zh[t],
+        grad_wx[t],
     };
     at::parallel_for(0, H, kGrain, [&](int64_t j0, int64_t j1) { kernel.run(step, j0, j1); });
     // Gradient of h_{t-1}: through W_hh for active rows, straight through for padded ones.
-    recurrent_gemm.run(out.grad_zh[t], grad_h_prev);  // [B, H]
+    recurrent_gemm.run(grad_zh[t], grad_h_prev.data_ptr<T>());  // [B, H]
     T* grad_h = out.grad_h.data_ptr<T>();
     const T* from_gemm = grad_h_prev.data_ptr<T>();
     for (int64_t b = 0; b < B; ++b) {
