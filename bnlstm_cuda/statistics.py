@@ -74,28 +74,25 @@ def update_running_stats(
     num_steps = stats.mean.shape[0]
     dtype = running_mean.dtype
     count = stats.count.to(dtype)
-    valid = count >= 2  # [N]
+    valid = (count >= 2).unsqueeze(-1)  # [N, 1]
     unbiased_var = stats.var.to(dtype) * (count / (count - 1).clamp(min=1)).unsqueeze(-1)
-    mean = stats.mean.to(dtype)
+    # Mean and variance go through the same arithmetic: one stacked pass, [2, S | N, F].
+    running = torch.stack((running_mean, running_var))
+    batch = torch.stack((stats.mean.to(dtype), unbiased_var))
 
     head = min(num_steps, num_slots - 1)  # steps that own a slot of their own
     if head > 0:
-        keep = valid[:head].unsqueeze(-1)
-        for running, batch in ((running_mean, mean), (running_var, unbiased_var)):
-            blended = (1 - momentum) * running[:head] + momentum * batch[:head]
-            running[:head] = torch.where(keep, blended, running[:head])
+        blended = (1 - momentum) * running[:, :head] + momentum * batch[:, :head]
+        running[:, :head] = torch.where(valid[:head], blended, running[:, :head])
 
-    tail_valid = valid[num_slots - 1 :].to(dtype)  # [K'] steps sharing the last slot
-    if tail_valid.numel() == 0:
-        return
-    # Number of valid steps after each step, and in all.
-    later = tail_valid.flip(0).cumsum(0).flip(0) - tail_valid
-    total = tail_valid.sum()
-    weights = tail_valid * momentum * (1 - momentum) ** later  # [K']
-    decay = (1 - momentum) ** total
-    keep = valid[num_slots - 1 :].unsqueeze(-1)
-    for running, batch in ((running_mean, mean), (running_var, unbiased_var)):
+    tail_valid = valid[num_slots - 1 :]  # [K, 1] steps sharing the last slot
+    if tail_valid.numel() > 0:
+        steps = tail_valid.to(dtype)
+        later = steps.flip(0).cumsum(0).flip(0) - steps  # valid steps after each one
+        weights = steps * momentum * (1 - momentum) ** later  # [K, 1]
+        decay = (1 - momentum) ** steps.sum()
         # where, not a product with the zero weight: a skipped step may hold NaN.
-        batch_tail = torch.where(keep, batch[num_slots - 1 :], torch.zeros_like(running[-1]))
-        tail = (weights.unsqueeze(-1) * batch_tail).sum(0)
-        running[-1] = decay * running[-1] + tail
+        batch_tail = torch.where(tail_valid, batch[:, num_slots - 1 :], torch.zeros((), dtype=dtype))
+        running[:, -1] = decay * running[:, -1] + (weights * batch_tail).sum(1)
+    running_mean.copy_(running[0])
+    running_var.copy_(running[1])
