@@ -1,5 +1,6 @@
 """bnlstm_cuda: the batch-normalized LSTM of Cooijmans et al. (2017) for PyTorch."""
 from .calibration import calibrate_statistics
+from .cell import BNLSTMCell
 from .module import BNLSTM
 from .reference import LayerParams, LayerResult, bnlstm_layer_reference
 from .statistics import BatchStats, update_running_stats
@@ -9,6 +10,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BNLSTM",
+    "BNLSTMCell",
     "BatchStats",
     "LayerParams",
     "LayerResult",

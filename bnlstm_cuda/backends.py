@@ -13,7 +13,6 @@ from typing import Callable, Dict, Optional
 
 import torch
 
-from .build import ExtensionUnavailable
 from .ops import bnlstm_layer_fused, ensure_loaded
 from .reference import LayerResult, bnlstm_layer_reference
 
@@ -33,6 +32,9 @@ def _cpu_problem() -> Optional[str]:
     trace through it)."""
     global _cpu_status
     if _cpu_status is None:
+        # Imported here: `python -m bnlstm_cuda.build` must not find build.py imported already.
+        from .build import ExtensionUnavailable
+
         try:
             ensure_loaded()
             _cpu_status = ""

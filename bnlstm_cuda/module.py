@@ -12,11 +12,11 @@ from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
 from . import validation
 from .backends import BACKEND_NAMES, resolve_backend
-from .reference import LayerParams, RunningStats
+from . import parameters
 from .statistics import BatchStats, update_running_stats
-from .variants import feature_size, get_variant
+from .variants import get_variant
 
-# (layer-direction name, e.g. "l1_reverse") -> part -> batch statistics of that pass
+# layer-direction suffix, e.g. "_l1_reverse" -> part -> batch statistics of that pass
 ForwardStats = Dict[str, Dict[str, BatchStats]]
 
 
@@ -43,13 +43,16 @@ class BNLSTM(nn.Module):
         gamma_init: initial value of every gamma (the paper's 0.1).
         backend: ``"auto"`` or ``"reference"`` (the plain PyTorch loop).
 
-    Inputs: ``input, hx=None, lengths=None``
+    Inputs: ``input, hx=None, lengths=None, start_step=0``
         input: [T, B, I] ([B, T, I] if batch_first), [T, I] unbatched, or a PackedSequence.
         hx: (h_0, c_0), each [num_layers * num_directions, B, H] ([.., H] unbatched);
             zeros if omitted.
         lengths: [B] valid lengths of a padded batch (ints in [1, T], on the CPU or the
             input's device). Padded positions give zero outputs and leave the state alone;
             statistics are taken over the sequences still active at each step.
+        start_step: index of input's first time step, for streaming a long sequence in
+            chunks while carrying (h, c): step t uses statistics slot
+            min(start_step + t, max_length - 1). Unidirectional layers only.
 
     Outputs: ``output, (h_n, c_n)`` shaped as :class:`torch.nn.LSTM`'s; h_n and c_n hold
     each sequence's state at its last valid step.
@@ -102,21 +105,9 @@ class BNLSTM(nn.Module):
             )
 
         factory = {"device": device, "dtype": dtype}
-        hidden = self.hidden_size
-        for name, layer_input in self._layer_directions():
-            self._register_parameter(f"weight_ih_{name}", (4 * hidden, layer_input), factory)
-            self._register_parameter(f"weight_hh_{name}", (4 * hidden, hidden), factory)
-            if self.bias:
-                self._register_parameter(f"bias_{name}", (4 * hidden,), factory)
-            for part in self._variant.parts:
-                features = feature_size(part, hidden)
-                slots = self._variant.num_slots(part, self.max_length)
-                self._register_parameter(f"gamma_{part}_{name}", (features,), factory)
-                stats_shape = (slots, features)
-                self.register_buffer(f"running_mean_{part}_{name}", torch.zeros(stats_shape, **factory))
-                self.register_buffer(f"running_var_{part}_{name}", torch.ones(stats_shape, **factory))
-            if self._variant.normalize_cell:
-                self._register_parameter(f"beta_c_{name}", (hidden,), factory)
+        for suffix, layer_input in self._layer_directions():
+            parameters.register(self, suffix, layer_input, self.hidden_size, self._variant, self.max_length,
+                                self.bias, factory)
         self.reset_parameters()
 
     # Construction helpers ---------------------------------------------------------------
@@ -129,60 +120,29 @@ class BNLSTM(nn.Module):
     def num_directions(self) -> int:
         return 2 if self.bidirectional else 1
 
-    def _suffixes(self) -> Tuple[str, ...]:
-        return ("", "_reverse") if self.bidirectional else ("",)
-
     def _layer_directions(self):
-        """(name, input features) of every layer-direction, in hx order."""
+        """(state_dict suffix, input features) of every layer-direction, in hx order."""
         for layer in range(self.num_layers):
             layer_input = self.input_size if layer == 0 else self.hidden_size * self.num_directions
-            for suffix in self._suffixes():
-                yield f"l{layer}{suffix}", layer_input
-
-    def _register_parameter(self, name: str, shape, factory) -> None:
-        self.register_parameter(name, nn.Parameter(torch.empty(shape, **factory)))
+            for reverse in (False, True)[: self.num_directions]:
+                yield parameters.suffix_of(layer, reverse), layer_input
 
     def reset_running_stats(self) -> None:
         """Running means to 0 and variances to 1."""
-        for name, buffer in self.named_buffers(recurse=False):
-            if name.startswith("running_mean_"):
-                nn.init.zeros_(buffer)
-            elif name.startswith("running_var_"):
-                nn.init.ones_(buffer)
+        for suffix, _ in self._layer_directions():
+            for mean, var in parameters.running_stats(self, suffix, self._variant).values():
+                nn.init.zeros_(mean)
+                nn.init.ones_(var)
 
-    @torch.no_grad()
     def reset_parameters(self) -> None:
         """The "none" variant initialises as torch.nn.LSTM does. Normalized variants follow
         the paper: orthogonal W_hh per gate, zero bias, every gamma gamma_init, beta_c 0."""
-        bound = 1.0 / math.sqrt(self.hidden_size)
-        plain = self._variant.name == "none"
-        for name, _ in self._layer_directions():
-            nn.init.uniform_(getattr(self, f"weight_ih_{name}"), -bound, bound)
-            weight_hh = getattr(self, f"weight_hh_{name}")
-            if plain:
-                nn.init.uniform_(weight_hh, -bound, bound)
-            else:
-                for gate in weight_hh.chunk(4, dim=0):
-                    nn.init.orthogonal_(gate)
-            if self.bias:
-                bias = getattr(self, f"bias_{name}")
-                if plain:
-                    nn.init.uniform_(bias, -bound, bound)
-                else:
-                    nn.init.zeros_(bias)
-            for part in self._variant.parts:
-                nn.init.constant_(getattr(self, f"gamma_{part}_{name}"), self.gamma_init)
-            if self._variant.normalize_cell:
-                nn.init.zeros_(getattr(self, f"beta_c_{name}"))
-        self.reset_running_stats()
+        for suffix, _ in self._layer_directions():
+            parameters.initialise(self, suffix, self.hidden_size, self._variant, self.gamma_init)
 
     def _apply(self, fn, *args, **kwargs):
-        # Running statistics stay float32 when the module is cast to half precision: a
-        # momentum-0.1 average in bfloat16 would lose most of each update.
         super()._apply(fn, *args, **kwargs)
-        for name, buffer in self.named_buffers(recurse=False):
-            if buffer.dtype in (torch.float16, torch.bfloat16):
-                setattr(self, name, buffer.float())
+        parameters.keep_statistics_float32(self)
         return self
 
     def flatten_parameters(self) -> None:
@@ -205,44 +165,39 @@ class BNLSTM(nn.Module):
             f"momentum={self.momentum}, eps={self.eps}, backend={self.backend!r}"
         )
 
-    # Per layer-direction views ----------------------------------------------------------
-
-    def _layer_params(self, name: str) -> LayerParams:
-        return LayerParams(
-            *(getattr(self, f"{field}_{name}", None) for field in (
-                "weight_ih", "weight_hh", "bias", "gamma_ih", "gamma_hh", "gamma_c", "beta_c"
-            ))
-        )
-
-    def _running_stats(self, name: str) -> RunningStats:
-        return {
-            part: (getattr(self, f"running_mean_{part}_{name}"), getattr(self, f"running_var_{part}_{name}"))
-            for part in self._variant.parts
-        }
-
     # Forward ----------------------------------------------------------------------------
 
-    def forward(self, input, hx: Optional[Tuple[Tensor, Tensor]] = None, lengths=None):
+    def forward(self, input, hx: Optional[Tuple[Tensor, Tensor]] = None, lengths=None, start_step: int = 0):
         output, state, batch_stats = self._forward(
             input, hx, lengths,
             batch_statistics=self.training,
             dropout=self.dropout if self.training else 0.0,
+            start_step=start_step,
         )
         if self.training:
-            self._update_running_stats(batch_stats)
+            self._update_running_stats(batch_stats, start_step)
         return output, state
 
-    def _update_running_stats(self, batch_stats: ForwardStats) -> None:
-        for name, parts in batch_stats.items():
-            running = self._running_stats(name)
-            for part, stats in parts.items():
-                update_running_stats(*running[part], stats, self.momentum)
+    def _running_stats(self, suffix: str):
+        return parameters.running_stats(self, suffix, self._variant)
 
-    def _forward(self, input, hx, lengths, *, batch_statistics: bool, dropout: float):
+    def _update_running_stats(self, batch_stats: ForwardStats, start_step: int = 0) -> None:
+        for suffix, parts in batch_stats.items():
+            running = self._running_stats(suffix)
+            for part, stats in parts.items():
+                update_running_stats(*running[part], stats, self.momentum, start_step)
+
+    def _forward(self, input, hx, lengths, *, batch_statistics: bool, dropout: float, start_step: int = 0):
         """Validate, bring the input to [T, B, I], run every layer, restore the layout.
 
         Returns (output, (h_n, c_n), batch statistics of every layer-direction).
         """
+        validation.check_positive_int("start_step", start_step, minimum=0)
+        if start_step and self.bidirectional:
+            raise ValueError(
+                f"start_step={start_step} streams a sequence in chunks, which a bidirectional layer cannot "
+                "do (its reverse direction needs the whole sequence); use start_step=0"
+            )
         weight = self.weight_ih_l0
         packed = isinstance(input, PackedSequence)
         if packed:
@@ -271,7 +226,7 @@ class BNLSTM(nn.Module):
             if unbatched:
                 h0, c0 = h0.unsqueeze(1), c0.unsqueeze(1)
 
-        output, h_n, c_n, batch_stats = self._run_layers(x, h0, c0, lengths, batch_statistics, dropout)
+        output, h_n, c_n, batch_stats = self._run_layers(x, h0, c0, lengths, batch_statistics, dropout, start_step)
 
         if packed:
             output = _pack_like(output, input)
@@ -281,22 +236,22 @@ class BNLSTM(nn.Module):
             output = output.transpose(0, 1)
         return output, (h_n, c_n), batch_stats
 
-    def _run_layers(self, x, h0, c0, lengths, batch_statistics: bool, dropout: float):
+    def _run_layers(self, x, h0, c0, lengths, batch_statistics: bool, dropout: float, start_step: int):
         """x: [T, B, I]; h0, c0: [num_layers * num_directions, B, H]."""
         layer_fn = resolve_backend(self.backend, x.device)
         h_n, c_n, outputs = [], [], []
         batch_stats: ForwardStats = {}
-        for index, (name, _) in enumerate(self._layer_directions()):
+        for index, (suffix, _) in enumerate(self._layer_directions()):
             direction = index % self.num_directions
             result = layer_fn(
-                x, h0[index], c0[index], self._layer_params(name), self._running_stats(name),
+                x, h0[index], c0[index], parameters.layer_params(self, suffix), self._running_stats(suffix),
                 variant=self._variant, training=batch_statistics, eps=self.eps,
-                lengths=lengths, reverse=direction == 1,
+                lengths=lengths, reverse=direction == 1, start_step=start_step,
             )
             outputs.append(result.output)
             h_n.append(result.h_n)
             c_n.append(result.c_n)
-            batch_stats[name] = result.batch_stats
+            batch_stats[suffix] = result.batch_stats
             if direction == self.num_directions - 1:
                 x = torch.cat(outputs, dim=-1) if len(outputs) > 1 else outputs[0]
                 outputs = []
@@ -326,14 +281,30 @@ class BNLSTM(nn.Module):
             lstm.dropout, lstm.bidirectional, **kwargs,
         )
         with torch.no_grad():
-            for name, _ in module._layer_directions():
-                getattr(module, f"weight_ih_{name}").copy_(getattr(lstm, f"weight_ih_{name}"))
-                getattr(module, f"weight_hh_{name}").copy_(getattr(lstm, f"weight_hh_{name}"))
+            for suffix, _ in module._layer_directions():
+                getattr(module, f"weight_ih{suffix}").copy_(getattr(lstm, f"weight_ih{suffix}"))
+                getattr(module, f"weight_hh{suffix}").copy_(getattr(lstm, f"weight_hh{suffix}"))
                 if lstm.bias:
-                    getattr(module, f"bias_{name}").copy_(
-                        getattr(lstm, f"bias_ih_{name}") + getattr(lstm, f"bias_hh_{name}")
+                    getattr(module, f"bias{suffix}").copy_(
+                        getattr(lstm, f"bias_ih{suffix}") + getattr(lstm, f"bias_hh{suffix}")
                     )
         return module
+
+    def load_cell(self, cell, layer: int = 0, reverse: bool = False) -> "BNLSTM":
+        """Copy a BNLSTMCell's parameters and running statistics into one layer-direction
+        (the inverse of BNLSTMCell.from_layer). Sizes, variant, bias and max_length must agree."""
+        self._check_layer_direction(layer, reverse)
+        if cell.variant != self.variant:
+            raise ValueError(f"the cell has variant {cell.variant!r}, the layer {self.variant!r}")
+        parameters.copy_state(self, parameters.suffix_of(layer, reverse), cell, "", self._variant)
+        return self
+
+    def _check_layer_direction(self, layer: int, reverse: bool) -> None:
+        validation.check_positive_int("layer", layer, minimum=0)
+        if layer >= self.num_layers:
+            raise ValueError(f"layer must be < num_layers={self.num_layers}, got {layer}")
+        if reverse and not self.bidirectional:
+            raise ValueError("reverse=True needs a bidirectional layer")
 
     def calibrate(self, batches, progress: bool = False) -> "BNLSTM":
         """Replace the running statistics by exact population statistics over `batches`.

@@ -64,7 +64,7 @@ def _register_python_parts() -> None:
 def _layer_forward_fake(x, h0, c0, lengths, weight_ih, weight_hh, bias, gamma_ih, gamma_hh, gamma_c,
                         beta_c, running_mean_ih, running_var_ih, running_mean_hh, running_var_hh,
                         running_mean_c, running_var_c, input_statistics, normalize_recurrent,
-                        normalize_cell, training, eps, reverse, keep_reserve):
+                        normalize_cell, training, eps, reverse, keep_reserve, start_step=0):
     steps, batch, _ = x.shape
     hidden = weight_hh.shape[1]
     gates = 4 * hidden
@@ -101,7 +101,7 @@ def _layer_backward_fake(grad_output, grad_h_n, grad_c_n, x, lengths, h0, c0, ou
 def _setup_context(ctx, inputs, output):
     (x, h0, c0, lengths, weight_ih, weight_hh, bias, gamma_ih, gamma_hh, gamma_c, beta_c,
      *_running, input_statistics, normalize_recurrent, normalize_cell, training, eps, reverse,
-     keep_reserve) = inputs
+     keep_reserve, _start_step) = inputs
     out, _, _, mean_ih, var_ih, _mean_hh, var_hh, mean_c, var_c, projection, reserve = output
     ctx.mark_non_differentiable(*output[3:])
     # No zero gradients for the statistics and the (large) reserve: they are not used.
@@ -138,7 +138,7 @@ def _layer_backward_formula(ctx, grad_output, grad_h_n, grad_c_n, *_grad_statist
         present(gamma_ih, grad_gamma_ih), present(gamma_hh, grad_gamma_hh),
         present(gamma_c, grad_gamma_c), present(beta_c, grad_beta_c),
         None, None, None, None, None, None,  # running statistics
-        None, None, None, None, None, None, None,  # flags
+        None, None, None, None, None, None, None, None,  # flags, start_step
     )
 
 
@@ -154,6 +154,7 @@ def bnlstm_layer_fused(
     eps: float,
     lengths: Optional[Tensor] = None,
     reverse: bool = False,
+    start_step: int = 0,
 ) -> LayerResult:
     """One layer-direction through `bnlstm::layer_forward`; arguments and result as
     `reference.bnlstm_layer_reference`. Half-precision inputs are computed in float32."""
@@ -175,7 +176,7 @@ def bnlstm_layer_fused(
         torch.ops.bnlstm.layer_forward(
             x, h0, c0, lengths, *params, *running_ih, *running_hh, *running_c,
             INPUT_STATISTICS[variant.input_statistics], variant.normalize_recurrent,
-            variant.normalize_cell, training, eps, reverse, keep_reserve,
+            variant.normalize_cell, training, eps, reverse, keep_reserve, start_step,
         )
     )
     batch_stats = {}

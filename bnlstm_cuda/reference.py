@@ -91,6 +91,7 @@ def bnlstm_layer_reference(
     eps: float,
     lengths: Optional[Tensor] = None,
     reverse: bool = False,
+    start_step: int = 0,
 ) -> LayerResult:
     """Run one BN-LSTM layer in one direction over a padded batch.
 
@@ -101,6 +102,8 @@ def bnlstm_layer_reference(
              folds LayerResult.batch_stats into them)
     reverse: process each sequence from its own last element: step t reads position
              lengths[b] - 1 - t.
+    start_step: index of x's first time step (streaming in chunks): step t uses the
+             statistics slot min(start_step + t, S - 1).
     """
     out_dtype = x.dtype
     dtype = compute_dtype(x.dtype)
@@ -115,7 +118,7 @@ def bnlstm_layer_reference(
         # Padding may hold anything (NaN too); zero it so it cannot reach a statistic or,
         # through 0 * NaN in the backward pass, a gradient.
         x = torch.where(active.unsqueeze(-1), x, torch.zeros_like(x))
-    steps = torch.arange(num_steps, device=x.device)
+    steps = torch.arange(num_steps, device=x.device) + start_step
     batch_stats: Dict[str, BatchStats] = {}
 
     def population(part: str, step: Tensor) -> Tuple[Tensor, Tensor]:

@@ -59,15 +59,16 @@ def statistics_slots(num_steps: int, num_slots: int, device) -> Tensor:
 
 @torch.no_grad()
 def update_running_stats(
-    running_mean: Tensor, running_var: Tensor, stats: BatchStats, momentum: float
+    running_mean: Tensor, running_var: Tensor, stats: BatchStats, momentum: float, start_step: int = 0
 ) -> None:
     """Fold the batch statistics of steps 0..N-1, in order, into the running statistics.
 
     running_mean, running_var: [S, F], updated in place
     stats: BatchStats with mean, var [N, F] (biased) and count [N]
-    Step t updates slot min(t, S-1) with the unbiased variance, unless count[t] < 2.
-    Vectorised (no host synchronisation): slots below S-1 see at most one step; slot S-1
-    sees the K valid steps t >= S-1 in order, which unrolls to
+    start_step: index of the first step (a chunk of a longer sequence starts later)
+    Step t updates slot min(start_step + t, S-1) with the unbiased variance, unless
+    count[t] < 2. Vectorised (no host synchronisation): slots below S-1 see at most one
+    step; slot S-1 sees the K valid steps that reach it in order, which unrolls to
     r_K = (1-m)^K r_0 + sum_k m (1-m)^(K-k) v_k.
     """
     num_slots = running_mean.shape[0]
@@ -80,19 +81,21 @@ def update_running_stats(
     running = torch.stack((running_mean, running_var))
     batch = torch.stack((stats.mean.to(dtype), unbiased_var))
 
-    head = min(num_steps, num_slots - 1)  # steps that own a slot of their own
+    # Steps that own a slot of their own: slots start_step .. start_step + head - 1.
+    head = max(0, min(num_steps, num_slots - 1 - start_step))
     if head > 0:
-        blended = (1 - momentum) * running[:, :head] + momentum * batch[:, :head]
-        running[:, :head] = torch.where(valid[:head], blended, running[:, :head])
+        slots = slice(start_step, start_step + head)
+        blended = (1 - momentum) * running[:, slots] + momentum * batch[:, :head]
+        running[:, slots] = torch.where(valid[:head], blended, running[:, slots])
 
-    tail_valid = valid[num_slots - 1 :]  # [K, 1] steps sharing the last slot
+    tail_valid = valid[head:]  # [K, 1] steps sharing the last slot
     if tail_valid.numel() > 0:
         steps = tail_valid.to(dtype)
         later = steps.flip(0).cumsum(0).flip(0) - steps  # valid steps after each one
         weights = steps * momentum * (1 - momentum) ** later  # [K, 1]
         decay = (1 - momentum) ** steps.sum()
         # where, not a product with the zero weight: a skipped step may hold NaN.
-        batch_tail = torch.where(tail_valid, batch[:, num_slots - 1 :], torch.zeros((), dtype=dtype))
+        batch_tail = torch.where(tail_valid, batch[:, head:], torch.zeros((), dtype=dtype))
         running[:, -1] = decay * running[:, -1] + (weights * batch_tail).sum(1)
     running_mean.copy_(running[0])
     running_var.copy_(running[1])

@@ -25,6 +25,7 @@ struct LayerFlags {
   bool normalize_cell;
   bool training;  // batch statistics (true) or running statistics (false)
   double eps;
+  int64_t start_step;  // index of the first step: step t reads statistics slot min(start_step + t, S - 1)
 };
 
 // Per-step values the backward pass reads, stored row by row in reserve [T, B, width].

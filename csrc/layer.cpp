@@ -62,12 +62,13 @@ LayerForwardResult layer_forward(
     const c10::optional<at::Tensor>& running_var_ih, const c10::optional<at::Tensor>& running_mean_hh,
     const c10::optional<at::Tensor>& running_var_hh, const c10::optional<at::Tensor>& running_mean_c,
     const c10::optional<at::Tensor>& running_var_c, int64_t input_statistics, bool normalize_recurrent,
-    bool normalize_cell, bool training, double eps, bool reverse, bool keep_reserve) {
+    bool normalize_cell, bool training, double eps, bool reverse, bool keep_reserve, int64_t start_step) {
   TORCH_CHECK(x.dim() == 3, "x must be [T, B, I], got ", x.sizes());
   TORCH_CHECK(input_statistics >= kInputNone && input_statistics <= kInputSequence,
               "input_statistics must be 0 (none), 1 (step) or 2 (sequence), got ", input_statistics);
   const int64_t T = x.size(0), B = x.size(1), I = x.size(2), H = weight_hh.size(-1), G = 4 * H;
-  const LayerFlags flags{input_statistics, normalize_recurrent, normalize_cell, training, eps};
+  TORCH_CHECK(start_step >= 0, "start_step must be >= 0, got ", start_step);
+  const LayerFlags flags{input_statistics, normalize_recurrent, normalize_cell, training, eps, start_step};
   const bool normalize_input = input_statistics != kInputNone;
   check_tensor(h0, "h0", {B, H}, x);
   check_tensor(c0, "c0", {B, H}, x);
@@ -169,7 +170,8 @@ LayerBackwardResult layer_backward(
     const at::Tensor& var_c, const at::Tensor& projection, const at::Tensor& reserve, int64_t input_statistics,
     bool normalize_recurrent, bool normalize_cell, bool training, double eps, bool reverse) {
   const int64_t T = x.size(0), B = x.size(1), I = x.size(2), H = weight_hh.size(-1), G = 4 * H;
-  const LayerFlags flags{input_statistics, normalize_recurrent, normalize_cell, training, eps};
+  // The backward pass reads the statistics each step used, never a slot: start_step is moot.
+  const LayerFlags flags{input_statistics, normalize_recurrent, normalize_cell, training, eps, 0};
   const bool normalize_input = input_statistics != kInputNone;
   const ReserveLayout layout(H, flags);
   TORCH_CHECK(reserve.dim() == 3 && reserve.size(0) == T && reserve.size(1) == B && reserve.size(2) == layout.width,

@@ -32,7 +32,7 @@ LayerForwardResult layer_forward(
     const OptTensor& running_mean_ih, const OptTensor& running_var_ih, const OptTensor& running_mean_hh,
     const OptTensor& running_var_hh, const OptTensor& running_mean_c, const OptTensor& running_var_c,
     int64_t input_statistics, bool normalize_recurrent, bool normalize_cell, bool training, double eps,
-    bool reverse, bool keep_reserve);
+    bool reverse, bool keep_reserve, int64_t start_step);
 
 LayerBackwardResult layer_backward(
     RecurrentBackwardFn recurrent, const at::Tensor& grad_output, const at::Tensor& grad_h_n,
@@ -50,11 +50,12 @@ LayerForwardResult bind_layer_forward(
     const OptTensor& gamma_hh, const OptTensor& gamma_c, const OptTensor& beta_c, const OptTensor& running_mean_ih,
     const OptTensor& running_var_ih, const OptTensor& running_mean_hh, const OptTensor& running_var_hh,
     const OptTensor& running_mean_c, const OptTensor& running_var_c, int64_t input_statistics,
-    bool normalize_recurrent, bool normalize_cell, bool training, double eps, bool reverse, bool keep_reserve) {
+    bool normalize_recurrent, bool normalize_cell, bool training, double eps, bool reverse, bool keep_reserve,
+    int64_t start_step) {
   return layer_forward(Recurrent, x, h0, c0, lengths, weight_ih, weight_hh, bias, gamma_ih, gamma_hh, gamma_c,
                        beta_c, running_mean_ih, running_var_ih, running_mean_hh, running_var_hh, running_mean_c,
                        running_var_c, input_statistics, normalize_recurrent, normalize_cell, training, eps, reverse,
-                       keep_reserve);
+                       keep_reserve, start_step);
 }
 
 template <RecurrentBackwardFn Recurrent>

@@ -122,7 +122,7 @@ struct StepForward {
   const T* zh;  // W_hh h_{t-1}
   const bool* active;
   int64_t count;
-  int64_t step;  // t: picks the statistics rows min(t, S - 1) in evaluation
+  int64_t step;  // start_step + t: picks the statistics rows min(step, S - 1) in evaluation
   T* h;
   T* c;
   T* output;
@@ -331,7 +331,7 @@ void recurrent_forward_impl(const RecurrentForwardArgs& args, RecurrentForwardOu
   for (int64_t t = 0; t < T_; ++t) {
     recurrent_gemm.run(out.h.data_ptr<T>(), zh.data_ptr<T>());  // [B, 4H]
     const StepForward<T> step{
-        projection[t], zh.data_ptr<T>(), active + t * B, counts[t], t,
+        projection[t], zh.data_ptr<T>(), active + t * B, counts[t], flags.start_step + t,
         out.h.data_ptr<T>(), out.c.data_ptr<T>(), output[t], reserve[t],
         mean_ih[t], var_ih[t], mean_hh[t], var_hh[t], mean_c[t], var_c[t],
     };

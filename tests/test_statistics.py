@@ -39,7 +39,8 @@ def test_steps_with_fewer_than_two_active_sequences_do_not_update():
 
 
 @pytest.mark.parametrize("num_slots, num_steps", [(1, 1), (1, 5), (3, 2), (3, 3), (3, 8)])
-def test_vectorised_update_equals_sequential_rule(num_slots, num_steps):
+@pytest.mark.parametrize("start_step", [0, 1, 4])
+def test_vectorised_update_equals_sequential_rule(num_slots, num_steps, start_step):
     momentum = 0.3
     stats = BatchStats(
         torch.randn(num_steps, 6, dtype=torch.float64),
@@ -53,10 +54,10 @@ def test_vectorised_update_equals_sequential_rule(num_slots, num_steps):
         n = stats.count[t]
         if n < 2:
             continue
-        slot = min(t, num_slots - 1)
+        slot = min(start_step + t, num_slots - 1)
         expected_mean[slot] = (1 - momentum) * expected_mean[slot] + momentum * stats.mean[t]
         expected_var[slot] = (1 - momentum) * expected_var[slot] + momentum * stats.var[t] * n / (n - 1)
-    update_running_stats(running_mean, running_var, stats, momentum)
+    update_running_stats(running_mean, running_var, stats, momentum, start_step)
     torch.testing.assert_close(running_mean, expected_mean, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(running_var, expected_var, rtol=1e-12, atol=1e-12)
 

@@ -25,7 +25,7 @@ using ForwardOp = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at:
     const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&,
     const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&,
     const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&, int64_t, bool, bool, bool, double, bool,
-    bool);
+    bool, int64_t);
 
 }  // namespace
 
@@ -41,7 +41,8 @@ int main() {
 
   auto op = c10::Dispatcher::singleton().findSchemaOrThrow("bnlstm::layer_forward", "").typed<ForwardOp>();
   const auto out = op.call(x, h0, c0, lengths, w_ih, w_hh, bias, none, none, none, none, none, none, none, none, none,
-                           none, /*input_statistics=*/0, false, false, /*training=*/true, 1e-5, false, true);
+                           none, /*input_statistics=*/0, false, false, /*training=*/true, 1e-5, false, true,
+                           /*start_step=*/0);
   const at::Tensor output = std::get<0>(out), h_n = std::get<1>(out);
 
   // The plain LSTM, sequence by sequence, with ATen.

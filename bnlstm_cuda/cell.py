@@ -1,0 +1,161 @@
+"""`BNLSTMCell`: one BN-LSTM step, the counterpart of `torch.nn.LSTMCell`.
+
+A batch-normalized LSTM has statistics per time step, so a step-by-step loop (a decoder,
+beam search, an agent) must say which step it is at: `step` picks the statistics slot
+min(step, max_length - 1), in training and evaluation alike. The cell runs the layer's own
+operator on a one-step sequence (the fused step kernels where a backend has them), so its
+math and its backward pass are the layer's.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from . import parameters, validation
+from .backends import BACKEND_NAMES, resolve_backend
+from .statistics import update_running_stats
+from .variants import get_variant
+
+
+class BNLSTMCell(nn.Module):
+    r"""One step of the batch-normalized LSTM (Cooijmans et al., 2017).
+
+    Args: as :class:`BNLSTM` (input_size, hidden_size, bias, max_length, variant, momentum,
+    eps, gamma_init, backend, device, dtype), for a single layer and direction.
+
+    Inputs: ``input, hx=None, step=0, mask=None``
+        input: [B, I], or [I] unbatched.
+        hx: (h_0, c_0), each [B, H] ([H] unbatched); zeros if omitted.
+        step: index of this time step; the statistics slot is min(step, max_length - 1).
+        mask: [B] bool, the rows still active. Inactive rows do not enter the batch
+            statistics and keep their state, as padded steps do in the layer.
+
+    Outputs: ``(h_1, c_1)``, each [B, H] ([H] unbatched).
+
+    State dict: the layer's names without the layer suffix: ``weight_ih`` [4H, I],
+    ``weight_hh`` [4H, H], ``bias`` [4H], ``gamma_ih``, ``gamma_hh`` [4H], ``gamma_c``,
+    ``beta_c`` [H], ``running_mean_*`` / ``running_var_*`` [max_length, F]. Weights move to
+    and from a BNLSTM with :meth:`from_layer` and :meth:`BNLSTM.load_cell`.
+    """
+
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        bias: bool = True,
+        *,
+        max_length: int = 100,
+        variant: str = "cooijmans",
+        momentum: float = 0.1,
+        eps: float = 1e-5,
+        gamma_init: float = 0.1,
+        backend: str = "auto",
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        self.input_size = validation.check_positive_int("input_size", input_size)
+        self.hidden_size = validation.check_positive_int("hidden_size", hidden_size)
+        self.max_length = validation.check_positive_int("max_length", max_length)
+        self.momentum = validation.check_float("momentum", momentum, 0.0, 1.0)
+        self.eps = validation.check_float("eps", eps, 0.0, math.inf, low_open=True)
+        self.gamma_init = validation.check_float("gamma_init", gamma_init, -math.inf, math.inf)
+        # `bias` names the parameter (the layer's state_dict name without suffix), so the flag
+        # lives under another name.
+        self.has_bias = bool(bias)
+        self.variant = get_variant(variant).name
+        self.backend = validation.check_choice("backend", backend, BACKEND_NAMES)
+        parameters.register(self, "", self.input_size, self.hidden_size, self._variant, self.max_length,
+                            self.has_bias, {"device": device, "dtype": dtype})
+        self.reset_parameters()
+
+    @property
+    def _variant(self):
+        return get_variant(self.variant)
+
+    def reset_parameters(self) -> None:
+        """As BNLSTM.reset_parameters."""
+        parameters.initialise(self, "", self.hidden_size, self._variant, self.gamma_init)
+
+    def _apply(self, fn, *args, **kwargs):
+        super()._apply(fn, *args, **kwargs)
+        parameters.keep_statistics_float32(self)
+        return self
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.input_size}, {self.hidden_size}{'' if self.has_bias else ', bias=False'}, "
+            f"max_length={self.max_length}, variant={self.variant!r}, momentum={self.momentum}, "
+            f"eps={self.eps}, backend={self.backend!r}"
+        )
+
+    @classmethod
+    def from_layer(cls, layer_module, layer: int = 0, reverse: bool = False, **kwargs) -> "BNLSTMCell":
+        """A cell holding the parameters and running statistics of one layer-direction of
+        a BNLSTM (kwargs such as backend go to the constructor)."""
+        layer_module._check_layer_direction(layer, reverse)
+        suffix = parameters.suffix_of(layer, reverse)
+        weight = getattr(layer_module, f"weight_ih{suffix}")
+        kwargs.setdefault("backend", layer_module.backend)
+        cell = cls(
+            weight.shape[1], layer_module.hidden_size, layer_module.bias, max_length=layer_module.max_length,
+            variant=layer_module.variant, momentum=layer_module.momentum, eps=layer_module.eps,
+            gamma_init=layer_module.gamma_init, device=weight.device, dtype=weight.dtype, **kwargs,
+        )
+        parameters.copy_state(cell, "", layer_module, suffix, cell._variant)
+        return cell
+
+    def forward(self, input, hx: Optional[Tuple[Tensor, Tensor]] = None, step: int = 0,
+                mask: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+        weight = self.weight_ih
+        if not isinstance(input, Tensor):
+            raise TypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
+        if input.dim() not in (1, 2):
+            raise ValueError(
+                f"input must be 2-D [B, {self.input_size}] or 1-D unbatched [{self.input_size}], "
+                f"got {input.dim()}-D shape {tuple(input.shape)}"
+            )
+        unbatched = input.dim() == 1
+        x = input.reshape(1, 1, -1) if unbatched else input.unsqueeze(0)  # [T=1, B, I]
+        validation.check_input(x, self.input_size, weight.dtype, weight.device)
+        validation.check_positive_int("step", step, minimum=0)
+        batch = x.shape[1]
+        validation.check_training_batch(batch, self.training)
+        lengths = self._mask_to_lengths(mask, batch, unbatched, x.device)
+        if hx is None:
+            h0 = c0 = torch.zeros(batch, self.hidden_size, dtype=x.dtype, device=x.device)
+        else:
+            shape = (self.hidden_size,) if unbatched else (batch, self.hidden_size)
+            h0, c0 = validation.check_hx(hx, shape, input)
+            h0, c0 = h0.reshape(batch, -1), c0.reshape(batch, -1)
+
+        layer_fn = resolve_backend(self.backend, x.device)
+        running = parameters.running_stats(self, "", self._variant)
+        result = layer_fn(
+            x, h0, c0, parameters.layer_params(self, ""), running, variant=self._variant,
+            training=self.training, eps=self.eps, lengths=lengths, start_step=step,
+        )
+        if self.training:
+            for part, stats in result.batch_stats.items():
+                update_running_stats(*running[part], stats, self.momentum, step)
+        h_1, c_1 = result.h_n, result.c_n
+        return (h_1[0], c_1[0]) if unbatched else (h_1, c_1)
+
+    @staticmethod
+    def _mask_to_lengths(mask, batch: int, unbatched: bool, device) -> Optional[Tensor]:
+        """mask [B] bool -> lengths [B] of 1 (active) or 0: the layer's padding rule."""
+        if mask is None:
+            return None
+        if not isinstance(mask, Tensor):
+            raise TypeError(f"mask must be a bool tensor of shape [{batch}], got {type(mask).__name__}")
+        expected = () if unbatched else (batch,)
+        if mask.dtype != torch.bool:
+            raise TypeError(f"mask must have dtype torch.bool, got {mask.dtype}")
+        if tuple(mask.shape) != expected:
+            raise ValueError(f"mask must have shape {list(expected)}, got {list(mask.shape)}")
+        if mask.device.type != "cpu" and mask.device != device:
+            raise ValueError(f"mask must be on the CPU or on the input's device {device}, got {mask.device}")
+        return mask.reshape(batch).to(device=device, dtype=torch.int64)
