@@ -3,7 +3,8 @@
 Conventions (../shared/PAPER.md, as torch.nn.BatchNorm): batch statistics use the biased
 variance; running statistics are updated with the unbiased one,
 `running = (1 - momentum) * running + momentum * batch`; time step t uses statistics slot
-`min(t, num_slots - 1)`; a step with fewer than 2 active sequences does not update them.
+`min(start_step + t, num_slots - 1)`; a step with fewer than 2 active sequences does not update
+them.
 """
 from __future__ import annotations
 
@@ -50,11 +51,6 @@ def normalize(z: Tensor, mean: Tensor, var: Tensor, gamma: Tensor, beta, eps: fl
     """
     z_hat = (z - mean.unsqueeze(-2)) * torch.rsqrt(var.unsqueeze(-2) + eps) * gamma
     return z_hat if beta is None else z_hat + beta
-
-
-def statistics_slots(num_steps: int, num_slots: int, device) -> Tensor:
-    """Slot of each step: min(t, num_slots - 1), as int64 [num_steps]."""
-    return torch.arange(num_steps, device=device).clamp(max=num_slots - 1)
 
 
 @torch.no_grad()
