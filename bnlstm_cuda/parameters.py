@@ -20,7 +20,11 @@ PARAMETER_FIELDS = LayerParams._fields  # weight_ih, weight_hh, bias, gamma_ih, 
 
 def register(module: nn.Module, suffix: str, input_size: int, hidden_size: int, variant: Variant,
              max_length: int, bias: bool, factory: dict) -> None:
-    """Create the parameters and buffers of one layer-direction (values: see initialise)."""
+    """Create the parameters and buffers of one layer-direction (values: see initialise).
+    Running statistics are float32 when the parameters are half precision."""
+    statistics_factory = dict(factory)
+    if factory.get("dtype") in (torch.float16, torch.bfloat16):
+        statistics_factory["dtype"] = torch.float32
 
     def parameter(name, *shape):
         module.register_parameter(name + suffix, nn.Parameter(torch.empty(shape, **factory)))
@@ -33,8 +37,8 @@ def register(module: nn.Module, suffix: str, input_size: int, hidden_size: int, 
         features = feature_size(part, hidden_size)
         parameter(f"gamma_{part}", features)
         shape = (variant.num_slots(part, max_length), features)
-        module.register_buffer(f"running_mean_{part}{suffix}", torch.zeros(shape, **factory))
-        module.register_buffer(f"running_var_{part}{suffix}", torch.ones(shape, **factory))
+        module.register_buffer(f"running_mean_{part}{suffix}", torch.zeros(shape, **statistics_factory))
+        module.register_buffer(f"running_var_{part}{suffix}", torch.ones(shape, **statistics_factory))
     if variant.normalize_cell:
         parameter("beta_c", hidden_size)
 
@@ -51,8 +55,9 @@ def initialise(module: nn.Module, suffix: str, hidden_size: int, variant: Varian
     if plain:
         nn.init.uniform_(params.weight_hh, -bound, bound)
     else:
+        # In float32 and copied: QR, which orthogonal_ needs, has no half-precision kernel.
         for gate in params.weight_hh.chunk(4, dim=0):
-            nn.init.orthogonal_(gate)
+            gate.copy_(nn.init.orthogonal_(torch.empty(gate.shape, dtype=torch.float32, device=gate.device)))
     if params.bias is not None:
         if plain:
             nn.init.uniform_(params.bias, -bound, bound)

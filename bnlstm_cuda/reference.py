@@ -121,10 +121,13 @@ def bnlstm_layer_reference(
     steps = torch.arange(num_steps, device=x.device) + start_step
     batch_stats: Dict[str, BatchStats] = {}
 
-    def population(part: str, step: Tensor) -> Tuple[Tensor, Tensor]:
-        # Evaluation statistics of the given step(s): slot min(step, S - 1).
+    def population(part: str, step) -> Tuple[Tensor, Tensor]:
+        # Evaluation statistics of the given step(s), an int or a tensor of steps: slot
+        # min(step, S - 1). (An int indexes without a tensor round trip, which keeps the
+        # time loop free of data-dependent indexing under torch.compile.)
         mean, var = running[part]
-        slot = step.clamp(max=mean.shape[0] - 1)
+        last = mean.shape[0] - 1
+        slot = min(step, last) if isinstance(step, int) else step.clamp(max=last)
         return mean[slot].to(dtype), var[slot].to(dtype)
 
     # Input side, all steps at once: one GEMM, then the input normalization.
@@ -156,7 +159,7 @@ def bnlstm_layer_reference(
                 recurrent_stats.append(stats)
                 mean, var = stats.mean, stats.var
             else:
-                mean, var = population("hh", steps[t])
+                mean, var = population("hh", start_step + t)
             wh = normalize(wh, mean, var, p.gamma_hh, None, eps)
         i, f, g, o = (wx[t] + wh).chunk(4, dim=1)  # each [B, H]
         c_next = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
@@ -167,7 +170,7 @@ def bnlstm_layer_reference(
                 cell_stats.append(stats)
                 mean, var = stats.mean, stats.var
             else:
-                mean, var = population("c", steps[t])
+                mean, var = population("c", start_step + t)
             c_out = normalize(c_next, mean, var, p.gamma_c, p.beta_c, eps)
         h_next = torch.sigmoid(o) * torch.tanh(c_out)
         # Padded positions give zero output and leave the state where it was.
