@@ -1,0 +1,93 @@
+"""What is measured: the providers (implementations of one LSTM layer) and the modes."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from typing import Callable, List
+
+import torch
+from torch import nn
+
+from bnlstm_cuda import BNLSTM
+from bnlstm_cuda.backends import available_backends
+
+from .sweeps import Config
+
+BASELINE = "nn.LSTM"
+MODES = ("inference", "forward", "train_step")
+
+
+@dataclass(frozen=True)
+class Provider:
+    name: str
+    # (config, device) -> a module mapping input [T, B, I] to (output [T, B, H], (h_n, c_n))
+    build: Callable[[Config, torch.device], nn.Module]
+
+
+def _bnlstm(backend: str, config: Config, device: torch.device) -> nn.Module:
+    # One statistics slot per step, as in the paper (T=784 for pixel-by-pixel MNIST).
+    module = BNLSTM(
+        config.input_size, config.hidden_size, max_length=config.seq_len,
+        backend=backend, device=device,
+    )
+    # Built in float32 and cast: the orthogonal initialisation has no bf16 QR on the CPU.
+    return module.to(config.dtype)
+
+
+def _compiled_reference(config: Config, device: torch.device) -> nn.Module:
+    # A fresh start per configuration: otherwise dynamo marks shapes dynamic after the
+    # first change and falls back to eager once its recompile limit is reached.
+    torch._dynamo.reset()
+    return torch.compile(_bnlstm("reference", config, device))
+
+
+def _nn_lstm(config: Config, device: torch.device) -> nn.Module:
+    return nn.LSTM(config.input_size, config.hidden_size, device=device, dtype=config.dtype)
+
+
+def providers(device: torch.device, compile: bool = False) -> List[Provider]:
+    """Every backend of the package available on `device`, torch.compile of the reference
+    if asked, and torch.nn.LSTM (cuDNN on a GPU) as the bar, last."""
+    found = [Provider(f"bnlstm:{name}", partial(_bnlstm, name)) for name in available_backends(device)]
+    if compile:
+        found.append(Provider("bnlstm:reference+compile", _compiled_reference))
+    found.append(Provider(BASELINE, _nn_lstm))
+    return found
+
+
+def make_call(module: nn.Module, mode: str, config: Config, device: torch.device) -> Callable[[], None]:
+    """A no-argument call that runs `module` once in `mode` on a fixed random input.
+
+    inference: eval mode, no autograd. forward: training mode (batch statistics, running
+    statistics updated) with autograd recording. train_step: forward plus backward, with
+    the parameter gradients dropped first so every step allocates and writes them.
+    """
+    options = {"device": device, "dtype": config.dtype}
+    x = torch.randn(config.seq_len, config.batch, config.input_size, **options)  # [T, B, I]
+    if mode == "inference":
+        module.eval()
+
+        def call() -> None:
+            with torch.no_grad():
+                module(x)
+
+        return call
+    module.train()
+    if mode == "forward":
+
+        def call() -> None:
+            module(x)
+
+        return call
+    if mode != "train_step":
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    grad_output = torch.randn(config.seq_len, config.batch, config.hidden_size, **options)  # [T, B, H]
+    parameters = list(module.parameters())
+
+    def call() -> None:
+        for parameter in parameters:
+            parameter.grad = None
+        output, _ = module(x)
+        output.backward(grad_output)
+
+    return call

@@ -1,0 +1,83 @@
+"""`python -m benchmarks.run`: every provider, every mode, over a sweep; prints the table
+and writes benchmarks/results/<device tag>_<sweep>.{json,md,png}."""
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from typing import List, Optional
+
+import torch
+from tqdm.auto import tqdm
+
+from .floor import matmul_rate
+from .providers import MODES, make_call, providers
+from .report import Measurement, environment, markdown_table, rows, write_files
+from .sweeps import SWEEPS
+from .timing import peak_memory_bytes, time_call
+
+
+def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__)
+    parser.add_argument("--sweep", choices=sorted(SWEEPS), default="default",
+                        help="default: small, for a CPU (a few minutes); gpu: bf16/fp32, H up to 1024, T up to 784")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time torch.compile of the reference (minutes of compilation per shape on a CPU)")
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed calls before timing")
+    parser.add_argument("--min-runs", type=int, default=10, help="timed runs per measurement, at least")
+    parser.add_argument("--min-time", type=float, default=0.5, help="seconds of timed runs per measurement, at least")
+    parser.add_argument("--results-dir", type=Path, default=Path(__file__).parent / "results")
+    return parser.parse_args(argv)
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    args = parse_args(argv)
+    started = time.perf_counter()
+    device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    configs = SWEEPS[args.sweep]
+    found = providers(device, compile=args.compile)
+    timing = {"warmup": args.warmup, "min_runs": args.min_runs, "min_time_s": args.min_time}
+
+    rates = {dtype: matmul_rate(device, dtype) for dtype in dict.fromkeys(c.dtype for c in configs)}
+    measurements = []
+    with tqdm(total=len(configs) * len(found) * len(MODES), unit="measurement") as progress:
+        for config in configs:
+            for provider in found:
+                torch.manual_seed(0)
+                module = provider.build(config, device)
+                for mode in MODES:
+                    progress.set_postfix_str(f"{config.label} {provider.name} {mode}", refresh=True)
+                    measurements.append(_measure(module, mode, config, provider.name, device, timing))
+                    progress.update()
+                del module
+
+    env = environment(device, args.sweep, timing, rates)
+    records = rows(measurements, rates)
+    print(markdown_table(records))
+    below_floor = sum(record.get("times_floor", 1.0) < 1.0 for record in records)
+    if below_floor:
+        print(f"note: {below_floor} measurements ran faster than the floor: the matmul rate was "
+              "measured under load (re-run on a quiet machine), or cuDNN used TF32 for fp32")
+    for path in write_files(records, env, args.results_dir):
+        print(f"wrote {path}")
+    print(f"{len(measurements)} measurements in {time.perf_counter() - started:.0f} s")
+
+
+def _measure(module, mode, config, provider, device, timing) -> Measurement:
+    """Time one (configuration, provider, mode); a failure is recorded, not raised, so a
+    long sweep keeps the rest."""
+    try:
+        call = make_call(module, mode, config, device)
+        result = time_call(call, device, **timing)
+        return Measurement(config, provider, mode, result, peak_memory_bytes(call, device))
+    except (RuntimeError, NotImplementedError, ValueError) as error:
+        tqdm.write(f"{config.label} {provider} {mode} failed: {error}")
+        return Measurement(config, provider, mode, None, None, error=f"{type(error).__name__}: {error}")
+
+
+if __name__ == "__main__":
+    main()
