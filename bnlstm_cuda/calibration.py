@@ -7,7 +7,8 @@ statistics slot, and writes the pooled mean and unbiased variance into the runni
 """
 from __future__ import annotations
 
-from typing import Dict, Iterable, Tuple
+from collections.abc import Iterable
+from typing import Dict, Tuple
 
 import torch
 from torch import Tensor
@@ -70,6 +71,13 @@ def calibrate_statistics(module, batches: Iterable, progress: bool = False) -> N
     into the last slot). Slots that saw fewer than 2 samples keep their old values.
     Initial states are zero. The module's training flag is left as it was.
     """
+    if not callable(getattr(module, "_forward", None)) or not callable(getattr(module, "_running_stats", None)):
+        raise TypeError(f"module must be a BNLSTM, got {type(module).__name__}")
+    if isinstance(batches, (Tensor, PackedSequence)) or not isinstance(batches, Iterable):
+        raise TypeError(
+            "batches must be an iterable of input tensors, PackedSequences or (input, lengths) "
+            f"pairs (a list, a generator, a DataLoader), got {type(batches).__name__}"
+        )
     accumulators: Dict[Tuple[str, str], _SlotAccumulator] = {}
     if progress:
         from tqdm.auto import tqdm
@@ -78,8 +86,12 @@ def calibrate_statistics(module, batches: Iterable, progress: bool = False) -> N
     num_batches = 0
     for batch in batches:
         num_batches += 1
-        input, lengths = _split_batch(batch)
-        _, _, batch_stats = module._forward(input, None, lengths, batch_statistics=True, dropout=0.0)
+        try:
+            input, lengths = _split_batch(batch)
+            _, _, batch_stats = module._forward(input, None, lengths, batch_statistics=True, dropout=0.0)
+        except (TypeError, ValueError) as error:
+            # Which batch of a long iterable was bad; the message itself names the argument.
+            raise type(error)(f"calibration batch {num_batches - 1}: {error}") from error
         for name, parts in batch_stats.items():
             for part, stats in parts.items():
                 key = (name, part)

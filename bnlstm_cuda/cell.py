@@ -76,6 +76,14 @@ class BNLSTMCell(nn.Module):
     def _variant(self):
         return get_variant(self.variant)
 
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        # As BNLSTM: name the constructor argument that differs.
+        own = {**dict(self.named_parameters(recurse=False)), **dict(self.named_buffers(recurse=False))}
+        error_msgs.extend(validation.state_dict_mismatches(state_dict, prefix, own, self.max_length))
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+
     def reset_parameters(self) -> None:
         """As BNLSTM.reset_parameters."""
         parameters.initialise(self, "", self.hidden_size, self._variant, self.gamma_init)

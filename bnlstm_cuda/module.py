@@ -178,6 +178,14 @@ class BNLSTM(nn.Module):
             self._update_running_stats(batch_stats, start_step)
         return output, state
 
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        # Name the constructor argument that differs before torch lists every mismatched tensor.
+        own = {**dict(self.named_parameters(recurse=False)), **dict(self.named_buffers(recurse=False))}
+        error_msgs.extend(validation.state_dict_mismatches(state_dict, prefix, own, self.max_length))
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+
     def _running_stats(self, suffix: str):
         return parameters.running_stats(self, suffix, self._variant)
 
@@ -203,6 +211,7 @@ class BNLSTM(nn.Module):
         if packed:
             if lengths is not None:
                 raise ValueError("lengths must be None when input is a PackedSequence (it carries its own)")
+            validation.check_packed(input, self.input_size)
             x, lengths = pad_packed_sequence(input)  # [T, B, I] in the caller's batch order
             validation.check_input(x, self.input_size, weight.dtype, weight.device)
         else:

@@ -5,8 +5,9 @@ was expected and what came, so no backend ever sees a malformed call.
 """
 from __future__ import annotations
 
+import math
 import numbers
-from typing import Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -24,6 +25,10 @@ def check_float(name: str, value, low: float, high: float, low_open: bool = Fals
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a float, got {type(value).__name__}")
     value = float(value)
+    # NaN passes every comparison and inf breaks the arithmetic: both are refused here, so
+    # a NaN momentum cannot quietly turn every running statistic into NaN.
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value}")
     too_low = value <= low if low_open else value < low
     if too_low or value > high:
         bracket = "(" if low_open else "["
@@ -96,6 +101,9 @@ def check_lengths(
     if isinstance(lengths, (list, tuple)):
         if not all(isinstance(n, numbers.Integral) and not isinstance(n, bool) for n in lengths):
             raise TypeError("lengths given as a list must hold ints")
+        # Range-checked as Python ints: a value beyond int64 would otherwise fail inside
+        # torch.tensor with a message that does not name the argument.
+        _check_length_range([int(n) for n in lengths], num_steps)
         lengths = torch.tensor(lengths, dtype=torch.int64)
     if not isinstance(lengths, Tensor):
         raise TypeError(
@@ -116,14 +124,20 @@ def check_lengths(
     # Checking values reads them on the host: skipped while torch.compile traces (they are
     # data) and while a CUDA graph is being captured (no host synchronisation allowed).
     if not torch.compiler.is_compiling() and not _capturing(lengths):
-        low, high = int(lengths.min()), int(lengths.max())
-        if low < 1:
-            raise ValueError(f"lengths must be >= 1, got a length of {low}")
-        if high > num_steps:
-            raise ValueError(
-                f"lengths must be <= the number of time steps T={num_steps}, got a length of {high}"
-            )
+        _check_length_range([int(lengths.min()), int(lengths.max())], num_steps)
     return lengths.to(device=device, dtype=torch.int64)
+
+
+def _check_length_range(values: List[int], num_steps: int) -> None:
+    if not values:
+        return
+    low, high = min(values), max(values)
+    if low < 1:
+        raise ValueError(f"lengths must be >= 1, got a length of {low}")
+    if high > num_steps:
+        raise ValueError(
+            f"lengths must be <= the number of time steps T={num_steps}, got a length of {high}"
+        )
 
 
 def check_training_batch(batch: int, training: bool) -> None:
@@ -143,3 +157,123 @@ def check_choice(name: str, value, choices: Sequence[str]) -> str:
     if value not in choices:
         raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
     return value
+
+
+def check_packed(packed, input_size: int) -> None:
+    """A PackedSequence as torch.nn.utils.rnn.pack_sequence makes one: data [N, I];
+    batch_sizes [T] int64 on the CPU, each >= 1, non-increasing, summing to N;
+    sorted_indices and unsorted_indices both None, or both [B] permutations
+    (B = batch_sizes[0]) inverse to each other. A hand-built one that breaks this would
+    otherwise fail deep inside pad_packed_sequence, or silently drop rows."""
+    data, batch_sizes = packed.data, packed.batch_sizes
+    if not isinstance(data, Tensor) or data.dim() != 2:
+        shape = tuple(data.shape) if isinstance(data, Tensor) else type(data).__name__
+        raise ValueError(
+            f"PackedSequence data must be 2-D [sum of lengths, {input_size}], got {shape}"
+        )
+    if data.shape[1] != input_size:
+        raise ValueError(
+            f"PackedSequence data must have input_size={input_size} features, got shape "
+            f"{tuple(data.shape)}"
+        )
+    if (
+        not isinstance(batch_sizes, Tensor)
+        or batch_sizes.dim() != 1
+        or batch_sizes.dtype != torch.int64
+        or batch_sizes.device.type != "cpu"
+        or batch_sizes.numel() == 0
+    ):
+        described = (
+            f"{batch_sizes.dtype} shape {tuple(batch_sizes.shape)} on {batch_sizes.device}"
+            if isinstance(batch_sizes, Tensor) else type(batch_sizes).__name__
+        )
+        raise ValueError(
+            f"PackedSequence batch_sizes must be a non-empty 1-D int64 tensor on the CPU, got {described}"
+        )
+    if torch.compiler.is_compiling():
+        return  # values are data while tracing; pad_packed_sequence reads them anyway
+    sizes = batch_sizes.tolist()
+    if min(sizes) < 1:
+        raise ValueError(f"PackedSequence batch_sizes must all be >= 1, got {_brief(sizes)}")
+    if any(later > earlier for earlier, later in zip(sizes, sizes[1:])):
+        raise ValueError(
+            "PackedSequence batch_sizes must be non-increasing (sequences sorted by decreasing "
+            f"length, as pack_padded_sequence makes them), got {_brief(sizes)}"
+        )
+    if sum(sizes) != data.shape[0]:
+        raise ValueError(
+            f"PackedSequence data has {data.shape[0]} rows but its batch_sizes sum to {sum(sizes)}"
+        )
+    batch = sizes[0]
+    indices = {name: getattr(packed, name) for name in ("sorted_indices", "unsorted_indices")}
+    if (indices["sorted_indices"] is None) != (indices["unsorted_indices"] is None):
+        raise ValueError("PackedSequence sorted_indices and unsorted_indices must be both None or both set")
+    if indices["sorted_indices"] is None:
+        return
+    identity = torch.arange(batch)
+    for name, index in indices.items():
+        if (
+            not isinstance(index, Tensor)
+            or index.dim() != 1
+            or index.dtype != torch.int64
+            or index.shape[0] != batch
+            or not torch.equal(index.cpu().sort().values, identity)
+        ):
+            described = (
+                f"{index.dtype} {_brief(index.tolist())}" if isinstance(index, Tensor)
+                else type(index).__name__
+            )
+            raise ValueError(
+                f"PackedSequence {name} must be a permutation of 0..{batch - 1} "
+                f"(int64 [{batch}], batch = batch_sizes[0]), got {described}"
+            )
+    if not torch.equal(indices["sorted_indices"].cpu()[indices["unsorted_indices"].cpu()], identity):
+        raise ValueError("PackedSequence unsorted_indices must be the inverse permutation of sorted_indices")
+
+
+def _brief(values: list, limit: int = 12) -> str:
+    """A list for an error message, shortened when long."""
+    if len(values) <= limit:
+        return str(values)
+    return f"[{', '.join(map(str, values[:limit]))}, ...] ({len(values)} entries)"
+
+
+def state_dict_mismatches(
+    state_dict, prefix: str, own: Dict[str, Tensor], max_length: int
+) -> List[str]:
+    """What a checkpoint was saved with, where its shapes differ from a module's own
+    parameters and buffers (`own`: name -> tensor, names without `prefix`).
+
+    torch's load_state_dict reports every mismatched tensor; these lines say which
+    constructor argument differs, for a `_load_from_state_dict` hook to put first:
+    max_length from the rows of the running statistics, hidden_size from weight_hh,
+    input_size from the first layer's weight_ih.
+    """
+    saved_slots, saved_hidden, saved_input = set(), set(), set()
+    hidden = input_size = None
+    for name, tensor in own.items():
+        value = state_dict.get(prefix + name)
+        if not isinstance(value, Tensor) or value.shape == tensor.shape or value.dim() != tensor.dim():
+            continue
+        if name.startswith("running_") and tensor.dim() == 2 and value.shape[1] == tensor.shape[1]:
+            if tensor.shape[0] == max_length:  # a one-slot laurent_sequence buffer has no max_length
+                saved_slots.add(value.shape[0])
+        elif name.startswith("weight_hh") and tensor.dim() == 2:
+            hidden = tensor.shape[1]
+            saved_hidden.add(value.shape[1])
+        elif name.split("_reverse")[0] in ("weight_ih", "weight_ih_l0") and value.shape[0] == tensor.shape[0]:
+            input_size = tensor.shape[1]
+            saved_input.add(value.shape[1])
+    messages = []
+    for argument, saved, current in (
+        ("max_length", saved_slots, max_length),
+        ("hidden_size", saved_hidden, hidden),
+        ("input_size", saved_input, input_size),
+    ):
+        if saved:
+            values = ", ".join(str(v) for v in sorted(saved))
+            messages.append(
+                f"the checkpoint was saved with {argument}={values} but this module has "
+                f"{argument}={current}: construct the module with {argument}={values} to load it"
+            )
+    return messages
