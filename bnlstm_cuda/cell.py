@@ -8,7 +8,6 @@ math and its backward pass are the layer's.
 """
 from __future__ import annotations
 
-import math
 from typing import Optional, Tuple
 
 import torch
@@ -57,17 +56,13 @@ class BNLSTMCell(nn.Module):
         dtype=None,
     ) -> None:
         super().__init__()
-        self.input_size = validation.check_positive_int("input_size", input_size)
-        self.hidden_size = validation.check_positive_int("hidden_size", hidden_size)
-        self.max_length = validation.check_positive_int("max_length", max_length)
-        self.momentum = validation.check_float("momentum", momentum, 0.0, 1.0)
-        self.eps = validation.check_float("eps", eps, 0.0, math.inf, low_open=True)
-        self.gamma_init = validation.check_float("gamma_init", gamma_init, -math.inf, math.inf)
+        options = validation.check_layer_options(input_size, hidden_size, max_length, variant, momentum, eps,
+                                                 gamma_init, backend, BACKEND_NAMES)
+        for name, value in options.items():
+            setattr(self, name, value)
         # `bias` names the parameter (the layer's state_dict name without suffix), so the flag
         # lives under another name.
         self.has_bias = bool(bias)
-        self.variant = get_variant(variant).name
-        self.backend = validation.check_choice("backend", backend, BACKEND_NAMES)
         parameters.register(self, "", self.input_size, self.hidden_size, self._variant, self.max_length,
                             self.has_bias, {"device": device, "dtype": dtype})
         self.reset_parameters()

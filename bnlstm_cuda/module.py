@@ -1,7 +1,6 @@
 """`BNLSTM`: a batch-normalized LSTM that drops in where `torch.nn.LSTM` stood."""
 from __future__ import annotations
 
-import math
 import warnings
 from typing import Dict, Optional, Tuple
 
@@ -85,19 +84,15 @@ class BNLSTM(nn.Module):
         dtype=None,
     ) -> None:
         super().__init__()
-        self.input_size = validation.check_positive_int("input_size", input_size)
-        self.hidden_size = validation.check_positive_int("hidden_size", hidden_size)
+        options = validation.check_layer_options(input_size, hidden_size, max_length, variant, momentum, eps,
+                                                 gamma_init, backend, BACKEND_NAMES)
+        for name, value in options.items():
+            setattr(self, name, value)
         self.num_layers = validation.check_positive_int("num_layers", num_layers)
-        self.max_length = validation.check_positive_int("max_length", max_length)
         self.dropout = validation.check_float("dropout", dropout, 0.0, 1.0)
-        self.momentum = validation.check_float("momentum", momentum, 0.0, 1.0)
-        self.eps = validation.check_float("eps", eps, 0.0, math.inf, low_open=True)
-        self.gamma_init = validation.check_float("gamma_init", gamma_init, -math.inf, math.inf)
         self.bias = bool(bias)
         self.batch_first = bool(batch_first)
         self.bidirectional = bool(bidirectional)
-        self.variant = get_variant(variant).name
-        self.backend = validation.check_choice("backend", backend, BACKEND_NAMES)
         if self.dropout > 0 and self.num_layers == 1:
             warnings.warn(
                 "dropout acts between layers, so it has no effect with num_layers=1 "

@@ -277,3 +277,20 @@ def state_dict_mismatches(
                 f"{argument}={current}: construct the module with {argument}={values} to load it"
             )
     return messages
+
+
+def check_layer_options(input_size, hidden_size, max_length, variant, momentum, eps, gamma_init, backend,
+                        backend_names: Sequence[str]) -> dict:
+    """The constructor options BNLSTM and BNLSTMCell share, checked: name -> value."""
+    from .variants import get_variant
+
+    return {
+        "input_size": check_positive_int("input_size", input_size),
+        "hidden_size": check_positive_int("hidden_size", hidden_size),
+        "max_length": check_positive_int("max_length", max_length),
+        "momentum": check_float("momentum", momentum, 0.0, 1.0),
+        "eps": check_float("eps", eps, 0.0, math.inf, low_open=True),
+        "gamma_init": check_float("gamma_init", gamma_init, -math.inf, math.inf),
+        "variant": get_variant(variant).name,
+        "backend": check_choice("backend", backend, backend_names),
+    }

@@ -148,8 +148,12 @@ def test_hx_is_used_and_defaults_to_zeros():
     assert not torch.allclose(module(x)[0], module(x, (zeros + 1, zeros))[0])
 
 
-def test_flatten_parameters_is_accepted():
-    BNLSTM(3, 4).flatten_parameters()
+def test_flatten_parameters_is_accepted_and_changes_nothing():
+    module = make_module(input_size=3, hidden_size=4).eval()
+    x = torch.randn(5, 2, 3, dtype=torch.float64)
+    before = module(x)[0]
+    assert module.flatten_parameters() is None
+    torch.testing.assert_close(module(x)[0], before, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("variant", ["cooijmans", "laurent_sequence"])
