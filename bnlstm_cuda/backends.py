@@ -9,7 +9,7 @@ Every backend provides a function with the signature of
 from __future__ import annotations
 
 import warnings
-from typing import Callable, Dict, Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -21,8 +21,6 @@ LayerFunction = Callable[..., LayerResult]
 BACKEND_NAMES = ("auto", "reference", "cpu")
 
 _fallback_warned = False
-
-
 _cpu_status: Optional[str] = None  # None: not tried yet; "": available; else why not
 
 

@@ -187,7 +187,7 @@ def test_op_boundary_checks_name_the_argument():
 
 def test_backward_without_reserve_says_why():
     args = op_arguments("cooijmans", True, False, keep_reserve=False)
-    x = args[0].requires_grad_(True)
+    args[0].requires_grad_(True)  # x: the output needs a gradient it cannot get
     out = torch.ops.bnlstm.layer_forward(*args)[0]
     with pytest.raises(RuntimeError, match="keep_reserve=False"):
         out.sum().backward()

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from bnlstm_cuda import BNLSTM, BatchStats, update_running_stats
-from helpers import make_module, randomize_bn_parameters
+from helpers import make_module
 
 
 def identity_input_module(max_length, momentum=0.1):
