@@ -32,7 +32,7 @@ from typing import List, Optional
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 CPU_SOURCES = ("ops.cpp", "layer.cpp", "recurrent_cpu.cpp")
-HEADERS = ("bnlstm.h", "checks.h", "layer_ops.h", "packed_gemm.h")
+HEADERS = ("bnlstm.h", "buffer_pool.h", "checks.h", "layer_ops.h", "packed_gemm.h")
 # Name of the library that `pip install` builds into the package (setup.py).
 PREBUILT_NAME = "_bnlstm_cpu"
 # What a build directory in the cache holds besides ninja's files: the library, our lock
@@ -56,20 +56,29 @@ def source_dir() -> Path:
     raise ExtensionUnavailable(f"the C++ sources (csrc/) are missing next to {PACKAGE_DIR}")
 
 
-def _cpu_supports_avx2() -> bool:
+def _cpu_flags_present(*names: str) -> bool:
     try:
-        flags = Path("/proc/cpuinfo").read_text()
+        flags = set(Path("/proc/cpuinfo").read_text().split())
     except OSError:
         return False
-    return " avx2" in flags and " fma" in flags
+    return all(name in flags for name in names)
+
+
+# at::vec's widest code the building CPU runs: AVX-512 (16 floats a vector) where the CPU
+# has the subsets torch's own AVX512 kernels use, else AVX2.
+AVX512_FLAGS = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma",
+                "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"]
+AVX2_FLAGS = ["-mavx2", "-mfma", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
 
 
 def cpu_cflags() -> List[str]:
-    """-O3, and AVX2 code for at::vec (Sleef exp/tanh) where the building CPU has it. The
-    build is for this machine: the cache key includes these flags."""
+    """-O3, and vector code for at::vec (Sleef exp/tanh) as wide as the building CPU runs.
+    The build is for this machine: the cache key includes these flags."""
     flags = ["-O3"]
-    if _cpu_supports_avx2():
-        flags += ["-mavx2", "-mfma", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
+    if _cpu_flags_present("avx512f", "avx512bw", "avx512vl", "avx512dq", "fma"):
+        flags += AVX512_FLAGS
+    elif _cpu_flags_present("avx2", "fma"):
+        flags += AVX2_FLAGS
     return flags
 
 

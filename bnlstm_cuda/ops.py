@@ -53,6 +53,22 @@ def ensure_loaded() -> None:
         _registered = True
 
 
+def cpu_buffer_pool_statistics() -> dict:
+    """The CPU buffer pool of the fused operators (csrc/buffer_pool.h): bytes it keeps
+    unused now, buffers it handed out again, buffers it had to allocate."""
+    ensure_loaded()
+    cached_bytes, reused, allocated = torch.ops.bnlstm.cpu_buffer_pool_statistics()
+    return {"cached_bytes": cached_bytes, "reused": reused, "allocated": allocated}
+
+
+def release_cpu_buffers() -> int:
+    """Free the buffers the CPU operators keep for reuse (the CPU's counterpart of
+    torch.cuda.empty_cache); returns the bytes freed. BNLSTM_CPU_POOL_MB caps what is kept
+    (default 512; 0: nothing is)."""
+    ensure_loaded()
+    return torch.ops.bnlstm.release_cpu_buffers()
+
+
 def _register_python_parts() -> None:
     torch.library.register_fake("bnlstm::layer_forward")(_layer_forward_fake)
     torch.library.register_fake("bnlstm::layer_backward")(_layer_backward_fake)

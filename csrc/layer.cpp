@@ -4,6 +4,7 @@
 
 #include <torch/library.h>
 
+#include "buffer_pool.h"
 #include "checks.h"
 #include "layer_ops.h"
 
@@ -99,7 +100,9 @@ LayerForwardResult layer_forward(
 
   RecurrentForwardArgs args;
   // The input projection of all steps: one GEMM. The step kernels normalize it.
-  args.input_projection = at::matmul(p.x, weight_ih.t()).contiguous();  // [T, B, 4H]
+  args.input_projection = pooled_empty({T, B, G}, x.options());
+  at::Tensor projection_rows = args.input_projection.view({T * B, G});
+  at::mm_out(projection_rows, p.x.reshape({T * B, I}), weight_ih.t());
   args.active = p.active.contiguous();
   args.counts = p.counts.contiguous();
   args.weight_hh = weight_hh.contiguous();
@@ -150,7 +153,7 @@ LayerForwardResult layer_forward(
   out.mean_c = normalize_cell ? at::empty({T, H}, x.options()) : empty_h();
   out.var_c = normalize_cell ? at::empty({T, H}, x.options()) : empty_h();
   const ReserveLayout layout(H, flags);
-  if (keep_reserve) out.reserve = at::empty({T, B, layout.width}, x.options());
+  if (keep_reserve) out.reserve = pooled_empty({T, B, layout.width}, x.options());
   recurrent(args, out, flags);
 
   at::Tensor output = reverse ? reverse_padded(out.output, lengths) : out.output;
@@ -211,9 +214,9 @@ LayerBackwardResult layer_backward(
   const auto empty = [&x] { return at::empty({0}, x.options()); };
   out.grad_h = grad_h_n.contiguous().clone();
   out.grad_c = grad_c_n.contiguous().clone();
-  out.grad_gates = at::empty({T, B, G}, x.options());
-  out.grad_zh = normalize_recurrent ? at::empty({T, B, G}, x.options()) : out.grad_gates;
-  out.grad_wx = step_input ? at::empty({T, B, G}, x.options()) : out.grad_gates;
+  out.grad_gates = pooled_empty({T, B, G}, x.options());
+  out.grad_zh = normalize_recurrent ? pooled_empty({T, B, G}, x.options()) : out.grad_gates;
+  out.grad_wx = step_input ? pooled_empty({T, B, G}, x.options()) : out.grad_gates;
   out.grad_bias = at::zeros({G}, x.options());
   out.grad_gamma_ih = normalize_input ? at::zeros({G}, x.options()) : empty();
   out.grad_gamma_hh = normalize_recurrent ? at::zeros({G}, x.options()) : empty();

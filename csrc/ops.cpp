@@ -3,6 +3,8 @@
 // (bnlstm_cuda/ops.py) so that torch.compile can trace the ops.
 #include <torch/library.h>
 
+#include "buffer_pool.h"
+
 TORCH_LIBRARY(bnlstm, m) {
   // One layer, one direction, over a padded batch x [T, B, I] with lengths [B] (int64).
   // Running statistics are read only in evaluation (training=False). The statistics used
@@ -27,4 +29,9 @@ TORCH_LIBRARY(bnlstm, m) {
       "bool normalize_recurrent, bool normalize_cell, bool training, float eps, bool reverse) -> "
       "(Tensor grad_x, Tensor grad_h0, Tensor grad_c0, Tensor grad_weight_ih, Tensor grad_weight_hh, "
       "Tensor grad_bias, Tensor grad_gamma_ih, Tensor grad_gamma_hh, Tensor grad_gamma_c, Tensor grad_beta_c)");
+  // The CPU buffer pool (buffer_pool.h): its statistics (bytes kept unused, buffers reused,
+  // buffers allocated), and a release of every buffer it keeps (returns the bytes freed).
+  m.def("cpu_buffer_pool_statistics() -> int[]", [] { return bnlstm::BufferPool::instance().statistics(); });
+  m.def("release_cpu_buffers() -> int",
+        [] { return static_cast<int64_t>(bnlstm::BufferPool::instance().release()); });
 }

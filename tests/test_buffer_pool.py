@@ -1,0 +1,57 @@
+"""The CPU operators' buffer pool (csrc/buffer_pool.h): reused buffers, same results."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from bnlstm_cuda import BNLSTM
+from bnlstm_cuda.backends import available_backends
+
+pytestmark = pytest.mark.skipif(
+    "cpu" not in available_backends(torch.device("cpu")), reason="the C++ extension cannot be built here"
+)
+
+
+def training_step(module, x):
+    module.zero_grad()
+    x = x.detach().requires_grad_()
+    output, (h_n, c_n) = module(x)
+    (output.square().sum() + h_n.sum() + c_n.sum()).backward()
+    grads = [x.grad] + [p.grad for p in module.parameters()]
+    return [t.clone() for t in [output, h_n, c_n] + grads]
+
+
+def test_reused_buffers_give_the_same_results():
+    from bnlstm_cuda.ops import cpu_buffer_pool_statistics, release_cpu_buffers
+
+    # Large enough for pooled buffers (>= 1 MiB): T * B * 4H * 4 bytes = 2 MiB.
+    torch.manual_seed(0)
+    module = BNLSTM(24, 64, max_length=64, backend="cpu", momentum=0.0)
+    x = torch.randn(64, 32, 24)
+    release_cpu_buffers()
+    first = training_step(module, x)
+    before = cpu_buffer_pool_statistics()
+    assert before["cached_bytes"] > 0, before  # the step's intermediates came back to the pool
+    second = training_step(module, x)
+    after = cpu_buffer_pool_statistics()
+    assert after["reused"] > before["reused"], (before, after)
+    assert after["allocated"] == before["allocated"], (before, after)
+    # Stale contents of a reused buffer must never show: every element is written first.
+    for a, b in zip(first, second):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert release_cpu_buffers() == after["cached_bytes"]
+    assert cpu_buffer_pool_statistics()["cached_bytes"] == 0
+
+
+def test_pool_can_be_turned_off():
+    script = (
+        "import torch; from bnlstm_cuda import BNLSTM; from bnlstm_cuda.ops import cpu_buffer_pool_statistics\n"
+        "m = BNLSTM(24, 64, backend='cpu'); x = torch.randn(64, 32, 24, requires_grad=True)\n"
+        "for _ in range(2):\n    out, _ = m(x); out.sum().backward()\n"
+        "print(cpu_buffer_pool_statistics())\n"
+    )
+    env = dict(os.environ, BNLSTM_CPU_POOL_MB="0")
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "{'cached_bytes': 0, 'reused': 0, 'allocated': 0}", result.stdout
