@@ -1,0 +1,407 @@
+"""The Triton backend: host code and autograd of one layer-direction (kernels: triton_kernels.py).
+
+`bnlstm_layer_triton` has the signature of `reference.bnlstm_layer_reference`. Forward:
+
+    W_ih x for all steps            torch.matmul, in x's dtype            [T, B, 4H]
+    input batch norm + bias         bnlstm_input_bn_kernel, all steps     [T, B, 4H]
+    per step t                      bnlstm_fwd_step_kernel               (T launches)
+
+Backward: per step (last to first) bnlstm_bwd_step_kernel and one GEMM for the gradient
+of h_{t-1} (grad_zh_t @ W_hh); then the weight and input gradients as GEMMs over all steps,
+and the bias, gamma and beta gradients as sums of per-step column sums.
+
+Runs on CUDA tensors, and on CPU tensors under Triton's interpreter (TRITON_INTERPRET=1 set
+before this module's kernels are imported: Triton reads it when a kernel is decorated).
+float32 and float64 inputs compute in their own dtype; float16 and bfloat16 inputs multiply
+in their dtype with float32 accumulation and keep statistics, cell state and everything the
+backward pass reads in float32.
+"""
+from __future__ import annotations
+
+import os
+from typing import NamedTuple, Optional
+
+import torch
+from torch import Tensor
+
+from .reference import LayerParams, LayerResult, RunningStats, active_mask, compute_dtype, reverse_padded
+from .statistics import BatchStats
+from .variants import Variant
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# Batch rows per tile of the step kernels. A tile's four gate accumulators live in
+# registers (4 x MAX_BLOCK_B x BLOCK_H floats); larger batches loop over tiles.
+MAX_BLOCK_B = 64
+# Input batch norm: rows per tile and features per program.
+INPUT_BLOCK_R = 32
+INPUT_BLOCK_F = 64
+NUM_WARPS = 4
+
+
+class TileConfig(NamedTuple):
+    """Tile sizes of the step kernels for one problem (tl.dot needs every side >= 16)."""
+
+    block_b: int  # batch rows per tile
+    block_h: int  # hidden units per program (each with its four gate columns)
+    block_k: int  # reduction chunk of W_hh h_{t-1}
+    tiles: int  # batch tiles, cdiv(B, block_b)
+
+
+def _next_power_of_2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def tile_config(batch: int, hidden: int, dtype: torch.dtype) -> TileConfig:
+    """Step-kernel tiles: the batch in one tile up to MAX_BLOCK_B rows; 32 hidden units a
+    program from H = 512 on (more programs than SMs below that matters more than tile
+    efficiency); K chunks of 64 for 2-byte operands, 32 for wider ones."""
+    block_b = min(max(16, _next_power_of_2(batch)), MAX_BLOCK_B)
+    block_h = 32 if hidden >= 512 else 16
+    block_k = min(64 if dtype in (torch.float16, torch.bfloat16) else 32, max(16, _next_power_of_2(hidden)))
+    return TileConfig(block_b, block_h, block_k, -(-batch // block_b))
+
+
+def interpreter_requested() -> bool:
+    """TRITON_INTERPRET is set to a true value in this process's environment."""
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() not in ("", "0", "false", "off", "no")
+
+
+def _kernels():
+    """The kernel module, imported on first use (importing bnlstm_cuda must not need triton)."""
+    try:
+        from . import triton_kernels
+    except ImportError as error:
+        raise RuntimeError(f'backend="triton" needs the triton package (pip install triton): {error}') from error
+    return triton_kernels
+
+
+def _kernels_interpreted() -> bool:
+    return type(_kernels().bnlstm_fwd_step_kernel).__name__ == "InterpretedFunction"
+
+
+def check_device(device: torch.device) -> None:
+    """Raise ValueError unless the Triton kernels can run on `device` here: CUDA, or the CPU
+    with the kernels imported under TRITON_INTERPRET=1."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        if _kernels_interpreted():
+            raise ValueError(
+                'backend="triton": the Triton kernels were imported under TRITON_INTERPRET=1, which runs '
+                f"on CPU tensors only; the input is on {device}"
+            )
+        return
+    if device.type != "cpu":
+        raise ValueError(f'backend="triton" runs on CUDA tensors (CPU tensors under TRITON_INTERPRET=1); '
+                         f"the input is on {device}")
+    if not interpreter_requested():
+        raise ValueError(
+            'backend="triton" runs on CUDA tensors; CPU tensors need Triton\'s interpreter: set '
+            f"TRITON_INTERPRET=1 before importing bnlstm_cuda.triton_kernels (the input is on {device})"
+        )
+    if not _kernels_interpreted():
+        raise ValueError(
+            "backend=\"triton\": TRITON_INTERPRET=1 is set now, but bnlstm_cuda.triton_kernels was imported "
+            "before it was (Triton reads it when a kernel is decorated); set it before the first import"
+        )
+
+
+class _Config(NamedTuple):
+    variant: Variant
+    training: bool
+    eps: float
+    reverse: bool
+    start_step: int
+    keep: bool  # keep what the backward pass reads
+
+
+def _dot_precision(x: Tensor) -> str:
+    # float32 products follow torch's own switch, as torch.matmul does on the same tensors.
+    if x.dtype == torch.float32 and x.is_cuda and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "ieee"
+
+
+def _slots(start_step: int, steps: int, num_slots: int, device) -> Tensor:
+    return (torch.arange(steps, device=device) + start_step).clamp(max=num_slots - 1)
+
+
+class TritonLayerFunction(torch.autograd.Function):
+    """One layer-direction: (x, h0, c0, parameters) -> (output, h_n, c_n, statistics used).
+
+    x [T, B, I] (padding zeroed, processing order), h0, c0 [B, H]; parameters as LayerParams
+    (None where absent); active [T, B] bool; running: RunningStats read in evaluation.
+    Returns output [T, B, H] (processing order), h_n, c_n [B, H] in x's dtype, and the
+    statistics each step used, in the compute dtype (0-row tensors where a part is not
+    normalized): mean_ih, var_ih [T | 1, 4H], mean_hh, var_hh [T, 4H], mean_c, var_c [T, H].
+    """
+
+    @staticmethod
+    def forward(ctx, x, h0, c0, weight_ih, weight_hh, bias, gamma_ih, gamma_hh, gamma_c, beta_c, active, running,
+                config: _Config):
+        k = _kernels()
+        variant = config.variant
+        steps, batch, _ = x.shape
+        hidden = weight_hh.shape[1]
+        gates = 4 * hidden
+        dtype = compute_dtype(x.dtype)
+        new = lambda *shape: torch.empty(shape, dtype=dtype, device=x.device)
+        tiles = tile_config(batch, hidden, x.dtype)
+        norm_rec, norm_cell = variant.normalize_recurrent, variant.normalize_cell
+        training, eps = config.training, config.eps
+        active_i8 = active.to(torch.int8).contiguous()
+        nothing = new(0, gates)
+
+        # Input side: one GEMM, then one batch-norm launch over all steps.
+        projection = torch.matmul(x, weight_ih.t()).contiguous()  # [T, B, 4H], x's dtype
+        mean_ih, var_ih = nothing, nothing
+        bias_c = bias.to(dtype).contiguous() if bias is not None else None
+        if variant.input_statistics is None:
+            xin = projection.to(dtype) + bias_c if bias_c is not None else projection.to(dtype).contiguous()
+        else:
+            xin = new(steps, batch, gates)
+            gamma = gamma_ih.contiguous()
+            launch = lambda grid, wx, act, stats_in, mean, var, out, rows, start, slots, compute_stats, apply: (
+                k.bnlstm_input_bn_kernel[grid](
+                    wx, act, stats_in[0], stats_in[1], mean, var, gamma, bias if bias is not None else gamma, out,
+                    rows, gates, start, slots, eps, COMPUTE_STATS=compute_stats, APPLY=apply,
+                    HAS_BIAS=bias is not None, BLOCK_R=INPUT_BLOCK_R, BLOCK_F=INPUT_BLOCK_F, num_warps=NUM_WARPS))
+            feature_blocks = -(-gates // INPUT_BLOCK_F)
+            per_step_used = (new(steps, gates), new(steps, gates))
+            if variant.input_statistics == "step":
+                mean_ih, var_ih = per_step_used
+                if training:
+                    launch((steps, feature_blocks), projection, active_i8, (mean_ih, var_ih), mean_ih, var_ih, xin,
+                           batch, 0, 1, True, True)
+                else:
+                    stats_in = running["ih"]
+                    launch((steps, feature_blocks), projection, active_i8, stats_in, mean_ih, var_ih, xin, batch,
+                           config.start_step, stats_in[0].shape[0], False, True)
+            else:
+                # Sequence-wise: one set of statistics over every active position, then apply.
+                if training:
+                    mean_ih, var_ih = new(1, gates), new(1, gates)
+                    launch((1, feature_blocks), projection, active_i8, (mean_ih, var_ih), mean_ih, var_ih, xin,
+                           steps * batch, 0, 1, True, False)
+                else:
+                    mean_ih = running["ih"][0][:1].to(dtype).contiguous()
+                    var_ih = running["ih"][1][:1].to(dtype).contiguous()
+                launch((steps, feature_blocks), projection, active_i8, (mean_ih, var_ih), *per_step_used, xin, batch,
+                       0, 1, False, True)
+
+        # Recurrent part: one launch per step.
+        zh_off, gates_off, cnew_off, width = k.reserve_offsets(hidden, norm_rec)
+        in_step_stats = training and (norm_rec or norm_cell)
+        reserve = new(steps, batch, width) if (config.keep or in_step_stats) else new(steps, 1, 1)
+        h_buffers = (h0.to(dtype).contiguous().clone(), new(batch, hidden))
+        c = c0.to(dtype).contiguous().clone()
+        output = new(steps, batch, hidden)
+        weight_hh_op = weight_hh.contiguous()
+        dummy_h = new(1, hidden)
+
+        def statistics(part, normalized, features):
+            if not normalized:
+                return new(0, features), new(0, features), (dummy_h, dummy_h)
+            if training:
+                mean, var = new(steps, features), new(steps, features)
+                return mean, var, (mean, var)
+            mean, var = running[part]
+            slots = _slots(config.start_step, steps, mean.shape[0], mean.device)
+            used = (mean[slots].to(dtype), var[slots].to(dtype))
+            return used[0], used[1], (mean.contiguous(), var.contiguous())
+
+        mean_hh, var_hh, kernel_hh = statistics("hh", norm_rec, gates)
+        mean_c, var_c, kernel_c = statistics("c", norm_cell, hidden)
+        gamma_hh_c = gamma_hh.contiguous() if norm_rec else dummy_h
+        gamma_c_c = gamma_c.contiguous() if norm_cell else dummy_h
+        beta_c_c = beta_c.contiguous() if norm_cell else dummy_h
+        hidden_blocks = -(-hidden // tiles.block_h)
+        if in_step_stats:
+            grid, tiles_per_program = (hidden_blocks, 1), tiles.tiles
+        else:
+            grid, tiles_per_program = (hidden_blocks, tiles.tiles), 1
+        slots_hh = kernel_hh[0].shape[0]
+        slots_c = kernel_c[0].shape[0]
+        precision = _dot_precision(x)
+        for t in range(steps):
+            # Statistics row: the step's own in training, slot min(start_step + t, S - 1) in
+            # evaluation (hh and c have the same S slots).
+            row = t if training else min(config.start_step + t, (slots_hh if norm_rec else slots_c) - 1)
+            k.bnlstm_fwd_step_kernel[grid](
+                h_buffers[t % 2], h_buffers[(t + 1) % 2], c, output[t], xin[t], weight_hh_op, active_i8[t],
+                gamma_hh_c, gamma_c_c, beta_c_c, kernel_hh[0], kernel_hh[1], kernel_c[0], kernel_c[1],
+                reserve[t], row, batch, hidden, reserve.shape[2], zh_off, gates_off,
+                cnew_off, eps, NORM_REC=norm_rec, NORM_CELL=norm_cell, TRAINING=training,
+                KEEP=config.keep or in_step_stats, TILES=tiles_per_program, BLOCK_B=tiles.block_b,
+                BLOCK_H=tiles.block_h, BLOCK_K=tiles.block_k, DOT_PRECISION=precision, num_warps=NUM_WARPS,
+            )
+        h_n = h_buffers[steps % 2]
+
+        ctx.config = config
+        ctx.has = tuple(p is not None for p in (bias, gamma_ih, gamma_hh, gamma_c, beta_c))
+        ctx.dtypes = (x.dtype, h0.dtype, c0.dtype)
+        if config.keep:
+            ctx.save_for_backward(x, h0, c0, weight_ih, weight_hh, gamma_ih, gamma_hh, gamma_c, beta_c, active,
+                                  projection, output, reserve, mean_ih, var_ih, mean_hh, var_hh, mean_c, var_c)
+        stats = (mean_ih, var_ih, mean_hh, var_hh, mean_c, var_c)
+        ctx.mark_non_differentiable(*stats)
+        ctx.set_materialize_grads(False)
+        return (output.to(x.dtype), h_n.to(x.dtype), c.to(x.dtype), *stats)
+
+    @staticmethod
+    def backward(ctx, grad_output, grad_h_n, grad_c_n, *_unused):
+        config = ctx.config
+        if not config.keep:
+            raise RuntimeError("bnlstm triton layer: the forward pass kept nothing for backward (no input "
+                               "required grad when it ran)")
+        k = _kernels()
+        (x, h0, c0, weight_ih, weight_hh, gamma_ih, gamma_hh, gamma_c, beta_c, active, projection, output, reserve,
+         mean_ih, var_ih, mean_hh, var_hh, mean_c, var_c) = ctx.saved_tensors
+        variant = config.variant
+        steps, batch, _ = x.shape
+        hidden = weight_hh.shape[1]
+        gates = 4 * hidden
+        dtype = compute_dtype(x.dtype)
+        new = lambda *shape: torch.empty(shape, dtype=dtype, device=x.device)
+        zeros = lambda *shape: torch.zeros(shape, dtype=dtype, device=x.device)
+        grad_output = zeros(steps, batch, hidden) if grad_output is None else grad_output.to(dtype).contiguous()
+        grad_h = zeros(batch, hidden) if grad_h_n is None else grad_h_n.to(dtype).contiguous().clone()
+        grad_c = zeros(batch, hidden) if grad_c_n is None else grad_c_n.to(dtype).contiguous().clone()
+        norm_input = variant.input_statistics is not None
+        step_input = variant.input_statistics == "step"
+        norm_rec, norm_cell, training = variant.normalize_recurrent, variant.normalize_cell, config.training
+        tiles = tile_config(batch, hidden, x.dtype)
+        zh_off, gates_off, cnew_off, width = k.reserve_offsets(hidden, norm_rec)
+        active_i8 = active.to(torch.int8).contiguous()
+
+        grad_gates = new(steps, batch, gates)
+        grad_zh = new(steps, batch, gates) if norm_rec else grad_gates
+        grad_wx = new(steps, batch, gates) if step_input else grad_gates
+        sums = new(steps, 3 * gates + 2 * hidden)
+        carry = new(batch, hidden)
+        weight_hh_c = weight_hh.to(dtype)
+        c0_c = c0.to(dtype).contiguous()
+        dummy = new(1, gates)
+        param = lambda p: p.contiguous() if p is not None else dummy
+        for t in reversed(range(steps)):
+            if t == 0:
+                c_prev, c_prev_stride = c0_c, hidden
+            else:
+                c_prev, c_prev_stride = reserve[t - 1, :, cnew_off:], width
+            row_ih = min(t, mean_ih.shape[0] - 1)
+            k.bnlstm_bwd_step_kernel[(-(-hidden // tiles.block_h),)](
+                grad_output[t], grad_h, grad_c, carry, reserve[t], c_prev, c_prev_stride,
+                projection[t], active_i8[t], param(gamma_ih), param(gamma_hh), param(gamma_c), param(beta_c),
+                mean_ih[row_ih] if norm_input else dummy, var_ih[row_ih] if norm_input else dummy,
+                mean_hh[t] if norm_rec else dummy, var_hh[t] if norm_rec else dummy,
+                mean_c[t] if norm_cell else dummy, var_c[t] if norm_cell else dummy,
+                grad_gates[t], grad_zh[t], grad_wx[t], sums[t], batch, hidden, width, zh_off, gates_off, cnew_off,
+                config.eps, NORM_INPUT=norm_input, STEP_INPUT=step_input, NORM_REC=norm_rec, NORM_CELL=norm_cell,
+                TRAINING=training, TILES=tiles.tiles, BLOCK_B=tiles.block_b, BLOCK_H=tiles.block_h,
+                num_warps=NUM_WARPS,
+            )
+            # Gradient of h_{t-1}: through W_hh on active rows, passed through on padded ones.
+            grad_h = torch.addmm(carry, grad_zh[t], weight_hh_c)
+
+        totals = sums.sum(0)
+        grad_bias = totals[:gates]
+        grad_gamma_hh = totals[gates:2 * gates]
+        grad_gamma_ih = totals[2 * gates:3 * gates]
+        grad_beta_c = totals[3 * gates:3 * gates + hidden]
+        grad_gamma_c = totals[3 * gates + hidden:]
+        if variant.input_statistics == "sequence":
+            # Statistics over every step: the batch-norm backward needs the sums over all steps.
+            rstd = torch.rsqrt(var_ih + config.eps)  # [1, 4H]
+            scale = rstd * gamma_ih.to(dtype)
+            if training:
+                count = active.sum().clamp(min=1).to(dtype)
+                xhat = (projection.to(dtype) - mean_ih) * rstd
+                centred = grad_gates - grad_bias / count - xhat * (grad_gamma_ih / count)
+                grad_wx = torch.where(active.unsqueeze(-1), centred * scale, torch.zeros((), dtype=dtype,
+                                                                                          device=x.device))
+            else:
+                grad_wx = grad_gates * scale
+
+        # Weights and input: GEMMs over all steps. h_{t-1} is h_0, then the previous output
+        # (zero on padded rows, where grad_zh is zero too).
+        h_prev = torch.cat((h0.to(dtype).unsqueeze(0), output[:-1]))  # [T, B, H]
+        grad_weight_hh = grad_zh.reshape(-1, gates).t() @ h_prev.reshape(-1, hidden)
+        grad_weight_ih = grad_wx.reshape(-1, gates).t() @ x.to(dtype).reshape(steps * batch, -1)
+        grad_x = grad_wx @ weight_ih.to(dtype)
+
+        has_bias, has_gamma_ih, has_gamma_hh, has_gamma_c, has_beta_c = ctx.has
+        x_dtype, h_dtype, c_dtype = ctx.dtypes
+        pdtype = weight_hh.dtype
+        cast = lambda grad, present: grad.to(pdtype) if present else None
+        return (grad_x.to(x_dtype), grad_h.to(h_dtype), grad_c.to(c_dtype), grad_weight_ih.to(pdtype),
+                grad_weight_hh.to(pdtype), cast(grad_bias, has_bias), cast(grad_gamma_ih, has_gamma_ih),
+                cast(grad_gamma_hh, has_gamma_hh), cast(grad_gamma_c, has_gamma_c), cast(grad_beta_c, has_beta_c),
+                None, None, None)
+
+
+def _check_inputs(x: Tensor, h0: Tensor, c0: Tensor, params: LayerParams, lengths: Optional[Tensor]) -> None:
+    if x.dim() != 3:
+        raise ValueError(f"x must be [T, B, I], got shape {list(x.shape)}")
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f'backend="triton" supports float16, bfloat16, float32 and float64 inputs; x is {x.dtype}')
+    steps, batch, features = x.shape
+    hidden = params.weight_hh.shape[-1]
+    expected = {"h0": (h0, [batch, hidden]), "c0": (c0, [batch, hidden]),
+                "weight_ih": (params.weight_ih, [4 * hidden, features]),
+                "weight_hh": (params.weight_hh, [4 * hidden, hidden])}
+    for name, (tensor, shape) in expected.items():
+        if list(tensor.shape) != shape:
+            raise ValueError(f"{name} must have shape {shape}, got {list(tensor.shape)}")
+        if tensor.device != x.device:
+            raise ValueError(f"{name} must be on x's device {x.device}, got {tensor.device}")
+    if params.weight_ih.dtype != x.dtype or params.weight_hh.dtype != x.dtype:
+        raise TypeError(f"weight_ih and weight_hh must have x's dtype {x.dtype}, got "
+                        f"{params.weight_ih.dtype} and {params.weight_hh.dtype}")
+    if lengths is not None and (lengths.dim() != 1 or lengths.shape[0] != batch):
+        raise ValueError(f"lengths must be [B] = [{batch}], got shape {list(lengths.shape)}")
+
+
+def bnlstm_layer_triton(
+    x: Tensor,
+    h0: Tensor,
+    c0: Tensor,
+    params: LayerParams,
+    running: RunningStats,
+    *,
+    variant: Variant,
+    training: bool,
+    eps: float,
+    lengths: Optional[Tensor] = None,
+    reverse: bool = False,
+    start_step: int = 0,
+) -> LayerResult:
+    """One layer-direction through the Triton kernels; arguments and result as
+    `reference.bnlstm_layer_reference` (LayerResult with output [T, B, H], h_n, c_n [B, H]
+    in x's dtype and the batch statistics of every step in training)."""
+    check_device(x.device)
+    _check_inputs(x, h0, c0, params, lengths)
+    steps, batch, _ = x.shape
+    dtype = compute_dtype(x.dtype)
+    active = active_mask(lengths, steps, batch, x.device)  # [T, B]
+    ordered = reverse_padded(x, lengths) if reverse else x
+    if lengths is not None:
+        # Padding may hold anything (NaN too); zeroed, it reaches no statistic or gradient.
+        ordered = torch.where(active.unsqueeze(-1), ordered, torch.zeros((), dtype=x.dtype, device=x.device))
+    differentiable = (x, h0, c0) + tuple(p for p in params if p is not None)
+    keep = torch.is_grad_enabled() and any(t.requires_grad for t in differentiable)
+    config = _Config(variant, training, float(eps), reverse, int(start_step), keep)
+    output, h_n, c_n, mean_ih, var_ih, mean_hh, var_hh, mean_c, var_c = TritonLayerFunction.apply(
+        ordered.contiguous(), h0, c0, *params, active, running if not training else {}, config)
+    if reverse:
+        output = reverse_padded(output, lengths)
+    batch_stats = {}
+    if training:
+        counts = active.sum(1).to(dtype)  # [T]
+        if variant.input_statistics == "step":
+            batch_stats["ih"] = BatchStats(mean_ih, var_ih, counts)
+        elif variant.input_statistics == "sequence":
+            batch_stats["ih"] = BatchStats(mean_ih, var_ih, counts.sum().reshape(1))
+        if variant.normalize_recurrent:
+            batch_stats["hh"] = BatchStats(mean_hh, var_hh, counts)
+        if variant.normalize_cell:
+            batch_stats["c"] = BatchStats(mean_c, var_c, counts)
+    return LayerResult(output, h_n, c_n, batch_stats)
