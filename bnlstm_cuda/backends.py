@@ -5,6 +5,8 @@ Every backend provides a function with the signature of
 
     reference  the plain PyTorch loop, any device
     cpu        the fused C++ operators (csrc/), CPU tensors, compiled on first use
+    triton     the Triton kernels (triton_layer.py), CUDA tensors; CPU tensors under
+               TRITON_INTERPRET=1 (Triton's interpreter, for tests)
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ from .reference import LayerResult, bnlstm_layer_reference
 
 LayerFunction = Callable[..., LayerResult]
 
-BACKEND_NAMES = ("auto", "reference", "cpu")
+BACKEND_NAMES = ("auto", "reference", "cpu", "triton")
 
 _fallback_warned = False
 _cpu_status: Optional[str] = None  # None: not tried yet; "": available; else why not
@@ -66,6 +68,11 @@ def resolve_backend(name: str, device: torch.device) -> LayerFunction:
         if problem is not None:
             raise RuntimeError(f'backend="cpu" is unavailable: {problem}')
         return bnlstm_layer_fused
+    if name == "triton":
+        from . import triton_layer  # imports triton only when asked for
+
+        triton_layer.check_device(device)
+        return triton_layer.bnlstm_layer_triton
     if name == "auto":
         if device.type == "cpu":
             problem = _cpu_problem()
