@@ -1,6 +1,7 @@
 """bnlstm_cuda: the batch-normalized LSTM of Cooijmans et al. (2017) for PyTorch."""
 from .calibration import calibrate_statistics
 from .cell import BNLSTMCell
+from .distributed import convert_sync_statistics
 from .module import BNLSTM
 from .reference import LayerParams, LayerResult, bnlstm_layer_reference
 from .statistics import BatchStats, update_running_stats
@@ -18,6 +19,7 @@ __all__ = [
     "Variant",
     "bnlstm_layer_reference",
     "calibrate_statistics",
+    "convert_sync_statistics",
     "get_variant",
     "update_running_stats",
 ]

@@ -13,7 +13,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from . import parameters, validation
+from . import distributed, parameters, validation
 from .backends import BACKEND_NAMES, resolve_backend
 from .statistics import update_running_stats
 from .variants import get_variant
@@ -23,7 +23,9 @@ class BNLSTMCell(nn.Module):
     r"""One step of the batch-normalized LSTM (Cooijmans et al., 2017).
 
     Args: as :class:`BNLSTM` (input_size, hidden_size, bias, max_length, variant, momentum,
-    eps, gamma_init, backend, device, dtype), for a single layer and direction.
+    eps, gamma_init, backend, sync_statistics, process_group, device, dtype), for a single
+    layer and direction. With sync_statistics, every process must call the cell in step
+    (each training call all-reduces).
 
     Inputs: ``input, hx=None, step=0, mask=None``
         input: [B, I], or [I] unbatched.
@@ -52,6 +54,8 @@ class BNLSTMCell(nn.Module):
         eps: float = 1e-5,
         gamma_init: float = 0.1,
         backend: str = "auto",
+        sync_statistics: bool = False,
+        process_group=None,
         device=None,
         dtype=None,
     ) -> None:
@@ -60,6 +64,7 @@ class BNLSTMCell(nn.Module):
                                                  gamma_init, backend, BACKEND_NAMES)
         for name, value in options.items():
             setattr(self, name, value)
+        distributed.configure(self, sync_statistics, process_group)
         # `bias` names the parameter (the layer's state_dict name without suffix), so the flag
         # lives under another name.
         self.has_bias = bool(bias)
@@ -93,7 +98,7 @@ class BNLSTMCell(nn.Module):
             f"{self.input_size}, {self.hidden_size}{'' if self.has_bias else ', bias=False'}, "
             f"max_length={self.max_length}, variant={self.variant!r}, momentum={self.momentum}, "
             f"eps={self.eps}, backend={self.backend!r}"
-        )
+        ) + (", sync_statistics=True" if self.sync_statistics else "")
 
     @classmethod
     def from_layer(cls, layer_module, layer: int = 0, reverse: bool = False, **kwargs) -> "BNLSTMCell":
@@ -126,7 +131,9 @@ class BNLSTMCell(nn.Module):
         validation.check_input(x, self.input_size, weight.dtype, weight.device)
         validation.check_positive_int("step", step, minimum=0)
         batch = x.shape[1]
-        validation.check_training_batch(batch, self.training)
+        group = distributed.statistics_group(self, self.training)
+        if group is None:
+            validation.check_training_batch(batch, self.training)
         lengths = self._mask_to_lengths(mask, batch, unbatched, x.device)
         if hx is None:
             h0 = c0 = torch.zeros(batch, self.hidden_size, dtype=x.dtype, device=x.device)
@@ -135,7 +142,10 @@ class BNLSTMCell(nn.Module):
             h0, c0 = validation.check_hx(hx, shape, input)
             h0, c0 = h0.reshape(batch, -1), c0.reshape(batch, -1)
 
-        layer_fn = resolve_backend(self.backend, x.device)
+        if group is None:
+            layer_fn = resolve_backend(self.backend, x.device)
+        else:
+            layer_fn = distributed.sync_layer_function(group)
         running = parameters.running_stats(self, "", self._variant)
         result = layer_fn(
             x, h0, c0, parameters.layer_params(self, ""), running, variant=self._variant,

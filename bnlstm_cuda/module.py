@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
-from . import validation
+from . import distributed, validation
 from .backends import BACKEND_NAMES, resolve_backend
 from . import parameters
 from .statistics import BatchStats, update_running_stats
@@ -41,6 +41,10 @@ class BNLSTM(nn.Module):
         eps: added to the variance before the square root.
         gamma_init: initial value of every gamma (the paper's 0.1).
         backend: ``"auto"`` or ``"reference"`` (the plain PyTorch loop).
+        sync_statistics: in training, normalize with the batch statistics of the global
+            batch over ``process_group`` (torch.distributed), the SyncBatchNorm of this
+            layer; needs backend "auto" or "reference". See bnlstm_cuda.distributed.
+        process_group: the group for ``sync_statistics`` (None: the default group).
 
     Inputs: ``input, hx=None, lengths=None, start_step=0``
         input: [T, B, I] ([B, T, I] if batch_first), [T, I] unbatched, or a PackedSequence.
@@ -80,6 +84,8 @@ class BNLSTM(nn.Module):
         eps: float = 1e-5,
         gamma_init: float = 0.1,
         backend: str = "auto",
+        sync_statistics: bool = False,
+        process_group=None,
         device=None,
         dtype=None,
     ) -> None:
@@ -88,6 +94,7 @@ class BNLSTM(nn.Module):
                                                  gamma_init, backend, BACKEND_NAMES)
         for name, value in options.items():
             setattr(self, name, value)
+        distributed.configure(self, sync_statistics, process_group)
         self.num_layers = validation.check_positive_int("num_layers", num_layers)
         self.dropout = validation.check_float("dropout", dropout, 0.0, 1.0)
         self.bias = bool(bias)
@@ -158,7 +165,7 @@ class BNLSTM(nn.Module):
         return text + (
             f", max_length={self.max_length}, variant={self.variant!r}, "
             f"momentum={self.momentum}, eps={self.eps}, backend={self.backend!r}"
-        )
+        ) + (", sync_statistics=True" if self.sync_statistics else "")
 
     # Forward ----------------------------------------------------------------------------
 
@@ -168,6 +175,7 @@ class BNLSTM(nn.Module):
             batch_statistics=self.training,
             dropout=self.dropout if self.training else 0.0,
             start_step=start_step,
+            group=distributed.statistics_group(self, self.training),
         )
         if self.training:
             self._update_running_stats(batch_stats, start_step)
@@ -190,9 +198,12 @@ class BNLSTM(nn.Module):
             for part, stats in parts.items():
                 update_running_stats(*running[part], stats, self.momentum, start_step)
 
-    def _forward(self, input, hx, lengths, *, batch_statistics: bool, dropout: float, start_step: int = 0):
+    def _forward(self, input, hx, lengths, *, batch_statistics: bool, dropout: float, start_step: int = 0,
+                 group=None):
         """Validate, bring the input to [T, B, I], run every layer, restore the layout.
 
+        group: a process group for synchronized batch statistics (distributed.statistics_group),
+        or None for statistics of this batch.
         Returns (output, (h_n, c_n), batch statistics of every layer-direction).
         """
         validation.check_positive_int("start_step", start_step, minimum=0)
@@ -217,8 +228,14 @@ class BNLSTM(nn.Module):
                 x = input.transpose(0, 1) if self.batch_first else input
         unbatched = not packed and input.dim() == 2
         num_steps, batch = x.shape[0], x.shape[1]
-        validation.check_training_batch(batch, batch_statistics)
+        if group is None:
+            # (Synchronized statistics need only the global batch to hold 2 sequences, and it
+            # does: every process holds at least one.)
+            validation.check_training_batch(batch, batch_statistics)
         lengths = validation.check_lengths(lengths, batch, num_steps, x.device)
+        if group is not None:
+            # Each step all-reduces, so every process runs the longest sequence of the group.
+            x, lengths = distributed.pad_to_global_length(x, lengths, group)
 
         num_states = self.num_layers * self.num_directions
         if hx is None:
@@ -230,7 +247,10 @@ class BNLSTM(nn.Module):
             if unbatched:
                 h0, c0 = h0.unsqueeze(1), c0.unsqueeze(1)
 
-        output, h_n, c_n, batch_stats = self._run_layers(x, h0, c0, lengths, batch_statistics, dropout, start_step)
+        output, h_n, c_n, batch_stats = self._run_layers(x, h0, c0, lengths, batch_statistics, dropout, start_step,
+                                                         group)
+        if group is not None:
+            output = output[:num_steps]  # [T, B, H]: drop the steps added for other processes
 
         if packed:
             output = _pack_like(output, input)
@@ -240,9 +260,13 @@ class BNLSTM(nn.Module):
             output = output.transpose(0, 1)
         return output, (h_n, c_n), batch_stats
 
-    def _run_layers(self, x, h0, c0, lengths, batch_statistics: bool, dropout: float, start_step: int):
+    def _run_layers(self, x, h0, c0, lengths, batch_statistics: bool, dropout: float, start_step: int,
+                    group=None):
         """x: [T, B, I]; h0, c0: [num_layers * num_directions, B, H]."""
-        layer_fn = resolve_backend(self.backend, x.device)
+        if group is None:
+            layer_fn = resolve_backend(self.backend, x.device)
+        else:
+            layer_fn = distributed.sync_layer_function(group)
         h_n, c_n, outputs = [], [], []
         batch_stats: ForwardStats = {}
         for index, (suffix, _) in enumerate(self._layer_directions()):

@@ -14,7 +14,7 @@ float32 inputs are computed in their own dtype, float16 and bfloat16 inputs in f
 """
 from __future__ import annotations
 
-from typing import Dict, NamedTuple, Optional, Tuple
+from typing import Callable, Dict, NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -92,6 +92,7 @@ def bnlstm_layer_reference(
     lengths: Optional[Tensor] = None,
     reverse: bool = False,
     start_step: int = 0,
+    batch_stats_fn: Callable[[Tensor, Tensor], BatchStats] = masked_batch_stats,
 ) -> LayerResult:
     """Run one BN-LSTM layer in one direction over a padded batch.
 
@@ -104,6 +105,11 @@ def bnlstm_layer_reference(
              lengths[b] - 1 - t.
     start_step: index of x's first time step (streaming in chunks): step t uses the
              statistics slot min(start_step + t, S - 1).
+    batch_stats_fn: (z [..., B, F], mask [..., B]) -> BatchStats [..., F], how training
+             takes batch statistics. Called once for the input side (all steps together)
+             and once per step for each normalized recurrent part. The default,
+             masked_batch_stats, takes them over this batch; bnlstm_cuda.distributed passes
+             one that reduces the moments over a process group (synchronized statistics).
     """
     out_dtype = x.dtype
     dtype = compute_dtype(x.dtype)
@@ -134,14 +140,14 @@ def bnlstm_layer_reference(
     wx = x @ p.weight_ih.t()  # [T, B, 4H]
     if variant.input_statistics == "step":
         if training:
-            stats = batch_stats["ih"] = masked_batch_stats(wx, active)  # [T, 4H]
+            stats = batch_stats["ih"] = batch_stats_fn(wx, active)  # [T, 4H]
             mean, var = stats.mean, stats.var
         else:
             mean, var = population("ih", steps)
         wx = normalize(wx, mean, var, p.gamma_ih, None, eps)
     elif variant.input_statistics == "sequence":
         if training:
-            flat = masked_batch_stats(wx.reshape(1, -1, wx.shape[-1]), active.reshape(1, -1))
+            flat = batch_stats_fn(wx.reshape(1, -1, wx.shape[-1]), active.reshape(1, -1))
             batch_stats["ih"] = flat  # [1, 4H]
             mean, var = flat.mean, flat.var
         else:
@@ -155,7 +161,7 @@ def bnlstm_layer_reference(
         wh = h @ p.weight_hh.t()  # [B, 4H]
         if variant.normalize_recurrent:
             if training:
-                stats = masked_batch_stats(wh, active[t])
+                stats = batch_stats_fn(wh, active[t])
                 recurrent_stats.append(stats)
                 mean, var = stats.mean, stats.var
             else:
@@ -166,7 +172,7 @@ def bnlstm_layer_reference(
         c_out = c_next
         if variant.normalize_cell:
             if training:
-                stats = masked_batch_stats(c_next, active[t])
+                stats = batch_stats_fn(c_next, active[t])
                 cell_stats.append(stats)
                 mean, var = stats.mean, stats.var
             else:
