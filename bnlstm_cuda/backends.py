@@ -5,6 +5,8 @@ Every backend provides a function with the signature of
 
     reference  the plain PyTorch loop, any device
     cpu        the fused C++ operators (csrc/), CPU tensors, compiled on first use
+    cuda       the CUDA C++ kernels of the same operators (csrc/recurrent_cuda.cu), CUDA
+               tensors; needs a CUDA build of torch, nvcc and a GPU (build.cuda_wanted)
     triton     the Triton kernels (triton_layer.py), CUDA tensors; CPU tensors under
                TRITON_INTERPRET=1 (Triton's interpreter, for tests)
 """
@@ -20,10 +22,11 @@ from .reference import LayerResult, bnlstm_layer_reference
 
 LayerFunction = Callable[..., LayerResult]
 
-BACKEND_NAMES = ("auto", "reference", "cpu", "triton")
+BACKEND_NAMES = ("auto", "reference", "cpu", "cuda", "triton")
 
 _fallback_warned = False
 _cpu_status: Optional[str] = None  # None: not tried yet; "": available; else why not
+_cuda_status: Optional[str] = None  # the same for the CUDA kernels
 
 
 def _cpu_problem() -> Optional[str]:
@@ -43,11 +46,31 @@ def _cpu_problem() -> Optional[str]:
     return _cpu_status or None
 
 
+def _cuda_problem() -> Optional[str]:
+    """Why the CUDA backend cannot run here, or None; tried on the first call only."""
+    global _cuda_status
+    if _cuda_status is None:
+        if torch.version.cuda is None:
+            _cuda_status = f"torch {torch.__version__} is not a CUDA build"
+        elif not torch.cuda.is_available():
+            _cuda_status = "no CUDA GPU is visible to torch"
+        else:
+            # With a GPU visible, the extension that loads is the CUDA-enabled one.
+            _cuda_status = _cpu_problem() or ""
+            if not _cuda_status and not torch._C._dispatch_has_kernel_for_dispatch_key(
+                "bnlstm::layer_forward", "CUDA"
+            ):
+                _cuda_status = "the loaded extension has no CUDA kernels (was BNLSTM_CUDA=0 set?)"
+    return _cuda_status or None
+
+
 def available_backends(device: torch.device) -> tuple:
     """Names of the backends that can run on `device` here (without "auto")."""
     names = ["reference"]
     if torch.device(device).type == "cpu" and _cpu_problem() is None:
         names.append("cpu")
+    if torch.device(device).type == "cuda" and _cuda_problem() is None:
+        names.append("cuda")
     return tuple(names)
 
 
@@ -67,6 +90,13 @@ def resolve_backend(name: str, device: torch.device) -> LayerFunction:
         problem = _cpu_problem()
         if problem is not None:
             raise RuntimeError(f'backend="cpu" is unavailable: {problem}')
+        return bnlstm_layer_fused
+    if name == "cuda":
+        if device.type != "cuda":
+            raise ValueError(f'backend="cuda" runs on CUDA tensors; the input is on {device}')
+        problem = _cuda_problem()
+        if problem is not None:
+            raise RuntimeError(f'backend="cuda" is unavailable: {problem}')
         return bnlstm_layer_fused
     if name == "triton":
         from . import triton_layer  # imports triton only when asked for

@@ -11,16 +11,28 @@ not load is linked again; an unfinished build (a killed compiler) is completed; 
 over such leftovers fails, the directory is emptied and everything compiles once more.
 
     python -m bnlstm_cuda.build          # compile ahead of time, print where
+    python -m bnlstm_cuda.build --cuda   # the CUDA-enabled extension (no GPU needed to build)
+
+With a CUDA build of torch and a visible GPU, the extension that loads is the CUDA-enabled
+one: the same CPU sources plus the CUDA kernels (csrc/recurrent_cuda.cu), in one library,
+because the operator schemas (ops.cpp, TORCH_LIBRARY) can be defined only once per process.
+It is cached beside the CPU one, in cuda-<key>, keyed also by the CUDA sources, nvcc flags
+and target architectures; the build writes ptxas' resource report of every kernel
+(registers, spills, shared memory) to resource_usage.txt in its directory.
 
 Environment switches (prefix BNLSTM_):
     BNLSTM_CACHE_DIR        where builds are cached (default ~/.cache/bnlstm_cuda)
     BNLSTM_BUILD_EXTENSION  "1": `pip install --no-build-isolation .` compiles the extension
                             into the package (see setup.py) instead of on first use
     BNLSTM_VERBOSE_BUILD    "1": show the compiler's output
+    BNLSTM_CUDA             "1": build and load the CUDA-enabled extension even without a
+                            visible GPU; "0": the CPU-only one even with a GPU
+    TORCH_CUDA_ARCH_LIST    target architectures of the CUDA build (default "8.0;9.0")
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import fcntl
 import hashlib
 import os
@@ -42,6 +54,14 @@ EXTENSION_NAME = "bnlstm_cpu"
 LIBRARY_FILE = f"{EXTENSION_NAME}.so"
 LOCK_NAME = ".lock"
 COMPLETE_STAMP = ".complete"
+# The CUDA-enabled extension: CPU_SOURCES plus these, one library (ops.cpp defines the
+# schemas once). Its build log and ptxas' resource report stay in its build directory.
+CUDA_SOURCES = ("recurrent_cuda.cu", "register_cuda.cpp")
+CUDA_EXTENSION_NAME = "bnlstm_cuda_ops"
+CUDA_LIBRARY_FILE = f"{CUDA_EXTENSION_NAME}.so"
+DEFAULT_CUDA_ARCHS = "8.0;9.0"
+BUILD_LOG = "build.log"
+RESOURCE_REPORT = "resource_usage.txt"
 
 
 class ExtensionUnavailable(RuntimeError):
@@ -139,6 +159,89 @@ def source_key(src: Optional[Path] = None) -> str:
     return _build_key([src / name for name in CPU_SOURCES + HEADERS], cpu_cflags())
 
 
+def cuda_wanted() -> bool:
+    """Whether the CUDA-enabled extension is the one to load: BNLSTM_CUDA=1 or 0 decides;
+    otherwise when torch is a CUDA build and sees a GPU."""
+    choice = os.environ.get("BNLSTM_CUDA", "")
+    if choice in ("0", "1"):
+        return choice == "1"
+    import torch
+
+    return torch.version.cuda is not None and torch.cuda.is_available()
+
+
+def cuda_arch_list() -> str:
+    """Target architectures of the CUDA build: TORCH_CUDA_ARCH_LIST, else sm_80 and sm_90."""
+    return os.environ.get("TORCH_CUDA_ARCH_LIST") or DEFAULT_CUDA_ARCHS
+
+
+def cuda_cflags() -> List[str]:
+    """nvcc flags: -O3, and ptxas' resource report of every kernel (kept in the build log)."""
+    return ["-O3", "-Xptxas", "-v"]
+
+
+def cuda_include_paths() -> List[str]:
+    """Headers that torch's CUDA headers include and a bare toolkit may lack (cusparse.h,
+    cublas_v2.h, ...): the CUDA wheels of torch bring them under site-packages/nvidia/*/include."""
+    import torch
+
+    nvidia = Path(torch.__file__).resolve().parent.parent / "nvidia"
+    return sorted(str(path) for path in nvidia.glob("*/include") if (path / "cusparse.h").is_file())
+
+
+def cuda_home() -> Optional[str]:
+    """The CUDA toolkit to build with: CUDA_HOME or CUDA_PATH, else torch's own guess, else
+    /usr/local/cuda; the first that holds bin/nvcc and include/cuda_runtime.h. (torch guesses
+    from `which nvcc`, which a wrapper script in /usr/local/bin turns into /usr/local.)"""
+    from torch.utils import cpp_extension
+
+    candidates = (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), cpp_extension.CUDA_HOME,
+                  "/usr/local/cuda")
+    for candidate in candidates:
+        if candidate and (Path(candidate) / "bin" / "nvcc").is_file() and (
+            Path(candidate) / "include" / "cuda_runtime.h"
+        ).is_file():
+            return candidate
+    return None
+
+
+def cuda_problem() -> Optional[str]:
+    """Why the CUDA extension cannot be built here, or None."""
+    import torch
+
+    if torch.version.cuda is None:
+        return (f"torch {torch.__version__} is not a CUDA build; install a CUDA build of torch "
+                "(e.g. pip install torch==2.14.1) to build the CUDA extension")
+    if cuda_home() is None:
+        return "no CUDA toolkit: nvcc not found (set CUDA_HOME, e.g. /usr/local/cuda)"
+    return missing_tools()
+
+
+def cuda_source_key(src: Optional[Path] = None) -> str:
+    """Key of the CUDA-enabled build: every source, the C++ and nvcc flags, the target
+    architectures, torch's CUDA version and the toolkit used."""
+    import torch
+
+    src = src or source_dir()
+    flags = cpu_cflags() + cuda_cflags() + cuda_include_paths()
+    flags += [f"arch={cuda_arch_list()}", f"cuda={torch.version.cuda}", f"toolkit={cuda_home()}"]
+    return _build_key([src / name for name in CPU_SOURCES + CUDA_SOURCES + HEADERS], flags)
+
+
+def load_extension(verbose: Optional[bool] = None) -> Path:
+    """Build (once) and load the operators: the CUDA-enabled extension where cuda_wanted(),
+    else the CPU one. Returns the build dir. Raises ExtensionUnavailable."""
+    if cuda_wanted():
+        return load_cuda_extension(verbose)
+    return load_cpu_extension(verbose)
+
+
+def load_cuda_extension(verbose: Optional[bool] = None) -> Path:
+    """Build (once) and load the CUDA-enabled extension (CPU and CUDA kernels, one library);
+    needs a CUDA build of torch and nvcc, not a GPU. Raises ExtensionUnavailable."""
+    return _load_cached(cuda=True, verbose=verbose)
+
+
 def load_cpu_extension(verbose: Optional[bool] = None) -> Path:
     """Build (once) and load the CPU operators into torch.ops.bnlstm; returns the build dir
     (or the package dir for a prebuilt library). Raises ExtensionUnavailable.
@@ -150,10 +253,23 @@ def load_cpu_extension(verbose: Optional[bool] = None) -> Path:
     """
     if _load_prebuilt():
         return PACKAGE_DIR
+    return _load_cached(cuda=False, verbose=verbose)
+
+
+def _load_cached(cuda: bool, verbose: Optional[bool]) -> Path:
+    """The cache logic of both extensions (see load_cpu_extension)."""
     if verbose is None:
         verbose = os.environ.get("BNLSTM_VERBOSE_BUILD") == "1"
     src = source_dir()
-    build_dir = cache_dir() / f"cpu-{source_key(src)}"
+    if cuda:
+        problem = cuda_problem()
+        if problem:
+            raise ExtensionUnavailable(f"cannot build the bnlstm_cuda CUDA extension: {problem}")
+        build_dir = cache_dir() / f"cuda-{cuda_source_key(src)}"
+        build, kind, library_file = _build_and_load_cuda, "CUDA", CUDA_LIBRARY_FILE
+    else:
+        build_dir = cache_dir() / f"cpu-{source_key(src)}"
+        build, kind, library_file = _build_and_load, "CPU", LIBRARY_FILE
     try:
         build_dir.mkdir(parents=True, exist_ok=True)
         lock = open(build_dir / LOCK_NAME, "a")
@@ -163,7 +279,7 @@ def load_cpu_extension(verbose: Optional[bool] = None) -> Path:
         ) from error
     with lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # a concurrent builder finishes first; we reuse its work
-        library = build_dir / LIBRARY_FILE
+        library = build_dir / library_file
         stamp = build_dir / COMPLETE_STAMP
         if stamp.is_file():
             # Checked before loading: dlopen of a truncated library kills the process (SIGBUS).
@@ -186,18 +302,19 @@ def load_cpu_extension(verbose: Optional[bool] = None) -> Path:
         # may be truncated, which ninja cannot tell, so it is always linked again (the
         # object files ninja finds up to date are reused).
         library.unlink(missing_ok=True)
+        duration = "a few minutes" if cuda else "about a minute"
         if not leftovers:
-            what = "compiling the CPU extension into {} (first use only; about a minute)"
+            what = f"compiling the {kind} extension into {{}} (first use only; {duration})"
         else:
-            what = "completing the build of the CPU extension in {}"
+            what = f"completing the build of the {kind} extension in {{}}"
         try:
-            _build_and_load(build_dir, src, verbose, what)
+            build(build_dir, src, verbose, what)
         except ExtensionUnavailable as error:
             if not leftovers:
                 raise  # a fresh directory: a second attempt would fail the same way
             # What an interrupted or corrupted build left may be the cause: start afresh.
             _discard(build_dir, f"building in it failed ({_first_line(error)})")
-            _build_and_load(build_dir, src, verbose, "recompiling the CPU extension into {} (about a minute)")
+            build(build_dir, src, verbose, f"recompiling the {kind} extension into {{}} ({duration})")
         temporary = stamp.with_name(stamp.name + ".tmp")
         temporary.write_text(_stamp_text(library))
         os.replace(temporary, stamp)
@@ -246,6 +363,116 @@ def _build_and_load(build_dir: Path, src: Path, verbose: bool, what: str) -> Non
         print(f"bnlstm_cuda: extension ready in {time.perf_counter() - start:.1f} s", file=sys.stderr)
 
 
+def _build_and_load_cuda(build_dir: Path, src: Path, verbose: bool, what: str) -> None:
+    """Compile and load the CUDA-enabled extension for cuda_arch_list(). Under the cache lock.
+    The compiler's output (ptxas' report included) goes to the build log; the resource
+    report is extracted from it."""
+    import torch.utils.cpp_extension as cpp_extension
+
+    (build_dir / "lock").unlink(missing_ok=True)
+    print(f"bnlstm_cuda: {what.format(build_dir)}", file=sys.stderr, flush=True)
+    versioner = getattr(cpp_extension, "JIT_EXTENSION_VERSIONER", None)
+    getattr(versioner, "entries", {}).pop(CUDA_EXTENSION_NAME, None)
+    log = build_dir / BUILD_LOG
+    start = time.perf_counter()
+    previous_archs = os.environ.get("TORCH_CUDA_ARCH_LIST")
+    # cpp_extension reads its module-level CUDA_HOME when it writes the build file.
+    cpp_extension.CUDA_HOME = cuda_home()
+    # Without a visible GPU torch cannot pick the architectures itself.
+    os.environ["TORCH_CUDA_ARCH_LIST"] = cuda_arch_list()
+    try:
+        with _output_to(log):
+            cpp_extension.load(
+                name=CUDA_EXTENSION_NAME,
+                sources=[str(src / name) for name in CPU_SOURCES + CUDA_SOURCES],
+                extra_cflags=cpu_cflags(),
+                extra_cuda_cflags=cuda_cflags(),
+                extra_include_paths=[str(src)] + cuda_include_paths(),
+                build_directory=str(build_dir),
+                is_python_module=False,
+                verbose=True,  # into the log: ptxas' report is part of it
+            )
+    except OSError as error:
+        raise ExtensionUnavailable(
+            f"the bnlstm_cuda CUDA extension built in {build_dir} does not load: {error}"
+        ) from error
+    except Exception as error:
+        raise ExtensionUnavailable(
+            f"building the bnlstm_cuda CUDA extension failed: {error}\n{_tail(log)}"
+        ) from error
+    finally:
+        if previous_archs is None:
+            os.environ.pop("TORCH_CUDA_ARCH_LIST", None)
+        else:
+            os.environ["TORCH_CUDA_ARCH_LIST"] = previous_archs
+        if verbose and log.is_file():
+            sys.stderr.write(log.read_text(errors="replace"))
+    report = resource_report(log.read_text(errors="replace"))
+    if report:  # ninja recompiled the kernels (otherwise the report of the build before stays)
+        (build_dir / RESOURCE_REPORT).write_text(report)
+    print(f"bnlstm_cuda: CUDA extension ready in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+
+
+@contextlib.contextmanager
+def _output_to(path: Path):
+    """Send this process's stdout and stderr file descriptors (the compiler's output that
+    ninja passes through) to `path` for the duration."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    with open(path, "w") as sink:
+        os.dup2(sink.fileno(), 1)
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            for descriptor in saved:
+                os.close(descriptor)
+
+
+def _tail(path: Path, lines: int = 40) -> str:
+    if not path.is_file():
+        return ""
+    text = path.read_text(errors="replace").splitlines()
+    return "\n".join(text[-lines:])
+
+
+def resource_report(log: str) -> str:
+    """ptxas' resource lines of the step kernels and their helpers from a build log: per
+    kernel and architecture, registers, barriers, shared memory, stack frame and spills."""
+    lines, kernel, frame = [], None, ""
+    for line in log.splitlines():
+        line = line.strip()
+        if "Compiling entry function" in line:
+            name = line.split("'")[1] if "'" in line else line
+            arch = line.rsplit("for ", 1)[-1].strip("' ")
+            kernel, frame = f"{_demangle(name)} [{arch}]", ""
+        elif kernel and "stack frame" in line:
+            frame = line
+        elif kernel and line.startswith("ptxas info    : Used"):
+            lines.append(f"{kernel}: {line.replace('ptxas info    : ', '')}; {frame}")
+            kernel = None
+    return "\n".join(lines) + ("\n" if lines else "")
+
+
+def _demangle(name: str) -> str:
+    """A readable kernel name: bnlstm_fwd_step_kernel<float, 8, true> from its mangled form
+    (c++filt where there is one)."""
+    tool = shutil.which("c++filt")
+    if tool:
+        import subprocess
+
+        result = subprocess.run([tool, name], capture_output=True, text=True)
+        if result.returncode == 0 and result.stdout.strip():
+            text = result.stdout.strip()
+            return text.replace("bnlstm::(anonymous namespace)::", "")
+    return name
+
+
 def _load_library(path: Path) -> None:
     import torch
 
@@ -275,14 +502,41 @@ def _first_line(error: Exception) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cpu", action="store_true", help="build the CPU extension (the default)")
+    parser.add_argument("--cuda", action="store_true",
+                        help="build the CUDA-enabled extension (CUDA build of torch and nvcc; no GPU needed) "
+                             "and write ptxas' resource report to benchmarks/results/cuda_resource_usage.txt")
     parser.add_argument("--verbose", action="store_true", help="show the compiler's output")
     args = parser.parse_args(argv)
+    if args.cuda:
+        return _main_cuda(args.verbose)
     try:
         where = load_cpu_extension(verbose=args.verbose)
     except ExtensionUnavailable as error:
         print(error, file=sys.stderr)
         return 1
     print(f"CPU extension built and loaded from {where}")
+    return 0
+
+
+def _main_cuda(verbose: bool) -> int:
+    start = time.perf_counter()
+    try:
+        where = load_cuda_extension(verbose=verbose)
+    except ExtensionUnavailable as error:
+        print(error, file=sys.stderr)
+        return 1
+    print(f"CUDA extension (architectures {cuda_arch_list()}) built and loaded from {where} "
+          f"in {time.perf_counter() - start:.0f} s")
+    report = where / RESOURCE_REPORT
+    results = PACKAGE_DIR.parent / "benchmarks" / "results"
+    if report.is_file() and results.is_dir():
+        import torch
+
+        target = results / "cuda_resource_usage.txt"
+        header = (f"# ptxas resource usage of the CUDA kernels (csrc/recurrent_cuda.cu), nvcc flags "
+                  f"{' '.join(cuda_cflags())}, architectures {cuda_arch_list()}, torch {torch.__version__}\n")
+        target.write_text(header + report.read_text())
+        print(f"resource report: {target}")
     return 0
 
 

@@ -42,10 +42,10 @@ def ensure_loaded() -> None:
             return
         if _failure is not None:
             raise _failure
-        from .build import ExtensionUnavailable, load_cpu_extension
+        from .build import ExtensionUnavailable, load_extension
 
         try:
-            load_cpu_extension()
+            load_extension()  # the CUDA-enabled one with a CUDA torch and a GPU (build.cuda_wanted)
         except ExtensionUnavailable as error:
             _failure = error
             raise

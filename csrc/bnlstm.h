@@ -110,5 +110,10 @@ void recurrent_forward_cpu(const RecurrentForwardArgs& args, RecurrentForwardOut
                            const LayerFlags& flags);
 void recurrent_backward_cpu(const RecurrentBackwardArgs& args, RecurrentBackwardOutputs& out,
                             const LayerFlags& flags);
+// CUDA (recurrent_cuda.cu), compiled only into the CUDA-enabled extension.
+void recurrent_forward_cuda(const RecurrentForwardArgs& args, RecurrentForwardOutputs& out,
+                            const LayerFlags& flags);
+void recurrent_backward_cuda(const RecurrentBackwardArgs& args, RecurrentBackwardOutputs& out,
+                             const LayerFlags& flags);
 
 }  // namespace bnlstm
