@@ -368,64 +368,6 @@ struct StepBackward {
   T* grad_wx;        // gradient of W_ih x_t, if step-wise input (else written by the host)
 };
 
-// Sums over the rows of a batch, per column, for batch-norm backward passes.
-template <typename T>
-struct ColumnSums {
-  std::vector<T> dy, dy_xhat;
-  explicit ColumnSums(int64_t size) : dy(size), dy_xhat(size) {}
-  void clear() {
-    std::fill(dy.begin(), dy.end(), T(0));
-    std::fill(dy_xhat.begin(), dy_xhat.end(), T(0));
-  }
-};
-
-// Backward of y = gamma * xhat over one column block: with dy the gradient of y,
-//   training:   dx = gamma * rstd * (dy - mean(dy) - xhat * mean(dy * xhat))  on active rows
-//   evaluation: dx = gamma * rstd * dy
-// (means over the active rows; padded rows get 0). sums hold sum(dy), sum(dy * xhat).
-template <typename T>
-void batch_norm_backward_rows(const T* dy, int64_t dy_stride, const T* xhat, int64_t xhat_stride,
-                              const ColumnSums<T>& sums, const T* gamma, const T* var, T eps,
-                              bool training, const bool* active, int64_t batch, int64_t count,
-                              int64_t size, T* dx, int64_t dx_stride) {
-  const Vec<T> inv_count(T(1) / T(std::max<int64_t>(count, 1)));
-  std::vector<T> scale(size);
-  for_each_vec<T>(size, [&](int64_t j, auto n) {
-    const Vec<T> rstd = (Vec<T>::loadu(var + j, n) + Vec<T>(eps)).rsqrt();
-    (rstd * Vec<T>::loadu(gamma + j, n)).store(scale.data() + j, n);
-  });
-  for (int64_t b = 0; b < batch; ++b) {
-    if (!active[b]) {
-      std::fill_n(dx + b * dx_stride, size, T(0));
-      continue;
-    }
-    for_each_vec<T>(size, [&](int64_t j, auto n) {
-      Vec<T> grad = Vec<T>::loadu(dy + b * dy_stride + j, n);
-      if (training) {
-        grad = grad - Vec<T>::loadu(sums.dy.data() + j, n) * inv_count -
-               Vec<T>::loadu(xhat + b * xhat_stride + j, n) * Vec<T>::loadu(sums.dy_xhat.data() + j, n) * inv_count;
-      }
-      (grad * Vec<T>::loadu(scale.data() + j, n)).store(dx + b * dx_stride + j, n);
-    });
-  }
-}
-
-// Adds sums over rows of dy (and of dy * xhat when xhat is given) into sum_dy, sum_dy_xhat.
-template <typename T>
-void accumulate_column_sums(const T* dy, int64_t dy_stride, const T* xhat, int64_t xhat_stride,
-                            int64_t batch, int64_t size, T* sum_dy, T* sum_dy_xhat) {
-  for (int64_t b = 0; b < batch; ++b) {
-    for_each_vec<T>(size, [&](int64_t j, auto n) {
-      const Vec<T> grad = Vec<T>::loadu(dy + b * dy_stride + j, n);
-      (Vec<T>::loadu(sum_dy + j, n) + grad).store(sum_dy + j, n);
-      if (xhat != nullptr) {
-        const Vec<T> product = grad * Vec<T>::loadu(xhat + b * xhat_stride + j, n);
-        (Vec<T>::loadu(sum_dy_xhat + j, n) + product).store(sum_dy_xhat + j, n);
-      }
-    });
-  }
-}
-
 // Adds src[0, size) into dst.
 template <typename T>
 void add_into(T* dst, const T* src, int64_t size) {
@@ -446,17 +388,28 @@ class RecurrentBackwardCPU {
         grad_gamma_ih_(data_or_null(out.grad_gamma_ih)), grad_gamma_hh_(data_or_null(out.grad_gamma_hh)),
         grad_gamma_c_(data_or_null(out.grad_gamma_c)), grad_beta_c_(data_or_null(out.grad_beta_c)) {}
 
-  // One step backwards over hidden units [j0, j1). Accumulates the bias, gamma and beta
-  // gradients of these units' columns (no other task touches them).
+  // One step backwards over hidden units [j0, j1), in three passes over the batch rows:
+  //   1. the output gate and the gradient reaching the normalized cell, with its column sums;
+  //   2. back through the cell normalization, the gates i, f, g and to c_{t-1}, with the
+  //      column sums of every gate's gradient;
+  //   3. back through the recurrent and the input normalizations.
+  // Batch-norm backward needs column sums over all rows before any row's result, hence the
+  // passes. Accumulates the bias, gamma and beta gradients of these units' columns (no other
+  // task touches them). Padded rows carry zero gate gradients.
   void run(const StepBackward<T>& s, int64_t j0, int64_t j1) const {
     const int64_t H = hidden_, G = 4 * hidden_, B = batch_, W = layout_.width, J = j1 - j0;
     const T eps = T(flags_.eps);
     const Vec<T> one(T(1)), zero(T(0));
+    const bool cell_bn = flags_.normalize_cell;
+    const bool recurrent = flags_.normalize_recurrent;
+    const bool any_input = flags_.input_statistics != kInputNone;
+    const bool step_input = flags_.input_statistics == kInputStep;
+    const bool training = flags_.training;
+    const Vec<T> inv_count(T(1) / T(std::max<int64_t>(s.count, 1)));
 
-    // The normalized cell and its tanh, from c_t and the step's statistics.
-    std::vector<T> c_hat(flags_.normalize_cell ? B * J : 0), tanh_c(B * J);
+    // Per-column constants: u indexes gate g's column of hidden unit j0 + j as g * J + j.
     std::vector<T> cell_rstd(J, T(1)), cell_scale(J, T(1)), cell_mean(J, T(0)), cell_beta(J, T(0));
-    if (flags_.normalize_cell) {
+    if (cell_bn) {
       for_each_vec<T>(J, [&](int64_t j, auto n) {
         const Vec<T> rstd = (Vec<T>::loadu(s.var_c + j0 + j, n) + Vec<T>(eps)).rsqrt();
         rstd.store(cell_rstd.data() + j, n);
@@ -465,150 +418,159 @@ class RecurrentBackwardCPU {
       std::copy_n(s.mean_c + j0, J, cell_mean.data());
       std::copy_n(beta_c_ + j0, J, cell_beta.data());
     }
-    for (int64_t b = 0; b < B; ++b) {
-      const T* rs = s.reserve + b * W;
-      for_each_vec<T>(J, [&](int64_t j, auto n) {
-        Vec<T> seen = Vec<T>::loadu(rs + layout_.c_new + j0 + j, n);
-        if (flags_.normalize_cell) {
-          const Vec<T> normalized = (seen - Vec<T>::loadu(cell_mean.data() + j, n)) * Vec<T>::loadu(cell_rstd.data() + j, n);
-          normalized.store(c_hat.data() + b * J + j, n);
-          seen = at::vec::fmadd(normalized, Vec<T>::loadu(gamma_c_ + j0 + j, n), Vec<T>::loadu(cell_beta.data() + j, n));
-        }
-        fast_tanh(seen).store(tanh_c.data() + b * J + j, n);
-      });
-    }
-
-    // Gradient reaching the copy of c_t that feeds h_t, and the output gate.
-    std::vector<T> grad_seen(B * J);
-    for (int64_t b = 0; b < B; ++b) {
-      const T* rs = s.reserve + b * W;
-      const bool active = s.active[b];
-      for_each_vec<T>(J, [&](int64_t j, auto n) {
-        const int64_t u = j0 + j;
-        const Vec<T> grad_h_new =
-            active ? Vec<T>::loadu(s.grad_output + b * H + u, n) + Vec<T>::loadu(s.grad_h + b * H + u, n) : zero;
-        const Vec<T> tanh = Vec<T>::loadu(tanh_c.data() + b * J + j, n);
-        const Vec<T> o = Vec<T>::loadu(rs + layout_.gates + 3 * H + u, n);
-        (grad_h_new * tanh * o * (one - o)).store(s.grad_gates + b * G + 3 * H + u, n);
-        (grad_h_new * o * (one - tanh * tanh)).store(grad_seen.data() + b * J + j, n);
-      });
-    }
-
-    // Through the cell normalization (padded rows carry zero gradient), then add the
-    // gradient arriving at c_t from step t+1.
-    ColumnSums<T> sums(J);
-    std::vector<T> grad_cell(B * J);
-    if (flags_.normalize_cell) {
-      sums.clear();
-      accumulate_column_sums(grad_seen.data(), J, c_hat.data(), J, B, J, sums.dy.data(), sums.dy_xhat.data());
-      add_into(grad_beta_c_ + j0, sums.dy.data(), J);
-      add_into(grad_gamma_c_ + j0, sums.dy_xhat.data(), J);
-      batch_norm_backward_rows(grad_seen.data(), J, c_hat.data(), J, sums, gamma_c_ + j0,
-                               s.var_c + j0, eps, flags_.training, s.active, B, s.count, J, grad_cell.data(), J);
-    } else {
-      std::copy(grad_seen.begin(), grad_seen.end(), grad_cell.begin());
-    }
-
-    // Gates i, f, g, and the gradient flowing to c_{t-1}.
-    for (int64_t b = 0; b < B; ++b) {
-      const T* rs = s.reserve + b * W;
-      const bool active = s.active[b];
-      for_each_vec<T>(J, [&](int64_t j, auto n) {
-        const int64_t u = j0 + j;
-        const Vec<T> dc = active ? Vec<T>::loadu(grad_cell.data() + b * J + j, n) + Vec<T>::loadu(s.grad_c + b * H + u, n)
-                                 : zero;
-        const Vec<T> i = Vec<T>::loadu(rs + layout_.gates + 0 * H + u, n);
-        const Vec<T> f = Vec<T>::loadu(rs + layout_.gates + 1 * H + u, n);
-        const Vec<T> g = Vec<T>::loadu(rs + layout_.gates + 2 * H + u, n);
-        const Vec<T> c_prev = Vec<T>::loadu(s.c_prev + b * s.c_prev_stride + u, n);
-        (dc * g * i * (one - i)).store(s.grad_gates + b * G + 0 * H + u, n);
-        (dc * c_prev * f * (one - f)).store(s.grad_gates + b * G + 1 * H + u, n);
-        (dc * i * (one - g * g)).store(s.grad_gates + b * G + 2 * H + u, n);
-        // A padded step passes the gradient of its (unchanged) state straight through.
-        if (active) (dc * f).store(s.grad_c + b * H + u, n);
-      });
-    }
-
-    // Per gate column block: the bias gradient, and back through the recurrent and the
-    // input normalizations, which receive the same upstream gradient dy = d gates. Two
-    // passes over the rows: the column sums, then the rows. xhat is recomputed on the fly
-    // from the projection the host kept. Padded rows have zero gate gradients.
-    const bool step_input = flags_.input_statistics == kInputStep;
-    const bool any_input = flags_.input_statistics != kInputNone;
-    const bool recurrent = flags_.normalize_recurrent;
-    const Vec<T> inv_count(T(1) / T(std::max<int64_t>(s.count, 1)));
-    std::vector<T> sum_dy(J), sum_dy_zhat(J), sum_dy_xhat(J), in_rstd(J), in_scale(J), rec_scale(J);
+    std::vector<T> in_mean(4 * J, T(0)), in_rstd(4 * J, T(1)), in_scale(4 * J, T(1)), rec_scale(4 * J, T(1));
     for (int64_t g = 0; g < 4; ++g) {
       const int64_t k0 = g * H + j0;
-      std::fill(sum_dy.begin(), sum_dy.end(), T(0));
-      std::fill(sum_dy_zhat.begin(), sum_dy_zhat.end(), T(0));
-      std::fill(sum_dy_xhat.begin(), sum_dy_xhat.end(), T(0));
       for_each_vec<T>(J, [&](int64_t j, auto n) {
         if (any_input) {
           const Vec<T> rstd = (Vec<T>::loadu(s.var_ih + k0 + j, n) + Vec<T>(eps)).rsqrt();
-          rstd.store(in_rstd.data() + j, n);
-          (rstd * Vec<T>::loadu(gamma_ih_ + k0 + j, n)).store(in_scale.data() + j, n);
+          rstd.store(in_rstd.data() + g * J + j, n);
+          (rstd * Vec<T>::loadu(gamma_ih_ + k0 + j, n)).store(in_scale.data() + g * J + j, n);
+          Vec<T>::loadu(s.mean_ih + k0 + j, n).store(in_mean.data() + g * J + j, n);
         }
         if (recurrent) {
           const Vec<T> rstd = (Vec<T>::loadu(s.var_hh + k0 + j, n) + Vec<T>(eps)).rsqrt();
-          (rstd * Vec<T>::loadu(gamma_hh_ + k0 + j, n)).store(rec_scale.data() + j, n);
+          (rstd * Vec<T>::loadu(gamma_hh_ + k0 + j, n)).store(rec_scale.data() + g * J + j, n);
         }
       });
-      const auto xhat_at = [&](int64_t b, int64_t j, auto n) {
-        return (Vec<T>::loadu(s.wx + b * G + k0 + j, n) - Vec<T>::loadu(s.mean_ih + k0 + j, n)) *
-               Vec<T>::loadu(in_rstd.data() + j, n);
-      };
-      for (int64_t b = 0; b < B; ++b) {
-        const T* rs = s.reserve + b * W;
-        for_each_vec<T>(J, [&](int64_t j, auto n) {
-          const Vec<T> dy = Vec<T>::loadu(s.grad_gates + b * G + k0 + j, n);
-          (Vec<T>::loadu(sum_dy.data() + j, n) + dy).store(sum_dy.data() + j, n);
-          if (recurrent) {
-            const Vec<T> zhat = Vec<T>::loadu(rs + layout_.zhat + k0 + j, n);
-            at::vec::fmadd(dy, zhat, Vec<T>::loadu(sum_dy_zhat.data() + j, n)).store(sum_dy_zhat.data() + j, n);
-          }
-          if (any_input) {
-            at::vec::fmadd(dy, xhat_at(b, j, n), Vec<T>::loadu(sum_dy_xhat.data() + j, n)).store(sum_dy_xhat.data() + j, n);
-          }
-        });
+    }
+    // Column sums of each gate's gradient dy, of dy * zhat and of dy * xhat.
+    std::vector<T> sum_dy(4 * J, T(0)), sum_dy_zhat(4 * J, T(0)), sum_dy_xhat(4 * J, T(0));
+    const auto xhat_at = [&](int64_t b, int64_t g, int64_t j, auto n) {
+      return (Vec<T>::loadu(s.wx + b * G + g * H + j0 + j, n) - Vec<T>::loadu(in_mean.data() + g * J + j, n)) *
+             Vec<T>::loadu(in_rstd.data() + g * J + j, n);
+    };
+    const auto accumulate = [&](int64_t b, int64_t g, int64_t j, auto n, const Vec<T>& dy) {
+      const int64_t u = g * J + j;
+      (Vec<T>::loadu(sum_dy.data() + u, n) + dy).store(sum_dy.data() + u, n);
+      if (recurrent) {
+        const Vec<T> zhat = Vec<T>::loadu(s.reserve + b * W + layout_.zhat + g * H + j0 + j, n);
+        at::vec::fmadd(dy, zhat, Vec<T>::loadu(sum_dy_zhat.data() + u, n)).store(sum_dy_zhat.data() + u, n);
       }
-      add_into(grad_bias_ + k0, sum_dy.data(), J);
-      if (recurrent) add_into(grad_gamma_hh_ + k0, sum_dy_zhat.data(), J);
+      if (any_input) {
+        at::vec::fmadd(dy, xhat_at(b, g, j, n), Vec<T>::loadu(sum_dy_xhat.data() + u, n)).store(sum_dy_xhat.data() + u, n);
+      }
+    };
+
+    // Pass 1: the normalized cell and its tanh, recomputed from c_t and the step's
+    // statistics; the output gate's gradient; the gradient reaching the normalized cell.
+    std::vector<T> c_hat(cell_bn ? B * J : 0), grad_seen(B * J);
+    std::vector<T> sum_seen(J, T(0)), sum_seen_c_hat(J, T(0));
+    for (int64_t b = 0; b < B; ++b) {
+      const T* rs = s.reserve + b * W;
+      const bool active = s.active[b];
+      for_each_vec<T>(J, [&](int64_t j, auto n) {
+        const int64_t unit = j0 + j;
+        Vec<T> seen = Vec<T>::loadu(rs + layout_.c_new + unit, n);
+        Vec<T> normalized = zero;
+        if (cell_bn) {
+          normalized = (seen - Vec<T>::loadu(cell_mean.data() + j, n)) * Vec<T>::loadu(cell_rstd.data() + j, n);
+          normalized.store(c_hat.data() + b * J + j, n);
+          seen = at::vec::fmadd(normalized, Vec<T>::loadu(gamma_c_ + unit, n), Vec<T>::loadu(cell_beta.data() + j, n));
+        }
+        const Vec<T> tanh = fast_tanh(seen);
+        const Vec<T> grad_h_new =
+            active ? Vec<T>::loadu(s.grad_output + b * H + unit, n) + Vec<T>::loadu(s.grad_h + b * H + unit, n) : zero;
+        const Vec<T> o = Vec<T>::loadu(rs + layout_.gates + 3 * H + unit, n);
+        const Vec<T> grad_o = grad_h_new * tanh * o * (one - o);
+        grad_o.store(s.grad_gates + b * G + 3 * H + unit, n);
+        accumulate(b, 3, j, n, grad_o);
+        const Vec<T> grad = grad_h_new * o * (one - tanh * tanh);
+        grad.store(grad_seen.data() + b * J + j, n);
+        if (cell_bn) {
+          (Vec<T>::loadu(sum_seen.data() + j, n) + grad).store(sum_seen.data() + j, n);
+          at::vec::fmadd(grad, normalized, Vec<T>::loadu(sum_seen_c_hat.data() + j, n)).store(sum_seen_c_hat.data() + j, n);
+        }
+      });
+    }
+    if (cell_bn) {
+      add_into(grad_beta_c_ + j0, sum_seen.data(), J);
+      add_into(grad_gamma_c_ + j0, sum_seen_c_hat.data(), J);
+    }
+
+    // Pass 2: through the cell normalization (training: dx = gamma * rstd * (dy - mean(dy) -
+    // xhat * mean(dy * xhat)) on active rows; evaluation: gamma * rstd * dy), plus the
+    // gradient arriving at c_t from step t+1; then the gates i, f, g and c_{t-1}.
+    for (int64_t b = 0; b < B; ++b) {
+      const T* rs = s.reserve + b * W;
+      const bool active = s.active[b];
+      for_each_vec<T>(J, [&](int64_t j, auto n) {
+        const int64_t unit = j0 + j;
+        Vec<T> dc = zero;
+        if (active) {
+          Vec<T> grad_cell = Vec<T>::loadu(grad_seen.data() + b * J + j, n);
+          if (cell_bn) {
+            if (training) {
+              grad_cell = grad_cell - Vec<T>::loadu(sum_seen.data() + j, n) * inv_count -
+                          Vec<T>::loadu(c_hat.data() + b * J + j, n) * Vec<T>::loadu(sum_seen_c_hat.data() + j, n) *
+                              inv_count;
+            }
+            grad_cell = grad_cell * Vec<T>::loadu(cell_scale.data() + j, n);
+          }
+          dc = grad_cell + Vec<T>::loadu(s.grad_c + b * H + unit, n);
+        }
+        const Vec<T> i = Vec<T>::loadu(rs + layout_.gates + 0 * H + unit, n);
+        const Vec<T> f = Vec<T>::loadu(rs + layout_.gates + 1 * H + unit, n);
+        const Vec<T> g = Vec<T>::loadu(rs + layout_.gates + 2 * H + unit, n);
+        const Vec<T> c_prev = Vec<T>::loadu(s.c_prev + b * s.c_prev_stride + unit, n);
+        const Vec<T> grad_i = dc * g * i * (one - i);
+        const Vec<T> grad_f = dc * c_prev * f * (one - f);
+        const Vec<T> grad_g = dc * i * (one - g * g);
+        grad_i.store(s.grad_gates + b * G + 0 * H + unit, n);
+        grad_f.store(s.grad_gates + b * G + 1 * H + unit, n);
+        grad_g.store(s.grad_gates + b * G + 2 * H + unit, n);
+        accumulate(b, 0, j, n, grad_i);
+        accumulate(b, 1, j, n, grad_f);
+        accumulate(b, 2, j, n, grad_g);
+        // A padded step passes the gradient of its (unchanged) state straight through.
+        if (active) (dc * f).store(s.grad_c + b * H + unit, n);
+      });
+    }
+    for (int64_t g = 0; g < 4; ++g) {
+      const int64_t k0 = g * H + j0;
+      add_into(grad_bias_ + k0, sum_dy.data() + g * J, J);
+      if (recurrent) add_into(grad_gamma_hh_ + k0, sum_dy_zhat.data() + g * J, J);
       // sum(dy * xhat) is gamma_ih's gradient for both input statistics; the sequence-wise
       // input backward is finished by the host from these sums.
-      if (any_input) add_into(grad_gamma_ih_ + k0, sum_dy_xhat.data(), J);
-      if (!recurrent && !step_input) continue;
+      if (any_input) add_into(grad_gamma_ih_ + k0, sum_dy_xhat.data() + g * J, J);
+    }
+    if (!recurrent && !step_input) return;
 
-      // training: dz = gamma * rstd * (dy - mean(dy) - zhat * mean(dy * zhat)) on active
-      // rows; evaluation: dz = gamma * rstd * dy. Padded rows get 0.
-      for (int64_t b = 0; b < B; ++b) {
-        const T* rs = s.reserve + b * W;
-        if (!s.active[b]) {
-          if (recurrent) std::fill_n(s.grad_zh + b * G + k0, J, T(0));
-          if (step_input) std::fill_n(s.grad_wx + b * G + k0, J, T(0));
-          continue;
+    // Pass 3: the recurrent and the step-wise input normalizations receive the same upstream
+    // gradient dy = d gates. Training: dz = gamma * rstd * (dy - mean(dy) - zhat * mean(dy *
+    // zhat)) on active rows; evaluation: dz = gamma * rstd * dy. Padded rows get 0.
+    for (int64_t b = 0; b < B; ++b) {
+      const T* rs = s.reserve + b * W;
+      if (!s.active[b]) {
+        for (int64_t g = 0; g < 4; ++g) {
+          if (recurrent) std::fill_n(s.grad_zh + b * G + g * H + j0, J, T(0));
+          if (step_input) std::fill_n(s.grad_wx + b * G + g * H + j0, J, T(0));
         }
+        continue;
+      }
+      for (int64_t g = 0; g < 4; ++g) {
+        const int64_t k0 = g * H + j0;
         for_each_vec<T>(J, [&](int64_t j, auto n) {
+          const int64_t u = g * J + j;
           const Vec<T> dy = Vec<T>::loadu(s.grad_gates + b * G + k0 + j, n);
-          const Vec<T> centred_dy = flags_.training ? dy - Vec<T>::loadu(sum_dy.data() + j, n) * inv_count : dy;
+          const Vec<T> centred_dy = training ? dy - Vec<T>::loadu(sum_dy.data() + u, n) * inv_count : dy;
           if (recurrent) {
             Vec<T> grad = centred_dy;
-            if (flags_.training) {
+            if (training) {
               const Vec<T> zhat = Vec<T>::loadu(rs + layout_.zhat + k0 + j, n);
-              grad = grad - zhat * Vec<T>::loadu(sum_dy_zhat.data() + j, n) * inv_count;
+              grad = grad - zhat * Vec<T>::loadu(sum_dy_zhat.data() + u, n) * inv_count;
             }
-            (grad * Vec<T>::loadu(rec_scale.data() + j, n)).store(s.grad_zh + b * G + k0 + j, n);
+            (grad * Vec<T>::loadu(rec_scale.data() + u, n)).store(s.grad_zh + b * G + k0 + j, n);
           }
           if (step_input) {
             Vec<T> grad = centred_dy;
-            if (flags_.training) grad = grad - xhat_at(b, j, n) * Vec<T>::loadu(sum_dy_xhat.data() + j, n) * inv_count;
-            (grad * Vec<T>::loadu(in_scale.data() + j, n)).store(s.grad_wx + b * G + k0 + j, n);
+            if (training) grad = grad - xhat_at(b, g, j, n) * Vec<T>::loadu(sum_dy_xhat.data() + u, n) * inv_count;
+            (grad * Vec<T>::loadu(in_scale.data() + u, n)).store(s.grad_wx + b * G + k0 + j, n);
           }
         });
       }
     }
   }
-
  private:
   static const T* data_or_null(const at::Tensor& t) { return t.defined() ? t.data_ptr<T>() : nullptr; }
   static T* data_or_null(at::Tensor& t) { return t.defined() ? t.data_ptr<T>() : nullptr; }
