@@ -64,21 +64,58 @@ def _cuda_problem() -> Optional[str]:
     return _cuda_status or None
 
 
+def _triton_problem(device: torch.device) -> Optional[str]:
+    """Why the Triton backend cannot run on `device` here, or None."""
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return "no CUDA GPU is visible to torch"
+    try:
+        from . import triton_layer  # imports triton only when asked for
+
+        triton_layer.check_device(device)
+    except ImportError as error:
+        return f"triton cannot be imported ({error})"
+    except ValueError as error:
+        return str(error)
+    return None
+
+
 def available_backends(device: torch.device) -> tuple:
-    """Names of the backends that can run on `device` here (without "auto")."""
+    """Names of the backends that can run on `device` here (without "auto"). On a GPU this
+    imports triton; on the CPU, triton counts only under TRITON_INTERPRET=1 (tests)."""
+    device = torch.device(device)
     names = ["reference"]
-    if torch.device(device).type == "cpu" and _cpu_problem() is None:
+    if device.type == "cpu" and _cpu_problem() is None:
         names.append("cpu")
-    if torch.device(device).type == "cuda" and _cuda_problem() is None:
+    if device.type == "cuda" and _cuda_problem() is None:
         names.append("cuda")
+    if device.type == "cuda" and _triton_problem(device) is None:
+        names.append("triton")
     return tuple(names)
 
 
-def resolve_backend(name: str, device: torch.device) -> LayerFunction:
+def _auto_gpu(device: torch.device, dtype: Optional[torch.dtype], batch: Optional[int],
+              hidden_size: Optional[int]) -> LayerFunction:
+    """"auto" on a GPU: the fused backend measured fastest for this GPU, dtype and shape
+    (gpu_choice.MEASURED), else the first that runs; the reference if none does."""
+    from . import gpu_choice
+
+    fused = [name for name in available_backends(device) if name in gpu_choice.FALLBACK_ORDER]
+    if not fused:
+        return bnlstm_layer_reference
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    chosen = gpu_choice.choose(fused, torch.cuda.get_device_name(index), dtype or torch.float32,
+                               batch or 1, hidden_size or 1)
+    return resolve_backend(chosen, device)
+
+
+def resolve_backend(name: str, device: torch.device, *, dtype: Optional[torch.dtype] = None,
+                    batch: Optional[int] = None, hidden_size: Optional[int] = None) -> LayerFunction:
     """The layer function for backend `name` on `device`.
 
     "auto" picks the fused CPU backend for CPU tensors (falling back to the reference with
-    one warning when the extension cannot be built) and the reference elsewhere.
+    one warning when the extension cannot be built); on a GPU, the fused GPU backend measured
+    fastest for `dtype`, `batch` and `hidden_size` (see gpu_choice.py), the reference if no
+    fused GPU backend runs there; the reference on other devices.
     """
     global _fallback_warned
     device = torch.device(device)
@@ -111,5 +148,7 @@ def resolve_backend(name: str, device: torch.device) -> LayerFunction:
             if not _fallback_warned:
                 warnings.warn(f"bnlstm_cuda: using the slow reference implementation; {problem}")
                 _fallback_warned = True
+        elif device.type == "cuda":
+            return _auto_gpu(device, dtype, batch, hidden_size)
         return bnlstm_layer_reference
     raise ValueError(f"backend must be one of {list(BACKEND_NAMES)}, got {name!r}")

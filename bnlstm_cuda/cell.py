@@ -143,7 +143,8 @@ class BNLSTMCell(nn.Module):
             h0, c0 = h0.reshape(batch, -1), c0.reshape(batch, -1)
 
         if group is None:
-            layer_fn = resolve_backend(self.backend, x.device)
+            layer_fn = resolve_backend(self.backend, x.device, dtype=x.dtype, batch=batch,
+                                       hidden_size=self.hidden_size)
         else:
             layer_fn = distributed.sync_layer_function(group)
         running = parameters.running_stats(self, "", self._variant)

@@ -264,7 +264,8 @@ class BNLSTM(nn.Module):
                     group=None):
         """x: [T, B, I]; h0, c0: [num_layers * num_directions, B, H]."""
         if group is None:
-            layer_fn = resolve_backend(self.backend, x.device)
+            layer_fn = resolve_backend(self.backend, x.device, dtype=x.dtype, batch=x.shape[1],
+                                       hidden_size=self.hidden_size)
         else:
             layer_fn = distributed.sync_layer_function(group)
         h_n, c_n, outputs = [], [], []
