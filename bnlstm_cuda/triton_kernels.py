@@ -43,9 +43,16 @@ def reserve_offsets(hidden: int, normalize_recurrent: bool):
 
 @triton.jit
 def _tanh(x):
-    # tanh(x) = 2 sigmoid(2x) - 1: no overflow for large |x|, and one code path for the
-    # interpreter and the GPU (tl has no tanh of its own).
-    return 2.0 * tl.sigmoid(2.0 * x) - 1.0
+    # tl has no tanh (and the interpreter no libdevice), and 2 sigmoid(2x) - 1 cancels near
+    # 0, where the gates of a gamma = 0.1 network live. Instead
+    #     tanh|x| = -expm1(-2|x|) / (2 + expm1(-2|x|)),
+    # with expm1(y) = (u - 1) y / log(u), u = exp(y) (Kahan), accurate to a few ulps.
+    y = -2.0 * tl.abs(x)
+    u = tl.exp(y)
+    safe_u = tl.where((u == 1.0) | (u == 0.0), 0.5, u)  # keeps log away from 0 and 1
+    expm1 = tl.where(u == 1.0, y, tl.where(u == 0.0, -1.0, (u - 1.0) * y / tl.log(safe_u)))
+    magnitude = -expm1 / (2.0 + expm1)
+    return tl.where(x < 0.0, -magnitude, magnitude)
 
 
 @triton.jit
@@ -70,10 +77,12 @@ def _merge_moments(count, mean, m2, tile_count, tile_mean, tile_m2):
 @triton.jit
 def _recurrent_dot(h_ptr, w_ptr, rows, row_ok, cols, col_ok, H,
                    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
-                   DOT_PRECISION: tl.constexpr):
+                   DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr):
     """The four gate columns of W_hh h_{t-1} for rows x cols: ([BLOCK_B, BLOCK_H],) * 4.
 
     h_ptr: [B, H] compute dtype; w_ptr: [4H, H], gate g's rows start at g * H.
+    DOT_UPCAST: multiply the (already rounded) operands in the compute dtype; the host sets
+    it for bfloat16 under the interpreter, whose bfloat16 tl.dot is wrong (Triton 3.9).
     """
     acc_dtype = h_ptr.dtype.element_ty
     op_dtype = w_ptr.dtype.element_ty
@@ -90,13 +99,17 @@ def _recurrent_dot(h_ptr, w_ptr, rows, row_ok, cols, col_ok, H,
         # W_hh[g * H + col, k] as a [BLOCK_K, BLOCK_H] tile: the B operand of h @ W^T.
         w_tile = w_ptr + cols[None, :] * H + ks[:, None]
         w_ok = k_ok[:, None] & col_ok[None, :]
-        acc_i = tl.dot(a, tl.load(w_tile, mask=w_ok, other=0.0), acc_i, input_precision=DOT_PRECISION)
-        acc_f = tl.dot(a, tl.load(w_tile + gate_stride, mask=w_ok, other=0.0), acc_f,
-                       input_precision=DOT_PRECISION)
-        acc_g = tl.dot(a, tl.load(w_tile + 2 * gate_stride, mask=w_ok, other=0.0), acc_g,
-                       input_precision=DOT_PRECISION)
-        acc_o = tl.dot(a, tl.load(w_tile + 3 * gate_stride, mask=w_ok, other=0.0), acc_o,
-                       input_precision=DOT_PRECISION)
+        w_i = tl.load(w_tile, mask=w_ok, other=0.0)
+        w_f = tl.load(w_tile + gate_stride, mask=w_ok, other=0.0)
+        w_g = tl.load(w_tile + 2 * gate_stride, mask=w_ok, other=0.0)
+        w_o = tl.load(w_tile + 3 * gate_stride, mask=w_ok, other=0.0)
+        if DOT_UPCAST:
+            a = a.to(acc_dtype)
+            w_i, w_f, w_g, w_o = w_i.to(acc_dtype), w_f.to(acc_dtype), w_g.to(acc_dtype), w_o.to(acc_dtype)
+        acc_i = tl.dot(a, w_i, acc_i, input_precision=DOT_PRECISION)
+        acc_f = tl.dot(a, w_f, acc_f, input_precision=DOT_PRECISION)
+        acc_g = tl.dot(a, w_g, acc_g, input_precision=DOT_PRECISION)
+        acc_o = tl.dot(a, w_o, acc_o, input_precision=DOT_PRECISION)
     return acc_i, acc_f, acc_g, acc_o
 
 
@@ -203,7 +216,7 @@ def bnlstm_fwd_step_kernel(
     stat_row, B, H, RES_W, ZH_OFF, GATES_OFF, CNEW_OFF, eps,
     NORM_REC: tl.constexpr, NORM_CELL: tl.constexpr, TRAINING: tl.constexpr, KEEP: tl.constexpr,
     TILES: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
 ):
     """One forward step (PAPER.md):
 
@@ -244,7 +257,7 @@ def bnlstm_fwd_step_kernel(
             row_ok = rows < B
             keep = (tl.load(active_ptr + rows, mask=row_ok, other=0) != 0)[:, None]
             z_i, z_f, z_g, z_o = _recurrent_dot(h_prev_ptr, w_hh_ptr, rows, row_ok, cols, col_ok, H,
-                                                BLOCK_B, BLOCK_H, BLOCK_K, DOT_PRECISION)
+                                                BLOCK_B, BLOCK_H, BLOCK_K, DOT_PRECISION, DOT_UPCAST)
             zh = reserve_ptr + rows[:, None] * RES_W + ZH_OFF + cols[None, :]
             ok = row_ok[:, None] & col_ok[None, :]
             tl.store(zh, z_i, mask=ok)
@@ -309,7 +322,7 @@ def bnlstm_fwd_step_kernel(
             z_o = tl.load(rs + ZH_OFF + 3 * H, mask=ok, other=0.0)
         else:
             z_i, z_f, z_g, z_o = _recurrent_dot(h_prev_ptr, w_hh_ptr, rows, row_ok, cols, col_ok, H,
-                                                BLOCK_B, BLOCK_H, BLOCK_K, DOT_PRECISION)
+                                                BLOCK_B, BLOCK_H, BLOCK_K, DOT_PRECISION, DOT_UPCAST)
             if KEEP and NORM_REC:
                 tl.store(rs + ZH_OFF, z_i, mask=ok)
                 tl.store(rs + ZH_OFF + H, z_f, mask=ok)

@@ -80,29 +80,36 @@ def _kernels_interpreted() -> bool:
 
 
 def check_device(device: torch.device) -> None:
-    """Raise ValueError unless the Triton kernels can run on `device` here: CUDA, or the CPU
-    with the kernels imported under TRITON_INTERPRET=1."""
+    """Raise ValueError unless the Triton kernels can run on `device` here: CUDA tensors with
+    compiled kernels, CPU tensors with kernels decorated under TRITON_INTERPRET=1 and the
+    variable still set."""
     device = torch.device(device)
-    if device.type == "cuda":
-        if _kernels_interpreted():
-            raise ValueError(
-                'backend="triton": the Triton kernels were imported under TRITON_INTERPRET=1, which runs '
-                f"on CPU tensors only; the input is on {device}"
-            )
+    interpreted = _kernels_interpreted()
+    if device.type == "cuda" and not interpreted:
         return
-    if device.type != "cpu":
-        raise ValueError(f'backend="triton" runs on CUDA tensors (CPU tensors under TRITON_INTERPRET=1); '
-                         f"the input is on {device}")
-    if not interpreter_requested():
+    if device.type == "cpu" and interpreted:
+        if not interpreter_requested():
+            # Triton's interpreter reads it again when a kernel calls a helper function.
+            raise ValueError('backend="triton" on CPU tensors: TRITON_INTERPRET=1 must stay set while the '
+                             "interpreted kernels run; it is unset now")
+        return
+    if device.type == "cuda":
         raise ValueError(
-            'backend="triton" runs on CUDA tensors; CPU tensors need Triton\'s interpreter: set '
-            f"TRITON_INTERPRET=1 before importing bnlstm_cuda.triton_kernels (the input is on {device})"
+            'backend="triton": the Triton kernels were imported under TRITON_INTERPRET=1, which runs '
+            f"on CPU tensors only; the input is on {device}"
         )
-    if not _kernels_interpreted():
+    if device.type != "cpu":
+        raise ValueError('backend="triton" runs on CUDA tensors (CPU tensors under TRITON_INTERPRET=1); '
+                         f"the input is on {device}")
+    if interpreter_requested():
         raise ValueError(
-            "backend=\"triton\": TRITON_INTERPRET=1 is set now, but bnlstm_cuda.triton_kernels was imported "
+            'backend="triton": TRITON_INTERPRET=1 is set now, but bnlstm_cuda.triton_kernels was imported '
             "before it was (Triton reads it when a kernel is decorated); set it before the first import"
         )
+    raise ValueError(
+        'backend="triton" runs on CUDA tensors; CPU tensors need Triton\'s interpreter: set '
+        f"TRITON_INTERPRET=1 before importing bnlstm_cuda.triton_kernels (the input is on {device})"
+    )
 
 
 class _Config(NamedTuple):
@@ -222,6 +229,8 @@ class TritonLayerFunction(torch.autograd.Function):
         slots_hh = kernel_hh[0].shape[0]
         slots_c = kernel_c[0].shape[0]
         precision = _dot_precision(x)
+        # Triton 3.9's interpreter multiplies bfloat16 tiles wrongly: upcast the rounded operands.
+        upcast = x.dtype == torch.bfloat16 and _kernels_interpreted()
         for t in range(steps):
             # Statistics row: the step's own in training, slot min(start_step + t, S - 1) in
             # evaluation (hh and c have the same S slots).
@@ -232,7 +241,8 @@ class TritonLayerFunction(torch.autograd.Function):
                 reserve[t], row, batch, hidden, reserve.shape[2], zh_off, gates_off,
                 cnew_off, eps, NORM_REC=norm_rec, NORM_CELL=norm_cell, TRAINING=training,
                 KEEP=config.keep or in_step_stats, TILES=tiles_per_program, BLOCK_B=tiles.block_b,
-                BLOCK_H=tiles.block_h, BLOCK_K=tiles.block_k, DOT_PRECISION=precision, num_warps=NUM_WARPS,
+                BLOCK_H=tiles.block_h, BLOCK_K=tiles.block_k, DOT_PRECISION=precision,
+                DOT_UPCAST=upcast, num_warps=NUM_WARPS,
             )
         h_n = h_buffers[steps % 2]
 

@@ -1,0 +1,231 @@
+"""The Triton backend under Triton's interpreter (TRITON_INTERPRET=1) on CPU tensors, against
+the float64 reference and tests/paper_reference.py: outputs, final states, batch and running
+statistics and every gradient, for every variant, training and evaluation, padded batches,
+both directions, start_step, several batch tiles, and float32/float16/bfloat16 accuracy.
+
+Shapes are tiny on purpose: the interpreter runs each program instance in Python.
+"""
+import importlib
+import math
+
+import pytest
+import torch
+
+from bnlstm_cuda import triton_layer
+
+# TRITON_INTERPRET=1 is set by conftest.py when there is no GPU, before triton is imported
+# (Triton reads it then, and when each kernel is decorated). Should the kernel module have
+# been imported without it, import it again.
+if not triton_layer.interpreter_requested():
+    pytest.skip("these tests run the Triton kernels in Triton's interpreter: TRITON_INTERPRET=1 is not set "
+                "(tests/conftest.py sets it when no GPU is visible)", allow_module_level=True)
+pytest.importorskip("triton")
+import bnlstm_cuda.triton_kernels as triton_kernels  # noqa: E402
+
+if not triton_layer._kernels_interpreted():
+    importlib.reload(triton_kernels)
+
+from bnlstm_cuda import BNLSTM, LayerParams, backends, get_variant, reference  # noqa: E402
+from bnlstm_cuda.reference import bnlstm_layer_reference  # noqa: E402
+from helpers import assert_matches_paper, make_module, scalar_loss  # noqa: E402
+
+VARIANTS = ["cooijmans", "laurent_step", "laurent_sequence", "none"]
+# float64 throughout: the kernels compute in float64 too, so they must agree with the
+# reference to rounding; 1e-9 rather than 1e-10 because B = 3 batch norms with random
+# gammas amplify rounding (gradients up to ~2e-11 apart were seen).
+TOL = dict(rtol=1e-9, atol=1e-9)
+
+# The overflow of exp in sigmoid on padded rows (normalized with a one-row variance of 0)
+# is harmless: those values are masked out. numpy warns about it in the interpreter.
+pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
+
+
+def random_layer(variant, T=5, B=3, I=7, H=20, S=3, dtype=torch.float64, seed=0):
+    """x [T, B, I], h0, c0 [B, H], LayerParams and RunningStats with random values."""
+    g = torch.Generator().manual_seed(seed)
+    v = get_variant(variant)
+    G = 4 * H
+    r = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64).to(dtype)
+    gamma = lambda size: (r(size) * 0.5 + 1.0)
+    params = LayerParams(
+        r(G, I) * 0.3, r(G, H) * 0.3, r(G),
+        gamma(G) if v.input_statistics else None, gamma(G) if v.normalize_recurrent else None,
+        gamma(H) if v.normalize_cell else None, r(H) if v.normalize_cell else None,
+    )
+    running = {}
+    for part, features in (("ih", G), ("hh", G), ("c", H)):
+        if v.normalizes(part):
+            rows = v.num_slots(part, S)
+            running[part] = (r(rows, features) * 0.3,
+                             (torch.rand(rows, features, generator=g, dtype=torch.float64) + 0.5).to(dtype))
+    return r(T, B, I), r(B, H), r(B, H), params, running
+
+
+def run_layer(fn, x, h0, c0, params, running, variant, **kwargs):
+    """Run one layer function with fresh leaves; returns (LayerResult, grads of x, h0, c0 and
+    every present parameter)."""
+    leaves = [t.clone().requires_grad_(True) for t in (x, h0, c0)]
+    leaf_params = LayerParams(*(None if p is None else p.clone().requires_grad_(True) for p in params))
+    result = fn(*leaves, leaf_params, running, variant=get_variant(variant), eps=1e-5, **kwargs)
+    scalar_loss(result.output, result.h_n, result.c_n).backward()
+    grads = {"x": leaves[0].grad, "h0": leaves[1].grad, "c0": leaves[2].grad}
+    grads.update({name: p.grad for name, p in zip(LayerParams._fields, leaf_params) if p is not None})
+    return result, grads
+
+
+def assert_layers_match(variant, lengths=None, tol=TOL, **kwargs):
+    x, h0, c0, params, running = random_layer(variant, B=kwargs.pop("B", 3))
+    if lengths is not None:
+        # Padding may hold anything: NaN must reach no output, statistic or gradient.
+        padded = torch.arange(x.shape[0]).unsqueeze(1) >= lengths.unsqueeze(0)
+        x = x.masked_fill(padded.unsqueeze(-1), float("nan"))
+    want, want_grads = run_layer(bnlstm_layer_reference, x, h0, c0, params, running, variant, lengths=lengths,
+                                 **kwargs)
+    got, got_grads = run_layer(triton_layer.bnlstm_layer_triton, x, h0, c0, params, running, variant,
+                               lengths=lengths, **kwargs)
+    for name in ("output", "h_n", "c_n"):
+        torch.testing.assert_close(getattr(got, name), getattr(want, name), **tol, msg=lambda m: f"{name}: {m}")
+    assert sorted(got.batch_stats) == sorted(want.batch_stats)
+    for part, stats in want.batch_stats.items():
+        for field, value in stats._asdict().items():
+            torch.testing.assert_close(getattr(got.batch_stats[part], field), value, **tol,
+                                       msg=lambda m: f"batch_stats[{part}].{field}: {m}")
+    assert sorted(got_grads) == sorted(want_grads)
+    for name, grad in want_grads.items():
+        torch.testing.assert_close(got_grads[name], grad, **tol, msg=lambda m: f"grad {name}: {m}")
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("direction", ["forward", "forward-lengths", "reverse-lengths"])
+def test_layer_matches_reference(variant, training, direction):
+    lengths = None if direction == "forward" else torch.tensor([5, 2, 4])
+    assert_layers_match(variant, lengths, training=training, reverse=direction.startswith("reverse"))
+
+
+@pytest.mark.parametrize("variant", ["cooijmans", "laurent_sequence"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_several_batch_tiles(monkeypatch, variant, training):
+    """B = 20 rows in tiles of 16: statistics merged across tiles, a ragged last tile."""
+    monkeypatch.setattr(triton_layer, "MAX_BLOCK_B", 16)
+    assert triton_layer.tile_config(20, 20, torch.float64).tiles == 2
+    lengths = torch.tensor([5, 3, 4, 1, 2] * 4)
+    assert_layers_match(variant, lengths, B=20, training=training, reverse=True)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_start_step_uses_later_slots(training):
+    """start_step = 2 with S = 3 slots: steps read slots 2, 2, 2, ... in evaluation."""
+    assert_layers_match("cooijmans", torch.tensor([5, 1, 3]), training=training, start_step=2)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_module_matches_paper(variant, training):
+    """Two bidirectional layers through BNLSTM(backend="triton") against the independent
+    float64 implementation of the paper: outputs, final states, running statistics after
+    the call, and the gradient of the input, h_0, c_0 and every parameter."""
+    module = make_module(variant, input_size=3, hidden_size=20, num_layers=2, bidirectional=True,
+                         max_length=3, backend="triton")
+    x = torch.randn(5, 3, 3, dtype=torch.float64)
+    h0 = torch.randn(4, 3, 20, dtype=torch.float64)
+    c0 = torch.randn(4, 3, 20, dtype=torch.float64)
+    assert_matches_paper(module, x, h0, c0, lengths=torch.tensor([5, 2, 4]), training=training, tol=1e-9)
+
+
+def test_streaming_updates_running_statistics_as_the_reference():
+    """A training chunk at start_step = 2 updates the slots that the reference updates."""
+    modules = {
+        backend: make_module("cooijmans", input_size=3, hidden_size=20, max_length=3, backend=backend)
+        for backend in ("reference", "triton")
+    }
+    modules["triton"].load_state_dict(modules["reference"].state_dict())
+    x = torch.randn(4, 3, 3, dtype=torch.float64)
+    results = {name: module(x, lengths=[4, 2, 3], start_step=2) for name, module in modules.items()}
+    torch.testing.assert_close(results["triton"][0], results["reference"][0], **TOL)
+    for name, buffer in modules["reference"].named_buffers():
+        torch.testing.assert_close(getattr(modules["triton"], name), buffer, **TOL, msg=lambda m: f"{name}: {m}")
+
+
+def _error_against_float64(module, wide, x, lengths):
+    """Max abs error of the output and of the input gradient of `module` (narrow dtype)
+    against the float64 module `wide`, and the largest input gradient."""
+    x64 = x.clone().requires_grad_(True)
+    expected = wide(x64, lengths=lengths)[0]
+    expected.pow(2).sum().backward()
+    xn = x.to(module.weight_ih_l0.dtype).requires_grad_(True)
+    out = module(xn, lengths=lengths)[0]
+    out.float().pow(2).sum().backward()
+    errors = ((out.double() - expected).abs().max().item(), (xn.grad.double() - x64.grad).abs().max().item())
+    return errors, x64.grad.abs().max().item()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_narrow_dtypes_against_float64(monkeypatch, dtype):
+    """The Triton backend's error against the float64 reference is at most about twice that
+    of plain PyTorch computing the same layer in `dtype` (the reference loop with its
+    compute dtype forced to `dtype`), with the paper's initialisation."""
+    wide = BNLSTM(6, 20, 1, bidirectional=True, max_length=4, backend="reference", dtype=torch.float64)
+    narrow = {backend: BNLSTM(6, 20, 1, bidirectional=True, max_length=4, backend=backend).to(dtype)
+              for backend in ("reference", "triton")}
+    for module in narrow.values():
+        module.load_state_dict({k: v.to(dtype) if k.startswith(("weight", "bias", "gamma", "beta")) else v
+                                for k, v in wide.state_dict().items()})
+    # At least 4 active rows at every step: with 2, a batch norm maps them to +-1 and
+    # amplifies any rounding difference without bound, which would test nothing.
+    x = torch.randn(6, 8, 6, dtype=torch.float64)
+    lengths = [6, 4, 5, 6, 6, 3, 6, 2]
+    errors, grad_scale = _error_against_float64(narrow["triton"], wide, x, lengths)
+    # Plain PyTorch in `dtype`: the reference with every operation in that dtype.
+    monkeypatch.setattr(reference, "compute_dtype", lambda d: d)
+    plain, _ = _error_against_float64(narrow["reference"], wide, x, lengths)
+    monkeypatch.undo()
+    # 2x: the STYLE rule; the 1e-6 floor covers float32, where both errors are at rounding.
+    assert errors[0] <= 2 * plain[0] + 1e-6, (errors, plain)
+    if dtype == torch.float16 and not math.isfinite(plain[1]):
+        # Plain float16 cannot differentiate a batch norm here ((var + eps)^-1.5 overflows
+        # 65504); the kernels keep statistics in float32 and round only the matrix operands,
+        # so their gradient must stay within a few float16 ulps of its scale.
+        assert errors[1] <= 4 * 2.0 ** -10 * grad_scale, (errors, grad_scale)
+    else:
+        assert errors[1] <= 2 * plain[1] + 1e-6, (errors, plain)
+    assert narrow["triton"](x.to(dtype))[0].dtype == dtype
+    for name, buffer in narrow["triton"].named_buffers():
+        assert buffer.dtype == torch.float32, name  # running statistics stay float32
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_forward_without_gradients_matches(training):
+    """Under no_grad the forward pass keeps nothing for backward (in training the step
+    statistics still go through the reserve as scratch) and computes the same thing."""
+    x, h0, c0, params, running = random_layer("cooijmans", B=4)
+    kwargs = dict(variant=get_variant("cooijmans"), training=training, eps=1e-5, lengths=torch.tensor([5, 3, 5, 1]))
+    with torch.no_grad():
+        got = triton_layer.bnlstm_layer_triton(x, h0, c0, params, running, **kwargs)
+        want = bnlstm_layer_reference(x, h0, c0, params, running, **kwargs)
+    for name in ("output", "h_n", "c_n"):
+        torch.testing.assert_close(getattr(got, name), getattr(want, name), **TOL, msg=lambda m: f"{name}: {m}")
+
+
+def test_device_and_dtype_errors_name_what_is_wrong(monkeypatch):
+    with pytest.raises(ValueError, match='backend="triton" runs on CUDA tensors.*the input is on meta'):
+        backends.resolve_backend("triton", torch.device("meta"))
+    monkeypatch.setattr(triton_layer, "_kernels_interpreted", lambda: False)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match="CPU tensors need Triton's interpreter: set TRITON_INTERPRET=1"):
+        backends.resolve_backend("triton", torch.device("cpu"))
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    with pytest.raises(ValueError, match="was imported before it was"):
+        backends.resolve_backend("triton", torch.device("cpu"))
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match="imported under TRITON_INTERPRET=1, which runs on CPU tensors only"):
+        triton_layer.check_device(torch.device("cuda"))
+    x, h0, c0, params, running = random_layer("cooijmans")
+    with pytest.raises(ValueError, match=r"h0 must have shape \[3, 20\], got \[2, 20\]"):
+        triton_layer.bnlstm_layer_triton(x, h0[:2], c0, params, running, variant=get_variant("cooijmans"),
+                                         training=True, eps=1e-5)
+    with pytest.raises(TypeError, match="float16, bfloat16, float32 and float64 inputs; x is torch.int32"):
+        triton_layer.bnlstm_layer_triton(x.int(), h0, c0, params, running, variant=get_variant("cooijmans"),
+                                         training=True, eps=1e-5)
+    assert "triton" in backends.BACKEND_NAMES
+    assert BNLSTM(3, 4, backend="triton").backend == "triton"
