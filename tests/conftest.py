@@ -1,9 +1,16 @@
 import math
+import os
 
 import pytest
 import torch
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+# Without a GPU, Triton kernels can only run in Triton's interpreter, which must be chosen
+# before triton is first imported (it decorates its own library functions then) and stay set
+# while kernels run: tests/test_triton_backend.py runs the Triton backend that way.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def pytest_configure(config):
