@@ -505,8 +505,15 @@ def main(argv=None) -> int:
     parser.add_argument("--cuda", action="store_true",
                         help="build the CUDA-enabled extension (CUDA build of torch and nvcc; no GPU needed) "
                              "and write ptxas' resource report to benchmarks/results/cuda_resource_usage.txt")
+    parser.add_argument("--triton", action="store_true",
+                        help="compile the Triton kernels for sm_90 (no GPU needed) and write their resource "
+                             "report to benchmarks/results/triton_resource_usage.txt (bnlstm_cuda/triton_compile.py)")
     parser.add_argument("--verbose", action="store_true", help="show the compiler's output")
     args = parser.parse_args(argv)
+    if args.triton:
+        from .triton_compile import main as triton_main
+
+        return triton_main([])
     if args.cuda:
         return _main_cuda(args.verbose)
     try:

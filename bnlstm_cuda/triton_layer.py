@@ -36,6 +36,9 @@ MAX_BLOCK_B = 64
 INPUT_BLOCK_R = 32
 INPUT_BLOCK_F = 64
 NUM_WARPS = 4
+# The step kernels hold 4 gate tiles of BLOCK_B x BLOCK_H floats (and, backward, their
+# statistics and gradients): 8 warps halve the registers a thread needs for them.
+STEP_NUM_WARPS = 8
 
 
 class TileConfig(NamedTuple):
@@ -242,7 +245,7 @@ class TritonLayerFunction(torch.autograd.Function):
                 cnew_off, eps, NORM_REC=norm_rec, NORM_CELL=norm_cell, TRAINING=training,
                 KEEP=config.keep or in_step_stats, TILES=tiles_per_program, BLOCK_B=tiles.block_b,
                 BLOCK_H=tiles.block_h, BLOCK_K=tiles.block_k, DOT_PRECISION=precision,
-                DOT_UPCAST=upcast, num_warps=NUM_WARPS,
+                DOT_UPCAST=upcast, num_warps=STEP_NUM_WARPS,
             )
         h_n = h_buffers[steps % 2]
 
@@ -307,7 +310,7 @@ class TritonLayerFunction(torch.autograd.Function):
                 grad_gates[t], grad_zh[t], grad_wx[t], sums[t], batch, hidden, width, zh_off, gates_off, cnew_off,
                 config.eps, NORM_INPUT=norm_input, STEP_INPUT=step_input, NORM_REC=norm_rec, NORM_CELL=norm_cell,
                 TRAINING=training, TILES=tiles.tiles, BLOCK_B=tiles.block_b, BLOCK_H=tiles.block_h,
-                num_warps=NUM_WARPS,
+                num_warps=STEP_NUM_WARPS,
             )
             # Gradient of h_{t-1}: through W_hh on active rows, passed through on padded ones.
             grad_h = torch.addmm(carry, grad_zh[t], weight_hh_c)
