@@ -97,7 +97,7 @@ def test_batch_of_one_in_training(module):
         ({"momentum": -0.1}, ValueError, "momentum must be in"),
         ({"eps": 0.0}, ValueError, r"eps must be in \(0.0, inf\]"),
         ({"variant": "batchnorm"}, ValueError, r"variant must be one of \['cooijmans', 'laurent_sequence', 'laurent_step', 'none'\], got 'batchnorm'"),
-        ({"backend": "cudnn"}, ValueError, r"backend must be one of \['auto', 'reference', 'cpu'\], got 'cudnn'"),
+        ({"backend": "cudnn"}, ValueError, r"backend must be one of \['auto', 'reference', 'cpu'[^]]*\], got 'cudnn'"),
     ],
 )
 def test_bad_constructor_arguments(kwargs, error, pattern):
