@@ -18,9 +18,16 @@
 // device, so a training step can be captured in a CUDA graph.
 #include "bnlstm.h"
 
+#ifdef BNLSTM_CUDA_EMULATION
+// The same code on CPU tensors, for checking where no GPU is at hand (tests/run_cuda_emulation.py).
+#include "tests/cuda_emulation.h"
+#else
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+
+#define BNLSTM_LAUNCH(kernel, grid, block, stream, ...) kernel<<<grid, block, 0, stream>>>(__VA_ARGS__)
+#endif
 
 #include <algorithm>
 #include <type_traits>
@@ -562,7 +569,12 @@ T* mutable_or_null(at::Tensor& t) {
 // Hidden units per block: the widest tile (longest contiguous runs in memory) that still
 // gives every multiprocessor a block.
 int units_per_block(int64_t hidden) {
+#ifdef BNLSTM_CUDA_EMULATION
+  const char* emulated = std::getenv("BNLSTM_EMULATED_SMS");
+  const int processors = emulated != nullptr ? std::atoi(emulated) : 4;
+#else
   const int processors = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+#endif
   for (int units : {32, 16}) {
     if ((hidden + units - 1) / units >= processors) return units;
   }
@@ -580,7 +592,9 @@ void switch_units(int units, const Body& body) {
 }
 
 void check_cuda_args(const at::Tensor& reference, int64_t batch, int64_t hidden) {
+#ifndef BNLSTM_CUDA_EMULATION
   TORCH_CHECK(reference.is_cuda(), "the CUDA kernels need CUDA tensors, got ", reference.device());
+#endif
   TORCH_CHECK(reference.scalar_type() == at::kFloat || reference.scalar_type() == at::kDouble,
               "the CUDA kernels compute in float32 or float64, got ", reference.scalar_type(),
               " (bnlstm_cuda casts float16 and bfloat16 inputs to float32 before calling the operator)");
@@ -596,8 +610,12 @@ void recurrent_forward_impl(const RecurrentForwardArgs& args, RecurrentForwardOu
   const int64_t steps = args.input_projection.size(0), B = args.input_projection.size(1);
   const int64_t H = args.weight_hh.size(1), G = 4 * H;
   check_cuda_args(args.input_projection, B, H);
+#ifdef BNLSTM_CUDA_EMULATION
+  const cudaStream_t stream = 0;
+#else
   const at::cuda::CUDAGuard device_guard(args.input_projection.device());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+#endif
   if (steps == 0) return;
   const ReserveLayout layout(H, flags);
   const bool keep = out.reserve.defined();
@@ -610,7 +628,8 @@ void recurrent_forward_impl(const RecurrentForwardArgs& args, RecurrentForwardOu
     const dim3 block(kStatColumns, kStatRows);
     TORCH_CHECK(steps <= 0x7fffffff, "too many steps for the CUDA kernels: ", steps);
     const bool given = !flags.training;
-    bnlstm_input_stats_kernel<T><<<grid, block, 0, stream>>>(
+    const auto kernel = bnlstm_input_stats_kernel<T>;
+    BNLSTM_LAUNCH(kernel, grid, block, stream,
         args.input_projection.data_ptr<T>(), args.active.data_ptr<bool>(), args.counts.data_ptr<int64_t>(), B, G,
         given ? args.input_mean.data_ptr<T>() : nullptr, given ? args.input_var.data_ptr<T>() : nullptr,
         given ? args.input_mean.size(0) : 1, flags.start_step, out.mean_ih.data_ptr<T>(), out.var_ih.data_ptr<T>());
@@ -684,11 +703,8 @@ void recurrent_forward_impl(const RecurrentForwardArgs& args, RecurrentForwardOu
     s.var_c = flags.normalize_cell ? out.var_c.data_ptr<T>() + t * H : nullptr;
     switch_units(units, [&](auto units_constant) {
       constexpr int kUnits = decltype(units_constant)::value;
-      if (keep) {
-        bnlstm_fwd_step_kernel<T, kUnits, true><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(s);
-      } else {
-        bnlstm_fwd_step_kernel<T, kUnits, false><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(s);
-      }
+      const auto kernel = keep ? bnlstm_fwd_step_kernel<T, kUnits, true> : bnlstm_fwd_step_kernel<T, kUnits, false>;
+      BNLSTM_LAUNCH(kernel, static_cast<unsigned>(blocks), kThreads, stream, s);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }
@@ -700,8 +716,12 @@ void recurrent_backward_impl(const RecurrentBackwardArgs& args, RecurrentBackwar
   const int64_t steps = args.reserve.size(0), B = args.reserve.size(1);
   const int64_t H = args.weight_hh.size(1), G = 4 * H;
   check_cuda_args(args.reserve, B, H);
+#ifdef BNLSTM_CUDA_EMULATION
+  const cudaStream_t stream = 0;
+#else
   const at::cuda::CUDAGuard device_guard(args.reserve.device());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+#endif
   if (steps == 0) return;
   const ReserveLayout layout(H, flags);
   const bool step_input = flags.input_statistics == kInputStep;
@@ -773,7 +793,8 @@ void recurrent_backward_impl(const RecurrentBackwardArgs& args, RecurrentBackwar
     s.grad_wx = step_input ? grad_wx + t * B * G : nullptr;
     switch_units(units, [&](auto units_constant) {
       constexpr int kUnits = decltype(units_constant)::value;
-      bnlstm_bwd_step_kernel<T, kUnits><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(s);
+      const auto kernel = bnlstm_bwd_step_kernel<T, kUnits>;
+      BNLSTM_LAUNCH(kernel, static_cast<unsigned>(blocks), kThreads, stream, s);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
     // Gradient of h_{t-1} through W_hh ([B, 4H] @ [4H, H]), merged into grad_h by the next
@@ -782,8 +803,9 @@ void recurrent_backward_impl(const RecurrentBackwardArgs& args, RecurrentBackwar
   }
   const int64_t total = B * H;
   const int threads = 256;
-  bnlstm_merge_rows_kernel<T><<<static_cast<unsigned>((total + threads - 1) / threads), threads, 0, stream>>>(
-      out.grad_h.data_ptr<T>(), grad_h_gemm.data_ptr<T>(), active, B, H);
+  const auto merge = bnlstm_merge_rows_kernel<T>;
+  BNLSTM_LAUNCH(merge, static_cast<unsigned>((total + threads - 1) / threads), threads, stream,
+                out.grad_h.data_ptr<T>(), grad_h_gemm.data_ptr<T>(), active, B, H);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

@@ -1,0 +1,64 @@
+"""Run the CUDA backend's kernels and host code (csrc/recurrent_cuda.cu) on the CPU, for
+machines without a GPU: they compile as C++ against csrc/tests/cuda_emulation.h (one
+std::thread per CUDA thread, a std::barrier for __syncthreads) into a library whose CPU
+registration binds layer.cpp's host code to recurrent_forward_cuda / recurrent_backward_cuda
+instead of the CPU kernels. Then the tests that exercise the `"cpu"` backend run against it:
+opcheck, gradcheck in float64, float32 against the float64 reference, torch.compile, and
+every variant against the independent float64 implementation of the paper; and the
+layer-level tests of tests/test_cuda_backend.py (odd sizes: T = 63, B = 300, H = 2048), on
+CPU tensors. BNLSTM_EMULATION_ONLY_CUDA_TESTS=1 runs only those.
+
+    python tests/run_cuda_emulation.py [extra pytest arguments]
+
+BNLSTM_EMULATED_SMS (default 4) sets the multiprocessor count the block-size choice sees:
+small values pick 32 hidden units a block, large ones 8. Slow (threads are real threads);
+not part of the default test run.
+"""
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def main(argv):
+    import torch
+    import torch.utils.cpp_extension as cpp_extension
+
+    sys.path.insert(0, str(ROOT))
+    build_dir = Path(os.environ.get("BNLSTM_EMULATION_BUILD") or Path(tempfile.gettempdir()) / "bnlstm-cuda-emulation")
+    build_dir.mkdir(parents=True, exist_ok=True)
+    csrc = ROOT / "csrc"
+    cpp_extension.load(
+        name="bnlstm_cuda_emulation",
+        sources=[str(csrc / "ops.cpp"), str(csrc / "layer.cpp"), str(csrc / "tests" / "emulate_cuda.cpp")],
+        extra_cflags=["-O2", "-std=c++20", "-Drecurrent_forward_cpu=recurrent_forward_cuda",
+                      "-Drecurrent_backward_cpu=recurrent_backward_cuda"],
+        extra_include_paths=[str(csrc)],
+        build_directory=str(build_dir),
+        is_python_module=False,
+        verbose=False,
+    )
+    from bnlstm_cuda import ops
+
+    # The library is loaded: register the Python parts and mark the operators as loaded, so
+    # backend="cpu" runs the emulated CUDA code.
+    ops._register_python_parts()
+    ops._registered = True
+    import pytest
+
+    selection = [
+        str(ROOT / "tests" / "test_cpu_backend.py"), str(ROOT / "tests" / "test_against_paper.py"),
+        "-k", "opcheck or gradcheck or float32 or compile or half or (paper and cpu) or layer_matches or odd_sizes "
+              "or start_step_uses",
+    ]
+    os.environ["BNLSTM_CUDA_EMULATION"] = "1"  # tests/test_cuda_backend.py: layer tests on CPU tensors
+    selection += [str(ROOT / "tests" / "test_cuda_backend.py")]
+    if os.environ.get("BNLSTM_EMULATION_ONLY_CUDA_TESTS") == "1":
+        selection = [str(ROOT / "tests" / "test_cuda_backend.py")]
+    return pytest.main(["-q", "-p", "no:cacheprovider", *selection, *argv])
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,383 @@
+"""The CUDA kernels (csrc/recurrent_cuda.cu) behind bnlstm::layer_forward / layer_backward:
+against the float64 reference (layer level: outputs, final states, batch statistics and every
+gradient; module level: also running statistics, against tests/paper_reference.py), every
+variant, training and evaluation, padded batches, both directions, start_step, odd sizes
+(T = 1 and 63, B = 3 and 300, H = 200 and 2048), float32 against float64, float16 and
+bfloat16, opcheck and gradcheck of the CUDA op, and a training step captured in a CUDA graph.
+
+Everything but the last two tests needs a CUDA GPU and is skipped, visibly, without one. Those
+two (backend errors, `python -m bnlstm_cuda.build --cuda` on a torch without CUDA) run
+everywhere; CI builds the CUDA extension itself in .ci/run.
+"""
+import os
+
+import pytest
+import torch
+
+from bnlstm_cuda import BNLSTM, LayerParams, backends, get_variant
+from bnlstm_cuda.ops import INPUT_STATISTICS, bnlstm_layer_fused
+from bnlstm_cuda.reference import bnlstm_layer_reference
+from helpers import assert_matches_paper, make_module, scalar_loss
+
+VARIANTS = ["cooijmans", "laurent_step", "laurent_sequence", "none"]
+requires_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+# tests/run_cuda_emulation.py runs the layer-level tests below on CPU tensors against the
+# kernels compiled for the CPU (csrc/tests/cuda_emulation.h), where no GPU is at hand.
+EMULATED = os.environ.get("BNLSTM_CUDA_EMULATION") == "1"
+DEVICE = "cpu" if EMULATED else "cuda"
+requires_gpu_or_emulation = pytest.mark.skipif(not EMULATED and not torch.cuda.is_available(),
+                                               reason="needs a CUDA GPU (or tests/run_cuda_emulation.py)")
+# float64 on both sides: the kernels must agree with the reference to rounding; 1e-9 rather
+# than 1e-10 because small batches with random gammas amplify rounding differences of the
+# (differently ordered) reductions.
+TOL = dict(rtol=1e-9, atol=1e-9)
+
+
+def random_layer(variant, T=5, B=3, I=7, H=20, S=3, device=DEVICE, seed=0):
+    """float64 x [T, B, I], h0, c0 [B, H], LayerParams and RunningStats on `device`."""
+    g = torch.Generator().manual_seed(seed)
+    v = get_variant(variant)
+    G = 4 * H
+    r = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64).to(device)
+    gamma = lambda size: r(size) * 0.5 + 1.0
+    params = LayerParams(
+        r(G, I) * 0.3, r(G, H) * 0.3, r(G),
+        gamma(G) if v.input_statistics else None, gamma(G) if v.normalize_recurrent else None,
+        gamma(H) if v.normalize_cell else None, r(H) if v.normalize_cell else None,
+    )
+    running = {}
+    for part, features in (("ih", G), ("hh", G), ("c", H)):
+        if v.normalizes(part):
+            rows = v.num_slots(part, S)
+            var = (torch.rand(rows, features, generator=g, dtype=torch.float64) + 0.5).to(device)
+            running[part] = (r(rows, features) * 0.3, var)
+    return r(T, B, I), r(B, H), r(B, H), params, running
+
+
+def run_layer(fn, x, h0, c0, params, running, variant, **kwargs):
+    """One layer function with fresh leaves: (LayerResult, grads of x, h0, c0, every parameter)."""
+    leaves = [t.clone().requires_grad_(True) for t in (x, h0, c0)]
+    leaf_params = LayerParams(*(None if p is None else p.clone().requires_grad_(True) for p in params))
+    result = fn(*leaves, leaf_params, running, variant=get_variant(variant), eps=1e-5, **kwargs)
+    scalar_loss(result.output, result.h_n, result.c_n).backward()
+    grads = {"x": leaves[0].grad, "h0": leaves[1].grad, "c0": leaves[2].grad}
+    grads.update({name: p.grad for name, p in zip(LayerParams._fields, leaf_params) if p is not None})
+    return result, grads
+
+
+def assert_layers_match(variant, lengths=None, T=5, B=3, I=7, H=20, tol=TOL, **kwargs):
+    """The CUDA op against the reference, both in float64 on the GPU."""
+    x, h0, c0, params, running = random_layer(variant, T=T, B=B, I=I, H=H)
+    if lengths is not None:
+        lengths = lengths.to(DEVICE)
+        # Padding may hold anything: NaN must reach no output, statistic or gradient.
+        padded = torch.arange(T, device=DEVICE).unsqueeze(1) >= lengths.unsqueeze(0)
+        x = x.masked_fill(padded.unsqueeze(-1), float("nan"))
+    want, want_grads = run_layer(bnlstm_layer_reference, x, h0, c0, params, running, variant, lengths=lengths,
+                                 **kwargs)
+    got, got_grads = run_layer(bnlstm_layer_fused, x, h0, c0, params, running, variant, lengths=lengths, **kwargs)
+    for name in ("output", "h_n", "c_n"):
+        torch.testing.assert_close(getattr(got, name), getattr(want, name), **tol, msg=lambda m: f"{name}: {m}")
+    assert sorted(got.batch_stats) == sorted(want.batch_stats)
+    for part, stats in want.batch_stats.items():
+        for field, value in stats._asdict().items():
+            torch.testing.assert_close(getattr(got.batch_stats[part], field), value, **tol,
+                                       msg=lambda m: f"batch_stats[{part}].{field}: {m}")
+    assert sorted(got_grads) == sorted(want_grads)
+    for name, grad in want_grads.items():
+        torch.testing.assert_close(got_grads[name], grad, **tol, msg=lambda m: f"grad {name}: {m}")
+
+
+@pytest.fixture(scope="module")
+def cuda_extension():
+    if EMULATED:
+        return  # the runner loaded the emulation library
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    problem = backends._cuda_problem()
+    assert problem is None, problem
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("direction", ["forward", "forward-lengths", "reverse-lengths"])
+@pytest.mark.usefixtures("cuda_extension")
+@requires_gpu_or_emulation
+def test_layer_matches_reference(variant, training, direction):
+    lengths = None if direction == "forward" else torch.tensor([5, 2, 4])
+    assert_layers_match(variant, lengths, training=training, reverse=direction.startswith("reverse"))
+
+
+# (T, B, H, lengths): one step; 63 steps; H not a multiple of any block's units; a batch of
+# 300 rows (many passes of every row lane, more than 256); H = 2048 (many blocks).
+SHAPES = {
+    "T1-B3-H200": (1, 3, 200, None),
+    "T63-B3-H20": (63, 3, 20, [63, 17, 1]),
+    "T4-B300-H37": (4, 300, 37, "random"),
+    "T3-B5-H2048": (3, 5, 2048, [3, 1, 2, 3, 2]),
+}
+
+
+@pytest.mark.parametrize("shape", list(SHAPES), ids=list(SHAPES))
+@pytest.mark.parametrize("variant", ["cooijmans", "laurent_step", "laurent_sequence"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.usefixtures("cuda_extension")
+@requires_gpu_or_emulation
+def test_odd_sizes(shape, variant, training):
+    T, B, H, lengths = SHAPES[shape]
+    if lengths == "random":
+        lengths = torch.randint(1, T + 1, (B,))
+    elif lengths is not None:
+        lengths = torch.tensor(lengths)
+    assert_layers_match(variant, lengths, T=T, B=B, H=H, I=11, training=training, reverse=True)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.usefixtures("cuda_extension")
+@requires_gpu_or_emulation
+def test_start_step_uses_later_slots(training):
+    """start_step = 2 with S = 3 slots: the steps read slot 2 in evaluation."""
+    assert_layers_match("cooijmans", torch.tensor([5, 1, 3]), training=training, start_step=2)
+    assert_layers_match("laurent_step", torch.tensor([5, 1, 3]), training=training, start_step=2)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.usefixtures("cuda_extension")
+@pytest.mark.cuda
+@requires_gpu
+def test_module_matches_paper(variant, training):
+    """Two bidirectional layers through BNLSTM(backend="cuda") against the independent float64
+    implementation of the paper (on the CPU): outputs, final states, running statistics after
+    the call, and the gradient of the input, h_0, c_0 and every parameter."""
+    module = make_module(variant, input_size=3, hidden_size=20, num_layers=2, bidirectional=True,
+                         max_length=3, backend="cuda")
+    x = torch.randn(5, 3, 3, dtype=torch.float64)
+    h0 = torch.randn(4, 3, 20, dtype=torch.float64)
+    c0 = torch.randn(4, 3, 20, dtype=torch.float64)
+    expected_module = make_module(variant, input_size=3, hidden_size=20, num_layers=2, bidirectional=True,
+                                  max_length=3, backend="reference")
+    expected_module.load_state_dict(module.state_dict())
+    lengths = torch.tensor([5, 2, 4])
+    expected = assert_matches_paper(expected_module, x, h0, c0, lengths=lengths, training=training, tol=1e-9)
+    module.cuda().train(training)
+    xs = [t.cuda().requires_grad_(True) for t in (x, h0, c0)]
+    out, (h_n, c_n) = module(xs[0], (xs[1], xs[2]), lengths=lengths)
+    scalar_loss(out, h_n, c_n).backward()
+    for name, got, want in zip(("output", "h_n", "c_n"), (out, h_n, c_n), expected):
+        torch.testing.assert_close(got.cpu(), want, **TOL, msg=lambda m: f"{name}: {m}")
+    for name, buffer in expected_module.named_buffers():
+        torch.testing.assert_close(getattr(module, name).cpu(), buffer, **TOL, msg=lambda m: f"{name}: {m}")
+    for name, parameter in expected_module.named_parameters():
+        got = dict(module.named_parameters())[name].grad
+        torch.testing.assert_close(got.cpu(), parameter.grad, **TOL, msg=lambda m: f"grad {name}: {m}")
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.usefixtures("cuda_extension")
+@pytest.mark.cuda
+@requires_gpu
+def test_float32_against_float64_reference(variant):
+    """The float32 kernels' error against the float64 reference is at most about twice that of
+    the float32 reference (plain PyTorch on the GPU in float32; TF32 off on both)."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    wide = BNLSTM(16, 200, 2, bidirectional=True, max_length=10, variant=variant, backend="reference",
+                  dtype=torch.float64, device="cuda")
+    state = wide.state_dict()
+    narrow = {backend: BNLSTM(16, 200, 2, bidirectional=True, max_length=10, variant=variant, backend=backend,
+                              device="cuda") for backend in ("reference", "cuda")}
+    for module in narrow.values():
+        module.load_state_dict({k: v.float() for k, v in state.items()})
+    x = torch.randn(12, 70, 16, dtype=torch.float64, device="cuda")
+    lengths = torch.randint(1, 13, (70,))
+    x32 = x.float().requires_grad_(True)
+    x64 = x.clone().requires_grad_(True)
+    expected = wide(x64, lengths=lengths)[0]
+    expected.pow(2).sum().backward()
+    errors = {}
+    for backend, module in narrow.items():
+        x32.grad = None
+        out = module(x32, lengths=lengths)[0]
+        out.pow(2).sum().backward()
+        errors[backend] = ((out.double() - expected).abs().max().item(), (x32.grad.double() - x64.grad).abs().max().item())
+    for which in (0, 1):
+        assert errors["cuda"][which] <= 2 * errors["reference"][which] + 1e-6, errors
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.usefixtures("cuda_extension")
+@pytest.mark.cuda
+@requires_gpu
+def test_half_precision_is_computed_in_float32(dtype):
+    """Half-precision inputs are cast to float32 before the operator (ops.bnlstm_layer_fused),
+    as on the CPU; the reference does the same, so both round once at the end: within a
+    couple of half-precision ulps (bf16 has 8 bits of mantissa: 1e-2 relative)."""
+    module = BNLSTM(8, 40, max_length=5, backend="cuda", device="cuda").to(dtype)
+    reference = BNLSTM(8, 40, max_length=5, backend="reference", device="cuda").to(dtype)
+    reference.load_state_dict(module.state_dict())
+    x = torch.randn(5, 6, 8, device="cuda").to(dtype)
+    xs = [x.clone().requires_grad_(True) for _ in range(2)]
+    out, want = module(xs[0])[0], reference(xs[1])[0]
+    assert out.dtype == dtype
+    torch.testing.assert_close(out, want, rtol=2e-2, atol=2e-2)
+    out.float().pow(2).sum().backward()
+    want.float().pow(2).sum().backward()
+    torch.testing.assert_close(xs[0].grad, xs[1].grad, rtol=5e-2, atol=5e-2)
+    for name, buffer in module.named_buffers():
+        torch.testing.assert_close(buffer, getattr(reference, name), rtol=1e-4, atol=1e-5)
+
+
+def op_arguments(variant, training, reverse, keep_reserve=True, T=4, B=3, I=2, H=5, S=3):
+    """Arguments of bnlstm::layer_forward for a small random float64 problem on the GPU."""
+    v = get_variant(variant)
+    r = lambda *shape: torch.randn(*shape, dtype=torch.float64, device="cuda")
+    grad = lambda t: t.requires_grad_(keep_reserve)
+    G = 4 * H
+    optional = lambda present, tensor: tensor if present else None
+    S_ih = 1 if v.input_statistics == "sequence" else S
+    running = lambda present, rows, features: (
+        (r(rows, features), torch.rand(rows, features, dtype=torch.float64, device="cuda") + 0.5)
+        if present and not training else (None, None)
+    )
+    return (
+        grad(r(T, B, I)), grad(r(B, H)), grad(r(B, H)), torch.tensor([T, 2, 1][:B], device="cuda"),
+        grad(r(G, I)), grad(r(G, H)), grad(r(G)),
+        optional(v.input_statistics, grad(r(G))), optional(v.normalize_recurrent, grad(r(G))),
+        optional(v.normalize_cell, grad(r(H))), optional(v.normalize_cell, grad(r(H))),
+        *running(v.input_statistics, S_ih, G), *running(v.normalize_recurrent, S, G),
+        *running(v.normalize_cell, S, H),
+        INPUT_STATISTICS[v.input_statistics], v.normalize_recurrent, v.normalize_cell, training, 1e-5,
+        reverse, keep_reserve,
+    )
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.usefixtures("cuda_extension")
+@pytest.mark.cuda
+@requires_gpu
+def test_opcheck_cuda_ops(variant, training):
+    args = op_arguments(variant, training, reverse=training)
+    torch.library.opcheck(torch.ops.bnlstm.layer_forward.default, args)
+    torch.library.opcheck(torch.ops.bnlstm.layer_forward.default,
+                          op_arguments(variant, training, reverse=False, keep_reserve=False))
+    (x, h0, c0, lengths, weight_ih, weight_hh, _, gamma_ih, gamma_hh, gamma_c, beta_c, *_rest) = args
+    with torch.no_grad():
+        output, h_n, c_n, mean_ih, var_ih, _, var_hh, mean_c, var_c, projection, reserve = (
+            torch.ops.bnlstm.layer_forward(*args))
+    detached = lambda t: None if t is None else t.detach()
+    backward_args = (
+        torch.randn_like(output), torch.randn_like(h_n), torch.randn_like(c_n), x.detach(), lengths,
+        h0.detach(), c0.detach(), output, weight_ih.detach(), weight_hh.detach(),
+        *(detached(g) for g in (gamma_ih, gamma_hh, gamma_c, beta_c)),
+        mean_ih, var_ih, var_hh, mean_c, var_c, projection, reserve, *args[-7:-1],
+    )
+    torch.library.opcheck(torch.ops.bnlstm.layer_backward.default, backward_args)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.usefixtures("cuda_extension")
+@pytest.mark.cuda
+@requires_gpu
+def test_gradcheck_cuda_op(variant, training):
+    (x, h0, c0, lengths, *params) = op_arguments(variant, training, reverse=True)[:11]
+    v = get_variant(variant)
+    _, running = random_layer(variant, H=5)[3:]
+    inputs = [t for t in (x, h0, c0, *params) if t is not None]
+    layout = [t is not None for t in params]
+
+    def layer(x, h0, c0, *present):
+        it = iter(present)
+        full = LayerParams(*(next(it) if keep else None for keep in layout))
+        result = bnlstm_layer_fused(x, h0, c0, full, running, variant=v, training=training, eps=1e-5,
+                                    lengths=lengths, reverse=True)
+        return result.output, result.h_n, result.c_n
+
+    assert torch.autograd.gradcheck(layer, tuple(inputs))
+
+
+@pytest.mark.usefixtures("cuda_extension")
+@pytest.mark.cuda
+@requires_gpu
+def test_training_step_in_a_cuda_graph_matches_eager():
+    """Forward and backward of a training step captured in a CUDA graph (no host
+    synchronisation inside the operators) give what eager execution gives: outputs, every
+    gradient and the running statistics after one replay."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    module = make_module("cooijmans", input_size=8, hidden_size=40, num_layers=2, bidirectional=True,
+                         max_length=6, backend="cuda", dtype=torch.float32).cuda()
+    x = torch.randn(6, 5, 8, device="cuda")
+    weights = [torch.randn(shape, device="cuda") for shape in ((6, 5, 80), (4, 5, 40), (4, 5, 40))]
+
+    def step():
+        out, (h_n, c_n) = module(x)
+        loss = sum((t * w).sum() for t, w in zip((out, h_n, c_n), weights))
+        loss.backward()
+        return out
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):  # warm-up: the library, cuBLAS handles, the autograd graph
+            module.zero_grad(set_to_none=True)
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    eager = make_module("cooijmans", input_size=8, hidden_size=40, num_layers=2, bidirectional=True,
+                        max_length=6, backend="cuda", dtype=torch.float32).cuda()
+    eager.load_state_dict(module.state_dict())
+
+    graph = torch.cuda.CUDAGraph()
+    module.zero_grad(set_to_none=True)
+    with torch.cuda.graph(graph):
+        static_out = step()
+    graph.replay()
+    torch.cuda.synchronize()
+
+    module, captured = eager, module  # the eager run, from the state the capture started in
+    want = step()
+    torch.testing.assert_close(static_out, want, rtol=1e-5, atol=1e-6)
+    for (name, p), q in zip(eager.named_parameters(), captured.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-6, msg=lambda m: f"grad {name}: {m}")
+    for name, buffer in eager.named_buffers():
+        torch.testing.assert_close(getattr(captured, name), buffer, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.usefixtures("cuda_extension")
+@pytest.mark.cuda
+@requires_gpu
+def test_large_batch_and_hidden_float32():
+    """B = 256, H = 2048 in float32 (the sizes the kernels promise), against the float32
+    reference on the GPU, forward and backward."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    x, h0, c0, params, running = random_layer("cooijmans", T=3, B=256, I=64, H=2048)
+    to32 = lambda t: None if t is None else t.float()
+    x, h0, c0 = x.float(), h0.float(), c0.float()
+    params = LayerParams(*(to32(p) for p in params))
+    lengths = torch.randint(1, 4, (256,), device="cuda")
+    want, want_grads = run_layer(bnlstm_layer_reference, x, h0, c0, params, {}, "cooijmans", lengths=lengths,
+                                 training=True)
+    got, got_grads = run_layer(bnlstm_layer_fused, x, h0, c0, params, {}, "cooijmans", lengths=lengths,
+                               training=True)
+    for name in ("output", "h_n", "c_n"):
+        torch.testing.assert_close(getattr(got, name), getattr(want, name), rtol=1e-4, atol=1e-4)
+    for name, grad in want_grads.items():
+        scale = grad.abs().max().item() + 1e-6
+        assert (got_grads[name] - grad).abs().max().item() <= 1e-3 * scale, name
+
+
+def test_backend_errors_without_a_gpu():
+    with pytest.raises(ValueError, match='backend="cuda" runs on CUDA tensors; the input is on cpu'):
+        backends.resolve_backend("cuda", torch.device("cpu"))
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match='backend="cuda" is unavailable: '):
+            backends.resolve_backend("cuda", torch.device("cuda"))
+        assert "cuda" not in backends.available_backends("cuda")
+
+
+@pytest.mark.skipif(torch.version.cuda is not None, reason="checks the message of a torch without CUDA")
+def test_build_cuda_refuses_a_torch_without_cuda(capsys):
+    from bnlstm_cuda import build
+
+    assert build.main(["--cuda"]) == 1
+    assert "is not a CUDA build; install a CUDA build of torch" in capsys.readouterr().err
