@@ -192,7 +192,7 @@ class RecurrentForwardCPU {
     const bool normalize_input = flags_.input_statistics != kInputNone;
     const bool given_input = normalize_input && !(flags_.training && flags_.input_statistics == kInputStep);
     ColumnStats<T> in(4 * J), rec(4 * J);
-    std::vector<T> shift(4 * J, T(0));
+    std::vector<T> bias(4 * J, T(0));
     for (int64_t g = 0; g < 4; ++g) {
       const int64_t k0 = g * H + j0;
       if (normalize_input) {
@@ -208,17 +208,12 @@ class RecurrentForwardCPU {
                            flags_.training ? nullptr : running_var_hh_ + row, gamma_hh_ + k0, eps, g * J, J,
                            s.mean_hh + k0, s.var_hh + k0);
       }
-      if (bias_ != nullptr) std::copy_n(bias_ + k0, J, shift.data() + g * J);
+      if (bias_ != nullptr) std::copy_n(bias_ + k0, J, bias.data() + g * J);
     }
-    // gates = BN(W_ih x) + BN(W_hh h) + bias = W_ih x * scale_in + W_hh h * scale_rec + shift,
-    // scale = gamma * rstd, shift = bias - mean_in * scale_in - mean_rec * scale_rec: two FMAs
-    // a gate. (Rounding of the shift is of the order of W_ih x's own GEMM rounding.)
-    for_each_vec<T>(4 * J, [&](int64_t u, auto n) {
-      Vec<T> value = Vec<T>::loadu(shift.data() + u, n);
-      value = value - Vec<T>::loadu(in.mean.data() + u, n) * Vec<T>::loadu(in.scale.data() + u, n);
-      value = value - Vec<T>::loadu(rec.mean.data() + u, n) * Vec<T>::loadu(rec.scale.data() + u, n);
-      value.store(shift.data() + u, n);
-    });
+    // gates = (W_ih x - mean_in) * scale_in + (W_hh h - mean_rec) * scale_rec + bias, with
+    // scale = gamma * rstd. Centred before scaling: folding the means into one shift
+    // (x * scale + (bias - mean * scale)) cancels catastrophically when the batch spread is
+    // small against the mean (few active sequences), where scale is large.
 
     // Gates and the new cell for every row (padded rows too: their values stay finite and
     // the backward pass multiplies them by zero).
@@ -235,9 +230,10 @@ class RecurrentForwardCPU {
             const Vec<T> zhat = (zh - Vec<T>::loadu(rec.mean.data() + u, n)) * Vec<T>::loadu(rec.rstd.data() + u, n);
             zhat.store(rs + layout_.zhat + k, n);
           }
-          pre[g] = at::vec::fmadd(wx, Vec<T>::loadu(in.scale.data() + u, n),
-                                  at::vec::fmadd(zh, Vec<T>::loadu(rec.scale.data() + u, n),
-                                                 Vec<T>::loadu(shift.data() + u, n)));
+          pre[g] = at::vec::fmadd(wx - Vec<T>::loadu(in.mean.data() + u, n), Vec<T>::loadu(in.scale.data() + u, n),
+                                  at::vec::fmadd(zh - Vec<T>::loadu(rec.mean.data() + u, n),
+                                                 Vec<T>::loadu(rec.scale.data() + u, n),
+                                                 Vec<T>::loadu(bias.data() + u, n)));
         }
         const Vec<T> i = sigmoid(pre[0]), f = sigmoid(pre[1]), g = fast_tanh(pre[2]), o = sigmoid(pre[3]);
         const Vec<T> c_prev = Vec<T>::loadu(s.c + b * H + j0 + j, n);
@@ -257,25 +253,23 @@ class RecurrentForwardCPU {
 
     // Cell statistics over the active rows, then h.
     ColumnStats<T> cell(J);
-    std::vector<T> cell_shift(J, T(0));  // beta_c - mean * scale
+    std::vector<T> cell_beta(J, T(0));
     if (flags_.normalize_cell) {
       const int64_t row = std::min(s.step, slots_c_ - 1) * H + j0;
       cell.normalize_with(c_new.data(), J, B, s.active, s.count,
                           flags_.training ? nullptr : running_mean_c_ + row,
                           flags_.training ? nullptr : running_var_c_ + row, gamma_c_ + j0, eps, 0, J,
                           s.mean_c + j0, s.var_c + j0);
-      for_each_vec<T>(J, [&](int64_t j, auto n) {
-        const Vec<T> value = Vec<T>::loadu(beta_c_ + j0 + j, n) -
-                             Vec<T>::loadu(cell.mean.data() + j, n) * Vec<T>::loadu(cell.scale.data() + j, n);
-        value.store(cell_shift.data() + j, n);
-      });
+      std::copy_n(beta_c_ + j0, J, cell_beta.data());
     }
     for (int64_t b = 0; b < B; ++b) {
       T* rs = kKeep ? s.reserve + b * W : nullptr;
       const bool active = s.active[b];
       for_each_vec<T>(J, [&](int64_t j, auto n) {
         const Vec<T> value = Vec<T>::loadu(c_new.data() + b * J + j, n);
-        const Vec<T> seen = at::vec::fmadd(value, Vec<T>::loadu(cell.scale.data() + j, n), Vec<T>::loadu(cell_shift.data() + j, n));
+        // Centred before scaling, as the gates above.
+        const Vec<T> seen = at::vec::fmadd(value - Vec<T>::loadu(cell.mean.data() + j, n),
+                                           Vec<T>::loadu(cell.scale.data() + j, n), Vec<T>::loadu(cell_beta.data() + j, n));
         const Vec<T> tanh_c = fast_tanh(seen);
         const Vec<T> o = kKeep ? Vec<T>::loadu(rs + layout_.gates + 3 * H + j0 + j, n)
                                : Vec<T>::loadu(out_gate.data() + b * J + j, n);
