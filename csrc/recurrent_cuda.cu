@@ -188,16 +188,18 @@ __global__ void __launch_bounds__(kThreads) bnlstm_fwd_step_kernel(const Forward
   const int64_t count = *s.count;
   const T inv_count = T(1) / T(count > 1 ? count : 1);
 
-  // gates = wx * in_scale + zh * rec_scale + shift with scale = gamma * rstd and
-  // shift = bias - mean_in * in_scale - mean_rec * rec_scale (recurrent_cpu.cpp's form).
-  T rec_mean[4], rec_rstd[4], rec_scale[4], in_scale[4], shift[4];
+  // gates = (wx - mean_in) * in_scale + (zh - mean_rec) * rec_scale + bias, scale = gamma *
+  // rstd, as recurrent_cpu.cpp: centred before scaling (folding the means into one shift
+  // cancels when the batch spread is small against the mean, where scale is large).
+  T rec_mean[4], rec_rstd[4], rec_scale[4], in_mean[4], in_scale[4], bias[4];
 #pragma unroll
   for (int g = 0; g < 4; ++g) {
     rec_mean[g] = T(0);
     rec_rstd[g] = T(1);
     rec_scale[g] = T(1);
+    in_mean[g] = T(0);
     in_scale[g] = T(1);
-    shift[g] = (valid && s.bias != nullptr) ? s.bias[g * H + u] : T(0);
+    bias[g] = (valid && s.bias != nullptr) ? s.bias[g * H + u] : T(0);
   }
   if (s.normalize_recurrent) {
     T mean[4] = {T(0), T(0), T(0), T(0)}, var[4] = {T(0), T(0), T(0), T(0)};
@@ -242,15 +244,14 @@ __global__ void __launch_bounds__(kThreads) bnlstm_fwd_step_kernel(const Forward
         rec_mean[g] = mean[g];
         rec_rstd[g] = rsqrt_(var[g] + s.eps);
         rec_scale[g] = rec_rstd[g] * s.gamma_hh[g * H + u];
-        shift[g] -= rec_mean[g] * rec_scale[g];
       }
     }
   }
   if (s.normalize_input && valid) {
 #pragma unroll
     for (int g = 0; g < 4; ++g) {
+      in_mean[g] = s.input_mean[g * H + u];
       in_scale[g] = rsqrt_(s.input_var[g * H + u] + s.eps) * s.gamma_ih[g * H + u];
-      shift[g] -= s.input_mean[g * H + u] * in_scale[g];
     }
   }
 
@@ -269,7 +270,7 @@ __global__ void __launch_bounds__(kThreads) bnlstm_fwd_step_kernel(const Forward
         if (kKeep && s.normalize_recurrent) {
           s.reserve[b * s.width + s.zhat_at + g * H + u] = (z - rec_mean[g]) * rec_rstd[g];
         }
-        pre[g] = s.wx[k] * in_scale[g] + (z * rec_scale[g] + shift[g]);
+        pre[g] = (s.wx[k] - in_mean[g]) * in_scale[g] + ((z - rec_mean[g]) * rec_scale[g] + bias[g]);
       }
       const T i = sigmoid_(pre[0]), f = sigmoid_(pre[1]), gg = tanh_(pre[2]), o = sigmoid_(pre[3]);
       const T c_prev = s.c[b * H + u];
@@ -291,7 +292,7 @@ __global__ void __launch_bounds__(kThreads) bnlstm_fwd_step_kernel(const Forward
   }
 
   // Cell statistics over the active rows (per hidden unit: block-local), then h.
-  T cell_scale = T(1), cell_shift = T(0);
+  T cell_mean = T(0), cell_scale = T(1), cell_beta = T(0);
   if (s.normalize_cell) {
     T mean = T(0), var = T(0);
     if (s.training) {
@@ -316,15 +317,16 @@ __global__ void __launch_bounds__(kThreads) bnlstm_fwd_step_kernel(const Forward
         s.mean_c[u] = mean;
         s.var_c[u] = var;
       }
+      cell_mean = mean;
       cell_scale = rsqrt_(var + s.eps) * s.gamma_c[u];
-      cell_shift = s.beta_c[u] - mean * cell_scale;
+      cell_beta = s.beta_c[u];
     }
   }
   if (valid) {
     for (int64_t b = lane; b < B; b += kRows) {
       const int64_t k = b * H + u;
       if (s.active[b]) {
-        const T h_new = s.output[k] * tanh_(s.c[k] * cell_scale + cell_shift);
+        const T h_new = s.output[k] * tanh_((s.c[k] - cell_mean) * cell_scale + cell_beta);
         s.h[k] = h_new;
         s.output[k] = h_new;
       } else {
