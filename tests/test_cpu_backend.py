@@ -157,6 +157,31 @@ def test_float32_against_float64_reference(variant):
         assert errors["cpu"][which] <= 2 * errors["reference"][which] + 1e-7, errors
 
 
+@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize("variant", ["cooijmans", "laurent_sequence"])
+def test_hidden_unit_blocks_match_the_paper(variant, threads):
+    """With several threads, each step's fused passes are split into blocks of hidden units
+    (at::parallel_for): H = 100 makes 1 or 3 blocks with ragged edges; both must match the
+    paper, with padded steps, in both directions (at least
+    three sequences active at every step: fewer make the batch norm's gradient amplify
+    rounding beyond 1e-10)."""
+    from helpers import assert_matches_paper
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        torch.manual_seed(3)
+        module = make_module(variant, input_size=6, hidden_size=100, num_layers=2, bidirectional=True, backend="cpu")
+        x = torch.randn(5, 7, 6, dtype=torch.float64)
+        for training in (True, False):
+            # tol 1e-9: with H = 100 and gammas near 1 the gradients reach 1e2, and float64
+            # rounding of the two implementations' different summation orders exceeds 1e-10.
+            assert_matches_paper(module, x, lengths=torch.tensor([5, 2, 4, 5, 3, 5, 1]), training=training,
+                                 tol=1e-9)
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_half_precision_inputs_are_computed_in_float32():
     module = BNLSTM(4, 6, max_length=5, backend="cpu").to(torch.bfloat16)
     reference = BNLSTM(4, 6, max_length=5, backend="reference").to(torch.bfloat16)
