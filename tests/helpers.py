@@ -73,3 +73,61 @@ def assert_matches_paper(module, x, h0=None, c0=None, lengths=None, training=Tru
     for name, parameter in module.named_parameters():
         torch.testing.assert_close(parameter.grad, params[name].grad, **close, msg=lambda m: f"grad {name}: {m}")
     return out, h_n, c_n
+
+
+def random_layer(variant, T=5, B=3, I=7, H=20, S=3, dtype=torch.float64, device="cpu", seed=0):
+    """Random inputs of one layer function: x [T, B, I], h0, c0 [B, H], LayerParams (gammas
+    near 1) and RunningStats with S slots, drawn in float64 and cast to `dtype` on `device`."""
+    g = torch.Generator().manual_seed(seed)
+    v = bnlstm_cuda.get_variant(variant)
+    G = 4 * H
+    r = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
+    gamma = lambda size: r(size) * 0.5 + 1.0
+    params = bnlstm_cuda.LayerParams(
+        r(G, I) * 0.3, r(G, H) * 0.3, r(G),
+        gamma(G) if v.input_statistics else None, gamma(G) if v.normalize_recurrent else None,
+        gamma(H) if v.normalize_cell else None, r(H) if v.normalize_cell else None,
+    )
+    running = {}
+    for part, features in (("ih", G), ("hh", G), ("c", H)):
+        if v.normalizes(part):
+            rows = v.num_slots(part, S)
+            var = (torch.rand(rows, features, generator=g, dtype=torch.float64) + 0.5).to(device=device, dtype=dtype)
+            running[part] = (r(rows, features) * 0.3, var)
+    return r(T, B, I), r(B, H), r(B, H), params, running
+
+
+def run_layer(fn, x, h0, c0, params, running, variant, **kwargs):
+    """One layer function with fresh leaves: (LayerResult, grads of x, h0, c0 and every
+    present parameter) after backward of scalar_loss."""
+    leaves = [t.clone().requires_grad_(True) for t in (x, h0, c0)]
+    leaf_params = bnlstm_cuda.LayerParams(*(None if p is None else p.clone().requires_grad_(True) for p in params))
+    result = fn(*leaves, leaf_params, running, variant=bnlstm_cuda.get_variant(variant), eps=1e-5, **kwargs)
+    scalar_loss(result.output, result.h_n, result.c_n).backward()
+    grads = {"x": leaves[0].grad, "h0": leaves[1].grad, "c0": leaves[2].grad}
+    grads.update({name: p.grad for name, p in zip(bnlstm_cuda.LayerParams._fields, leaf_params) if p is not None})
+    return result, grads
+
+
+def assert_layer_matches_reference(fn, variant, lengths=None, *, tol, device="cpu", T=5, B=3, I=7, H=20, **kwargs):
+    """Layer function `fn` against the reference on the same random float64 layer (NaN in the
+    padding): outputs, final states, batch statistics and every gradient, within tol."""
+    x, h0, c0, params, running = random_layer(variant, T=T, B=B, I=I, H=H, device=device)
+    if lengths is not None:
+        lengths = lengths.to(device)
+        # Padding may hold anything: NaN must reach no output, statistic or gradient.
+        padded = torch.arange(T, device=device).unsqueeze(1) >= lengths.unsqueeze(0)
+        x = x.masked_fill(padded.unsqueeze(-1), float("nan"))
+    want, want_grads = run_layer(bnlstm_cuda.bnlstm_layer_reference, x, h0, c0, params, running, variant,
+                                 lengths=lengths, **kwargs)
+    got, got_grads = run_layer(fn, x, h0, c0, params, running, variant, lengths=lengths, **kwargs)
+    for name in ("output", "h_n", "c_n"):
+        torch.testing.assert_close(getattr(got, name), getattr(want, name), **tol, msg=lambda m: f"{name}: {m}")
+    assert sorted(got.batch_stats) == sorted(want.batch_stats)
+    for part, stats in want.batch_stats.items():
+        for field, value in stats._asdict().items():
+            torch.testing.assert_close(getattr(got.batch_stats[part], field), value, **tol,
+                                       msg=lambda m: f"batch_stats[{part}].{field}: {m}")
+    assert sorted(got_grads) == sorted(want_grads)
+    for name, grad in want_grads.items():
+        torch.testing.assert_close(got_grads[name], grad, **tol, msg=lambda m: f"grad {name}: {m}")

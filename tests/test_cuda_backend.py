@@ -17,7 +17,8 @@ import torch
 from bnlstm_cuda import BNLSTM, LayerParams, backends, get_variant
 from bnlstm_cuda.ops import INPUT_STATISTICS, bnlstm_layer_fused
 from bnlstm_cuda.reference import bnlstm_layer_reference
-from helpers import assert_matches_paper, make_module, scalar_loss
+import helpers
+from helpers import assert_matches_paper, make_module, run_layer, scalar_loss
 
 VARIANTS = ["cooijmans", "laurent_step", "laurent_sequence", "none"]
 requires_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -33,59 +34,14 @@ requires_gpu_or_emulation = pytest.mark.skipif(not EMULATED and not torch.cuda.i
 TOL = dict(rtol=1e-9, atol=1e-9)
 
 
-def random_layer(variant, T=5, B=3, I=7, H=20, S=3, device=DEVICE, seed=0):
-    """float64 x [T, B, I], h0, c0 [B, H], LayerParams and RunningStats on `device`."""
-    g = torch.Generator().manual_seed(seed)
-    v = get_variant(variant)
-    G = 4 * H
-    r = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64).to(device)
-    gamma = lambda size: r(size) * 0.5 + 1.0
-    params = LayerParams(
-        r(G, I) * 0.3, r(G, H) * 0.3, r(G),
-        gamma(G) if v.input_statistics else None, gamma(G) if v.normalize_recurrent else None,
-        gamma(H) if v.normalize_cell else None, r(H) if v.normalize_cell else None,
-    )
-    running = {}
-    for part, features in (("ih", G), ("hh", G), ("c", H)):
-        if v.normalizes(part):
-            rows = v.num_slots(part, S)
-            var = (torch.rand(rows, features, generator=g, dtype=torch.float64) + 0.5).to(device)
-            running[part] = (r(rows, features) * 0.3, var)
-    return r(T, B, I), r(B, H), r(B, H), params, running
+def random_layer(variant, **kwargs):
+    """helpers.random_layer on the device under test."""
+    return helpers.random_layer(variant, device=DEVICE, **kwargs)
 
 
-def run_layer(fn, x, h0, c0, params, running, variant, **kwargs):
-    """One layer function with fresh leaves: (LayerResult, grads of x, h0, c0, every parameter)."""
-    leaves = [t.clone().requires_grad_(True) for t in (x, h0, c0)]
-    leaf_params = LayerParams(*(None if p is None else p.clone().requires_grad_(True) for p in params))
-    result = fn(*leaves, leaf_params, running, variant=get_variant(variant), eps=1e-5, **kwargs)
-    scalar_loss(result.output, result.h_n, result.c_n).backward()
-    grads = {"x": leaves[0].grad, "h0": leaves[1].grad, "c0": leaves[2].grad}
-    grads.update({name: p.grad for name, p in zip(LayerParams._fields, leaf_params) if p is not None})
-    return result, grads
-
-
-def assert_layers_match(variant, lengths=None, T=5, B=3, I=7, H=20, tol=TOL, **kwargs):
-    """The CUDA op against the reference, both in float64 on the GPU."""
-    x, h0, c0, params, running = random_layer(variant, T=T, B=B, I=I, H=H)
-    if lengths is not None:
-        lengths = lengths.to(DEVICE)
-        # Padding may hold anything: NaN must reach no output, statistic or gradient.
-        padded = torch.arange(T, device=DEVICE).unsqueeze(1) >= lengths.unsqueeze(0)
-        x = x.masked_fill(padded.unsqueeze(-1), float("nan"))
-    want, want_grads = run_layer(bnlstm_layer_reference, x, h0, c0, params, running, variant, lengths=lengths,
-                                 **kwargs)
-    got, got_grads = run_layer(bnlstm_layer_fused, x, h0, c0, params, running, variant, lengths=lengths, **kwargs)
-    for name in ("output", "h_n", "c_n"):
-        torch.testing.assert_close(getattr(got, name), getattr(want, name), **tol, msg=lambda m: f"{name}: {m}")
-    assert sorted(got.batch_stats) == sorted(want.batch_stats)
-    for part, stats in want.batch_stats.items():
-        for field, value in stats._asdict().items():
-            torch.testing.assert_close(getattr(got.batch_stats[part], field), value, **tol,
-                                       msg=lambda m: f"batch_stats[{part}].{field}: {m}")
-    assert sorted(got_grads) == sorted(want_grads)
-    for name, grad in want_grads.items():
-        torch.testing.assert_close(got_grads[name], grad, **tol, msg=lambda m: f"grad {name}: {m}")
+def assert_layers_match(variant, lengths=None, tol=TOL, **kwargs):
+    """The CUDA op against the reference, both in float64 on the device under test."""
+    helpers.assert_layer_matches_reference(bnlstm_layer_fused, variant, lengths, tol=tol, device=DEVICE, **kwargs)
 
 
 @pytest.fixture(scope="module")

@@ -25,9 +25,10 @@ import bnlstm_cuda.triton_kernels as triton_kernels  # noqa: E402
 if not triton_layer._kernels_interpreted():
     importlib.reload(triton_kernels)
 
-from bnlstm_cuda import BNLSTM, LayerParams, backends, get_variant, reference  # noqa: E402
+from bnlstm_cuda import BNLSTM, backends, get_variant, reference  # noqa: E402
 from bnlstm_cuda.reference import bnlstm_layer_reference  # noqa: E402
-from helpers import assert_matches_paper, make_module, scalar_loss  # noqa: E402
+import helpers  # noqa: E402
+from helpers import assert_matches_paper, make_module, random_layer  # noqa: E402
 
 VARIANTS = ["cooijmans", "laurent_step", "laurent_sequence", "none"]
 # float64 throughout: the kernels compute in float64 too, so they must agree with the
@@ -40,59 +41,8 @@ TOL = dict(rtol=1e-9, atol=1e-9)
 pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
 
 
-def random_layer(variant, T=5, B=3, I=7, H=20, S=3, dtype=torch.float64, seed=0):
-    """x [T, B, I], h0, c0 [B, H], LayerParams and RunningStats with random values."""
-    g = torch.Generator().manual_seed(seed)
-    v = get_variant(variant)
-    G = 4 * H
-    r = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64).to(dtype)
-    gamma = lambda size: (r(size) * 0.5 + 1.0)
-    params = LayerParams(
-        r(G, I) * 0.3, r(G, H) * 0.3, r(G),
-        gamma(G) if v.input_statistics else None, gamma(G) if v.normalize_recurrent else None,
-        gamma(H) if v.normalize_cell else None, r(H) if v.normalize_cell else None,
-    )
-    running = {}
-    for part, features in (("ih", G), ("hh", G), ("c", H)):
-        if v.normalizes(part):
-            rows = v.num_slots(part, S)
-            running[part] = (r(rows, features) * 0.3,
-                             (torch.rand(rows, features, generator=g, dtype=torch.float64) + 0.5).to(dtype))
-    return r(T, B, I), r(B, H), r(B, H), params, running
-
-
-def run_layer(fn, x, h0, c0, params, running, variant, **kwargs):
-    """Run one layer function with fresh leaves; returns (LayerResult, grads of x, h0, c0 and
-    every present parameter)."""
-    leaves = [t.clone().requires_grad_(True) for t in (x, h0, c0)]
-    leaf_params = LayerParams(*(None if p is None else p.clone().requires_grad_(True) for p in params))
-    result = fn(*leaves, leaf_params, running, variant=get_variant(variant), eps=1e-5, **kwargs)
-    scalar_loss(result.output, result.h_n, result.c_n).backward()
-    grads = {"x": leaves[0].grad, "h0": leaves[1].grad, "c0": leaves[2].grad}
-    grads.update({name: p.grad for name, p in zip(LayerParams._fields, leaf_params) if p is not None})
-    return result, grads
-
-
 def assert_layers_match(variant, lengths=None, tol=TOL, **kwargs):
-    x, h0, c0, params, running = random_layer(variant, B=kwargs.pop("B", 3))
-    if lengths is not None:
-        # Padding may hold anything: NaN must reach no output, statistic or gradient.
-        padded = torch.arange(x.shape[0]).unsqueeze(1) >= lengths.unsqueeze(0)
-        x = x.masked_fill(padded.unsqueeze(-1), float("nan"))
-    want, want_grads = run_layer(bnlstm_layer_reference, x, h0, c0, params, running, variant, lengths=lengths,
-                                 **kwargs)
-    got, got_grads = run_layer(triton_layer.bnlstm_layer_triton, x, h0, c0, params, running, variant,
-                               lengths=lengths, **kwargs)
-    for name in ("output", "h_n", "c_n"):
-        torch.testing.assert_close(getattr(got, name), getattr(want, name), **tol, msg=lambda m: f"{name}: {m}")
-    assert sorted(got.batch_stats) == sorted(want.batch_stats)
-    for part, stats in want.batch_stats.items():
-        for field, value in stats._asdict().items():
-            torch.testing.assert_close(getattr(got.batch_stats[part], field), value, **tol,
-                                       msg=lambda m: f"batch_stats[{part}].{field}: {m}")
-    assert sorted(got_grads) == sorted(want_grads)
-    for name, grad in want_grads.items():
-        torch.testing.assert_close(got_grads[name], grad, **tol, msg=lambda m: f"grad {name}: {m}")
+    helpers.assert_layer_matches_reference(triton_layer.bnlstm_layer_triton, variant, lengths, tol=tol, **kwargs)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
