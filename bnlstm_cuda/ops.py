@@ -14,8 +14,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .reference import LayerParams, LayerResult, RunningStats, active_mask, compute_dtype
-from .statistics import BatchStats
+from .reference import (LayerParams, LayerResult, RunningStats, active_mask, compute_dtype, needs_backward,
+                        step_batch_stats)
 from .variants import Variant
 
 # Variant.input_statistics -> the operators' int argument (csrc/bnlstm.h, InputStatistics).
@@ -182,8 +182,7 @@ def bnlstm_layer_fused(
     steps, batch = x.shape[0], x.shape[1]
     if lengths is None:
         lengths = torch.full((batch,), steps, dtype=torch.int64, device=x.device)
-    differentiable = (x, h0, c0) + tuple(p for p in params if p is not None)
-    keep_reserve = torch.is_grad_enabled() and any(t.requires_grad for t in differentiable)
+    keep_reserve = needs_backward(x, h0, c0, params)
     no_stats = (None, None)
     running_ih = running.get("ih", no_stats) if not training else no_stats
     running_hh = running.get("hh", no_stats) if not training else no_stats
@@ -198,12 +197,5 @@ def bnlstm_layer_fused(
     batch_stats = {}
     if training:
         counts = active_mask(lengths, steps, batch, x.device).sum(1).to(dtype)  # [T]
-        if variant.input_statistics == "step":
-            batch_stats["ih"] = BatchStats(mean_ih, var_ih, counts)
-        elif variant.input_statistics == "sequence":
-            batch_stats["ih"] = BatchStats(mean_ih, var_ih, counts.sum().reshape(1))
-        if variant.normalize_recurrent:
-            batch_stats["hh"] = BatchStats(mean_hh, var_hh, counts)
-        if variant.normalize_cell:
-            batch_stats["c"] = BatchStats(mean_c, var_c, counts)
+        batch_stats = step_batch_stats(variant, counts, mean_ih, var_ih, mean_hh, var_hh, mean_c, var_c)
     return LayerResult(output.to(out_dtype), h_n.to(out_dtype), c_n.to(out_dtype), batch_stats)

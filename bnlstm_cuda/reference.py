@@ -51,6 +51,29 @@ class LayerResult(NamedTuple):
     batch_stats: Dict[str, BatchStats]
 
 
+def needs_backward(x: Tensor, h0: Tensor, c0: Tensor, params: LayerParams) -> bool:
+    """Whether autograd will differentiate this call: fused backends keep what their
+    backward pass reads only then."""
+    differentiable = (x, h0, c0) + tuple(p for p in params if p is not None)
+    return torch.is_grad_enabled() and any(t.requires_grad for t in differentiable)
+
+
+def step_batch_stats(variant: Variant, counts: Tensor, mean_ih: Tensor, var_ih: Tensor, mean_hh: Tensor,
+                     var_hh: Tensor, mean_c: Tensor, var_c: Tensor) -> Dict[str, BatchStats]:
+    """LayerResult.batch_stats from the statistics a fused backend returns for every step
+    (counts [T]: active sequences per step, in the statistics' dtype)."""
+    batch_stats = {}
+    if variant.input_statistics == "step":
+        batch_stats["ih"] = BatchStats(mean_ih, var_ih, counts)
+    elif variant.input_statistics == "sequence":
+        batch_stats["ih"] = BatchStats(mean_ih, var_ih, counts.sum().reshape(1))
+    if variant.normalize_recurrent:
+        batch_stats["hh"] = BatchStats(mean_hh, var_hh, counts)
+    if variant.normalize_cell:
+        batch_stats["c"] = BatchStats(mean_c, var_c, counts)
+    return batch_stats
+
+
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """float64 and float32 compute in their own dtype; half precision in float32."""
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype

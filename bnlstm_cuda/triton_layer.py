@@ -24,8 +24,8 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from .reference import LayerParams, LayerResult, RunningStats, active_mask, compute_dtype, reverse_padded
-from .statistics import BatchStats
+from .reference import (LayerParams, LayerResult, RunningStats, active_mask, compute_dtype, needs_backward,
+                        reverse_padded, step_batch_stats)
 from .variants import Variant
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -399,8 +399,7 @@ def bnlstm_layer_triton(
     if lengths is not None:
         # Padding may hold anything (NaN too); zeroed, it reaches no statistic or gradient.
         ordered = torch.where(active.unsqueeze(-1), ordered, torch.zeros((), dtype=x.dtype, device=x.device))
-    differentiable = (x, h0, c0) + tuple(p for p in params if p is not None)
-    keep = torch.is_grad_enabled() and any(t.requires_grad for t in differentiable)
+    keep = needs_backward(x, h0, c0, params)
     config = _Config(variant, training, float(eps), reverse, int(start_step), keep)
     output, h_n, c_n, mean_ih, var_ih, mean_hh, var_hh, mean_c, var_c = TritonLayerFunction.apply(
         ordered.contiguous(), h0, c0, *params, active, running if not training else {}, config)
@@ -409,12 +408,5 @@ def bnlstm_layer_triton(
     batch_stats = {}
     if training:
         counts = active.sum(1).to(dtype)  # [T]
-        if variant.input_statistics == "step":
-            batch_stats["ih"] = BatchStats(mean_ih, var_ih, counts)
-        elif variant.input_statistics == "sequence":
-            batch_stats["ih"] = BatchStats(mean_ih, var_ih, counts.sum().reshape(1))
-        if variant.normalize_recurrent:
-            batch_stats["hh"] = BatchStats(mean_hh, var_hh, counts)
-        if variant.normalize_cell:
-            batch_stats["c"] = BatchStats(mean_c, var_c, counts)
+        batch_stats = step_batch_stats(variant, counts, mean_ih, var_ih, mean_hh, var_hh, mean_c, var_c)
     return LayerResult(output, h_n, c_n, batch_stats)
