@@ -121,19 +121,13 @@ def resolve_backend(name: str, device: torch.device, *, dtype: Optional[torch.dt
     device = torch.device(device)
     if name == "reference":
         return bnlstm_layer_reference
-    if name == "cpu":
-        if device.type != "cpu":
-            raise ValueError(f'backend="cpu" runs on CPU tensors; the input is on {device}')
-        problem = _cpu_problem()
+    if name in ("cpu", "cuda"):
+        # The same compiled operators; the dispatcher picks the device's kernels.
+        if device.type != name:
+            raise ValueError(f'backend="{name}" runs on {name.upper()} tensors; the input is on {device}')
+        problem = _cpu_problem() if name == "cpu" else _cuda_problem()
         if problem is not None:
-            raise RuntimeError(f'backend="cpu" is unavailable: {problem}')
-        return bnlstm_layer_fused
-    if name == "cuda":
-        if device.type != "cuda":
-            raise ValueError(f'backend="cuda" runs on CUDA tensors; the input is on {device}')
-        problem = _cuda_problem()
-        if problem is not None:
-            raise RuntimeError(f'backend="cuda" is unavailable: {problem}')
+            raise RuntimeError(f'backend="{name}" is unavailable: {problem}')
         return bnlstm_layer_fused
     if name == "triton":
         from . import triton_layer  # imports triton only when asked for
