@@ -37,11 +37,11 @@ DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp
 
 
 def measured_choice(gpu: str, dtype: torch.dtype, batch: int, hidden_size: int,
-                    table: Sequence[Measured] = MEASURED) -> Optional[str]:
+                    table: Optional[Sequence[Measured]] = None) -> Optional[str]:
     """The backend measured fastest on `gpu` for the nearest measured shape, or None when the
-    table holds nothing for this GPU and dtype."""
+    table (default: MEASURED) holds nothing for this GPU and dtype."""
     name = DTYPE_NAMES.get(dtype)
-    rows = [row for row in table if row.gpu == gpu and row.dtype == name]
+    rows = [row for row in (MEASURED if table is None else table) if row.gpu == gpu and row.dtype == name]
     if not rows:
         return None
 
@@ -52,7 +52,7 @@ def measured_choice(gpu: str, dtype: torch.dtype, batch: int, hidden_size: int,
 
 
 def choose(available: Sequence[str], gpu: str, dtype: torch.dtype, batch: int, hidden_size: int,
-           table: Sequence[Measured] = MEASURED) -> Optional[str]:
+           table: Optional[Sequence[Measured]] = None) -> Optional[str]:
     """The GPU backend "auto" runs among `available`, or None if no fused GPU backend can."""
     measured = measured_choice(gpu, dtype, batch, hidden_size, table)
     if measured is not None and measured in available:

@@ -72,7 +72,6 @@ def test_auto_on_a_gpu_device_takes_the_table_choice(monkeypatch):
     chosen = []
     monkeypatch.setattr(backends, "available_backends", lambda device: ("reference", "cuda", "triton"))
     monkeypatch.setattr(gpu_choice, "MEASURED", TABLE)
-    monkeypatch.setattr(gpu_choice.choose, "__defaults__", (TABLE,))
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda index: H100)
     real_resolve = backends.resolve_backend
