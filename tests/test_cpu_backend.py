@@ -11,33 +11,10 @@ import torch
 
 import bnlstm_cuda
 from bnlstm_cuda import BNLSTM, LayerParams, backends, get_variant
-from bnlstm_cuda.ops import INPUT_STATISTICS, bnlstm_layer_fused, ensure_loaded
-from helpers import make_module, scalar_loss
+from bnlstm_cuda.ops import bnlstm_layer_fused, ensure_loaded
+from helpers import make_module, op_arguments, scalar_loss
 
 VARIANTS = ["cooijmans", "laurent_step", "laurent_sequence", "none"]
-
-
-def op_arguments(variant, training, reverse, keep_reserve=True, T=4, B=3, I=2, H=5, S=3, dtype=torch.float64):
-    """Arguments of bnlstm::layer_forward for a small random problem."""
-    v = get_variant(variant)
-    r = lambda *shape: torch.randn(*shape, dtype=dtype)
-    grad = lambda t: t.requires_grad_(keep_reserve)
-    G = 4 * H
-    optional = lambda present, tensor: tensor if present else None
-    S_ih = 1 if v.input_statistics == "sequence" else S
-    running = lambda present, rows, features: (
-        (r(rows, features), torch.rand(rows, features, dtype=dtype) + 0.5) if present and not training else (None, None)
-    )
-    return (
-        grad(r(T, B, I)), grad(r(B, H)), grad(r(B, H)), torch.tensor([T, 2, 1][:B]),
-        grad(r(G, I)), grad(r(G, H)), grad(r(G)),
-        optional(v.input_statistics, grad(r(G))), optional(v.normalize_recurrent, grad(r(G))),
-        optional(v.normalize_cell, grad(r(H))), optional(v.normalize_cell, grad(r(H))),
-        *running(v.input_statistics, S_ih, G), *running(v.normalize_recurrent, S, G),
-        *running(v.normalize_cell, S, H),
-        INPUT_STATISTICS[v.input_statistics], v.normalize_recurrent, v.normalize_cell, training, 1e-5,
-        reverse, keep_reserve,
-    )
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from bnlstm_cuda import BNLSTM, LayerParams, backends, get_variant
-from bnlstm_cuda.ops import INPUT_STATISTICS, bnlstm_layer_fused
+from bnlstm_cuda.ops import bnlstm_layer_fused
 from bnlstm_cuda.reference import bnlstm_layer_reference
 import helpers
 from helpers import assert_matches_paper, make_module, run_layer, scalar_loss
@@ -183,28 +183,9 @@ def test_half_precision_is_computed_in_float32(dtype):
         torch.testing.assert_close(buffer, getattr(reference, name), rtol=1e-4, atol=1e-5)
 
 
-def op_arguments(variant, training, reverse, keep_reserve=True, T=4, B=3, I=2, H=5, S=3):
-    """Arguments of bnlstm::layer_forward for a small random float64 problem on the GPU."""
-    v = get_variant(variant)
-    r = lambda *shape: torch.randn(*shape, dtype=torch.float64, device="cuda")
-    grad = lambda t: t.requires_grad_(keep_reserve)
-    G = 4 * H
-    optional = lambda present, tensor: tensor if present else None
-    S_ih = 1 if v.input_statistics == "sequence" else S
-    running = lambda present, rows, features: (
-        (r(rows, features), torch.rand(rows, features, dtype=torch.float64, device="cuda") + 0.5)
-        if present and not training else (None, None)
-    )
-    return (
-        grad(r(T, B, I)), grad(r(B, H)), grad(r(B, H)), torch.tensor([T, 2, 1][:B], device="cuda"),
-        grad(r(G, I)), grad(r(G, H)), grad(r(G)),
-        optional(v.input_statistics, grad(r(G))), optional(v.normalize_recurrent, grad(r(G))),
-        optional(v.normalize_cell, grad(r(H))), optional(v.normalize_cell, grad(r(H))),
-        *running(v.input_statistics, S_ih, G), *running(v.normalize_recurrent, S, G),
-        *running(v.normalize_cell, S, H),
-        INPUT_STATISTICS[v.input_statistics], v.normalize_recurrent, v.normalize_cell, training, 1e-5,
-        reverse, keep_reserve,
-    )
+def op_arguments(*args, **kwargs):
+    """helpers.op_arguments on the GPU."""
+    return helpers.op_arguments(*args, device="cuda", **kwargs)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
