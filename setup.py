@@ -45,6 +45,7 @@ if os.environ.get("BNLSTM_BUILD_EXTENSION") == "1":
             sources=[f"csrc/{name}" for name in build.CPU_SOURCES],
             include_dirs=[str(ROOT / "csrc")],
             extra_compile_args=build.cpu_cflags(),
+            extra_link_args=build.cpu_ldflags(),
         )
     )
     class BuildExtensionWithKey(BuildExtension.with_options(no_python_abi_suffix=True)):

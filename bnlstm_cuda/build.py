@@ -91,15 +91,33 @@ AVX512_FLAGS = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma",
 AVX2_FLAGS = ["-mavx2", "-mfma", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
 
 
+def torch_uses_openmp() -> bool:
+    """Whether ATen's parallel backend is OpenMP. at::parallel_for is then a header template
+    around `#pragma omp parallel`: compiled without -fopenmp it silently runs every range on
+    one thread."""
+    import torch
+
+    return "ATen parallel backend: OpenMP" in torch.__config__.parallel_info()
+
+
 def cpu_cflags() -> List[str]:
-    """-O3, and vector code for at::vec (Sleef exp/tanh) as wide as the building CPU runs.
-    The build is for this machine: the cache key includes these flags."""
+    """-O3, OpenMP where torch's at::parallel_for needs it, and vector code for at::vec
+    (Sleef exp/tanh) as wide as the building CPU runs. The build is for this machine: the
+    cache key includes these flags."""
     flags = ["-O3"]
+    if torch_uses_openmp():
+        flags += ["-fopenmp"]
     if _cpu_flags_present("avx512f", "avx512bw", "avx512vl", "avx512dq", "fma"):
         flags += AVX512_FLAGS
     elif _cpu_flags_present("avx2", "fma"):
         flags += AVX2_FLAGS
     return flags
+
+
+def cpu_ldflags() -> List[str]:
+    """Link the OpenMP runtime the compiled parallel regions call (its soname is the one
+    torch already loaded, so the process keeps one thread pool)."""
+    return ["-fopenmp"] if torch_uses_openmp() else []
 
 
 def _build_key(sources: List[Path], flags: List[str]) -> str:
@@ -348,6 +366,7 @@ def _build_and_load(build_dir: Path, src: Path, verbose: bool, what: str) -> Non
             name=EXTENSION_NAME,
             sources=[str(src / name) for name in CPU_SOURCES],
             extra_cflags=cpu_cflags(),
+            extra_ldflags=cpu_ldflags(),
             extra_include_paths=[str(src)],
             build_directory=str(build_dir),
             is_python_module=False,
@@ -386,6 +405,7 @@ def _build_and_load_cuda(build_dir: Path, src: Path, verbose: bool, what: str) -
                 name=CUDA_EXTENSION_NAME,
                 sources=[str(src / name) for name in CPU_SOURCES + CUDA_SOURCES],
                 extra_cflags=cpu_cflags(),
+                extra_ldflags=cpu_ldflags(),
                 extra_cuda_cflags=cuda_cflags(),
                 extra_include_paths=[str(src)] + cuda_include_paths(),
                 build_directory=str(build_dir),

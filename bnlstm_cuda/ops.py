@@ -61,6 +61,13 @@ def cpu_buffer_pool_statistics() -> dict:
     return {"cached_bytes": cached_bytes, "reused": reused, "allocated": allocated}
 
 
+def parallel_threads() -> int:
+    """Threads an `at::parallel_for` inside the extension runs on: `torch.get_num_threads()`
+    when the build is right (a diagnostic: 1 where OpenMP was left out of the build)."""
+    ensure_loaded()
+    return torch.ops.bnlstm.parallel_threads()
+
+
 def release_cpu_buffers() -> int:
     """Free the buffers the CPU operators keep for reuse (the CPU's counterpart of
     torch.cuda.empty_cache); returns the bytes freed. BNLSTM_CPU_POOL_MB caps what is kept

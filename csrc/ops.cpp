@@ -1,7 +1,12 @@
 // Operator schemas, declared once for every device. Implementations register per dispatch
 // key (layer.cpp for the CPU); fake kernels and autograd are registered from Python
 // (bnlstm_cuda/ops.py) so that torch.compile can trace the ops.
+#include <ATen/Parallel.h>
 #include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <bitset>
 
 #include "buffer_pool.h"
 
@@ -34,4 +39,13 @@ TORCH_LIBRARY(bnlstm, m) {
   m.def("cpu_buffer_pool_statistics() -> int[]", [] { return bnlstm::BufferPool::instance().statistics(); });
   m.def("release_cpu_buffers() -> int",
         [] { return static_cast<int64_t>(bnlstm::BufferPool::instance().release()); });
+  // How many threads an at::parallel_for compiled into this library runs on: torch's thread
+  // count when the build is right, 1 when OpenMP was left out of a build that needs it.
+  m.def("parallel_threads() -> int", [] {
+    std::atomic<uint64_t> seen{0};
+    at::parallel_for(0, 1024, 1, [&seen](int64_t, int64_t) {
+      seen |= uint64_t(1) << std::min<int>(at::get_thread_num(), 63);
+    });
+    return static_cast<int64_t>(std::bitset<64>(seen.load()).count());
+  });
 }
