@@ -6,13 +6,16 @@
 //   c_t = sigmoid(f) * c_{t-1} + sigmoid(i) * tanh(g)
 //   h_t = sigmoid(o) * tanh(BN(c_t; gamma_c, beta_c))
 //
-// W_ih x_t comes from one GEMM over all steps (layer.cpp). The fused pass is parallel over
+// W_ih x_t comes from one GEMM over all steps (layer.cpp). Each step is parallel over
 // hidden units: a task owns hidden units [j0, j1) with their four gate columns and the
-// whole batch, so every batch statistic it needs is a reduction over rows it holds. Inner
-// loops run along hidden units, which are contiguous, with at::vec (AVX2 when built for it).
+// whole batch, so every batch statistic it needs is a reduction over rows it holds. In the
+// forward pass a task also computes its own columns of the step's GEMM. Inner loops run
+// along hidden units, which are contiguous, with at::vec (AVX-512 or AVX2 as built) and
+// the inlined sigmoid and tanh of vec_math.h.
 // The backward pass mirrors it, one fused pass per step plus the GEMM for dh_{t-1}.
 #include "bnlstm.h"
 #include "packed_gemm.h"
+#include "vec_math.h"
 
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
@@ -25,17 +28,8 @@
 namespace bnlstm {
 namespace {
 
-template <typename T>
-using Vec = at::vec::Vectorized<T>;
-
 // Hidden units per task: enough work per task to amortise scheduling.
 constexpr int64_t kGrain = 32;
-
-template <typename T>
-inline Vec<T> sigmoid(const Vec<T>& x) {
-  const Vec<T> one(T(1));
-  return one / (one + x.neg().exp());
-}
 
 // Calls body(offset, count) over [0, size) in vector-sized pieces. Full pieces get count
 // as a compile-time constant, so loadu/store compile to plain vector moves; only the last
@@ -89,41 +83,15 @@ void masked_moments(const T* z, int64_t stride, int64_t batch, const bool* activ
   for_each_vec<T>(size, [&](int64_t j, auto n) { (Vec<T>::loadu(var + j, n) * inv_count).store(var + j, n); });
 }
 
-// tanh for the step kernels. Sleef's tanh costs several Sleef exps; in float32 a cheaper
-// form keeps a few ulp of relative error: Cephes' odd polynomial below |x| = 0.625, and
-// 1 - 2 / (exp(2|x|) + 1) with the sign of x above (no cancellation there, tanh > 0.55).
-// float64 keeps Sleef's tanh: it is the precision tests run in, not the one timed.
-template <typename T>
-inline Vec<T> fast_tanh(const Vec<T>& x) {
-  return x.tanh();
-}
-
-template <>
-inline Vec<float> fast_tanh(const Vec<float>& x) {
-  using V = Vec<float>;
-  const V one(1.0f), two(2.0f);
-  const V z = x * x;
-  V p(-5.70498872745e-3f);
-  p = at::vec::fmadd(p, z, V(2.06390887954e-2f));
-  p = at::vec::fmadd(p, z, V(-5.37397155531e-2f));
-  p = at::vec::fmadd(p, z, V(1.33314422036e-1f));
-  p = at::vec::fmadd(p, z, V(-3.33332819422e-1f));
-  const V small = at::vec::fmadd(p * z, x, x);
-  const V magnitude = x.abs();
-  const V large = one - two / ((magnitude + magnitude).exp() + one);
-  const V signed_large = V::blendv(large, V(0.0f) - large, x < V(0.0f));
-  return V::blendv(signed_large, small, magnitude < V(0.625f));
-}
-
 template <typename T>
 struct StepForward {
-  // Shapes: wx, zh [B, 4H]; h, c, output [B, H]; reserve [B, width].
+  // Shapes: wx [B, 4H]; h_prev, h_next, c, output [B, H]; reserve [B, width].
   const T* wx;  // W_ih x_t
-  const T* zh;  // W_hh h_{t-1}
   const bool* active;
   int64_t count;
   int64_t step;  // start_step + t: picks the statistics rows min(step, S - 1) in evaluation
-  T* h;
+  const T* h_prev;  // h_{t-1}, read by every block's GEMM: h_t goes to another buffer
+  T* h_next;
   T* c;
   T* output;
   T* reserve;  // this step's rows, or null in inference
@@ -184,9 +152,11 @@ class RecurrentForwardCPU {
         slots_hh_(args.running_mean_hh.defined() ? args.running_mean_hh.size(0) : 0),
         slots_c_(args.running_mean_c.defined() ? args.running_mean_c.size(0) : 0) {}
 
-  // One step over hidden units [j0, j1). kKeep: store what the backward pass reads.
+  // One step over hidden units [j0, j1), given zh = this block's columns of W_hh h_{t-1}
+  // ([B, 4J], gate-major: column g * J + j is gate g of unit j0 + j). kKeep: store what the
+  // backward pass reads.
   template <bool kKeep>
-  void run(const StepForward<T>& s, int64_t j0, int64_t j1) const {
+  void run(const StepForward<T>& s, const T* zh, int64_t j0, int64_t j1) const {
     const int64_t H = hidden_, G = 4 * hidden_, B = batch_, W = layout_.width, J = j1 - j0;
     const T eps = T(flags_.eps);
     const bool normalize_input = flags_.input_statistics != kInputNone;
@@ -203,7 +173,7 @@ class RecurrentForwardCPU {
       }
       if (flags_.normalize_recurrent) {
         const int64_t row = std::min(s.step, slots_hh_ - 1) * G + k0;
-        rec.normalize_with(s.zh + k0, G, B, s.active, s.count,
+        rec.normalize_with(zh + g * J, 4 * J, B, s.active, s.count,
                            flags_.training ? nullptr : running_mean_hh_ + row,
                            flags_.training ? nullptr : running_var_hh_ + row, gamma_hh_ + k0, eps, g * J, J,
                            s.mean_hh + k0, s.var_hh + k0);
@@ -225,13 +195,13 @@ class RecurrentForwardCPU {
         for (int64_t g = 0; g < 4; ++g) {
           const int64_t k = g * H + j0 + j, u = g * J + j;
           const Vec<T> wx = Vec<T>::loadu(s.wx + b * G + k, n);
-          const Vec<T> zh = Vec<T>::loadu(s.zh + b * G + k, n);
+          const Vec<T> z = Vec<T>::loadu(zh + b * 4 * J + u, n);
           if (kKeep && flags_.normalize_recurrent) {
-            const Vec<T> zhat = (zh - Vec<T>::loadu(rec.mean.data() + u, n)) * Vec<T>::loadu(rec.rstd.data() + u, n);
+            const Vec<T> zhat = (z - Vec<T>::loadu(rec.mean.data() + u, n)) * Vec<T>::loadu(rec.rstd.data() + u, n);
             zhat.store(rs + layout_.zhat + k, n);
           }
           pre[g] = at::vec::fmadd(wx - Vec<T>::loadu(in.mean.data() + u, n), Vec<T>::loadu(in.scale.data() + u, n),
-                                  at::vec::fmadd(zh - Vec<T>::loadu(rec.mean.data() + u, n),
+                                  at::vec::fmadd(z - Vec<T>::loadu(rec.mean.data() + u, n),
                                                  Vec<T>::loadu(rec.scale.data() + u, n),
                                                  Vec<T>::loadu(bias.data() + u, n)));
         }
@@ -276,10 +246,11 @@ class RecurrentForwardCPU {
         const Vec<T> h_new = o * tanh_c;
         // Padded steps give zero output and leave the state alone.
         if (active) {
-          h_new.store(s.h + b * H + j0 + j, n);
+          h_new.store(s.h_next + b * H + j0 + j, n);
           value.store(s.c + b * H + j0 + j, n);
           h_new.store(s.output + b * H + j0 + j, n);
         } else {
+          Vec<T>::loadu(s.h_prev + b * H + j0 + j, n).store(s.h_next + b * H + j0 + j, n);
           Vec<T>(T(0)).store(s.output + b * H + j0 + j, n);
         }
       });
@@ -306,14 +277,41 @@ class RecurrentForwardCPU {
   int64_t slots_in_, slots_hh_, slots_c_;
 };
 
+// The hidden units split into one block per thread, fixed for the whole sequence: a block
+// computes its own columns of every step's GEMM (its slice of W_hh stays packed in its
+// core's cache) and then the fused pass over them, so zh never crosses cores and a step
+// costs one parallel region. Blocks are whole vectors wide and at least kMinBlockUnits
+// hidden units (or the whole layer).
+constexpr int64_t kMinBlockUnits = 32;
+
+std::vector<int64_t> hidden_blocks(int64_t hidden, int64_t threads) {
+  const int64_t width = 16;  // a float32 AVX-512 vector
+  const int64_t count = std::max<int64_t>(1, std::min(threads, hidden / kMinBlockUnits));
+  std::vector<int64_t> bounds{0};
+  for (int64_t k = 1; k < count; ++k) bounds.push_back((hidden * k / count + width / 2) / width * width);
+  bounds.push_back(hidden);
+  return bounds;
+}
+
 template <typename T>
 void recurrent_forward_impl(const RecurrentForwardArgs& args, RecurrentForwardOutputs& out,
                             const LayerFlags& flags) {
   const int64_t T_ = args.input_projection.size(0), B = args.input_projection.size(1);
-  const int64_t H = args.weight_hh.size(1), G = 4 * H;
+  const int64_t H = args.weight_hh.size(1);
   const RecurrentForwardCPU<T> kernel(args, flags, B, H);
-  const StepGemm recurrent_gemm(args.weight_hh, /*transpose=*/true, B);  // h [B, H] @ W_hh^T
-  at::Tensor zh = at::empty({B, G}, args.input_projection.options());
+  const std::vector<int64_t> bounds = hidden_blocks(H, at::get_num_threads());
+  const int64_t blocks = static_cast<int64_t>(bounds.size()) - 1;
+  std::vector<StepGemm> gemms;  // block k: h [B, H] @ (its rows of W_hh)^T -> [B, 4J]
+  std::vector<at::Tensor> zh;   // block k's [B, 4J]
+  const at::Tensor weight_by_gate = args.weight_hh.view({4, H, H});
+  for (int64_t k = 0; k < blocks; ++k) {
+    const int64_t J = bounds[k + 1] - bounds[k];
+    gemms.emplace_back(weight_by_gate.narrow(1, bounds[k], J).reshape({4 * J, H}).contiguous(), /*transpose=*/true, B);
+    zh.push_back(at::empty({B, 4 * J}, args.input_projection.options()));
+  }
+  // h_{t-1} and h_t in two buffers: a block that finishes early must not overwrite columns
+  // of h_{t-1} another block's GEMM is still reading.
+  at::Tensor h_buffers[2] = {out.h, at::empty_like(out.h)};
   const bool* active = args.active.data_ptr<bool>();
   const int64_t* counts = args.counts.data_ptr<int64_t>();
   const bool keep = out.reserve.defined();
@@ -323,20 +321,24 @@ void recurrent_forward_impl(const RecurrentForwardArgs& args, RecurrentForwardOu
       mean_hh(out.mean_hh, flags.normalize_recurrent), var_hh(out.var_hh, flags.normalize_recurrent),
       mean_c(out.mean_c, flags.normalize_cell), var_c(out.var_c, flags.normalize_cell);
   for (int64_t t = 0; t < T_; ++t) {
-    recurrent_gemm.run(out.h.data_ptr<T>(), zh.data_ptr<T>());  // [B, 4H]
     const StepForward<T> step{
-        projection[t], zh.data_ptr<T>(), active + t * B, counts[t], flags.start_step + t,
-        out.h.data_ptr<T>(), out.c.data_ptr<T>(), output[t], reserve[t],
-        mean_ih[t], var_ih[t], mean_hh[t], var_hh[t], mean_c[t], var_c[t],
+        projection[t], active + t * B, counts[t], flags.start_step + t,
+        h_buffers[t % 2].data_ptr<T>(), h_buffers[(t + 1) % 2].data_ptr<T>(), out.c.data_ptr<T>(), output[t],
+        reserve[t], mean_ih[t], var_ih[t], mean_hh[t], var_hh[t], mean_c[t], var_c[t],
     };
-    at::parallel_for(0, H, kGrain, [&](int64_t j0, int64_t j1) {
-      if (keep) {
-        kernel.template run<true>(step, j0, j1);
-      } else {
-        kernel.template run<false>(step, j0, j1);
+    at::parallel_for(0, blocks, 1, [&](int64_t k0, int64_t k1) {
+      for (int64_t k = k0; k < k1; ++k) {
+        T* block_zh = zh[k].data_ptr<T>();
+        gemms[k].run(step.h_prev, block_zh);
+        if (keep) {
+          kernel.template run<true>(step, block_zh, bounds[k], bounds[k + 1]);
+        } else {
+          kernel.template run<false>(step, block_zh, bounds[k], bounds[k + 1]);
+        }
       }
     });
   }
+  if (T_ % 2 == 1) out.h.copy_(h_buffers[1]);
 }
 
 template <typename T>
