@@ -46,9 +46,11 @@ Prepared prepare(const at::Tensor& x, const at::Tensor& lengths, bool reverse) {
   p.active = at::arange(T, lengths.options()).unsqueeze(1) < lengths.unsqueeze(0);
   p.weight = p.active.unsqueeze(2).to(x.scalar_type());
   // Padding may hold anything (NaN too); zeroed, it cannot reach a statistic or a gradient.
+  // A CPU batch without padding skips the copy (asking a GPU would synchronise the host).
   const at::Tensor ordered = reverse ? reverse_padded(x, lengths) : x;
-  p.x = at::where(p.active.unsqueeze(2), ordered, at::zeros({}, x.options()));
   p.counts = p.active.sum(1);
+  const bool unpadded = x.is_cpu() && (T == 0 || p.counts.min().item<int64_t>() == x.size(1));
+  p.x = unpadded ? ordered : at::where(p.active.unsqueeze(2), ordered, at::zeros({}, x.options()));
   return p;
 }
 
