@@ -285,7 +285,7 @@ class RecurrentForwardCPU {
 constexpr int64_t kMinBlockUnits = 32;
 
 std::vector<int64_t> hidden_blocks(int64_t hidden, int64_t threads) {
-  const int64_t width = 16;  // a float32 AVX-512 vector
+  const int64_t width = Vec<float>::size();  // whole vectors in float32, and so in float64
   const int64_t count = std::max<int64_t>(1, std::min(threads, hidden / kMinBlockUnits));
   std::vector<int64_t> bounds{0};
   for (int64_t k = 1; k < count; ++k) bounds.push_back((hidden * k / count + width / 2) / width * width);
