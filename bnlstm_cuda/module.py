@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
-from . import distributed, validation
+from . import distributed, ops, validation
 from .backends import BACKEND_NAMES, resolve_backend
 from . import parameters
 from .statistics import BatchStats, update_running_stats
@@ -193,10 +193,17 @@ class BNLSTM(nn.Module):
         return parameters.running_stats(self, suffix, self._variant)
 
     def _update_running_stats(self, batch_stats: ForwardStats, start_step: int = 0) -> None:
+        # Beside the fused CPU operators the fold is one of them too (the vectorised fold's
+        # small tensor operations cost a few percent of a small layer's training step). The
+        # choice follows the backend and device only (these backends load the operators on
+        # CPU tensors, or fall back to the reference), so runs reproduce bit for bit.
+        fold = update_running_stats
+        if self.backend in ("cpu", "auto") and self.weight_ih_l0.is_cpu and ops.is_loaded():
+            fold = ops.update_running_stats_compiled
         for suffix, parts in batch_stats.items():
             running = self._running_stats(suffix)
             for part, stats in parts.items():
-                update_running_stats(*running[part], stats, self.momentum, start_step)
+                fold(*running[part], stats, self.momentum, start_step)
 
     def _forward(self, input, hx, lengths, *, batch_statistics: bool, dropout: float, start_step: int = 0,
                  group=None):

@@ -95,7 +95,8 @@ struct RecurrentBackwardArgs {  // see ReserveLayout for what the backward pass 
 // Outputs of the backward recurrence; accumulators start at zero.
 struct RecurrentBackwardOutputs {
   at::Tensor grad_h, grad_c;  // [B, H]: gradients of h_n, c_n on entry, of h_0, c_0 on exit
-  at::Tensor grad_gates;      // [T, B, 4H] gradient of the gate pre-activations
+  at::Tensor grad_gates;      // [T, B, 4H] gradient of the gate pre-activations; undefined
+                              // on the CPU when grad_zh and grad_wx are buffers of their own
   at::Tensor grad_zh;         // [T, B, 4H] gradient of W_hh h_{t-1} (aliases grad_gates
                               // when the recurrence is not normalized)
   at::Tensor grad_wx;         // [T, B, 4H] gradient of W_ih x_t, if step-wise input

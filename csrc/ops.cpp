@@ -34,6 +34,12 @@ TORCH_LIBRARY(bnlstm, m) {
       "bool normalize_recurrent, bool normalize_cell, bool training, float eps, bool reverse) -> "
       "(Tensor grad_x, Tensor grad_h0, Tensor grad_c0, Tensor grad_weight_ih, Tensor grad_weight_hh, "
       "Tensor grad_bias, Tensor grad_gamma_ih, Tensor grad_gamma_hh, Tensor grad_gamma_c, Tensor grad_beta_c)");
+  // Fold per-step batch statistics (mean, biased var [N, F], active rows count [N]) into
+  // running statistics [S, F] in place: step t updates slot min(start_step + t, S - 1)
+  // with momentum and the unbiased variance, unless count[t] < 2 (statistics.py).
+  m.def(
+      "update_running_stats(Tensor(a!) running_mean, Tensor(b!) running_var, Tensor mean, Tensor var, "
+      "Tensor count, float momentum, int start_step=0) -> ()");
   // The CPU buffer pool (buffer_pool.h): its statistics (bytes kept unused, buffers reused,
   // buffers allocated), and a release of every buffer it keeps (returns the bytes freed).
   m.def("cpu_buffer_pool_statistics() -> int[]", [] { return bnlstm::BufferPool::instance().statistics(); });

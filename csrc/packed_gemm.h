@@ -39,19 +39,20 @@ class StepGemm {
     }
   }
 
-  // out [M, N] = a [M, K] @ op(weight), both contiguous, by raw pointer: no dispatcher call
-  // on the packed path, which runs once a step.
+  // out [M, N] = a [M, K] @ op(weight), a contiguous, rows of out out_stride apart (N by
+  // default), by raw pointer: no dispatcher call on the packed path, which runs once a step.
   template <typename T>
-  void run(const T* a, T* out) const {
+  void run(const T* a, T* out, int64_t out_stride = -1) const {
+    const int64_t ldc = out_stride < 0 ? n_ : out_stride;
     if constexpr (std::is_same<T, float>::value) {
       if (packed_.defined()) {
         cblas_sgemm_compute(kCblasRowMajor, kCblasNoTrans, kCblasPacked, m_, n_, k_, a, k_,
-                            reinterpret_cast<const float*>(packed_.data_ptr()), n_, 0.0f, out, n_);
+                            reinterpret_cast<const float*>(packed_.data_ptr()), n_, 0.0f, out, ldc);
         return;
       }
     }
     const auto options = weight_.options();
-    at::Tensor result = at::from_blob(out, {m_, n_}, options);
+    at::Tensor result = at::from_blob(out, {m_, n_}, {ldc, 1}, options);
     at::mm_out(result, at::from_blob(const_cast<T*>(a), {m_, k_}, options), transpose_ ? weight_.t() : weight_);
   }
 

@@ -22,6 +22,14 @@ def extension():
     ensure_loaded()
 
 
+@pytest.fixture
+def threads():
+    """Set the intra-op thread count for a test, and restore it."""
+    before = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_opcheck_layer_forward(variant, training):
@@ -157,6 +165,54 @@ def test_hidden_unit_blocks_match_the_paper(variant, threads):
                                  tol=1e-9)
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("hidden_size", [100, 150])
+@pytest.mark.parametrize("padded", [False, True], ids=["full", "padded"])
+def test_float32_hidden_unit_blocks(hidden_size, padded, threads):
+    """float32 takes MKL's packed path for the step products: with 2 threads, H = 100 splits
+    the backward product grad_zh W_hh over the blocks' columns (writing strided rows of
+    grad_h, straight or through a buffer where rows are padded), H = 150 makes it one call.
+    Against the float64 module: relative error of float32 rounding, not of a wrong layout."""
+    threads(2)
+    torch.manual_seed(5)
+    wide = BNLSTM(12, hidden_size, max_length=6, backend="reference", dtype=torch.float64)
+    narrow = BNLSTM(12, hidden_size, max_length=6, backend="cpu")
+    narrow.load_state_dict({k: v.float() for k, v in wide.state_dict().items()})
+    x = torch.randn(6, 9, 12, dtype=torch.float64)
+    lengths = [6, 2, 5, 6, 4, 6, 3, 6, 5] if padded else None
+    results = []
+    for module, dtype in ((wide, torch.float64), (narrow, torch.float32)):
+        x_in = x.to(dtype).detach().requires_grad_(True)
+        out, (h_n, c_n) = module(x_in, lengths=lengths)
+        scalar_loss(out.double(), h_n.double(), c_n.double()).backward()  # the same weights for both
+        results.append([out, h_n, c_n, x_in.grad, *(p.grad for p in module.parameters()), *module.buffers()])
+    for expected, got in zip(*results):
+        assert (got is None) == (expected is None)
+        if expected is not None:
+            error = (got.double() - expected).norm() / expected.norm()
+            assert error < 1e-4, error
+
+
+@pytest.mark.parametrize("backend, compiled", [("cpu", True), ("auto", True), ("reference", False)])
+def test_running_statistics_fold_follows_the_backend(backend, compiled, monkeypatch):
+    """Modules on the fused CPU backend fold their running statistics with the C++ operator,
+    reference modules with the vectorised fold (whatever this process loaded before), and
+    both agree."""
+    from bnlstm_cuda import ops
+
+    calls = []
+    compiled_fold = ops.update_running_stats_compiled
+    monkeypatch.setattr(ops, "update_running_stats_compiled", lambda *args: calls.append(args) or compiled_fold(*args))
+    module = BNLSTM(4, 6, max_length=3, backend=backend, dtype=torch.float64)
+    reference = BNLSTM(4, 6, max_length=3, backend="reference", dtype=torch.float64)
+    reference.load_state_dict(module.state_dict())
+    x = torch.randn(5, 3, 4, dtype=torch.float64)
+    module(x, lengths=[5, 2, 4])
+    reference(x, lengths=[5, 2, 4])
+    assert len(calls) == (3 if compiled else 0)  # ih, hh, c
+    for name, buffer in reference.named_buffers():
+        torch.testing.assert_close(getattr(module, name), buffer, rtol=1e-12, atol=1e-12)
 
 
 def test_half_precision_inputs_are_computed_in_float32():

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from bnlstm_cuda import BNLSTM, BatchStats, update_running_stats
+from bnlstm_cuda.ops import ensure_loaded, update_running_stats_compiled
 from helpers import make_module
 
 
@@ -38,9 +39,14 @@ def test_steps_with_fewer_than_two_active_sequences_do_not_update():
     torch.testing.assert_close(module.running_mean_ih_l0[1], 0.1 * x[1, :2].mean(0))
 
 
+# The vectorised fold (any device) and the C++ one that modules on the fused CPU backend use.
+UPDATES = {"vectorised": update_running_stats, "compiled": update_running_stats_compiled}
+
+
 @pytest.mark.parametrize("num_slots, num_steps", [(1, 1), (1, 5), (3, 2), (3, 3), (3, 8)])
 @pytest.mark.parametrize("start_step", [0, 1, 4])
-def test_vectorised_update_equals_sequential_rule(num_slots, num_steps, start_step):
+@pytest.mark.parametrize("update", UPDATES)
+def test_update_equals_sequential_rule(num_slots, num_steps, start_step, update):
     momentum = 0.3
     stats = BatchStats(
         torch.randn(num_steps, 6, dtype=torch.float64),
@@ -57,18 +63,50 @@ def test_vectorised_update_equals_sequential_rule(num_slots, num_steps, start_st
         slot = min(start_step + t, num_slots - 1)
         expected_mean[slot] = (1 - momentum) * expected_mean[slot] + momentum * stats.mean[t]
         expected_var[slot] = (1 - momentum) * expected_var[slot] + momentum * stats.var[t] * n / (n - 1)
-    update_running_stats(running_mean, running_var, stats, momentum, start_step)
+    UPDATES[update](running_mean, running_var, stats, momentum, start_step)
     torch.testing.assert_close(running_mean, expected_mean, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(running_var, expected_var, rtol=1e-12, atol=1e-12)
 
 
-def test_skipped_step_holding_nan_does_not_touch_the_last_slot():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_compiled_update_matches_vectorised_in_running_dtype(dtype):
+    """float32 running statistics fed float64 batch statistics (and the reverse) update alike."""
+    stats = BatchStats(torch.randn(9, 5, dtype=torch.float64), torch.rand(9, 5, dtype=torch.float64),
+                       torch.tensor([3.0, 1.0, 4.0, 2.0, 0.0, 5.0, 6.0, 2.0, 3.0]))
+    running = (torch.randn(4, 5, dtype=dtype), torch.rand(4, 5, dtype=dtype))
+    vectorised = tuple(t.clone() for t in running)
+    update_running_stats_compiled(*running, stats, 0.2, 1)
+    update_running_stats(*vectorised, stats, 0.2, 1)
+    tolerance = 1e-12 if dtype == torch.float64 else 1e-6
+    for got, expected in zip(running, vectorised):
+        torch.testing.assert_close(got, expected, rtol=tolerance, atol=tolerance)
+
+
+def test_opcheck_update_running_stats():
+    ensure_loaded()
+    args = (torch.randn(3, 4), torch.rand(3, 4), torch.randn(5, 4), torch.rand(5, 4),
+            torch.tensor([3.0, 2.0, 1.0, 4.0, 2.0]), 0.1, 1)
+    torch.library.opcheck(torch.ops.bnlstm.update_running_stats.default, args)
+
+
+def test_compiled_update_names_bad_shapes():
+    ensure_loaded()
+    with pytest.raises(RuntimeError, match=r"count must be \[5\]"):
+        torch.ops.bnlstm.update_running_stats(torch.zeros(3, 4), torch.ones(3, 4), torch.zeros(5, 4),
+                                              torch.ones(5, 4), torch.ones(4), 0.1, 0)
+    with pytest.raises(RuntimeError, match=r"mean must be \[N, 4\]"):
+        torch.ops.bnlstm.update_running_stats(torch.zeros(3, 4), torch.ones(3, 4), torch.zeros(5, 3),
+                                              torch.ones(5, 3), torch.ones(5), 0.1, 0)
+
+
+@pytest.mark.parametrize("update", UPDATES)
+def test_skipped_step_holding_nan_does_not_touch_the_last_slot(update):
     stats = BatchStats(
         torch.tensor([[1.0], [float("nan")], [3.0]]), torch.tensor([[1.0], [float("nan")], [1.0]]),
         torch.tensor([4.0, 1.0, 4.0]),
     )
     running_mean, running_var = torch.zeros(1, 1), torch.ones(1, 1)
-    update_running_stats(running_mean, running_var, stats, 0.5)
+    UPDATES[update](running_mean, running_var, stats, 0.5)
     assert torch.isfinite(running_mean).all() and torch.isfinite(running_var).all()
 
 
