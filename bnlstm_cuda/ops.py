@@ -126,12 +126,12 @@ def _layer_forward_fake(x, h0, c0, lengths, weight_ih, weight_hh, bias, gamma_ih
 def _layer_backward_fake(grad_output, grad_h_n, grad_c_n, x, lengths, h0, c0, output, weight_ih,
                          weight_hh, gamma_ih, gamma_hh, gamma_c, beta_c, mean_ih, var_ih, var_hh, mean_c,
                          var_c, projection, reserve, input_statistics, normalize_recurrent,
-                         normalize_cell, training, eps, reverse):
+                         normalize_cell, training, eps, reverse, input_grad=True):
     hidden = weight_hh.shape[1]
     new = x.new_empty
     sized = lambda condition, size: new(size) if condition else new(0)
     return (
-        torch.empty_like(x), torch.empty_like(grad_h_n), torch.empty_like(grad_c_n),
+        torch.empty_like(x) if input_grad else new(0), torch.empty_like(grad_h_n), torch.empty_like(grad_c_n),
         torch.empty_like(weight_ih), torch.empty_like(weight_hh), new(4 * hidden),
         sized(input_statistics != 0, 4 * hidden), sized(normalize_recurrent, 4 * hidden),
         sized(normalize_cell, hidden), sized(normalize_cell, hidden),
@@ -171,13 +171,14 @@ def _layer_backward_formula(ctx, grad_output, grad_h_n, grad_c_n, *_grad_statist
     grad_output = zeros(*x.shape[:2], hidden) if grad_output is None else grad_output
     grad_h_n = zeros(batch, hidden) if grad_h_n is None else grad_h_n
     grad_c_n = zeros(batch, hidden) if grad_c_n is None else grad_c_n
+    input_grad = ctx.needs_input_grad[0]
     (grad_x, grad_h0, grad_c0, grad_weight_ih, grad_weight_hh, grad_bias, grad_gamma_ih,
      grad_gamma_hh, grad_gamma_c, grad_beta_c) = torch.ops.bnlstm.layer_backward(
-        grad_output, grad_h_n, grad_c_n, *saved, *ctx.flags,
+        grad_output, grad_h_n, grad_c_n, *saved, *ctx.flags, input_grad,
     )
     present = lambda tensor, grad: grad if tensor is not None else None
     return (
-        grad_x, grad_h0, grad_c0, None, grad_weight_ih, grad_weight_hh,
+        grad_x if input_grad else None, grad_h0, grad_c0, None, grad_weight_ih, grad_weight_hh,
         grad_bias if ctx.has_bias else None,
         present(gamma_ih, grad_gamma_ih), present(gamma_hh, grad_gamma_hh),
         present(gamma_c, grad_gamma_c), present(beta_c, grad_beta_c),

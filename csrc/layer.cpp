@@ -173,7 +173,7 @@ LayerBackwardResult layer_backward(
     const OptTensor& gamma_ih, const OptTensor& gamma_hh, const OptTensor& gamma_c, const OptTensor& beta_c,
     const at::Tensor& mean_ih, const at::Tensor& var_ih, const at::Tensor& var_hh, const at::Tensor& mean_c,
     const at::Tensor& var_c, const at::Tensor& projection, const at::Tensor& reserve, int64_t input_statistics,
-    bool normalize_recurrent, bool normalize_cell, bool training, double eps, bool reverse) {
+    bool normalize_recurrent, bool normalize_cell, bool training, double eps, bool reverse, bool input_grad) {
   const int64_t T = x.size(0), B = x.size(1), I = x.size(2), H = weight_hh.size(-1), G = 4 * H;
   // The backward pass reads the statistics each step used, never a slot: start_step is moot.
   const LayerFlags flags{input_statistics, normalize_recurrent, normalize_cell, training, eps, 0};
@@ -258,8 +258,11 @@ LayerBackwardResult layer_backward(
   }
   const at::Tensor grad_weight_hh = grad_weight_hh_t.t().contiguous();
   const at::Tensor grad_weight_ih = p.x.reshape({T * B, I}).t().mm(grad_wx.reshape({T * B, G})).t().contiguous();
-  const at::Tensor grad_x_ordered = at::matmul(grad_wx, weight_ih);  // [T, B, I]
-  const at::Tensor grad_x = reverse ? reverse_padded(grad_x_ordered, lengths) : grad_x_ordered;
+  at::Tensor grad_x = at::empty({0}, x.options());
+  if (input_grad) {
+    const at::Tensor grad_x_ordered = at::matmul(grad_wx, weight_ih);  // [T, B, I]
+    grad_x = reverse ? reverse_padded(grad_x_ordered, lengths) : grad_x_ordered;
+  }
   return {grad_x, out.grad_h, out.grad_c, grad_weight_ih, grad_weight_hh, out.grad_bias,
           out.grad_gamma_ih, out.grad_gamma_hh, out.grad_gamma_c, out.grad_beta_c};
 }

@@ -16,7 +16,8 @@ namespace bnlstm {
 using LayerForwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
                                       at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 // (grad_x, grad_h0, grad_c0, grad_weight_ih, grad_weight_hh, grad_bias,
-//  grad_gamma_ih, grad_gamma_hh, grad_gamma_c, grad_beta_c); [0] for parts not normalized.
+//  grad_gamma_ih, grad_gamma_hh, grad_gamma_c, grad_beta_c); [0] for parts not normalized
+//  and for grad_x without input_grad.
 using LayerBackwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
                                        at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
@@ -41,7 +42,7 @@ LayerBackwardResult layer_backward(
     const OptTensor& gamma_ih, const OptTensor& gamma_hh, const OptTensor& gamma_c, const OptTensor& beta_c,
     const at::Tensor& mean_ih, const at::Tensor& var_ih, const at::Tensor& var_hh, const at::Tensor& mean_c,
     const at::Tensor& var_c, const at::Tensor& projection, const at::Tensor& reserve, int64_t input_statistics,
-    bool normalize_recurrent, bool normalize_cell, bool training, double eps, bool reverse);
+    bool normalize_recurrent, bool normalize_cell, bool training, double eps, bool reverse, bool input_grad);
 
 template <RecurrentForwardFn Recurrent>
 LayerForwardResult bind_layer_forward(
@@ -66,11 +67,11 @@ LayerBackwardResult bind_layer_backward(
     const OptTensor& gamma_c, const OptTensor& beta_c, const at::Tensor& mean_ih, const at::Tensor& var_ih,
     const at::Tensor& var_hh, const at::Tensor& mean_c, const at::Tensor& var_c, const at::Tensor& projection,
     const at::Tensor& reserve, int64_t input_statistics, bool normalize_recurrent, bool normalize_cell,
-    bool training, double eps, bool reverse) {
+    bool training, double eps, bool reverse, bool input_grad) {
   return layer_backward(Recurrent, grad_output, grad_h_n, grad_c_n, x, lengths, h0, c0, output, weight_ih,
                         weight_hh, gamma_ih, gamma_hh, gamma_c, beta_c, mean_ih, var_ih, var_hh, mean_c, var_c,
                         projection, reserve, input_statistics, normalize_recurrent, normalize_cell, training, eps,
-                        reverse);
+                        reverse, input_grad);
 }
 
 }  // namespace bnlstm

@@ -25,13 +25,15 @@ TORCH_LIBRARY(bnlstm, m) {
       "(Tensor output, Tensor h_n, Tensor c_n, Tensor mean_ih, Tensor var_ih, Tensor mean_hh, Tensor var_hh, "
       "Tensor mean_c, Tensor var_c, Tensor projection, Tensor reserve)");
   // Gradients of layer_forward's inputs, from its inputs, output, statistics, projection
-  // and reserve.
+  // and reserve. input_grad=False skips grad_x (returned empty): a model's input layer
+  // rarely needs it, and it is one of the three large GEMMs of the backward pass.
   m.def(
       "layer_backward(Tensor grad_output, Tensor grad_h_n, Tensor grad_c_n, Tensor x, Tensor lengths, "
       "Tensor h0, Tensor c0, Tensor output, Tensor weight_ih, Tensor weight_hh, Tensor? gamma_ih, "
       "Tensor? gamma_hh, Tensor? gamma_c, Tensor? beta_c, Tensor mean_ih, Tensor var_ih, Tensor var_hh, "
       "Tensor mean_c, Tensor var_c, Tensor projection, Tensor reserve, int input_statistics, "
-      "bool normalize_recurrent, bool normalize_cell, bool training, float eps, bool reverse) -> "
+      "bool normalize_recurrent, bool normalize_cell, bool training, float eps, bool reverse, "
+      "bool input_grad=True) -> "
       "(Tensor grad_x, Tensor grad_h0, Tensor grad_c0, Tensor grad_weight_ih, Tensor grad_weight_hh, "
       "Tensor grad_bias, Tensor grad_gamma_ih, Tensor grad_gamma_hh, Tensor grad_gamma_c, Tensor grad_beta_c)");
   // Fold per-step batch statistics (mean, biased var [N, F], active rows count [N]) into

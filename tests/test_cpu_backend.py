@@ -56,6 +56,28 @@ def test_opcheck_layer_backward(variant, training):
         mean_ih, var_ih, var_hh, mean_c, var_c, projection, reserve, *flags,
     )
     torch.library.opcheck(torch.ops.bnlstm.layer_backward.default, backward_args)
+    # input_grad=False: grad_x is skipped (empty), every other gradient is the same.
+    torch.library.opcheck(torch.ops.bnlstm.layer_backward.default, backward_args + (False,))
+    full = torch.ops.bnlstm.layer_backward(*backward_args)
+    without_input = torch.ops.bnlstm.layer_backward(*backward_args, False)
+    assert full[0].shape == x.shape and without_input[0].numel() == 0
+    for expected, got in zip(full[1:], without_input[1:]):
+        assert torch.equal(got, expected)
+
+
+def test_input_without_grad_gives_the_same_parameter_gradients():
+    """An input that does not require grad skips grad_x; the parameters' gradients are the
+    same bits as when it does."""
+    module = make_module("cooijmans", input_size=5, hidden_size=7, num_layers=2, backend="cpu")
+    x = torch.randn(4, 3, 5, dtype=torch.float64)
+    grads = []
+    for requires_grad in (True, False):
+        module.zero_grad()
+        out, (h_n, c_n) = module(x.clone().requires_grad_(requires_grad))
+        scalar_loss(out, h_n, c_n).backward()
+        grads.append([p.grad.clone() for p in module.parameters()])
+    for with_input, without_input in zip(*grads):
+        assert torch.equal(with_input, without_input)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
