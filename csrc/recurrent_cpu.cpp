@@ -53,6 +53,16 @@ class Rows {
   int64_t stride_;
 };
 
+// Brings [p, p + count) towards this core's L2 cache ahead of use. A task's part of a
+// row is a few cache lines every few kilobytes, a pattern the hardware prefetchers do not
+// follow, so without this every row starts with a miss to memory.
+template <typename T>
+inline void prefetch_span(const T* p, int64_t count) {
+  const char* begin = reinterpret_cast<const char*>(p);
+  const char* end = reinterpret_cast<const char*>(p + count);
+  for (const char* line = begin; line < end; line += 64) __builtin_prefetch(line, 0, 2);
+}
+
 // Mean and biased variance over the active rows of z[b * stride + 0 .. size).
 // z: rows of a [B, stride] matrix, already offset to the first column.
 template <typename T>
@@ -98,6 +108,7 @@ struct StepForward {
   T* var_hh;
   T* mean_c;  // [H], if normalize_cell
   T* var_c;
+  const T* next_wx;  // W_ih x_{t+1}, prefetched during this step; null at the last step
 };
 
 // The statistics of one normalized part for a task's columns: BN(z) = (z - mean) * scale
@@ -187,6 +198,9 @@ class RecurrentForwardCPU {
     std::vector<T> c_new(B * J), out_gate(kKeep ? 0 : B * J);
     for (int64_t b = 0; b < B; ++b) {
       T* rs = kKeep ? s.reserve + b * W : nullptr;
+      if (s.next_wx != nullptr) {
+        for (int64_t g = 0; g < 4; ++g) prefetch_span(s.next_wx + b * G + g * H + j0, J);
+      }
       for_each_vec<T>(J, [&](int64_t j, auto n) {
         Vec<T> pre[4];
         for (int64_t g = 0; g < 4; ++g) {
@@ -327,6 +341,7 @@ void recurrent_forward_impl(const RecurrentForwardArgs& args, RecurrentForwardOu
         projection[t], active + t * B, counts[t], flags.start_step + t,
         h_buffers[t % 2].data_ptr<T>(), h_buffers[(t + 1) % 2].data_ptr<T>(), out.c.data_ptr<T>(), output[t],
         reserve[t], mean_ih[t], var_ih[t], mean_hh[t], var_hh[t], mean_c[t], var_c[t],
+        t + 1 < T_ ? projection[t + 1] : nullptr,
     };
     at::parallel_for(0, blocks, 1, [&](int64_t k0, int64_t k1) {
       for (int64_t k = k0; k < k1; ++k) {
@@ -370,15 +385,6 @@ struct StepBackward {
   const T* next_grad_output;
 };
 
-// Brings [p, p + count) towards this core's L2 cache ahead of use. A task's part of a
-// row is a few cache lines every few kilobytes, a pattern the hardware prefetchers do not
-// follow, so without this every row starts with a miss to memory.
-template <typename T>
-inline void prefetch_span(const T* p, int64_t count) {
-  const char* begin = reinterpret_cast<const char*>(p);
-  const char* end = reinterpret_cast<const char*>(p + count);
-  for (const char* line = begin; line < end; line += 64) __builtin_prefetch(line, 0, 2);
-}
 
 // Adds src[0, size) into dst.
 template <typename T>
