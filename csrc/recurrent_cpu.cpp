@@ -483,13 +483,9 @@ class RecurrentBackwardCPU {
     for (int64_t b = 0; b < B; ++b) {
       const T* rs = s.reserve + b * W;
       const bool active = s.active[b];
-      if (s.next_reserve != nullptr) {
+      if (s.next_reserve != nullptr) {  // a third of the next step's rows in each pass
         const T* next = s.next_reserve + b * W;
-        for (int64_t g = 0; g < 4; ++g) {
-          if (recurrent) prefetch_span(next + layout_.zhat + g * H + j0, J);
-          prefetch_span(next + layout_.gates + g * H + j0, J);
-          if (any_input) prefetch_span(s.next_wx + b * G + g * H + j0, J);
-        }
+        for (int64_t g = 0; g < 4; ++g) prefetch_span(next + layout_.gates + g * H + j0, J);
         prefetch_span(next + layout_.c_new + j0, J);
         prefetch_span(s.next_grad_output + b * H + j0, J);
       }
@@ -528,6 +524,9 @@ class RecurrentBackwardCPU {
     for (int64_t b = 0; b < B; ++b) {
       const T* rs = s.reserve + b * W;
       const bool active = s.active[b];
+      if (s.next_reserve != nullptr && recurrent) {
+        for (int64_t g = 0; g < 4; ++g) prefetch_span(s.next_reserve + b * W + layout_.zhat + g * H + j0, J);
+      }
       for_each_vec<T>(J, [&](int64_t j, auto n) {
         const int64_t unit = j0 + j;
         Vec<T> dc = zero;
@@ -575,6 +574,9 @@ class RecurrentBackwardCPU {
     // zhat)) on active rows; evaluation: dz = gamma * rstd * dy. Padded rows get 0.
     for (int64_t b = 0; b < B; ++b) {
       const T* rs = s.reserve + b * W;
+      if (s.next_reserve != nullptr && any_input) {
+        for (int64_t g = 0; g < 4; ++g) prefetch_span(s.next_wx + b * G + g * H + j0, J);
+      }
       if (!s.active[b]) {
         for (int64_t g = 0; g < 4; ++g) {
           if (recurrent) std::fill_n(s.grad_zh + b * G + g * H + j0, J, T(0));
