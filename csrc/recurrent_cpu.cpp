@@ -63,6 +63,14 @@ inline void prefetch_span(const T* p, int64_t count) {
   for (const char* line = begin; line < end; line += 64) __builtin_prefetch(line, 0, 2);
 }
 
+// The same for lines about to be written: fetched for ownership ahead of the stores.
+template <typename T>
+inline void prefetch_span_w(T* p, int64_t count) {
+  char* begin = reinterpret_cast<char*>(p);
+  char* end = reinterpret_cast<char*>(p + count);
+  for (char* line = begin; line < end; line += 64) __builtin_prefetch(line, 1, 2);
+}
+
 // Mean and biased variance over the active rows of z[b * stride + 0 .. size).
 // z: rows of a [B, stride] matrix, already offset to the first column.
 template <typename T>
@@ -108,7 +116,10 @@ struct StepForward {
   T* var_hh;
   T* mean_c;  // [H], if normalize_cell
   T* var_c;
-  const T* next_wx;  // W_ih x_{t+1}, prefetched during this step; null at the last step
+  // Step t + 1's input-projection rows (read) and reserve rows (to be written), prefetched
+  // during this step; null at the last step and, for the reserve, in inference.
+  const T* next_wx;
+  T* next_reserve;
 };
 
 // The statistics of one normalized part for a task's columns: BN(z) = (z - mean) * scale
@@ -200,6 +211,14 @@ class RecurrentForwardCPU {
       T* rs = kKeep ? s.reserve + b * W : nullptr;
       if (s.next_wx != nullptr) {
         for (int64_t g = 0; g < 4; ++g) prefetch_span(s.next_wx + b * G + g * H + j0, J);
+      }
+      if (kKeep && s.next_reserve != nullptr) {
+        T* next = s.next_reserve + b * W;
+        for (int64_t g = 0; g < 4; ++g) {
+          if (flags_.normalize_recurrent) prefetch_span_w(next + layout_.zhat + g * H + j0, J);
+          prefetch_span_w(next + layout_.gates + g * H + j0, J);
+        }
+        prefetch_span_w(next + layout_.c_new + j0, J);
       }
       for_each_vec<T>(J, [&](int64_t j, auto n) {
         Vec<T> pre[4];
@@ -342,6 +361,7 @@ void recurrent_forward_impl(const RecurrentForwardArgs& args, RecurrentForwardOu
         h_buffers[t % 2].data_ptr<T>(), h_buffers[(t + 1) % 2].data_ptr<T>(), out.c.data_ptr<T>(), output[t],
         reserve[t], mean_ih[t], var_ih[t], mean_hh[t], var_hh[t], mean_c[t], var_c[t],
         t + 1 < T_ ? projection[t + 1] : nullptr,
+        t + 1 < T_ ? reserve[t + 1] : nullptr,
     };
     at::parallel_for(0, blocks, 1, [&](int64_t k0, int64_t k1) {
       for (int64_t k = k0; k < k1; ++k) {
