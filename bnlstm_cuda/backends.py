@@ -17,8 +17,10 @@ from typing import Callable, Optional
 
 import torch
 
+from . import ops
 from .ops import bnlstm_layer_fused, ensure_loaded
 from .reference import LayerResult, bnlstm_layer_reference
+from .statistics import update_running_stats
 
 LayerFunction = Callable[..., LayerResult]
 
@@ -146,3 +148,15 @@ def resolve_backend(name: str, device: torch.device, *, dtype: Optional[torch.dt
             return _auto_gpu(device, dtype, batch, hidden_size)
         return bnlstm_layer_reference
     raise ValueError(f"backend must be one of {list(BACKEND_NAMES)}, got {name!r}")
+
+
+def running_stats_fold(name: str, device: torch.device) -> Callable:
+    """The function that folds a forward's batch statistics into the running statistics for
+    backend `name` on `device`: beside the fused CPU operators a C++ operator too (the
+    vectorised fold's small tensor operations cost a few percent of a small layer's training
+    step), elsewhere `statistics.update_running_stats`. "cpu" and "auto" on CPU tensors have
+    loaded the operators by then unless "auto" fell back to the reference, so the choice
+    follows the backend and device only and runs reproduce bit for bit."""
+    if name in ("cpu", "auto") and torch.device(device).type == "cpu" and ops.is_loaded():
+        return ops.update_running_stats_compiled
+    return update_running_stats

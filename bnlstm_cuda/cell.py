@@ -14,8 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from . import distributed, parameters, validation
-from .backends import BACKEND_NAMES, resolve_backend
-from .statistics import update_running_stats
+from .backends import BACKEND_NAMES, resolve_backend, running_stats_fold
 from .variants import get_variant
 
 
@@ -153,8 +152,9 @@ class BNLSTMCell(nn.Module):
             training=self.training, eps=self.eps, lengths=lengths, start_step=step,
         )
         if self.training:
+            fold = running_stats_fold(self.backend, weight.device)
             for part, stats in result.batch_stats.items():
-                update_running_stats(*running[part], stats, self.momentum, step)
+                fold(*running[part], stats, self.momentum, step)
         h_1, c_1 = result.h_n, result.c_n
         return (h_1[0], c_1[0]) if unbatched else (h_1, c_1)
 

@@ -9,10 +9,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
-from . import distributed, ops, validation
-from .backends import BACKEND_NAMES, resolve_backend
+from . import distributed, validation
+from .backends import BACKEND_NAMES, resolve_backend, running_stats_fold
 from . import parameters
-from .statistics import BatchStats, update_running_stats
+from .statistics import BatchStats
 from .variants import get_variant
 
 # layer-direction suffix, e.g. "_l1_reverse" -> part -> batch statistics of that pass
@@ -193,13 +193,7 @@ class BNLSTM(nn.Module):
         return parameters.running_stats(self, suffix, self._variant)
 
     def _update_running_stats(self, batch_stats: ForwardStats, start_step: int = 0) -> None:
-        # Beside the fused CPU operators the fold is one of them too (the vectorised fold's
-        # small tensor operations cost a few percent of a small layer's training step). The
-        # choice follows the backend and device only (these backends load the operators on
-        # CPU tensors, or fall back to the reference), so runs reproduce bit for bit.
-        fold = update_running_stats
-        if self.backend in ("cpu", "auto") and self.weight_ih_l0.is_cpu and ops.is_loaded():
-            fold = ops.update_running_stats_compiled
+        fold = running_stats_fold(self.backend, self.weight_ih_l0.device)
         for suffix, parts in batch_stats.items():
             running = self._running_stats(suffix)
             for part, stats in parts.items():

@@ -235,6 +235,17 @@ def test_running_statistics_fold_follows_the_backend(backend, compiled, monkeypa
     assert len(calls) == (3 if compiled else 0)  # ih, hh, c
     for name, buffer in reference.named_buffers():
         torch.testing.assert_close(getattr(module, name), buffer, rtol=1e-12, atol=1e-12)
+    # The cell, step by step, likewise.
+    calls.clear()
+    cell = bnlstm_cuda.BNLSTMCell(4, 6, max_length=3, backend=backend, dtype=torch.float64)
+    reference_cell = bnlstm_cuda.BNLSTMCell(4, 6, max_length=3, backend="reference", dtype=torch.float64)
+    reference_cell.load_state_dict(cell.state_dict())
+    for step in range(2):
+        cell(x[step], step=step)
+        reference_cell(x[step], step=step)
+    assert len(calls) == (6 if compiled else 0)
+    for name, buffer in reference_cell.named_buffers():
+        torch.testing.assert_close(getattr(cell, name), buffer, rtol=1e-12, atol=1e-12)
 
 
 def test_half_precision_inputs_are_computed_in_float32():
