@@ -5,6 +5,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/core/LegacyTypeDispatch.h>
 
 #include <cstddef>
 #include <type_traits>
@@ -25,17 +26,20 @@ namespace bnlstm {
 // out [M, N] = a [M, K] @ op(weight), op(weight) [K, N] packed once at construction.
 class StepGemm {
  public:
-  // weight: [N, K] used transposed (transpose=true) or [K, N] as is; contiguous.
+  // weight: [N, K] used transposed (transpose=true) or [K, N] as is; rows contiguous
+  // (stride 1 along them), any row stride: a slice of columns packs without a copy.
   StepGemm(const at::Tensor& weight, bool transpose, int64_t rows)
       : weight_(weight), transpose_(transpose), m_(rows), n_(transpose ? weight.size(0) : weight.size(1)),
         k_(transpose ? weight.size(1) : weight.size(0)) {
+    TORCH_CHECK(weight.dim() == 2 && weight.stride(1) == 1, "StepGemm: weight rows must be contiguous, got strides ",
+                weight.strides());
     const bool mkl = cblas_sgemm_pack_get_size != nullptr && cblas_sgemm_pack != nullptr &&
                      cblas_sgemm_compute != nullptr;
     if (mkl && weight.scalar_type() == at::kFloat && weight.is_cpu() && m_ > 0) {
       const size_t bytes = cblas_sgemm_pack_get_size(kCblasBMatrix, m_, n_, k_);
       packed_ = at::empty({static_cast<int64_t>(bytes)}, weight.options().dtype(at::kByte));
       cblas_sgemm_pack(kCblasRowMajor, kCblasBMatrix, transpose ? kCblasTrans : kCblasNoTrans, m_, n_, k_, 1.0f,
-                       weight.data_ptr<float>(), weight.size(1), reinterpret_cast<float*>(packed_.data_ptr()));
+                       weight.data_ptr<float>(), weight.stride(0), reinterpret_cast<float*>(packed_.data_ptr()));
     }
   }
 
@@ -51,6 +55,10 @@ class StepGemm {
         return;
       }
     }
+    // Tasks of at::parallel_for run on threads without the caller's thread-local dispatch
+    // state: without this guard the product would meet autograd there (weight_ may be a
+    // view of a parameter).
+    const at::AutoDispatchBelowADInplaceOrView below_autograd;
     const auto options = weight_.options();
     at::Tensor result = at::from_blob(out, {m_, n_}, {ldc, 1}, options);
     at::mm_out(result, at::from_blob(const_cast<T*>(a), {m_, k_}, options), transpose_ ? weight_.t() : weight_);

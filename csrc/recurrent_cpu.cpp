@@ -665,7 +665,7 @@ void recurrent_backward_impl(const RecurrentBackwardArgs& args, RecurrentBackwar
   std::vector<StepGemm> recurrent_gemms;  // block k: grad_zh [B, 4H] @ W_hh[:, its units] -> [B, J]
   for (int64_t k = 0; k < product_blocks; ++k) {
     const int64_t j0 = product_bounds[k], J = product_bounds[k + 1] - j0;
-    recurrent_gemms.emplace_back(args.weight_hh.narrow(1, j0, J).contiguous(), /*transpose=*/false, B);
+    recurrent_gemms.emplace_back(args.weight_hh.narrow(1, j0, J), /*transpose=*/false, B);
   }
   at::Tensor grad_h_prev = at::empty({B, H}, out.grad_h.options());
   const ReserveLayout layout(H, flags);
