@@ -106,6 +106,10 @@ struct RecurrentBackwardOutputs {
   at::Tensor grad_gamma_c, grad_beta_c;  // [H] or undefined
 };
 
+// Blocks of hidden units the CPU recurrence splits a call over (one per thread, within
+// limits: recurrent_cpu.cpp); exposed for tests and diagnostics.
+int64_t cpu_hidden_block_count(int64_t steps, int64_t batch, int64_t hidden, int64_t threads);
+
 // Device parts, one pair per backend.
 void recurrent_forward_cpu(const RecurrentForwardArgs& args, RecurrentForwardOutputs& out,
                            const LayerFlags& flags);

@@ -311,17 +311,31 @@ class RecurrentForwardCPU {
 // computes its own columns of every step's GEMM (its slice of W_hh stays packed in its
 // core's cache) and then the fused pass over them, so zh never crosses cores and a step
 // costs one parallel region. Blocks are whole vectors wide and at least kMinBlockUnits
-// hidden units (or the whole layer).
+// hidden units (or the whole layer). A call with less recurrent work than kMinParallelFlops
+// runs as one block: a decoder calling a cell once per step (B=16, H=128: 2 MFLOP a call)
+// leaves the other threads asleep between calls, and waking them costs more than they save
+// (100 such calls: 17.5 ms on one thread, 24 to 30 ms on two, 2-core Xeon).
 constexpr int64_t kMinBlockUnits = 32;
+constexpr double kMinParallelFlops = 8e6;
 
 // Up to this hidden size the backward pass splits grad_zh W_hh over the blocks' columns
 // itself: measured on 2 cores (MKL 2024.2, AVX-512), 13 against MKL's 20 us a step at B=32,
 // H=128 and 24 against 33 at B=64, but 54 against 49 at B=32, H=256 and 5% slower above.
 constexpr int64_t kSplitProductMaxHidden = 128;
 
-std::vector<int64_t> hidden_blocks(int64_t hidden, int64_t threads) {
+}  // namespace
+
+int64_t cpu_hidden_block_count(int64_t steps, int64_t batch, int64_t hidden, int64_t threads) {
+  const double flops = 8.0 * double(steps) * double(batch) * double(hidden) * double(hidden);  // W_hh products
+  if (flops < kMinParallelFlops) return 1;
+  return std::max<int64_t>(1, std::min(threads, hidden / kMinBlockUnits));
+}
+
+namespace {
+
+std::vector<int64_t> hidden_blocks(int64_t steps, int64_t batch, int64_t hidden, int64_t threads) {
   const int64_t width = Vec<float>::size();  // whole vectors in float32, and so in float64
-  const int64_t count = std::max<int64_t>(1, std::min(threads, hidden / kMinBlockUnits));
+  const int64_t count = cpu_hidden_block_count(steps, batch, hidden, threads);
   std::vector<int64_t> bounds{0};
   for (int64_t k = 1; k < count; ++k) bounds.push_back((hidden * k / count + width / 2) / width * width);
   bounds.push_back(hidden);
@@ -334,7 +348,7 @@ void recurrent_forward_impl(const RecurrentForwardArgs& args, RecurrentForwardOu
   const int64_t T_ = args.input_projection.size(0), B = args.input_projection.size(1);
   const int64_t H = args.weight_hh.size(1);
   const RecurrentForwardCPU<T> kernel(args, flags, B, H);
-  const std::vector<int64_t> bounds = hidden_blocks(H, at::get_num_threads());
+  const std::vector<int64_t> bounds = hidden_blocks(T_, B, H, at::get_num_threads());
   const int64_t blocks = static_cast<int64_t>(bounds.size()) - 1;
   std::vector<StepGemm> gemms;  // block k: h [B, H] @ (its rows of W_hh)^T -> [B, 4J]
   std::vector<at::Tensor> zh;   // block k's [B, 4J]
@@ -658,7 +672,7 @@ void recurrent_backward_impl(const RecurrentBackwardArgs& args, RecurrentBackwar
   // grad_zh W_hh that follows it, up to H = kSplitProductMaxHidden, is split over the same
   // blocks' output columns (each reads all of grad_zh and its own slice of W_hh, packed
   // once); above, it is one call that MKL threads itself (splitting the reduction).
-  const std::vector<int64_t> bounds = hidden_blocks(H, at::get_num_threads());
+  const std::vector<int64_t> bounds = hidden_blocks(T_, B, H, at::get_num_threads());
   const int64_t blocks = static_cast<int64_t>(bounds.size()) - 1;
   const std::vector<int64_t> product_bounds = H <= kSplitProductMaxHidden ? bounds : std::vector<int64_t>{0, H};
   const int64_t product_blocks = static_cast<int64_t>(product_bounds.size()) - 1;

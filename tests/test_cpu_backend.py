@@ -65,6 +65,15 @@ def test_opcheck_layer_backward(variant, training):
         assert torch.equal(got, expected)
 
 
+def test_small_calls_run_as_one_block(threads):
+    """A call with little recurrent work (a decoder's cell step) stays on one thread; a long
+    sequence splits over the threads."""
+    threads(2)
+    assert torch.ops.bnlstm.cpu_hidden_blocks(1, 16, 128) == 1
+    assert torch.ops.bnlstm.cpu_hidden_blocks(100, 32, 128) == 2
+    assert torch.ops.bnlstm.cpu_hidden_blocks(100, 32, 48) == 1  # under two blocks of 32 units
+
+
 def test_input_without_grad_gives_the_same_parameter_gradients():
     """An input that does not require grad skips grad_x; the parameters' gradients are the
     same bits as when it does."""
@@ -177,13 +186,15 @@ def test_hidden_unit_blocks_match_the_paper(variant, threads):
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
+        # Enough work for the recurrence to split it (a small call runs as one block).
+        assert torch.ops.bnlstm.cpu_hidden_blocks(5, 21, 100) == threads
         torch.manual_seed(3)
         module = make_module(variant, input_size=6, hidden_size=100, num_layers=2, bidirectional=True, backend="cpu")
-        x = torch.randn(5, 7, 6, dtype=torch.float64)
+        x = torch.randn(5, 21, 6, dtype=torch.float64)
         for training in (True, False):
             # tol 1e-9: with H = 100 and gammas near 1 the gradients reach 1e2, and float64
             # rounding of the two implementations' different summation orders exceeds 1e-10.
-            assert_matches_paper(module, x, lengths=torch.tensor([5, 2, 4, 5, 3, 5, 1]), training=training,
+            assert_matches_paper(module, x, lengths=torch.tensor([5, 2, 4, 5, 3, 5, 1] * 3), training=training,
                                  tol=1e-9)
     finally:
         torch.set_num_threads(before)
@@ -197,12 +208,13 @@ def test_float32_hidden_unit_blocks(hidden_size, padded, threads):
     grad_h, straight or through a buffer where rows are padded), H = 150 makes it one call.
     Against the float64 module: relative error of float32 rounding, not of a wrong layout."""
     threads(2)
+    assert torch.ops.bnlstm.cpu_hidden_blocks(12, 9, hidden_size) == 2
     torch.manual_seed(5)
-    wide = BNLSTM(12, hidden_size, max_length=6, backend="reference", dtype=torch.float64)
-    narrow = BNLSTM(12, hidden_size, max_length=6, backend="cpu")
+    wide = BNLSTM(12, hidden_size, max_length=12, backend="reference", dtype=torch.float64)
+    narrow = BNLSTM(12, hidden_size, max_length=12, backend="cpu")
     narrow.load_state_dict({k: v.float() for k, v in wide.state_dict().items()})
-    x = torch.randn(6, 9, 12, dtype=torch.float64)
-    lengths = [6, 2, 5, 6, 4, 6, 3, 6, 5] if padded else None
+    x = torch.randn(12, 9, 12, dtype=torch.float64)
+    lengths = [12, 2, 5, 12, 4, 12, 3, 12, 5] if padded else None
     results = []
     for module, dtype in ((wide, torch.float64), (narrow, torch.float32)):
         x_in = x.to(dtype).detach().requires_grad_(True)
