@@ -96,7 +96,8 @@ struct RecurrentBackwardArgs {  // see ReserveLayout for what the backward pass 
 struct RecurrentBackwardOutputs {
   at::Tensor grad_h, grad_c;  // [B, H]: gradients of h_n, c_n on entry, of h_0, c_0 on exit
   at::Tensor grad_gates;      // [T, B, 4H] gradient of the gate pre-activations; undefined
-                              // on the CPU when grad_zh and grad_wx are buffers of their own
+                              // when grad_zh and grad_wx are buffers of their own (the
+                              // kernel keeps each step's in scratch)
   at::Tensor grad_zh;         // [T, B, 4H] gradient of W_hh h_{t-1} (aliases grad_gates
                               // when the recurrence is not normalized)
   at::Tensor grad_wx;         // [T, B, 4H] gradient of W_ih x_t, if step-wise input
@@ -105,10 +106,6 @@ struct RecurrentBackwardOutputs {
   at::Tensor grad_gamma_hh;   // [4H] or undefined
   at::Tensor grad_gamma_c, grad_beta_c;  // [H] or undefined
 };
-
-// Blocks of hidden units the CPU recurrence splits a call over (one per thread, within
-// limits: recurrent_cpu.cpp); exposed for tests and diagnostics.
-int64_t cpu_hidden_block_count(int64_t steps, int64_t batch, int64_t hidden, int64_t threads);
 
 // Device parts, one pair per backend.
 void recurrent_forward_cpu(const RecurrentForwardArgs& args, RecurrentForwardOutputs& out,

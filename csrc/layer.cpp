@@ -220,9 +220,9 @@ LayerBackwardResult layer_backward(
   const auto empty = [&x] { return at::empty({0}, x.options()); };
   out.grad_h = grad_h_n.contiguous().clone();
   out.grad_c = grad_c_n.contiguous().clone();
-  // grad_gates is needed after the recurrence only where grad_zh or grad_wx is it; the CPU
-  // kernel otherwise keeps each step's in its cache, the CUDA kernel needs it as scratch.
-  const bool keep_grad_gates = !normalize_recurrent || !step_input || !x.is_cpu();
+  // grad_gates is needed after the recurrence only where grad_zh or grad_wx is it; otherwise
+  // the device kernel keeps each step's gate gradients in scratch of its own.
+  const bool keep_grad_gates = !normalize_recurrent || !step_input;
   out.grad_gates = keep_grad_gates ? pooled_empty({T, B, G}, x.options()) : at::Tensor();
   out.grad_zh = normalize_recurrent ? pooled_empty({T, B, G}, x.options()) : out.grad_gates;
   out.grad_wx = step_input ? pooled_empty({T, B, G}, x.options()) : out.grad_gates;

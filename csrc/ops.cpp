@@ -8,7 +8,6 @@
 #include <atomic>
 #include <bitset>
 
-#include "bnlstm.h"
 #include "buffer_pool.h"
 
 TORCH_LIBRARY(bnlstm, m) {
@@ -48,12 +47,6 @@ TORCH_LIBRARY(bnlstm, m) {
   m.def("cpu_buffer_pool_statistics() -> int[]", [] { return bnlstm::BufferPool::instance().statistics(); });
   m.def("release_cpu_buffers() -> int",
         [] { return static_cast<int64_t>(bnlstm::BufferPool::instance().release()); });
-  // How many blocks of hidden units (threads) the CPU recurrence uses for a call of these
-  // sizes with torch's current thread count.
-  m.def("cpu_hidden_blocks(int steps, int batch, int hidden) -> int",
-        [](int64_t steps, int64_t batch, int64_t hidden) {
-          return bnlstm::cpu_hidden_block_count(steps, batch, hidden, at::get_num_threads());
-        });
   // How many threads an at::parallel_for compiled into this library runs on: torch's thread
   // count when the build is right, 1 when OpenMP was left out of a build that needs it.
   m.def("parallel_threads() -> int", [] {

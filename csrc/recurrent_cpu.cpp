@@ -19,6 +19,7 @@
 
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
+#include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
@@ -53,22 +54,15 @@ class Rows {
   int64_t stride_;
 };
 
-// Brings [p, p + count) towards this core's L2 cache ahead of use. A task's part of a
-// row is a few cache lines every few kilobytes, a pattern the hardware prefetchers do not
-// follow, so without this every row starts with a miss to memory.
-template <typename T>
+// Brings [p, p + count) towards this core's L2 cache ahead of use (kForWriting: owned,
+// ready for stores). A task's part of a row is a few cache lines every few kilobytes, a
+// pattern the hardware prefetchers do not follow, so without this every row starts with a
+// miss to memory.
+template <bool kForWriting = false, typename T>
 inline void prefetch_span(const T* p, int64_t count) {
   const char* begin = reinterpret_cast<const char*>(p);
   const char* end = reinterpret_cast<const char*>(p + count);
-  for (const char* line = begin; line < end; line += 64) __builtin_prefetch(line, 0, 2);
-}
-
-// The same for lines about to be written: fetched for ownership ahead of the stores.
-template <typename T>
-inline void prefetch_span_w(T* p, int64_t count) {
-  char* begin = reinterpret_cast<char*>(p);
-  char* end = reinterpret_cast<char*>(p + count);
-  for (char* line = begin; line < end; line += 64) __builtin_prefetch(line, 1, 2);
+  for (const char* line = begin; line < end; line += 64) __builtin_prefetch(line, kForWriting ? 1 : 0, 2);
 }
 
 // Mean and biased variance over the active rows of z[b * stride + 0 .. size).
@@ -215,10 +209,10 @@ class RecurrentForwardCPU {
       if (kKeep && s.next_reserve != nullptr) {
         T* next = s.next_reserve + b * W;
         for (int64_t g = 0; g < 4; ++g) {
-          if (flags_.normalize_recurrent) prefetch_span_w(next + layout_.zhat + g * H + j0, J);
-          prefetch_span_w(next + layout_.gates + g * H + j0, J);
+          if (flags_.normalize_recurrent) prefetch_span<true>(next + layout_.zhat + g * H + j0, J);
+          prefetch_span<true>(next + layout_.gates + g * H + j0, J);
         }
-        prefetch_span_w(next + layout_.c_new + j0, J);
+        prefetch_span<true>(next + layout_.c_new + j0, J);
       }
       for_each_vec<T>(J, [&](int64_t j, auto n) {
         Vec<T> pre[4];
@@ -323,19 +317,15 @@ constexpr double kMinParallelFlops = 8e6;
 // H=128 and 24 against 33 at B=64, but 54 against 49 at B=32, H=256 and 5% slower above.
 constexpr int64_t kSplitProductMaxHidden = 128;
 
-}  // namespace
-
-int64_t cpu_hidden_block_count(int64_t steps, int64_t batch, int64_t hidden, int64_t threads) {
+int64_t hidden_block_count(int64_t steps, int64_t batch, int64_t hidden, int64_t threads) {
   const double flops = 8.0 * double(steps) * double(batch) * double(hidden) * double(hidden);  // W_hh products
   if (flops < kMinParallelFlops) return 1;
   return std::max<int64_t>(1, std::min(threads, hidden / kMinBlockUnits));
 }
 
-namespace {
-
 std::vector<int64_t> hidden_blocks(int64_t steps, int64_t batch, int64_t hidden, int64_t threads) {
   const int64_t width = Vec<float>::size();  // whole vectors in float32, and so in float64
-  const int64_t count = cpu_hidden_block_count(steps, batch, hidden, threads);
+  const int64_t count = hidden_block_count(steps, batch, hidden, threads);
   std::vector<int64_t> bounds{0};
   for (int64_t k = 1; k < count; ++k) bounds.push_back((hidden * k / count + width / 2) / width * width);
   bounds.push_back(hidden);
@@ -418,7 +408,6 @@ struct StepBackward {
   const T* next_wx;
   const T* next_grad_output;
 };
-
 
 // Adds src[0, size) into dst.
 template <typename T>
@@ -755,6 +744,15 @@ void recurrent_backward_cpu(const RecurrentBackwardArgs& args, RecurrentBackward
                             const LayerFlags& flags) {
   AT_DISPATCH_FLOATING_TYPES(args.reserve.scalar_type(), "bnlstm_recurrent_backward_cpu",
                              [&] { recurrent_backward_impl<scalar_t>(args, out, flags); });
+}
+
+// How many blocks of hidden units (threads) this recurrence uses for a call of these sizes
+// with torch's current thread count: for tests and diagnostics.
+TORCH_LIBRARY_FRAGMENT(bnlstm, m) {
+  m.def("cpu_hidden_blocks(int steps, int batch, int hidden) -> int",
+        [](int64_t steps, int64_t batch, int64_t hidden) {
+          return hidden_block_count(steps, batch, hidden, at::get_num_threads());
+        });
 }
 
 }  // namespace bnlstm

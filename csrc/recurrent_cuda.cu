@@ -767,7 +767,13 @@ void recurrent_backward_impl(const RecurrentBackwardArgs& args, RecurrentBackwar
   const T* projection = any_input ? args.projection.data_ptr<T>() : nullptr;
   const bool* active = args.active.data_ptr<bool>();
   const int64_t* counts = args.counts.data_ptr<int64_t>();
-  T* grad_gates = out.grad_gates.data_ptr<T>();
+  // grad_gates is an output only where grad_zh or grad_wx is it (the host allocates it then);
+  // otherwise a step's gate gradients are scratch: one [B, 4H] buffer serves every step, as
+  // the steps run in order on the stream.
+  const bool keep_grad_gates = out.grad_gates.defined();
+  const at::Tensor gate_scratch = keep_grad_gates ? out.grad_gates : at::empty({B, G}, args.reserve.options());
+  T* grad_gates = gate_scratch.data_ptr<T>();
+  const int64_t grad_gates_step = keep_grad_gates ? B * G : 0;
   T* grad_zh = out.grad_zh.data_ptr<T>();
   T* grad_wx = step_input ? out.grad_wx.data_ptr<T>() : nullptr;
 
@@ -790,7 +796,7 @@ void recurrent_backward_impl(const RecurrentBackwardArgs& args, RecurrentBackwar
     s.var_hh = flags.normalize_recurrent ? args.var_hh.data_ptr<T>() + t * G : nullptr;
     s.mean_c = flags.normalize_cell ? args.mean_c.data_ptr<T>() + t * H : nullptr;
     s.var_c = flags.normalize_cell ? args.var_c.data_ptr<T>() + t * H : nullptr;
-    s.grad_gates = grad_gates + t * B * G;
+    s.grad_gates = grad_gates + t * grad_gates_step;
     s.grad_zh = grad_zh + t * B * G;
     s.grad_wx = step_input ? grad_wx + t * B * G : nullptr;
     switch_units(units, [&](auto units_constant) {
