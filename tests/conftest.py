@@ -41,3 +41,11 @@ def nan_filled_empty(monkeypatch):
 @pytest.fixture(autouse=True)
 def seeded():
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def threads():
+    """Set the intra-op thread count for a test (call it with the count), and restore it."""
+    before = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(before)

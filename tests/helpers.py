@@ -158,3 +158,30 @@ def op_arguments(variant, training, reverse, keep_reserve=True, T=4, B=3, I=2, H
         INPUT_STATISTICS[v.input_statistics], v.normalize_recurrent, v.normalize_cell, training, 1e-5,
         reverse, keep_reserve,
     )
+
+
+def float32_errors(variant, backend, *, hidden_size, batch, lengths, device="cpu"):
+    """How far float32 lands from float64 on one problem: a 2-layer bidirectional module
+    (I=16, max_length=10, the paper's initialisation) on x [12, batch, 16], loss
+    sum(output^2). Returns {name: (largest output error, largest input-gradient error)} for
+    `backend` and for the reference, both in float32 from the float64 module's state."""
+    make = lambda backend, dtype=torch.float32: bnlstm_cuda.BNLSTM(
+        16, hidden_size, 2, bidirectional=True, max_length=10, variant=variant, backend=backend, dtype=dtype,
+        device=device)
+    wide = make("reference", torch.float64)
+    state = wide.state_dict()
+    narrow = {name: make(name) for name in ("reference", backend)}
+    for module in narrow.values():
+        module.load_state_dict({k: v.float() for k, v in state.items()})
+    x = torch.randn(12, batch, 16, dtype=torch.float64, device=device)
+    x32 = x.float().requires_grad_(True)
+    x64 = x.clone().requires_grad_(True)
+    expected = wide(x64, lengths=lengths)[0]
+    expected.pow(2).sum().backward()
+    errors = {}
+    for name, module in narrow.items():
+        x32.grad = None
+        out = module(x32, lengths=lengths)[0]
+        out.pow(2).sum().backward()
+        errors[name] = ((out.double() - expected).abs().max().item(), (x32.grad.double() - x64.grad).abs().max().item())
+    return errors

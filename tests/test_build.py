@@ -226,17 +226,12 @@ def test_prebuilt_library_that_does_not_load_falls_back_to_the_cache(tmp_path, m
 
 @pytest.mark.skipif(not build.torch_uses_openmp(), reason="torch's parallel backend is not OpenMP")
 @pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="one CPU: nothing to run in parallel")
-def test_parallel_loops_of_the_extension_use_torchs_threads():
+def test_parallel_loops_of_the_extension_use_torchs_threads(threads):
     # at::parallel_for is inlined from torch's headers: a build without -fopenmp runs every
     # loop on one thread and nothing else notices (results are the same, only slower).
-    import torch
     from bnlstm_cuda import ops
 
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(2)
-        assert ops.parallel_threads() == 2
-        torch.set_num_threads(1)
-        assert ops.parallel_threads() == 1
-    finally:
-        torch.set_num_threads(threads)
+    threads(2)
+    assert ops.parallel_threads() == 2
+    threads(1)
+    assert ops.parallel_threads() == 1

@@ -12,7 +12,7 @@ import torch
 import bnlstm_cuda
 from bnlstm_cuda import BNLSTM, LayerParams, backends, get_variant
 from bnlstm_cuda.ops import bnlstm_layer_fused, ensure_loaded
-from helpers import make_module, op_arguments, scalar_loss
+from helpers import float32_errors, make_module, op_arguments, scalar_loss
 
 VARIANTS = ["cooijmans", "laurent_step", "laurent_sequence", "none"]
 
@@ -20,14 +20,6 @@ VARIANTS = ["cooijmans", "laurent_step", "laurent_sequence", "none"]
 @pytest.fixture(scope="module", autouse=True)
 def extension():
     ensure_loaded()
-
-
-@pytest.fixture
-def threads():
-    """Set the intra-op thread count for a test, and restore it."""
-    before = torch.get_num_threads()
-    yield torch.set_num_threads
-    torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -148,34 +140,14 @@ def test_float32_against_float64_reference(variant):
     twice that of the float32 reference (the plain PyTorch computation in float32)."""
     # The paper's initialisation (gamma 0.1): a well-conditioned problem, where rounding
     # differences are not amplified by near-zero batch variances.
-    wide = BNLSTM(16, 20, 2, bidirectional=True, max_length=10, variant=variant, backend="reference",
-                  dtype=torch.float64)
-    state = wide.state_dict()
-    narrow = {
-        backend: BNLSTM(16, 20, 2, bidirectional=True, max_length=10, variant=variant, backend=backend)
-        for backend in ("reference", "cpu")
-    }
-    for module in narrow.values():
-        module.load_state_dict({k: v.float() for k, v in state.items()})
-    x = torch.randn(12, 7, 16, dtype=torch.float64)
-    lengths = [12, 3, 7, 12, 1, 9, 10]
-    x32 = x.float().requires_grad_(True)
-    x64 = x.clone().requires_grad_(True)
-    expected = wide(x64, lengths=lengths)[0]
-    expected.pow(2).sum().backward()
-    errors = {}
-    for backend, module in narrow.items():
-        x32.grad = None
-        out = module(x32, lengths=lengths)[0]
-        out.pow(2).sum().backward()
-        errors[backend] = ((out.double() - expected).abs().max().item(), (x32.grad.double() - x64.grad).abs().max().item())
+    errors = float32_errors(variant, "cpu", hidden_size=20, batch=7, lengths=[12, 3, 7, 12, 1, 9, 10])
     for which in (0, 1):
         assert errors["cpu"][which] <= 2 * errors["reference"][which] + 1e-7, errors
 
 
-@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize("num_threads", [1, 3])
 @pytest.mark.parametrize("variant", ["cooijmans", "laurent_sequence"])
-def test_hidden_unit_blocks_match_the_paper(variant, threads):
+def test_hidden_unit_blocks_match_the_paper(variant, num_threads, threads):
     """With several threads, each step's fused passes are split into blocks of hidden units
     (at::parallel_for): H = 100 makes 1 or 3 blocks with ragged edges; both must match the
     paper, with padded steps, in both directions (at least
@@ -183,21 +155,17 @@ def test_hidden_unit_blocks_match_the_paper(variant, threads):
     rounding beyond 1e-10)."""
     from helpers import assert_matches_paper
 
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        # Enough work for the recurrence to split it (a small call runs as one block).
-        assert torch.ops.bnlstm.cpu_hidden_blocks(5, 21, 100) == threads
-        torch.manual_seed(3)
-        module = make_module(variant, input_size=6, hidden_size=100, num_layers=2, bidirectional=True, backend="cpu")
-        x = torch.randn(5, 21, 6, dtype=torch.float64)
-        for training in (True, False):
-            # tol 1e-9: with H = 100 and gammas near 1 the gradients reach 1e2, and float64
-            # rounding of the two implementations' different summation orders exceeds 1e-10.
-            assert_matches_paper(module, x, lengths=torch.tensor([5, 2, 4, 5, 3, 5, 1] * 3), training=training,
-                                 tol=1e-9)
-    finally:
-        torch.set_num_threads(before)
+    threads(num_threads)
+    # Enough work for the recurrence to split it (a small call runs as one block).
+    assert torch.ops.bnlstm.cpu_hidden_blocks(5, 21, 100) == num_threads
+    torch.manual_seed(3)
+    module = make_module(variant, input_size=6, hidden_size=100, num_layers=2, bidirectional=True, backend="cpu")
+    x = torch.randn(5, 21, 6, dtype=torch.float64)
+    for training in (True, False):
+        # tol 1e-9: with H = 100 and gammas near 1 the gradients reach 1e2, and float64
+        # rounding of the two implementations' different summation orders exceeds 1e-10.
+        assert_matches_paper(module, x, lengths=torch.tensor([5, 2, 4, 5, 3, 5, 1] * 3), training=training,
+                             tol=1e-9)
 
 
 @pytest.mark.parametrize("hidden_size", [100, 150])

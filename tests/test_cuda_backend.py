@@ -137,25 +137,8 @@ def test_float32_against_float64_reference(variant):
     """The float32 kernels' error against the float64 reference is at most about twice that of
     the float32 reference (plain PyTorch on the GPU in float32; TF32 off on both)."""
     torch.backends.cuda.matmul.allow_tf32 = False
-    wide = BNLSTM(16, 200, 2, bidirectional=True, max_length=10, variant=variant, backend="reference",
-                  dtype=torch.float64, device="cuda")
-    state = wide.state_dict()
-    narrow = {backend: BNLSTM(16, 200, 2, bidirectional=True, max_length=10, variant=variant, backend=backend,
-                              device="cuda") for backend in ("reference", "cuda")}
-    for module in narrow.values():
-        module.load_state_dict({k: v.float() for k, v in state.items()})
-    x = torch.randn(12, 70, 16, dtype=torch.float64, device="cuda")
-    lengths = torch.randint(1, 13, (70,))
-    x32 = x.float().requires_grad_(True)
-    x64 = x.clone().requires_grad_(True)
-    expected = wide(x64, lengths=lengths)[0]
-    expected.pow(2).sum().backward()
-    errors = {}
-    for backend, module in narrow.items():
-        x32.grad = None
-        out = module(x32, lengths=lengths)[0]
-        out.pow(2).sum().backward()
-        errors[backend] = ((out.double() - expected).abs().max().item(), (x32.grad.double() - x64.grad).abs().max().item())
+    errors = helpers.float32_errors(variant, "cuda", hidden_size=200, batch=70, lengths=torch.randint(1, 13, (70,)),
+                                    device="cuda")
     for which in (0, 1):
         assert errors["cuda"][which] <= 2 * errors["reference"][which] + 1e-6, errors
 

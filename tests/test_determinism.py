@@ -16,14 +16,6 @@ import bnlstm_cuda
 BACKENDS = ["reference", "cpu"]
 
 
-@pytest.fixture
-def threads():
-    """Set the intra-op thread count for a test, and restore it."""
-    before = torch.get_num_threads()
-    yield torch.set_num_threads
-    torch.set_num_threads(before)
-
-
 def training_run(backend, seed=0, steps=3, lr=0.01):
     """A few optimizer steps of a two-layer bidirectional module with dropout on a padded
     float32 batch; returns every output, gradient, parameter and buffer, in order."""

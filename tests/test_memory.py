@@ -27,13 +27,10 @@ def live_tensors():
 
 
 @pytest.fixture
-def one_thread():
+def one_thread(threads):
     """One intra-op thread: thousands of small parallel regions per run slow down a
     hundredfold when other processes oversubscribe the cores; a leak does not depend on it."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    threads(1)
 
 
 @pytest.mark.skipif(not STATUS.exists(), reason="needs /proc/self/status (Linux)")
