@@ -15,6 +15,7 @@
 // The backward pass mirrors it, one fused pass per step plus the GEMM for dh_{t-1}.
 #include "bnlstm.h"
 #include "packed_gemm.h"
+#include "step_loop.h"
 #include "vec_math.h"
 
 #include <ATen/Parallel.h>
@@ -23,6 +24,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <type_traits>
 #include <vector>
 
@@ -63,6 +65,28 @@ inline void prefetch_span(const T* p, int64_t count) {
   const char* begin = reinterpret_cast<const char*>(p);
   const char* end = reinterpret_cast<const char*>(p + count);
   for (const char* line = begin; line < end; line += 64) __builtin_prefetch(line, kForWriting ? 1 : 0, 2);
+}
+
+// Stores v at p bypassing the caches where it can (a whole float vector at an aligned
+// address), else as usual. For results written once and read only after the recurrence,
+// by the weight-gradient GEMMs: cached, each line would first be read in and would then
+// evict step data the recurrence still reads.
+template <typename T, typename Count>
+inline void store_streaming(const Vec<T>& v, T* p, Count n) {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  constexpr int64_t width = Vec<float>::size();
+  if constexpr (std::is_same<T, float>::value && std::is_same<Count, std::integral_constant<int64_t, width>>::value) {
+    if (reinterpret_cast<uintptr_t>(p) % (width * sizeof(float)) == 0) {
+#if defined(CPU_CAPABILITY_AVX512)
+      _mm512_stream_ps(p, v);
+#else
+      _mm256_stream_ps(p, v);
+#endif
+      return;
+    }
+  }
+#endif
+  v.store(p, n);
 }
 
 // Mean and biased variance over the active rows of z[b * stride + 0 .. size).
@@ -312,10 +336,8 @@ class RecurrentForwardCPU {
 constexpr int64_t kMinBlockUnits = 32;
 constexpr double kMinParallelFlops = 8e6;
 
-// Up to this hidden size the backward pass splits grad_zh W_hh over the blocks' columns
-// itself: measured on 2 cores (MKL 2024.2, AVX-512), 13 against MKL's 20 us a step at B=32,
-// H=128 and 24 against 33 at B=64, but 54 against 49 at B=32, H=256 and 5% slower above.
-constexpr int64_t kSplitProductMaxHidden = 128;
+// See stream_grads in recurrent_backward_impl.
+constexpr int64_t kStreamingStoreMinBytes = int64_t(4) << 20;
 
 int64_t hidden_block_count(int64_t steps, int64_t batch, int64_t hidden, int64_t threads) {
   const double flops = 8.0 * double(steps) * double(batch) * double(hidden) * double(hidden);  // W_hh products
@@ -359,7 +381,7 @@ void recurrent_forward_impl(const RecurrentForwardArgs& args, RecurrentForwardOu
       mean_ih(out.mean_ih, step_input), var_ih(out.var_ih, step_input),
       mean_hh(out.mean_hh, flags.normalize_recurrent), var_hh(out.var_hh, flags.normalize_recurrent),
       mean_c(out.mean_c, flags.normalize_cell), var_c(out.var_c, flags.normalize_cell);
-  for (int64_t t = 0; t < T_; ++t) {
+  run_steps(T_, blocks, [&](int64_t t, int64_t k) {
     const StepForward<T> step{
         projection[t], active + t * B, counts[t], flags.start_step + t,
         h_buffers[t % 2].data_ptr<T>(), h_buffers[(t + 1) % 2].data_ptr<T>(), out.c.data_ptr<T>(), output[t],
@@ -367,18 +389,14 @@ void recurrent_forward_impl(const RecurrentForwardArgs& args, RecurrentForwardOu
         t + 1 < T_ ? projection[t + 1] : nullptr,
         t + 1 < T_ ? reserve[t + 1] : nullptr,
     };
-    at::parallel_for(0, blocks, 1, [&](int64_t k0, int64_t k1) {
-      for (int64_t k = k0; k < k1; ++k) {
-        T* block_zh = zh[k].data_ptr<T>();
-        gemms[k].run(step.h_prev, block_zh);
-        if (keep) {
-          kernel.template run<true>(step, block_zh, bounds[k], bounds[k + 1]);
-        } else {
-          kernel.template run<false>(step, block_zh, bounds[k], bounds[k + 1]);
-        }
-      }
-    });
-  }
+    T* block_zh = zh[k].data_ptr<T>();
+    gemms[k].run(step.h_prev, block_zh);
+    if (keep) {
+      kernel.template run<true>(step, block_zh, bounds[k], bounds[k + 1]);
+    } else {
+      kernel.template run<false>(step, block_zh, bounds[k], bounds[k + 1]);
+    }
+  });
   if (T_ % 2 == 1) out.h.copy_(h_buffers[1]);
 }
 
@@ -403,6 +421,7 @@ struct StepBackward {
   T* grad_gates;     // gradient of the gate pre-activations, or null: not an output
   T* grad_zh;        // gradient of W_hh h_{t-1}, if normalize_recurrent (else grad_gates)
   T* grad_wx;        // gradient of W_ih x_t, if step-wise input (else written by the host)
+  bool stream_grads;  // store grad_zh and grad_wx past the caches (store_streaming)
   // The step processed next (t - 1), whose rows this step prefetches; null at t = 0.
   const T* next_reserve;
   const T* next_wx;
@@ -437,7 +456,11 @@ class RecurrentBackwardCPU {
   // Batch-norm backward needs column sums over all rows before any row's result, hence the
   // passes. Accumulates the bias, gamma and beta gradients of these units' columns (no other
   // task touches them). Padded rows carry zero gate gradients.
-  void run(const StepBackward<T>& s, int64_t j0, int64_t j1) const {
+  //
+  // dy, dz: the block's [B, 4J] buffers (gate-major, as zh in the forward pass) for the gate
+  // gradients and the gradient of its columns of W_hh h_{t-1}, the operand of its share of
+  // grad_zh W_hh; dz is dy when the recurrence is not normalized.
+  void run(const StepBackward<T>& s, int64_t j0, int64_t j1, T* dy, T* dz) const {
     const int64_t H = hidden_, G = 4 * hidden_, B = batch_, W = layout_.width, J = j1 - j0;
     const T eps = T(flags_.eps);
     const Vec<T> one(T(1)), zero(T(0));
@@ -475,12 +498,13 @@ class RecurrentBackwardCPU {
         }
       });
     }
-    // The gate gradients dy of this step: in grad_gates where that is an output, else in a
-    // task-local [B, 4J] buffer that stays in this core's cache (no memory round trip).
-    std::vector<T> local_dy(s.grad_gates == nullptr ? B * 4 * J : 0);
-    T* const dy_base = s.grad_gates != nullptr ? s.grad_gates + j0 : local_dy.data();
-    const int64_t dy_row = s.grad_gates != nullptr ? G : 4 * J, dy_gate = s.grad_gates != nullptr ? H : J;
-    const auto dy_at = [&](int64_t b, int64_t g) { return dy_base + b * dy_row + g * dy_gate; };
+    // The gate gradients dy of this step, in the block's own [B, 4J] buffer (it stays in this
+    // core's cache), and in grad_gates where that is an output.
+    const auto dy_at = [&](int64_t b, int64_t g) { return dy + b * 4 * J + g * J; };
+    const auto store_dy = [&](int64_t b, int64_t g, int64_t j, auto n, const Vec<T>& value) {
+      value.store(dy_at(b, g) + j, n);
+      if (s.grad_gates != nullptr) value.store(s.grad_gates + b * G + g * H + j0 + j, n);
+    };
     // Column sums of each gate's gradient dy, of dy * zhat and of dy * xhat.
     std::vector<T> sum_dy(4 * J, T(0)), sum_dy_zhat(4 * J, T(0)), sum_dy_xhat(4 * J, T(0));
     const auto xhat_at = [&](int64_t b, int64_t g, int64_t j, auto n) {
@@ -526,7 +550,7 @@ class RecurrentBackwardCPU {
             active ? Vec<T>::loadu(s.grad_output + b * H + unit, n) + Vec<T>::loadu(s.grad_h + b * H + unit, n) : zero;
         const Vec<T> o = Vec<T>::loadu(rs + layout_.gates + 3 * H + unit, n);
         const Vec<T> grad_o = grad_h_new * tanh * o * (one - o);
-        grad_o.store(dy_at(b, 3) + j, n);
+        store_dy(b, 3, j, n, grad_o);
         accumulate(b, 3, j, n, grad_o);
         const Vec<T> grad = grad_h_new * o * (one - tanh * tanh);
         grad.store(grad_seen.data() + b * J + j, n);
@@ -572,9 +596,9 @@ class RecurrentBackwardCPU {
         const Vec<T> grad_i = dc * g * i * (one - i);
         const Vec<T> grad_f = dc * c_prev * f * (one - f);
         const Vec<T> grad_g = dc * i * (one - g * g);
-        grad_i.store(dy_at(b, 0) + j, n);
-        grad_f.store(dy_at(b, 1) + j, n);
-        grad_g.store(dy_at(b, 2) + j, n);
+        store_dy(b, 0, j, n, grad_i);
+        store_dy(b, 1, j, n, grad_f);
+        store_dy(b, 2, j, n, grad_g);
         accumulate(b, 0, j, n, grad_i);
         accumulate(b, 1, j, n, grad_f);
         accumulate(b, 2, j, n, grad_g);
@@ -592,6 +616,13 @@ class RecurrentBackwardCPU {
     }
     if (!recurrent && !step_input) return;
 
+    const auto store_grad = [&](const Vec<T>& value, T* p, auto n) {
+      if (s.stream_grads) {
+        store_streaming(value, p, n);
+      } else {
+        value.store(p, n);
+      }
+    };
     // Pass 3: the recurrent and the step-wise input normalizations receive the same upstream
     // gradient dy = d gates. Training: dz = gamma * rstd * (dy - mean(dy) - zhat * mean(dy *
     // zhat)) on active rows; evaluation: dz = gamma * rstd * dy. Padded rows get 0.
@@ -605,6 +636,7 @@ class RecurrentBackwardCPU {
           if (recurrent) std::fill_n(s.grad_zh + b * G + g * H + j0, J, T(0));
           if (step_input) std::fill_n(s.grad_wx + b * G + g * H + j0, J, T(0));
         }
+        if (recurrent) std::fill_n(dz + b * 4 * J, 4 * J, T(0));
         continue;
       }
       for (int64_t g = 0; g < 4; ++g) {
@@ -619,16 +651,21 @@ class RecurrentBackwardCPU {
               const Vec<T> zhat = Vec<T>::loadu(rs + layout_.zhat + k0 + j, n);
               grad = grad - zhat * Vec<T>::loadu(sum_dy_zhat.data() + u, n) * inv_count;
             }
-            (grad * Vec<T>::loadu(rec_scale.data() + u, n)).store(s.grad_zh + b * G + k0 + j, n);
+            grad = grad * Vec<T>::loadu(rec_scale.data() + u, n);
+            store_grad(grad, s.grad_zh + b * G + k0 + j, n);
+            grad.store(dz + b * 4 * J + u, n);
           }
           if (step_input) {
             Vec<T> grad = centred_dy;
             if (training) grad = grad - xhat_at(b, g, j, n) * Vec<T>::loadu(sum_dy_xhat.data() + u, n) * inv_count;
-            (grad * Vec<T>::loadu(in_scale.data() + u, n)).store(s.grad_wx + b * G + k0 + j, n);
+            store_grad(grad * Vec<T>::loadu(in_scale.data() + u, n), s.grad_wx + b * G + k0 + j, n);
           }
         });
       }
     }
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+    if (s.stream_grads) _mm_sfence();  // streaming stores are weakly ordered: done before the step ends
+#endif
   }
  private:
   static const T* data_or_null(const at::Tensor& t) { return t.defined() ? t.data_ptr<T>() : nullptr; }
@@ -657,31 +694,52 @@ void recurrent_backward_impl(const RecurrentBackwardArgs& args, RecurrentBackwar
   const bool* active = args.active.data_ptr<bool>();
   const int64_t* counts = args.counts.data_ptr<int64_t>();
   const bool step_input = flags.input_statistics == kInputStep;
-  // The same hidden-unit blocks as the forward pass for the fused pass. The product
-  // grad_zh W_hh that follows it, up to H = kSplitProductMaxHidden, is split over the same
-  // blocks' output columns (each reads all of grad_zh and its own slice of W_hh, packed
-  // once); above, it is one call that MKL threads itself (splitting the reduction).
+  // The same hidden-unit blocks as the forward pass. After its fused pass a block multiplies
+  // its own columns of grad_zh (still in its cache) by its rows of W_hh, packed once: a
+  // partial gradient of h_{t-1} over all H units, one per block. The next step's task of a
+  // block first sums its units' columns of every partial into grad_h. The products split
+  // the reduction, so they need no barrier after the fused pass and grad_zh never crosses
+  // cores.
   const std::vector<int64_t> bounds = hidden_blocks(T_, B, H, at::get_num_threads());
   const int64_t blocks = static_cast<int64_t>(bounds.size()) - 1;
-  const std::vector<int64_t> product_bounds = H <= kSplitProductMaxHidden ? bounds : std::vector<int64_t>{0, H};
-  const int64_t product_blocks = static_cast<int64_t>(product_bounds.size()) - 1;
-  std::vector<StepGemm> recurrent_gemms;  // block k: grad_zh [B, 4H] @ W_hh[:, its units] -> [B, J]
-  for (int64_t k = 0; k < product_blocks; ++k) {
-    const int64_t j0 = product_bounds[k], J = product_bounds[k + 1] - j0;
-    recurrent_gemms.emplace_back(args.weight_hh.narrow(1, j0, J), /*transpose=*/false, B);
+  const at::Tensor weight_by_gate = args.weight_hh.view({4, H, H});
+  std::vector<StepGemm> gemms;  // block k: dz [B, 4J] @ (its rows of W_hh) [4J, H] -> [B, H]
+  std::vector<at::Tensor> scratch;  // block k: dy and dz, [2, B, 4J]
+  for (int64_t k = 0; k < blocks; ++k) {
+    const int64_t J = bounds[k + 1] - bounds[k];
+    gemms.emplace_back(weight_by_gate.narrow(1, bounds[k], J).reshape({4 * J, H}).contiguous(), /*transpose=*/false, B);
+    scratch.push_back(at::empty({2, B, 4 * J}, out.grad_h.options()));
   }
-  at::Tensor grad_h_prev = at::empty({B, H}, out.grad_h.options());
+  // grad_zh and grad_wx bypass the caches once they outgrow a core's L2 (2-core Xeon, T=100:
+  // 9% off the training step at B=64, H=256, 26 MB each; no change at B=32, H=128, 6.5 MB).
+  const bool stream_grads = out.grad_zh.nbytes() >= kStreamingStoreMinBytes;
+  // Partial gradients of h_{t-1}, [2, blocks, B, H]: step t writes slot t % 2 while the
+  // tasks of step t still read the previous step's slot.
+  const at::Tensor partials = at::empty({2, blocks, B, H}, out.grad_h.options());
   const ReserveLayout layout(H, flags);
   const int64_t width = layout.width;
   const bool any_input = flags.input_statistics != kInputNone;
   const T* reserve = args.reserve.data_ptr<T>();
   const T* c0 = args.c0.data_ptr<T>();
+  T* const grad_h = out.grad_h.data_ptr<T>();
   const Rows<T> grad_output(args.grad_output, true), projection(args.projection, any_input),
       mean_ih(args.mean_ih, any_input), var_ih(args.var_ih, any_input),
       var_hh(args.var_hh, flags.normalize_recurrent), mean_c(args.mean_c, flags.normalize_cell),
       var_c(args.var_c, flags.normalize_cell), grad_gates(out.grad_gates, out.grad_gates.defined()),
-      grad_zh(out.grad_zh, true), grad_wx(out.grad_wx, step_input);
-  for (int64_t t = T_ - 1; t >= 0; --t) {
+      grad_zh(out.grad_zh, true), grad_wx(out.grad_wx, step_input), partial_slots(partials, true);
+  // grad_h[:, j0 + J) = the sum of the partials of step t (processing order), on the rows
+  // active at step t; padded rows pass their gradient through unchanged.
+  const auto gather_grad_h = [&](int64_t t, int64_t j0, int64_t J) {
+    const T* slot = partial_slots[t % 2];
+    for (int64_t b = 0; b < B; ++b) {
+      if (!active[t * B + b]) continue;
+      T* dst = grad_h + b * H + j0;
+      std::copy_n(slot + b * H + j0, J, dst);
+      for (int64_t k = 1; k < blocks; ++k) add_into(dst, slot + (k * B + b) * H + j0, J);
+    }
+  };
+  run_steps(T_, blocks, [&](int64_t i, int64_t k) {
+    const int64_t t = T_ - 1 - i;
     // The sequence-wise input statistics have one row for every step.
     const int64_t input_row = flags.input_statistics == kInputSequence ? 0 : t;
     const StepBackward<T> step{
@@ -697,39 +755,24 @@ void recurrent_backward_impl(const RecurrentBackwardArgs& args, RecurrentBackwar
         var_hh[t],
         mean_c[t],
         var_c[t],
-        out.grad_h.data_ptr<T>(),
+        grad_h,
         out.grad_c.data_ptr<T>(),
         grad_gates[t],
         grad_zh[t],
         grad_wx[t],
+        stream_grads,
         t > 0 ? reserve + (t - 1) * B * width : nullptr,
         t > 0 ? projection[t - 1] : nullptr,
         t > 0 ? grad_output[t - 1] : nullptr,
     };
-    at::parallel_for(0, blocks, 1, [&](int64_t k0, int64_t k1) {
-      for (int64_t k = k0; k < k1; ++k) kernel.run(step, bounds[k], bounds[k + 1]);
-    });
-    // Gradient of h_{t-1}: through W_hh for active rows, straight through for padded ones
-    // (with every row active, the product goes straight into grad_h).
-    T* grad_h = out.grad_h.data_ptr<T>();
-    const bool all_active = counts[t] == B;
-    T* product = all_active ? grad_h : grad_h_prev.data_ptr<T>();
-    const auto product_columns = [&](int64_t k) {
-      const int64_t j0 = product_bounds[k], J = product_bounds[k + 1] - j0;
-      recurrent_gemms[k].run(grad_zh[t], product + j0, H);
-      if (all_active) return;
-      for (int64_t b = 0; b < B; ++b) {
-        if (active[t * B + b]) std::copy_n(product + b * H + j0, J, grad_h + b * H + j0);
-      }
-    };
-    if (product_blocks == 1) {
-      product_columns(0);  // outside a parallel region: MKL may use every thread
-    } else {
-      at::parallel_for(0, product_blocks, 1, [&](int64_t k0, int64_t k1) {
-        for (int64_t k = k0; k < k1; ++k) product_columns(k);
-      });
-    }
-  }
+    const int64_t j0 = bounds[k], J = bounds[k + 1] - j0;
+    if (t + 1 < T_) gather_grad_h(t + 1, j0, J);
+    T* dy = scratch[k].data_ptr<T>();
+    T* dz = flags.normalize_recurrent ? dy + B * 4 * J : dy;
+    kernel.run(step, j0, bounds[k + 1], dy, dz);
+    gemms[k].run(dz, partial_slots[t % 2] + k * B * H);
+  });
+  if (T_ > 0) gather_grad_h(0, 0, H);  // the gradient of h_0
 }
 
 }  // namespace

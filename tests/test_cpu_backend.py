@@ -168,21 +168,29 @@ def test_hidden_unit_blocks_match_the_paper(variant, num_threads, threads):
                              tol=1e-9)
 
 
-@pytest.mark.parametrize("hidden_size", [100, 150])
+# (steps, batch, hidden): ragged blocks of hidden units; the last one's gradient buffers
+# grad_zh and grad_wx [T, B, 4H] reach 4 MB, from where the backward pass stores them past
+# the caches (kStreamingStoreMinBytes in recurrent_cpu.cpp), at aligned and unaligned columns.
+BLOCK_SHAPES = [(12, 9, 100), (12, 9, 150), (64, 33, 130)]
+
+
+@pytest.mark.parametrize("steps, batch, hidden_size", BLOCK_SHAPES, ids=["H100", "H150", "streamed"])
 @pytest.mark.parametrize("padded", [False, True], ids=["full", "padded"])
-def test_float32_hidden_unit_blocks(hidden_size, padded, threads):
-    """float32 takes MKL's packed path for the step products: with 2 threads, H = 100 splits
-    the backward product grad_zh W_hh over the blocks' columns (writing strided rows of
-    grad_h, straight or through a buffer where rows are padded), H = 150 makes it one call.
+def test_float32_hidden_unit_blocks(steps, batch, hidden_size, padded, threads):
+    """float32 takes MKL's packed path for the step products: with 2 threads each block
+    multiplies its own columns of grad_zh by its rows of W_hh and the next step sums the
+    blocks' partial products into grad_h (on active rows; padded ones pass theirs through).
     Against the float64 module: relative error of float32 rounding, not of a wrong layout."""
     threads(2)
-    assert torch.ops.bnlstm.cpu_hidden_blocks(12, 9, hidden_size) == 2
+    assert torch.ops.bnlstm.cpu_hidden_blocks(steps, batch, hidden_size) == 2
+    if hidden_size == 130:
+        assert steps * batch * 4 * hidden_size * 4 >= 4 << 20
     torch.manual_seed(5)
-    wide = BNLSTM(12, hidden_size, max_length=12, backend="reference", dtype=torch.float64)
-    narrow = BNLSTM(12, hidden_size, max_length=12, backend="cpu")
+    wide = BNLSTM(12, hidden_size, max_length=steps, backend="reference", dtype=torch.float64)
+    narrow = BNLSTM(12, hidden_size, max_length=steps, backend="cpu")
     narrow.load_state_dict({k: v.float() for k, v in wide.state_dict().items()})
-    x = torch.randn(12, 9, 12, dtype=torch.float64)
-    lengths = [12, 2, 5, 12, 4, 12, 3, 12, 5] if padded else None
+    x = torch.randn(steps, batch, 12, dtype=torch.float64)
+    lengths = [steps if b % 3 == 0 else 1 + (5 * b) % steps for b in range(batch)] if padded else None
     results = []
     for module, dtype in ((wide, torch.float64), (narrow, torch.float32)):
         x_in = x.to(dtype).detach().requires_grad_(True)
