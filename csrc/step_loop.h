@@ -41,8 +41,12 @@ constexpr std::chrono::microseconds kTakeOverAfter{50};
 // nobody has started: the loop completes however many threads the region really runs (one,
 // when it is nested in another region) and in whatever order they start. An exception in a
 // task stops every thread and reaches the caller.
-template <typename Task>
-void run_steps(int64_t steps, int64_t blocks, const Task& task) {
+//
+// launch(count, body) must call body(begin, end) on ranges that cover [0, count) once; by
+// default at::parallel_for with grain 1 (tests pass launchers that start the ranges one
+// after another).
+template <typename Task, typename Launch>
+void run_steps(int64_t steps, int64_t blocks, const Task& task, const Launch& launch) {
   if (blocks == 1) {
     for (int64_t step = 0; step < steps; ++step) task(step, 0);
     return;
@@ -52,7 +56,7 @@ void run_steps(int64_t steps, int64_t blocks, const Task& task) {
   for (int64_t k = 0; k < blocks; ++k) next_step[k].store(0, std::memory_order_relaxed);
   std::atomic<int64_t> finished{0};  // tasks finished, over all steps
   std::atomic<bool> failed{false};
-  at::parallel_for(0, blocks, 1, [&](int64_t k0, int64_t k1) {
+  launch(blocks, [&](int64_t k0, int64_t k1) {
     const auto try_run = [&](int64_t step, int64_t k) {
       int64_t expected = step;
       if (!next_step[k].compare_exchange_strong(expected, step + 1, std::memory_order_acq_rel)) return;
@@ -81,6 +85,11 @@ void run_steps(int64_t steps, int64_t blocks, const Task& task) {
       }
     }
   });
+}
+
+template <typename Task>
+void run_steps(int64_t steps, int64_t blocks, const Task& task) {
+  run_steps(steps, blocks, task, [](int64_t count, const auto& body) { at::parallel_for(0, count, 1, body); });
 }
 
 }  // namespace bnlstm
