@@ -217,14 +217,45 @@ class RecurrentForwardCPU {
       }
       if (bias_ != nullptr) std::copy_n(bias_ + k0, J, bias.data() + g * J);
     }
+    // The cell's statistics: in evaluation the running ones, known before the pass, so h
+    // is written in the same pass as the gates; in training the batch's, over every row's
+    // new cell, so h takes a second pass.
+    const bool one_pass = !flags_.training;
+    ColumnStats<T> cell(J);
+    std::vector<T> cell_beta(J, T(0));
+    const auto cell_statistics = [&](const T* c_new) {
+      if (!flags_.normalize_cell) return;
+      const int64_t row = std::min(s.step, slots_c_ - 1) * H + j0;
+      cell.normalize_with(c_new, J, B, s.active, s.count, flags_.training ? nullptr : running_mean_c_ + row,
+                          flags_.training ? nullptr : running_var_c_ + row, gamma_c_ + j0, eps, 0, J,
+                          s.mean_c + j0, s.var_c + j0);
+      std::copy_n(beta_c_ + j0, J, cell_beta.data());
+    };
+    // h = o * tanh(BN(c)), and the state and output of row b; padded steps give zero output
+    // and leave the state alone.
+    const auto write_h = [&](int64_t b, int64_t j, auto n, const Vec<T>& value, const Vec<T>& o) {
+      // Centred before scaling, as the gates below.
+      const Vec<T> seen = at::vec::fmadd(value - Vec<T>::loadu(cell.mean.data() + j, n),
+                                         Vec<T>::loadu(cell.scale.data() + j, n), Vec<T>::loadu(cell_beta.data() + j, n));
+      const Vec<T> h_new = o * fast_tanh(seen);
+      if (s.active[b]) {
+        h_new.store(s.h_next + b * H + j0 + j, n);
+        value.store(s.c + b * H + j0 + j, n);
+        h_new.store(s.output + b * H + j0 + j, n);
+      } else {
+        Vec<T>::loadu(s.h_prev + b * H + j0 + j, n).store(s.h_next + b * H + j0 + j, n);
+        Vec<T>(T(0)).store(s.output + b * H + j0 + j, n);
+      }
+    };
+    if (one_pass) cell_statistics(nullptr);
+
     // gates = (W_ih x - mean_in) * scale_in + (W_hh h - mean_rec) * scale_rec + bias, with
     // scale = gamma * rstd. Centred before scaling: folding the means into one shift
     // (x * scale + (bias - mean * scale)) cancels catastrophically when the batch spread is
     // small against the mean (few active sequences), where scale is large.
-
     // Gates and the new cell for every row (padded rows too: their values stay finite and
     // the backward pass multiplies them by zero).
-    std::vector<T> c_new(B * J), out_gate(kKeep ? 0 : B * J);
+    std::vector<T> c_new(one_pass ? 0 : B * J), out_gate(one_pass || kKeep ? 0 : B * J);
     for (int64_t b = 0; b < B; ++b) {
       T* rs = kKeep ? s.reserve + b * W : nullptr;
       if (s.next_wx != nullptr) {
@@ -255,52 +286,32 @@ class RecurrentForwardCPU {
         }
         const Vec<T> i = sigmoid(pre[0]), f = sigmoid(pre[1]), g = fast_tanh(pre[2]), o = sigmoid(pre[3]);
         const Vec<T> c_prev = Vec<T>::loadu(s.c + b * H + j0 + j, n);
-        const Vec<T> cell = at::vec::fmadd(f, c_prev, i * g);
-        cell.store(c_new.data() + b * J + j, n);
+        const Vec<T> value = at::vec::fmadd(f, c_prev, i * g);
         if (kKeep) {
           i.store(rs + layout_.gates + 0 * H + j0 + j, n);
           f.store(rs + layout_.gates + 1 * H + j0 + j, n);
           g.store(rs + layout_.gates + 2 * H + j0 + j, n);
           o.store(rs + layout_.gates + 3 * H + j0 + j, n);
-          cell.store(rs + layout_.c_new + j0 + j, n);
+          value.store(rs + layout_.c_new + j0 + j, n);
+        }
+        if (one_pass) {
+          write_h(b, j, n, value, o);
         } else {
-          o.store(out_gate.data() + b * J + j, n);
+          value.store(c_new.data() + b * J + j, n);
+          if (!kKeep) o.store(out_gate.data() + b * J + j, n);
         }
       });
     }
+    if (one_pass) return;
 
-    // Cell statistics over the active rows, then h.
-    ColumnStats<T> cell(J);
-    std::vector<T> cell_beta(J, T(0));
-    if (flags_.normalize_cell) {
-      const int64_t row = std::min(s.step, slots_c_ - 1) * H + j0;
-      cell.normalize_with(c_new.data(), J, B, s.active, s.count,
-                          flags_.training ? nullptr : running_mean_c_ + row,
-                          flags_.training ? nullptr : running_var_c_ + row, gamma_c_ + j0, eps, 0, J,
-                          s.mean_c + j0, s.var_c + j0);
-      std::copy_n(beta_c_ + j0, J, cell_beta.data());
-    }
+    // Training: the cell's batch statistics over the active rows, then h.
+    cell_statistics(c_new.data());
     for (int64_t b = 0; b < B; ++b) {
-      T* rs = kKeep ? s.reserve + b * W : nullptr;
-      const bool active = s.active[b];
+      const T* rs = kKeep ? s.reserve + b * W : nullptr;
       for_each_vec<T>(J, [&](int64_t j, auto n) {
-        const Vec<T> value = Vec<T>::loadu(c_new.data() + b * J + j, n);
-        // Centred before scaling, as the gates above.
-        const Vec<T> seen = at::vec::fmadd(value - Vec<T>::loadu(cell.mean.data() + j, n),
-                                           Vec<T>::loadu(cell.scale.data() + j, n), Vec<T>::loadu(cell_beta.data() + j, n));
-        const Vec<T> tanh_c = fast_tanh(seen);
         const Vec<T> o = kKeep ? Vec<T>::loadu(rs + layout_.gates + 3 * H + j0 + j, n)
                                : Vec<T>::loadu(out_gate.data() + b * J + j, n);
-        const Vec<T> h_new = o * tanh_c;
-        // Padded steps give zero output and leave the state alone.
-        if (active) {
-          h_new.store(s.h_next + b * H + j0 + j, n);
-          value.store(s.c + b * H + j0 + j, n);
-          h_new.store(s.output + b * H + j0 + j, n);
-        } else {
-          Vec<T>::loadu(s.h_prev + b * H + j0 + j, n).store(s.h_next + b * H + j0 + j, n);
-          Vec<T>(T(0)).store(s.output + b * H + j0 + j, n);
-        }
+        write_h(b, j, n, Vec<T>::loadu(c_new.data() + b * J + j, n), o);
       });
     }
   }
