@@ -90,6 +90,10 @@ struct RecurrentBackwardArgs {  // see ReserveLayout for what the backward pass 
   at::Tensor var_hh;           // [T, 4H], if normalize_recurrent
   at::Tensor mean_c, var_c;    // [T, H], if normalize_cell
   at::Tensor reserve;          // [T, B, width]
+  // For a kernel that accumulates the weight gradients itself (RecurrentBackwardOutputs):
+  at::Tensor h0;              // [B, H] initial hidden state
+  at::Tensor output;          // [T, B, H] in processing order: h_t of the active rows
+  at::Tensor x;               // [T, B, I] in processing order, zero at padded steps
 };
 
 // Outputs of the backward recurrence; accumulators start at zero.
@@ -99,12 +103,19 @@ struct RecurrentBackwardOutputs {
                               // when grad_zh and grad_wx are buffers of their own (the
                               // kernel keeps each step's in scratch)
   at::Tensor grad_zh;         // [T, B, 4H] gradient of W_hh h_{t-1} (aliases grad_gates
-                              // when the recurrence is not normalized)
-  at::Tensor grad_wx;         // [T, B, 4H] gradient of W_ih x_t, if step-wise input
+                              // when the recurrence is not normalized), or undefined
+  at::Tensor grad_wx;         // [T, B, 4H] gradient of W_ih x_t, if step-wise input, or undefined
   at::Tensor grad_bias;       // [4H] sum of grad_gates
   at::Tensor grad_gamma_ih;   // [4H] sum of grad_gates * xhat, if the input is normalized
   at::Tensor grad_gamma_hh;   // [4H] or undefined
   at::Tensor grad_gamma_c, grad_beta_c;  // [H] or undefined
+  // Defined (zero on entry) where the host asks the device kernel to accumulate the weight
+  // gradients during the recurrence, from each step's gradients while they are in cache:
+  // grad_weight_hh = sum_t grad_zh_t^T h_{t-1} always, grad_weight_ih = sum_t grad_wx_t^T x_t
+  // unless the input statistics are sequence-wise. grad_zh and grad_wx are then undefined
+  // unless the host still needs them (grad_wx for grad_x); the kernel stores what is defined.
+  at::Tensor grad_weight_hh;  // [4H, H]
+  at::Tensor grad_weight_ih;  // [4H, I]
 };
 
 // Device parts, one pair per backend.

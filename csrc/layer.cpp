@@ -171,7 +171,7 @@ LayerForwardResult layer_forward(
 }
 
 LayerBackwardResult layer_backward(
-    RecurrentBackwardFn recurrent, const at::Tensor& grad_output, const at::Tensor& grad_h_n,
+    RecurrentBackwardFn recurrent, bool weights_in_recurrence, const at::Tensor& grad_output, const at::Tensor& grad_h_n,
     const at::Tensor& grad_c_n, const at::Tensor& x, const at::Tensor& lengths, const at::Tensor& h0,
     const at::Tensor& c0, const at::Tensor& output, const at::Tensor& weight_ih, const at::Tensor& weight_hh,
     const OptTensor& gamma_ih, const OptTensor& gamma_hh, const OptTensor& gamma_c, const OptTensor& beta_c,
@@ -220,12 +220,32 @@ LayerBackwardResult layer_backward(
   const auto empty = [&x] { return at::empty({0}, x.options()); };
   out.grad_h = grad_h_n.contiguous().clone();
   out.grad_c = grad_c_n.contiguous().clone();
-  // grad_gates is needed after the recurrence only where grad_zh or grad_wx is it; otherwise
-  // the device kernel keeps each step's gate gradients in scratch of its own.
-  const bool keep_grad_gates = !normalize_recurrent || !step_input;
+  // h_{t-1} is h_0 at the first step and the previous step's output after it (padded rows
+  // differ, but their gradient is zero).
+  const at::Tensor output_ordered = (reverse ? reverse_padded(output, lengths) : output).contiguous();
+  // Which weight gradients the device kernel accumulates during the recurrence (all but
+  // grad_weight_ih with sequence-wise statistics, whose grad_wx needs sums over all steps).
+  const bool kernel_weight_hh = weights_in_recurrence;
+  const bool kernel_weight_ih = weights_in_recurrence && input_statistics != kInputSequence;
+  if (kernel_weight_hh) {
+    out.grad_weight_hh = at::zeros({G, H}, x.options());
+    args.h0 = h0.contiguous();
+    args.output = output_ordered;
+  }
+  if (kernel_weight_ih) {
+    out.grad_weight_ih = at::zeros({G, I}, x.options());
+    args.x = p.x.contiguous();
+  }
+  // The [T, B, 4H] gradients the host reads after the recurrence: grad_zh for grad_weight_hh,
+  // grad_wx for grad_weight_ih and grad_x, grad_gates for sequence-wise statistics (and where
+  // one of the others is it). Otherwise the device kernel keeps each step's in scratch of its own.
+  const bool need_zh = !kernel_weight_hh;
+  const bool need_wx = input_grad || !kernel_weight_ih;
+  const bool keep_grad_gates = input_statistics == kInputSequence || (!normalize_recurrent && need_zh) ||
+                               (input_statistics == kInputNone && need_wx);
   out.grad_gates = keep_grad_gates ? pooled_empty({T, B, G}, x.options()) : at::Tensor();
-  out.grad_zh = normalize_recurrent ? pooled_empty({T, B, G}, x.options()) : out.grad_gates;
-  out.grad_wx = step_input ? pooled_empty({T, B, G}, x.options()) : out.grad_gates;
+  out.grad_zh = !need_zh ? at::Tensor() : normalize_recurrent ? pooled_empty({T, B, G}, x.options()) : out.grad_gates;
+  out.grad_wx = !need_wx ? at::Tensor() : step_input ? pooled_empty({T, B, G}, x.options()) : out.grad_gates;
   out.grad_bias = at::zeros({G}, x.options());
   out.grad_gamma_ih = normalize_input ? at::zeros({G}, x.options()) : empty();
   out.grad_gamma_hh = normalize_recurrent ? at::zeros({G}, x.options()) : empty();
@@ -248,28 +268,31 @@ LayerBackwardResult layer_backward(
     }
   }
 
-  // Weight gradients and the input gradient as large GEMMs over all steps.
-  // h_{t-1} is h_0 at the first step and the previous step's output after it (padded rows
-  // differ, but their gradient is zero).
-  const at::Tensor h_prev = (reverse ? reverse_padded(output, lengths) : output).narrow(0, 0, T - 1);
+  // Weight gradients the kernel did not accumulate, and the input gradient, as large GEMMs
+  // over all steps.
+  const at::Tensor h_prev = output_ordered.narrow(0, 0, T - 1);
   // With many rows (T * B), each weight gradient is computed transposed (h^T dz rather than
   // dz^T h) and transposed back: with the long dimension as the reduction of a row-major
   // A^T, MKL runs these products 10 to 20% faster here (2-core Xeon, T * B = 3200), which
   // pays for the copy; a step or two (a cell) would pay only the copy.
-  const at::Tensor grad_zh_rows = out.grad_zh.narrow(0, 1, T - 1).reshape({(T - 1) * B, G});
-  const at::Tensor h_prev_rows = h_prev.reshape({(T - 1) * B, H});
-  const at::Tensor grad_wx_rows = grad_wx.reshape({T * B, G});
-  const at::Tensor x_rows = p.x.reshape({T * B, I});
-  at::Tensor grad_weight_hh, grad_weight_ih;
-  if (T * B >= kTransposedWeightGradientRows) {
-    at::Tensor grad_weight_hh_t = h0.t().mm(out.grad_zh[0]);  // [H, 4H]
-    if (T > 1) grad_weight_hh_t.addmm_(h_prev_rows.t(), grad_zh_rows);
-    grad_weight_hh = grad_weight_hh_t.t().contiguous();
-    grad_weight_ih = x_rows.t().mm(grad_wx_rows).t().contiguous();
-  } else {
-    grad_weight_hh = out.grad_zh[0].t().mm(h0);  // [4H, H]
-    if (T > 1) grad_weight_hh.addmm_(grad_zh_rows.t(), h_prev_rows);
-    grad_weight_ih = grad_wx_rows.t().mm(x_rows);
+  const bool transposed = T * B >= kTransposedWeightGradientRows;
+  at::Tensor grad_weight_hh = out.grad_weight_hh, grad_weight_ih = out.grad_weight_ih;
+  if (!kernel_weight_hh) {
+    const at::Tensor grad_zh_rows = out.grad_zh.narrow(0, 1, T - 1).reshape({(T - 1) * B, G});
+    const at::Tensor h_prev_rows = h_prev.reshape({(T - 1) * B, H});
+    if (transposed) {
+      at::Tensor grad_weight_hh_t = h0.t().mm(out.grad_zh[0]);  // [H, 4H]
+      if (T > 1) grad_weight_hh_t.addmm_(h_prev_rows.t(), grad_zh_rows);
+      grad_weight_hh = grad_weight_hh_t.t().contiguous();
+    } else {
+      grad_weight_hh = out.grad_zh[0].t().mm(h0);  // [4H, H]
+      if (T > 1) grad_weight_hh.addmm_(grad_zh_rows.t(), h_prev_rows);
+    }
+  }
+  if (!kernel_weight_ih) {
+    const at::Tensor grad_wx_rows = grad_wx.reshape({T * B, G});
+    const at::Tensor x_rows = p.x.reshape({T * B, I});
+    grad_weight_ih = transposed ? x_rows.t().mm(grad_wx_rows).t().contiguous() : grad_wx_rows.t().mm(x_rows);
   }
   at::Tensor grad_x = at::empty({0}, x.options());
   if (input_grad) {
@@ -282,7 +305,7 @@ LayerBackwardResult layer_backward(
 
 TORCH_LIBRARY_IMPL(bnlstm, CPU, m) {
   m.impl("layer_forward", bind_layer_forward<recurrent_forward_cpu>);
-  m.impl("layer_backward", bind_layer_backward<recurrent_backward_cpu>);
+  m.impl("layer_backward", bind_layer_backward<recurrent_backward_cpu, /*kWeightsInRecurrence=*/true>);
 }
 
 }  // namespace bnlstm

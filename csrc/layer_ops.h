@@ -35,8 +35,10 @@ LayerForwardResult layer_forward(
     int64_t input_statistics, bool normalize_recurrent, bool normalize_cell, bool training, double eps,
     bool reverse, bool keep_reserve, int64_t start_step);
 
+// weights_in_recurrence: the device's backward kernel accumulates the weight gradients
+// itself (RecurrentBackwardOutputs::grad_weight_hh).
 LayerBackwardResult layer_backward(
-    RecurrentBackwardFn recurrent, const at::Tensor& grad_output, const at::Tensor& grad_h_n,
+    RecurrentBackwardFn recurrent, bool weights_in_recurrence, const at::Tensor& grad_output, const at::Tensor& grad_h_n,
     const at::Tensor& grad_c_n, const at::Tensor& x, const at::Tensor& lengths, const at::Tensor& h0,
     const at::Tensor& c0, const at::Tensor& output, const at::Tensor& weight_ih, const at::Tensor& weight_hh,
     const OptTensor& gamma_ih, const OptTensor& gamma_hh, const OptTensor& gamma_c, const OptTensor& beta_c,
@@ -59,7 +61,7 @@ LayerForwardResult bind_layer_forward(
                        keep_reserve, start_step);
 }
 
-template <RecurrentBackwardFn Recurrent>
+template <RecurrentBackwardFn Recurrent, bool kWeightsInRecurrence = false>
 LayerBackwardResult bind_layer_backward(
     const at::Tensor& grad_output, const at::Tensor& grad_h_n, const at::Tensor& grad_c_n, const at::Tensor& x,
     const at::Tensor& lengths, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& output,
@@ -68,8 +70,8 @@ LayerBackwardResult bind_layer_backward(
     const at::Tensor& var_hh, const at::Tensor& mean_c, const at::Tensor& var_c, const at::Tensor& projection,
     const at::Tensor& reserve, int64_t input_statistics, bool normalize_recurrent, bool normalize_cell,
     bool training, double eps, bool reverse, bool input_grad) {
-  return layer_backward(Recurrent, grad_output, grad_h_n, grad_c_n, x, lengths, h0, c0, output, weight_ih,
-                        weight_hh, gamma_ih, gamma_hh, gamma_c, beta_c, mean_ih, var_ih, var_hh, mean_c, var_c,
+  return layer_backward(Recurrent, kWeightsInRecurrence, grad_output, grad_h_n, grad_c_n, x, lengths, h0, c0,
+                        output, weight_ih, weight_hh, gamma_ih, gamma_hh, gamma_c, beta_c, mean_ih, var_ih, var_hh, mean_c, var_c,
                         projection, reserve, input_statistics, normalize_recurrent, normalize_cell, training, eps,
                         reverse, input_grad);
 }

@@ -349,6 +349,14 @@ constexpr double kMinParallelFlops = 8e6;
 
 // See stream_grads in recurrent_backward_impl.
 constexpr int64_t kStreamingStoreMinBytes = int64_t(4) << 20;
+// The steps of a weight-gradient chunk (add_weight_gradients in recurrent_backward_impl): as
+// many as fill kWeightGradientChunkBytes per buffer (a few of them fit a core's L2 beside
+// the step's other data), but at least kWeightGradientChunkRows rows, or the accumulator's
+// read and write every chunk dominate the GEMMs (2-core Xeon: T=100, B=32, H=128 trains 8%
+// faster than with GEMMs after the recurrence with 8 steps a chunk, slower with 16;
+// B=64, H=256 as fast with 4 steps a chunk, 5% slower with 2).
+constexpr int64_t kWeightGradientChunkBytes = int64_t(256) << 10;
+constexpr int64_t kWeightGradientChunkRows = 256;
 
 int64_t hidden_block_count(int64_t steps, int64_t batch, int64_t hidden, int64_t threads) {
   const double flops = 8.0 * double(steps) * double(batch) * double(hidden) * double(hidden);  // W_hh products
@@ -430,8 +438,8 @@ struct StepBackward {
   T* grad_h;         // read: gradient of h_t
   T* grad_c;         // read: gradient of c_t; written: gradient of c_{t-1}
   T* grad_gates;     // gradient of the gate pre-activations, or null: not an output
-  T* grad_zh;        // gradient of W_hh h_{t-1}, if normalize_recurrent (else grad_gates)
-  T* grad_wx;        // gradient of W_ih x_t, if step-wise input (else written by the host)
+  T* grad_zh;        // gradient of W_hh h_{t-1}, if normalize_recurrent (else grad_gates), or null
+  T* grad_wx;        // gradient of W_ih x_t, if step-wise input (else written by the host), or null
   bool stream_grads;  // store grad_zh and grad_wx past the caches (store_streaming)
   // The step processed next (t - 1), whose rows this step prefetches; null at t = 0.
   const T* next_reserve;
@@ -468,10 +476,11 @@ class RecurrentBackwardCPU {
   // passes. Accumulates the bias, gamma and beta gradients of these units' columns (no other
   // task touches them). Padded rows carry zero gate gradients.
   //
-  // dy, dz: the block's [B, 4J] buffers (gate-major, as zh in the forward pass) for the gate
-  // gradients and the gradient of its columns of W_hh h_{t-1}, the operand of its share of
-  // grad_zh W_hh; dz is dy when the recurrence is not normalized.
-  void run(const StepBackward<T>& s, int64_t j0, int64_t j1, T* dy, T* dz) const {
+  // dy, dz, dwx: the block's [B, 4J] buffers (gate-major, as zh in the forward pass) for
+  // the gate gradients, the gradient of its columns of W_hh h_{t-1} (the operand of its share
+  // of grad_zh W_hh; dy when the recurrence is not normalized) and of W_ih x_t (written with
+  // step-wise input statistics; dy without input normalization).
+  void run(const StepBackward<T>& s, int64_t j0, int64_t j1, T* dy, T* dz, T* dwx) const {
     const int64_t H = hidden_, G = 4 * hidden_, B = batch_, W = layout_.width, J = j1 - j0;
     const T eps = T(flags_.eps);
     const Vec<T> one(T(1)), zero(T(0));
@@ -644,10 +653,11 @@ class RecurrentBackwardCPU {
       }
       if (!s.active[b]) {
         for (int64_t g = 0; g < 4; ++g) {
-          if (recurrent) std::fill_n(s.grad_zh + b * G + g * H + j0, J, T(0));
-          if (step_input) std::fill_n(s.grad_wx + b * G + g * H + j0, J, T(0));
+          if (recurrent && s.grad_zh != nullptr) std::fill_n(s.grad_zh + b * G + g * H + j0, J, T(0));
+          if (step_input && s.grad_wx != nullptr) std::fill_n(s.grad_wx + b * G + g * H + j0, J, T(0));
         }
         if (recurrent) std::fill_n(dz + b * 4 * J, 4 * J, T(0));
+        if (step_input) std::fill_n(dwx + b * 4 * J, 4 * J, T(0));
         continue;
       }
       for (int64_t g = 0; g < 4; ++g) {
@@ -663,13 +673,15 @@ class RecurrentBackwardCPU {
               grad = grad - zhat * Vec<T>::loadu(sum_dy_zhat.data() + u, n) * inv_count;
             }
             grad = grad * Vec<T>::loadu(rec_scale.data() + u, n);
-            store_grad(grad, s.grad_zh + b * G + k0 + j, n);
+            if (s.grad_zh != nullptr) store_grad(grad, s.grad_zh + b * G + k0 + j, n);
             grad.store(dz + b * 4 * J + u, n);
           }
           if (step_input) {
             Vec<T> grad = centred_dy;
             if (training) grad = grad - xhat_at(b, g, j, n) * Vec<T>::loadu(sum_dy_xhat.data() + u, n) * inv_count;
-            store_grad(grad * Vec<T>::loadu(in_scale.data() + u, n), s.grad_wx + b * G + k0 + j, n);
+            grad = grad * Vec<T>::loadu(in_scale.data() + u, n);
+            if (s.grad_wx != nullptr) store_grad(grad, s.grad_wx + b * G + k0 + j, n);
+            grad.store(dwx + b * 4 * J + u, n);
           }
         });
       }
@@ -714,16 +726,55 @@ void recurrent_backward_impl(const RecurrentBackwardArgs& args, RecurrentBackwar
   const std::vector<int64_t> bounds = hidden_blocks(T_, B, H, at::get_num_threads());
   const int64_t blocks = static_cast<int64_t>(bounds.size()) - 1;
   const at::Tensor weight_by_gate = args.weight_hh.view({4, H, H});
+  // Weight gradients, where the host asks for them (RecurrentBackwardOutputs): each block
+  // keeps the last `chunk` steps' dz (and dwx) rows of its columns, [chunk, B, 4J], and
+  // every `chunk` steps adds dz^T h_{t-1} (and dwx^T x_t) over them to its rows of the
+  // weight gradients: GEMMs of chunk * B rows on data still in this core's L2, instead of
+  // [T, B, 4H] gradients written to memory and read back by GEMMs after the recurrence.
+  const bool weights_hh = out.grad_weight_hh.defined(), weights_ih = out.grad_weight_ih.defined();
+  const int64_t widest = bounds.size() > 1 ? *std::max_element(bounds.begin() + 1, bounds.end()) : 0;
+  const int64_t row_bytes = 4 * std::max<int64_t>(widest, 1) * int64_t(sizeof(T));
+  const int64_t chunk = !weights_hh ? 1
+                                    : std::min(std::max<int64_t>(T_, 1),
+                                               std::max({int64_t(1), kWeightGradientChunkBytes / (B * row_bytes),
+                                                         (kWeightGradientChunkRows + B - 1) / B}));
+  const at::TensorOptions options = out.grad_h.options();
   std::vector<StepGemm> gemms;  // block k: dz [B, 4J] @ (its rows of W_hh) [4J, H] -> [B, H]
-  std::vector<at::Tensor> scratch;  // block k: dy and dz, [2, B, 4J]
+  // Block k's buffers of `chunk` steps (step t in slot t % chunk), each [chunk, B, 4J]: dy,
+  // dz (normalized recurrence), dwx (step-wise input); its weight-gradient rows, gate-major.
+  std::vector<at::Tensor> dy_ring, dz_ring, dwx_ring, weight_hh_rows, weight_ih_rows;
   for (int64_t k = 0; k < blocks; ++k) {
     const int64_t J = bounds[k + 1] - bounds[k];
     gemms.emplace_back(weight_by_gate.narrow(1, bounds[k], J).reshape({4 * J, H}).contiguous(), /*transpose=*/false, B);
-    scratch.push_back(at::empty({2, B, 4 * J}, out.grad_h.options()));
+    // dy needs the whole ring only where it is dz or dwx.
+    const bool dy_kept = !flags.normalize_recurrent || flags.input_statistics == kInputNone;
+    dy_ring.push_back(at::empty({dy_kept ? chunk : 1, B, 4 * J}, options));
+    dz_ring.push_back(flags.normalize_recurrent ? at::empty({chunk, B, 4 * J}, options) : dy_ring.back());
+    dwx_ring.push_back(step_input ? at::empty({chunk, B, 4 * J}, options) : dy_ring.back());
+    // Transposed, [H, 4J] and [I, 4J]: MKL runs h^T dz faster than dz^T h (layer.cpp).
+    if (weights_hh) weight_hh_rows.push_back(at::zeros({H, 4 * J}, options));
+    if (weights_ih) weight_ih_rows.push_back(at::zeros({args.x.size(2), 4 * J}, options));
   }
-  // grad_zh and grad_wx bypass the caches once they outgrow a core's L2 (2-core Xeon, T=100:
-  // 9% off the training step at B=64, H=256, 26 MB each; no change at B=32, H=128, 6.5 MB).
-  const bool stream_grads = out.grad_zh.nbytes() >= kStreamingStoreMinBytes;
+  // Block k's share of the weight gradients from steps [t0, t0 + n) (its slots 0 to n - 1).
+  const auto add_weight_gradients = [&](int64_t k, int64_t t0, int64_t n) {
+    const at::AutoDispatchBelowADInplaceOrView below_autograd;  // on a worker thread: see StepGemm
+    const int64_t rows = n * B, columns = 4 * (bounds[k + 1] - bounds[k]);
+    const at::Tensor dz = dz_ring[k].view({chunk * B, columns}).narrow(0, 0, rows);
+    if (t0 == 0) {  // step 0 meets h_0
+      weight_hh_rows[k].addmm_(args.h0.t(), dz.narrow(0, 0, B));
+      if (n > 1) weight_hh_rows[k].addmm_(args.output.view({-1, H}).narrow(0, 0, rows - B).t(), dz.narrow(0, B, rows - B));
+    } else {
+      weight_hh_rows[k].addmm_(args.output.view({-1, H}).narrow(0, (t0 - 1) * B, rows).t(), dz);
+    }
+    if (weights_ih) {
+      const at::Tensor dwx = dwx_ring[k].view({chunk * B, columns}).narrow(0, 0, rows);
+      weight_ih_rows[k].addmm_(args.x.view({-1, args.x.size(2)}).narrow(0, t0 * B, rows).t(), dwx);
+    }
+  };
+  // grad_zh and grad_wx, where still asked for, bypass the caches once they outgrow a core's
+  // L2 (2-core Xeon, T=100: 9% off the training step at B=64, H=256, 26 MB each; no change
+  // at B=32, H=128, 6.5 MB).
+  const bool stream_grads = T_ * B * 4 * H * int64_t(sizeof(T)) >= kStreamingStoreMinBytes;
   // Partial gradients of h_{t-1}, [2, blocks, B, H]: step t writes slot t % 2 while the
   // tasks of step t still read the previous step's slot.
   const at::Tensor partials = at::empty({2, blocks, B, H}, out.grad_h.options());
@@ -737,7 +788,8 @@ void recurrent_backward_impl(const RecurrentBackwardArgs& args, RecurrentBackwar
       mean_ih(args.mean_ih, any_input), var_ih(args.var_ih, any_input),
       var_hh(args.var_hh, flags.normalize_recurrent), mean_c(args.mean_c, flags.normalize_cell),
       var_c(args.var_c, flags.normalize_cell), grad_gates(out.grad_gates, out.grad_gates.defined()),
-      grad_zh(out.grad_zh, true), grad_wx(out.grad_wx, step_input), partial_slots(partials, true);
+      grad_zh(out.grad_zh, out.grad_zh.defined()), grad_wx(out.grad_wx, step_input && out.grad_wx.defined()),
+      partial_slots(partials, true);
   // grad_h[:, j0 + J) = the sum of the partials of step t (processing order), on the rows
   // active at step t; padded rows pass their gradient through unchanged.
   const auto gather_grad_h = [&](int64_t t, int64_t j0, int64_t J) {
@@ -778,12 +830,21 @@ void recurrent_backward_impl(const RecurrentBackwardArgs& args, RecurrentBackwar
     };
     const int64_t j0 = bounds[k], J = bounds[k + 1] - j0;
     if (t + 1 < T_) gather_grad_h(t + 1, j0, J);
-    T* dy = scratch[k].data_ptr<T>();
-    T* dz = flags.normalize_recurrent ? dy + B * 4 * J : dy;
-    kernel.run(step, j0, bounds[k + 1], dy, dz);
+    const int64_t slot = (t % chunk) * B * 4 * J;
+    const auto in_ring = [&](const at::Tensor& ring) { return ring.data_ptr<T>() + (ring.size(0) == 1 ? 0 : slot); };
+    T* dz = in_ring(dz_ring[k]);
+    kernel.run(step, j0, bounds[k + 1], in_ring(dy_ring[k]), dz, in_ring(dwx_ring[k]));
     gemms[k].run(dz, partial_slots[t % 2] + k * B * H);
+    if (weights_hh && t % chunk == 0) add_weight_gradients(k, t, std::min(chunk, T_ - t));
   });
   if (T_ > 0) gather_grad_h(0, 0, H);  // the gradient of h_0
+  for (int64_t k = 0; k < blocks; ++k) {  // the blocks' rows into the weight gradients
+    const int64_t j0 = bounds[k], J = bounds[k + 1] - j0;
+    for (int64_t g = 0; g < 4; ++g) {
+      if (weights_hh) out.grad_weight_hh.narrow(0, g * H + j0, J).copy_(weight_hh_rows[k].narrow(1, g * J, J).t());
+      if (weights_ih) out.grad_weight_ih.narrow(0, g * H + j0, J).copy_(weight_ih_rows[k].narrow(1, g * J, J).t());
+    }
+  }
 }
 
 }  // namespace

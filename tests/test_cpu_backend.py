@@ -168,9 +168,27 @@ def test_hidden_unit_blocks_match_the_paper(variant, num_threads, threads):
                              tol=1e-9)
 
 
-# (steps, batch, hidden): ragged blocks of hidden units; the last one's gradient buffers
-# grad_zh and grad_wx [T, B, 4H] reach 4 MB, from where the backward pass stores them past
-# the caches (kStreamingStoreMinBytes in recurrent_cpu.cpp), at aligned and unaligned columns.
+@pytest.mark.parametrize("num_threads", [1, 2])
+def test_weight_gradient_chunks_match_the_paper(num_threads, threads):
+    """The CPU backward accumulates the weight gradients every few steps (a chunk of at least
+    256 rows: 4 steps at B = 64, recurrent_cpu.cpp) while the recurrence runs: T = 13 makes
+    chunks at both ends of the sequence, the first one short, and step 0 meets h_0. Against
+    the paper in float64, padded and in both directions, training and evaluation."""
+    from helpers import assert_matches_paper
+
+    threads(num_threads)
+    torch.manual_seed(11)
+    module = make_module("cooijmans", input_size=5, hidden_size=20, bidirectional=True, backend="cpu", max_length=13)
+    x = torch.randn(13, 64, 5, dtype=torch.float64)
+    lengths = torch.tensor([13, 7, 12, 13, 3, 10, 13, 9] * 8)
+    for training in (True, False):
+        assert_matches_paper(module, x, lengths=lengths, training=training, tol=1e-9)
+
+
+# (steps, batch, hidden): ragged blocks of hidden units; in the last one grad_wx [T, B, 4H]
+# (written for grad_x: the input requires grad) reaches 4 MB, from where the backward pass
+# stores it past the caches (kStreamingStoreMinBytes in recurrent_cpu.cpp), at aligned and
+# unaligned columns, and the weight gradients take 8 chunks of steps.
 BLOCK_SHAPES = [(12, 9, 100), (12, 9, 150), (64, 33, 130)]
 
 
