@@ -303,9 +303,17 @@ LayerBackwardResult layer_backward(
           out.grad_gamma_ih, out.grad_gamma_hh, out.grad_gamma_c, out.grad_beta_c};
 }
 
+// The CPU backward accumulates the weight gradients itself (recurrent_cpu.cpp). The CUDA
+// emulation (tests/run_cuda_emulation.py) registers the CUDA kernels here, which do not.
+#ifdef BNLSTM_CUDA_KERNELS_ON_CPU
+constexpr bool kCpuWeightsInRecurrence = false;
+#else
+constexpr bool kCpuWeightsInRecurrence = true;
+#endif
+
 TORCH_LIBRARY_IMPL(bnlstm, CPU, m) {
   m.impl("layer_forward", bind_layer_forward<recurrent_forward_cpu>);
-  m.impl("layer_backward", bind_layer_backward<recurrent_backward_cpu, /*kWeightsInRecurrence=*/true>);
+  m.impl("layer_backward", bind_layer_backward<recurrent_backward_cpu, kCpuWeightsInRecurrence>);
 }
 
 }  // namespace bnlstm

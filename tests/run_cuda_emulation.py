@@ -35,7 +35,7 @@ def main(argv):
         sources=[str(csrc / "ops.cpp"), str(csrc / "layer.cpp"), str(csrc / "running_stats.cpp"),
                  str(csrc / "tests" / "emulate_cuda.cpp")],
         extra_cflags=["-O2", "-std=c++20", "-Drecurrent_forward_cpu=recurrent_forward_cuda",
-                      "-Drecurrent_backward_cpu=recurrent_backward_cuda"],
+                      "-Drecurrent_backward_cpu=recurrent_backward_cuda", "-DBNLSTM_CUDA_KERNELS_ON_CPU"],
         extra_include_paths=[str(csrc)],
         build_directory=str(build_dir),
         is_python_module=False,
