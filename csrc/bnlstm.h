@@ -5,8 +5,9 @@
 // (schemas in ops.cpp). The host code in layer.cpp is written with ATen operations only,
 // so every device shares it: the input side (one GEMM for all steps, then the per-step
 // input batch norm over all steps at once), the reversal of the reverse direction and the
-// weight gradients as large GEMMs. Each device supplies only the recurrent part, one fused
-// pass per step after the recurrent GEMM (recurrent_cpu.cpp for the CPU).
+// weight gradients as large GEMMs (unless the device kernel accumulates them itself, as the
+// CPU's does: RecurrentBackwardOutputs). Each device supplies only the recurrent part, one
+// fused pass per step after the recurrent GEMM (recurrent_cpu.cpp for the CPU).
 #pragma once
 
 #include <ATen/ATen.h>

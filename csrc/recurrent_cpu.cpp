@@ -12,7 +12,10 @@
 // forward pass a task also computes its own columns of the step's GEMM. Inner loops run
 // along hidden units, which are contiguous, with at::vec (AVX-512 or AVX2 as built) and
 // the inlined sigmoid and tanh of vec_math.h.
-// The backward pass mirrors it, one fused pass per step plus the GEMM for dh_{t-1}.
+// The backward pass mirrors it: per step and block, one fused pass, then the block's share
+// of the GEMM for dh_{t-1} (its columns of grad_zh times its rows of W_hh; the next step sums
+// the shares), and every few steps its rows of the weight gradients from the step gradients
+// still in its cache. All steps run in one parallel region (step_loop.h).
 #include "bnlstm.h"
 #include "packed_gemm.h"
 #include "step_loop.h"
@@ -771,9 +774,9 @@ void recurrent_backward_impl(const RecurrentBackwardArgs& args, RecurrentBackwar
       weight_ih_rows[k].addmm_(args.x.view({-1, args.x.size(2)}).narrow(0, t0 * B, rows).t(), dwx);
     }
   };
-  // grad_zh and grad_wx, where still asked for, bypass the caches once they outgrow a core's
-  // L2 (2-core Xeon, T=100: 9% off the training step at B=64, H=256, 26 MB each; no change
-  // at B=32, H=128, 6.5 MB).
+  // grad_zh and grad_wx, where still asked for (grad_wx for grad_x), bypass the caches once
+  // they outgrow a core's L2 (2-core Xeon, T=100, measured when both were always written: 9%
+  // off the training step at B=64, H=256, 26 MB each; no change at B=32, H=128, 6.5 MB).
   const bool stream_grads = T_ * B * 4 * H * int64_t(sizeof(T)) >= kStreamingStoreMinBytes;
   // Partial gradients of h_{t-1}, [2, blocks, B, H]: step t writes slot t % 2 while the
   // tasks of step t still read the previous step's slot.

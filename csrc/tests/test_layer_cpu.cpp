@@ -7,16 +7,12 @@
 #include <cstdlib>
 #include <tuple>
 
+#include "expect.h"
+
 namespace {
 
-int failures = 0;
-
-void expect(bool condition, const char* what) {
-  if (!condition) {
-    std::fprintf(stderr, "FAILED: %s\n", what);
-    ++failures;
-  }
-}
+using bnlstm_test::expect;
+using bnlstm_test::failures;
 
 using ForwardOp = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
                              at::Tensor, at::Tensor, at::Tensor, at::Tensor>(

@@ -11,16 +11,12 @@
 #include <stdexcept>
 #include <vector>
 
+#include "expect.h"
+
 namespace {
 
-int failures = 0;
-
-void expect(bool condition, const char* what) {
-  if (!condition) {
-    std::fprintf(stderr, "FAILED: %s\n", what);
-    ++failures;
-  }
-}
+using bnlstm_test::expect;
+using bnlstm_test::failures;
 
 // Runs steps x blocks tasks through `launch`; checks each ran once and in step order.
 template <typename Launch>
