@@ -63,12 +63,18 @@ template <>
 inline Vec<float> reciprocal_of_at_least_one(const Vec<float>& d) {
   using V = Vec<float>;
 #if defined(CPU_CAPABILITY_AVX512)
-  const V estimate = _mm512_rcp14_ps(d);  // relative error < 2^-14
-#else
-  const V estimate = _mm256_rcp_ps(d);  // relative error < 1.5 * 2^-12
-#endif
-  // One Newton step squares the relative error: below 2^-23 (AVX-512), ~2^-22 (AVX2).
+  // One Newton step squares the estimate's relative error, 2^-14, to below 2^-28: within
+  // float32's rounding, so a saturated sigmoid (d = 1) is exactly 1.
+  const V estimate = _mm512_rcp14_ps(d);
   return at::vec::fmadd(estimate, at::vec::fnmadd(d, estimate, V(1.0f)), estimate);
+#else
+  // The AVX2 estimate's 1.5 * 2^-12 becomes ~2^-22 after one step, 2 ulp: a saturated
+  // sigmoid or tanh came out 1 - 2^-24, so saturated units leaked gradient (sigma' of
+  // 6e-8 instead of 0). A second step (two FMAs) brings it within rounding.
+  V r = _mm256_rcp_ps(d);
+  r = at::vec::fmadd(r, at::vec::fnmadd(d, r, V(1.0f)), r);
+  return at::vec::fmadd(r, at::vec::fnmadd(d, r, V(1.0f)), r);
+#endif
 }
 #endif
 
