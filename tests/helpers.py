@@ -39,18 +39,20 @@ def assert_matches_paper(module, x, h0=None, c0=None, lengths=None, training=Tru
     """Run `module` (float64) and tests/paper_reference.py on the same call; compare outputs,
     final states, running statistics after the call and the gradients of the input, the
     initial states and every parameter (gradients=False: forward only). Leaves the module's
-    running statistics updated and its parameters' .grad set."""
+    running statistics updated and its parameters' .grad set. The module runs on the device
+    of its parameters (x, h0, c0 given on the CPU are moved there); the paper on the CPU."""
     from paper_reference import paper_bnlstm
 
     close = dict(rtol=tol, atol=tol)
+    device = next(module.parameters()).device
     states = module.num_layers * module.num_directions
     zeros = torch.zeros(states, x.shape[1], module.hidden_size, dtype=x.dtype)
     h0, c0 = (zeros if h0 is None else h0), (zeros if c0 is None else c0)
     module.train(training)
-    params = {k: v.detach().clone().requires_grad_(True) for k, v in module.named_parameters()}
-    running = {k: v.detach().clone() for k, v in module.named_buffers()}
-    mine = [t.detach().clone().requires_grad_(True) for t in (x, h0, c0)]
-    theirs = [t.detach().clone().requires_grad_(True) for t in (x, h0, c0)]
+    params = {k: v.detach().cpu().clone().requires_grad_(True) for k, v in module.named_parameters()}
+    running = {k: v.detach().cpu().clone() for k, v in module.named_buffers()}
+    mine = [t.detach().to(device).clone().requires_grad_(True) for t in (x, h0, c0)]
+    theirs = [t.detach().cpu().clone().requires_grad_(True) for t in (x, h0, c0)]
     for parameter in module.parameters():
         parameter.grad = None
 
@@ -63,15 +65,16 @@ def assert_matches_paper(module, x, h0=None, c0=None, lengths=None, training=Tru
     )
     scalar_loss(*expected).backward()
     for name, got, want in zip(("output", "h_n", "c_n"), (out, h_n, c_n), expected):
-        torch.testing.assert_close(got, want, **close, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(got.cpu(), want, **close, msg=lambda m: f"{name}: {m}")
     for name, buffer in module.named_buffers():
-        torch.testing.assert_close(buffer, running[name], **close, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(buffer.cpu(), running[name], **close, msg=lambda m: f"{name}: {m}")
     if not gradients:
         return out, h_n, c_n
     for name, got, want in zip(("input", "h_0", "c_0"), mine, theirs):
-        torch.testing.assert_close(got.grad, want.grad, **close, msg=lambda m: f"grad {name}: {m}")
+        torch.testing.assert_close(got.grad.cpu(), want.grad, **close, msg=lambda m: f"grad {name}: {m}")
     for name, parameter in module.named_parameters():
-        torch.testing.assert_close(parameter.grad, params[name].grad, **close, msg=lambda m: f"grad {name}: {m}")
+        torch.testing.assert_close(parameter.grad.cpu(), params[name].grad, **close,
+                                   msg=lambda m: f"grad {name}: {m}")
     return out, h_n, c_n
 
 
@@ -185,3 +188,46 @@ def float32_errors(variant, backend, *, hidden_size, batch, lengths, device="cpu
         out.pow(2).sum().backward()
         errors[name] = ((out.double() - expected).abs().max().item(), (x32.grad.double() - x64.grad).abs().max().item())
     return errors
+
+
+def assert_graph_step_matches_eager(backend):
+    """Forward and backward of a training step of BNLSTM(backend=backend) captured in a CUDA
+    graph (no host synchronisation inside the operators) give what eager execution gives:
+    outputs, every gradient and the running statistics after one replay."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    module = make_module("cooijmans", input_size=8, hidden_size=40, num_layers=2, bidirectional=True,
+                         max_length=6, backend=backend, dtype=torch.float32).cuda()
+    x = torch.randn(6, 5, 8, device="cuda")
+    weights = [torch.randn(shape, device="cuda") for shape in ((6, 5, 80), (4, 5, 40), (4, 5, 40))]
+
+    def step():
+        out, (h_n, c_n) = module(x)
+        loss = sum((t * w).sum() for t, w in zip((out, h_n, c_n), weights))
+        loss.backward()
+        return out
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):  # warm-up: the library, cuBLAS handles, the autograd graph
+            module.zero_grad(set_to_none=True)
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    eager = make_module("cooijmans", input_size=8, hidden_size=40, num_layers=2, bidirectional=True,
+                        max_length=6, backend=backend, dtype=torch.float32).cuda()
+    eager.load_state_dict(module.state_dict())
+
+    graph = torch.cuda.CUDAGraph()
+    module.zero_grad(set_to_none=True)
+    with torch.cuda.graph(graph):
+        static_out = step()
+    graph.replay()
+    torch.cuda.synchronize()
+
+    module, captured = eager, module  # the eager run, from the state the capture started in
+    want = step()
+    torch.testing.assert_close(static_out, want, rtol=1e-5, atol=1e-6)
+    for (name, p), q in zip(eager.named_parameters(), captured.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-6, msg=lambda m: f"grad {name}: {m}")
+    for name, buffer in eager.named_buffers():
+        torch.testing.assert_close(getattr(captured, name), buffer, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")

@@ -222,45 +222,8 @@ def test_gradcheck_cuda_op(variant, training):
 @requires_gpu
 def test_training_step_in_a_cuda_graph_matches_eager():
     """Forward and backward of a training step captured in a CUDA graph (no host
-    synchronisation inside the operators) give what eager execution gives: outputs, every
-    gradient and the running statistics after one replay."""
-    torch.backends.cuda.matmul.allow_tf32 = False
-    module = make_module("cooijmans", input_size=8, hidden_size=40, num_layers=2, bidirectional=True,
-                         max_length=6, backend="cuda", dtype=torch.float32).cuda()
-    x = torch.randn(6, 5, 8, device="cuda")
-    weights = [torch.randn(shape, device="cuda") for shape in ((6, 5, 80), (4, 5, 40), (4, 5, 40))]
-
-    def step():
-        out, (h_n, c_n) = module(x)
-        loss = sum((t * w).sum() for t, w in zip((out, h_n, c_n), weights))
-        loss.backward()
-        return out
-
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):  # warm-up: the library, cuBLAS handles, the autograd graph
-            module.zero_grad(set_to_none=True)
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    eager = make_module("cooijmans", input_size=8, hidden_size=40, num_layers=2, bidirectional=True,
-                        max_length=6, backend="cuda", dtype=torch.float32).cuda()
-    eager.load_state_dict(module.state_dict())
-
-    graph = torch.cuda.CUDAGraph()
-    module.zero_grad(set_to_none=True)
-    with torch.cuda.graph(graph):
-        static_out = step()
-    graph.replay()
-    torch.cuda.synchronize()
-
-    module, captured = eager, module  # the eager run, from the state the capture started in
-    want = step()
-    torch.testing.assert_close(static_out, want, rtol=1e-5, atol=1e-6)
-    for (name, p), q in zip(eager.named_parameters(), captured.parameters()):
-        torch.testing.assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-6, msg=lambda m: f"grad {name}: {m}")
-    for name, buffer in eager.named_buffers():
-        torch.testing.assert_close(getattr(captured, name), buffer, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+    synchronisation inside the operators) give what eager execution gives."""
+    helpers.assert_graph_step_matches_eager("cuda")
 
 
 @pytest.mark.usefixtures("cuda_extension")

@@ -1,9 +1,12 @@
-"""The Triton backend under Triton's interpreter (TRITON_INTERPRET=1) on CPU tensors, against
-the float64 reference and tests/paper_reference.py: outputs, final states, batch and running
-statistics and every gradient, for every variant, training and evaluation, padded batches,
-both directions, start_step, several batch tiles, and float32/float16/bfloat16 accuracy.
+"""The Triton backend against the float64 reference and tests/paper_reference.py: outputs,
+final states, batch and running statistics and every gradient, for every variant, training
+and evaluation, padded batches, both directions, start_step, several batch tiles, and
+float32/float16/bfloat16 accuracy.
 
-Shapes are tiny on purpose: the interpreter runs each program instance in Python.
+Where a GPU is visible the kernels are compiled and run on CUDA tensors (the GPU suite of
+the Triton backend, with a training step captured in a CUDA graph); elsewhere they run in
+Triton's interpreter (TRITON_INTERPRET=1) on CPU tensors. Shapes are tiny on purpose: the
+interpreter runs each program instance in Python.
 """
 import importlib
 import math
@@ -13,16 +16,19 @@ import torch
 
 from bnlstm_cuda import triton_layer
 
-# TRITON_INTERPRET=1 is set by conftest.py when there is no GPU, before triton is imported
-# (Triton reads it then, and when each kernel is decorated). Should the kernel module have
-# been imported without it, import it again.
-if not triton_layer.interpreter_requested():
-    pytest.skip("these tests run the Triton kernels in Triton's interpreter: TRITON_INTERPRET=1 is not set "
-                "(tests/conftest.py sets it when no GPU is visible)", allow_module_level=True)
+# On a GPU (and TRITON_INTERPRET unset) the compiled kernels run on CUDA tensors. Without
+# one, conftest.py sets TRITON_INTERPRET=1 before triton is imported (Triton reads it then,
+# and when each kernel is decorated); should the kernel module have been imported without
+# it, import it again.
+ON_GPU = torch.cuda.is_available() and not triton_layer.interpreter_requested()
+DEVICE = "cuda" if ON_GPU else "cpu"
+if not ON_GPU and not triton_layer.interpreter_requested():
+    pytest.skip("without a GPU these tests run the Triton kernels in Triton's interpreter: TRITON_INTERPRET=1 "
+                "is not set (tests/conftest.py sets it when no GPU is visible)", allow_module_level=True)
 pytest.importorskip("triton")
 import bnlstm_cuda.triton_kernels as triton_kernels  # noqa: E402
 
-if not triton_layer._kernels_interpreted():
+if not ON_GPU and not triton_layer._kernels_interpreted():
     importlib.reload(triton_kernels)
 
 from bnlstm_cuda import BNLSTM, backends, get_variant, reference  # noqa: E402
@@ -42,7 +48,8 @@ pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarn
 
 
 def assert_layers_match(variant, lengths=None, tol=TOL, **kwargs):
-    helpers.assert_layer_matches_reference(triton_layer.bnlstm_layer_triton, variant, lengths, tol=tol, **kwargs)
+    helpers.assert_layer_matches_reference(triton_layer.bnlstm_layer_triton, variant, lengths, tol=tol,
+                                           device=DEVICE, **kwargs)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -76,7 +83,7 @@ def test_module_matches_paper(variant, training):
     float64 implementation of the paper: outputs, final states, running statistics after
     the call, and the gradient of the input, h_0, c_0 and every parameter."""
     module = make_module(variant, input_size=3, hidden_size=20, num_layers=2, bidirectional=True,
-                         max_length=3, backend="triton")
+                         max_length=3, backend="triton").to(DEVICE)
     x = torch.randn(5, 3, 3, dtype=torch.float64)
     h0 = torch.randn(4, 3, 20, dtype=torch.float64)
     c0 = torch.randn(4, 3, 20, dtype=torch.float64)
@@ -86,11 +93,11 @@ def test_module_matches_paper(variant, training):
 def test_streaming_updates_running_statistics_as_the_reference():
     """A training chunk at start_step = 2 updates the slots that the reference updates."""
     modules = {
-        backend: make_module("cooijmans", input_size=3, hidden_size=20, max_length=3, backend=backend)
+        backend: make_module("cooijmans", input_size=3, hidden_size=20, max_length=3, backend=backend).to(DEVICE)
         for backend in ("reference", "triton")
     }
     modules["triton"].load_state_dict(modules["reference"].state_dict())
-    x = torch.randn(4, 3, 3, dtype=torch.float64)
+    x = torch.randn(4, 3, 3, dtype=torch.float64, device=DEVICE)
     results = {name: module(x, lengths=[4, 2, 3], start_step=2) for name, module in modules.items()}
     torch.testing.assert_close(results["triton"][0], results["reference"][0], **TOL)
     for name, buffer in modules["reference"].named_buffers():
@@ -115,15 +122,16 @@ def test_narrow_dtypes_against_float64(monkeypatch, dtype):
     """The Triton backend's error against the float64 reference is at most about twice that
     of plain PyTorch computing the same layer in `dtype` (the reference loop with its
     compute dtype forced to `dtype`), with the paper's initialisation."""
-    wide = BNLSTM(6, 20, 1, bidirectional=True, max_length=4, backend="reference", dtype=torch.float64)
-    narrow = {backend: BNLSTM(6, 20, 1, bidirectional=True, max_length=4, backend=backend).to(dtype)
+    wide = BNLSTM(6, 20, 1, bidirectional=True, max_length=4, backend="reference", dtype=torch.float64,
+                  device=DEVICE)
+    narrow = {backend: BNLSTM(6, 20, 1, bidirectional=True, max_length=4, backend=backend, device=DEVICE).to(dtype)
               for backend in ("reference", "triton")}
     for module in narrow.values():
         module.load_state_dict({k: v.to(dtype) if k.startswith(("weight", "bias", "gamma", "beta")) else v
                                 for k, v in wide.state_dict().items()})
     # At least 4 active rows at every step: with 2, a batch norm maps them to +-1 and
     # amplifies any rounding difference without bound, which would test nothing.
-    x = torch.randn(6, 8, 6, dtype=torch.float64)
+    x = torch.randn(6, 8, 6, dtype=torch.float64, device=DEVICE)
     lengths = [6, 4, 5, 6, 6, 3, 6, 2]
     errors, grad_scale = _error_against_float64(narrow["triton"], wide, x, lengths)
     # Plain PyTorch in `dtype`: the reference with every operation in that dtype.
@@ -148,8 +156,9 @@ def test_narrow_dtypes_against_float64(monkeypatch, dtype):
 def test_forward_without_gradients_matches(training):
     """Under no_grad the forward pass keeps nothing for backward (in training the step
     statistics still go through the reserve as scratch) and computes the same thing."""
-    x, h0, c0, params, running = random_layer("cooijmans", B=4)
-    kwargs = dict(variant=get_variant("cooijmans"), training=training, eps=1e-5, lengths=torch.tensor([5, 3, 5, 1]))
+    x, h0, c0, params, running = random_layer("cooijmans", B=4, device=DEVICE)
+    kwargs = dict(variant=get_variant("cooijmans"), training=training, eps=1e-5,
+                  lengths=torch.tensor([5, 3, 5, 1], device=DEVICE))
     with torch.no_grad():
         got = triton_layer.bnlstm_layer_triton(x, h0, c0, params, running, **kwargs)
         want = bnlstm_layer_reference(x, h0, c0, params, running, **kwargs)
@@ -168,9 +177,11 @@ def test_device_and_dtype_errors_name_what_is_wrong(monkeypatch):
     with pytest.raises(ValueError, match="was imported before it was"):
         backends.resolve_backend("triton", torch.device("cpu"))
     monkeypatch.undo()
+    monkeypatch.setattr(triton_layer, "_kernels_interpreted", lambda: True)
     with pytest.raises(ValueError, match="imported under TRITON_INTERPRET=1, which runs on CPU tensors only"):
         triton_layer.check_device(torch.device("cuda"))
-    x, h0, c0, params, running = random_layer("cooijmans")
+    monkeypatch.undo()
+    x, h0, c0, params, running = random_layer("cooijmans", device=DEVICE)
     with pytest.raises(ValueError, match=r"h0 must have shape \[3, 20\], got \[2, 20\]"):
         triton_layer.bnlstm_layer_triton(x, h0[:2], c0, params, running, variant=get_variant("cooijmans"),
                                          training=True, eps=1e-5)
@@ -179,3 +190,10 @@ def test_device_and_dtype_errors_name_what_is_wrong(monkeypatch):
                                          training=True, eps=1e-5)
     assert "triton" in backends.BACKEND_NAMES
     assert BNLSTM(3, 4, backend="triton").backend == "triton"
+
+
+@pytest.mark.cuda
+def test_training_step_in_a_cuda_graph_matches_eager():
+    """Forward and backward of a training step captured in a CUDA graph (no host
+    synchronisation in the Triton layer) give what eager execution gives."""
+    helpers.assert_graph_step_matches_eager("triton")

@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# Everything a session lent a GPU should run, in one call of the device tool:
+#
+#   run(command="bash benchmarks/gpu_check.sh", timeout_s=600)
+#
+# Stages, each in its own time box so that one that hangs or fails leaves time for the
+# rest: the machine (GPU, torch, triton), the CUDA extension built for this GPU, the CUDA
+# backend's GPU suite (tests/test_cuda_backend.py), the GPU benchmark sweep beside cuDNN's
+# nn.LSTM, and the Triton suite on CUDA tensors (tests/test_triton_backend.py). Logs and results land in
+# $OUT (the device tool's folder; benchmarks/results/gpu-check elsewhere): at most 8 files,
+# which is what the device tool brings back. The last lines printed are the summary.
+#
+# Time boxes (seconds) can be changed from the environment: BUILD_S, TESTS_S (each suite),
+# BENCH_S. Their default total, 550 s, fits the 600 s a call may run; stages that end early
+# leave the rest unused. The benchmark comes before the Triton suite: if time runs out, the
+# figures the issues' targets are stated on are already written.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+out="${OUT:-benchmarks/results/gpu-check}"
+mkdir -p "$out"
+py="${PYTHON:-python3}"
+# The device machine has torch, triton, pytest and ninja but installs nothing: run the
+# package from the working tree, and build into a cache of this call.
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1
+export BNLSTM_CACHE_DIR="${BNLSTM_CACHE_DIR:-/tmp/bnlstm-cache}"
+export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
+
+summary=()
+stage() {  # stage NAME SECONDS COMMAND...: log to $out/NAME.log, note exit status and time
+    local name=$1 limit=$2
+    shift 2
+    local started=$SECONDS
+    echo "== $name (at most ${limit} s)"
+    timeout --kill-after=10 "$limit" "$@" >"$out/$name.log" 2>&1
+    local rc=$?
+    local verdict="ok"
+    if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then verdict="TIMED OUT"; elif [ "$rc" -ne 0 ]; then verdict="FAILED (exit $rc)"; fi
+    tail -n 4 "$out/$name.log"
+    summary+=("$(printf '%-12s %-18s %4d s   %s' "$name" "$verdict" $((SECONDS - started)) "$out/$name.log")")
+}
+
+stage machine 30 bash -c "nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem,driver_version --format=csv;
+    $py -c 'import torch, triton; print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"triton\", triton.__version__, \"|\", torch.cuda.get_device_name())'"
+# This GPU's architecture only (half the nvcc time of the default two); exported, so the
+# tests load the library the build stage made (the cache key covers the architectures).
+TORCH_CUDA_ARCH_LIST="$($py -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())' 2>/dev/null || echo 9.0)"
+export TORCH_CUDA_ARCH_LIST
+stage build "${BUILD_S:-100}" "$py" -m bnlstm_cuda.build --cuda
+stage tests_cuda "${TESTS_S:-110}" "$py" -m pytest -q -rs -p no:cacheprovider tests/test_cuda_backend.py
+# Short repetitions: the eager reference at T = 784 takes about a second a call.
+stage benchmark "${BENCH_S:-200}" "$py" -m benchmarks.run --sweep gpu --min-runs 5 --min-time 0.2 --results-dir "$out"
+stage tests_triton "${TESTS_S:-110}" "$py" -m pytest -q -rs -p no:cacheprovider tests/test_triton_backend.py
+
+echo "== summary"
+printf '%s\n' "${summary[@]}"
+for log in "$out"/tests_*.log; do echo "$(basename "$log"): $(grep -E "passed|failed|error" "$log" | tail -n 1)"; done
