@@ -150,13 +150,17 @@ def resolve_backend(name: str, device: torch.device, *, dtype: Optional[torch.dt
     raise ValueError(f"backend must be one of {list(BACKEND_NAMES)}, got {name!r}")
 
 
-def running_stats_fold(name: str, device: torch.device) -> Callable:
+def running_stats_fold(name: str, device: torch.device, *, synchronized: bool = False) -> Callable:
     """The function that folds a forward's batch statistics into the running statistics for
     backend `name` on `device`: beside the fused CPU operators a C++ operator too (the
     vectorised fold's small tensor operations cost a few percent of a small layer's training
-    step), elsewhere `statistics.update_running_stats`. "cpu" and "auto" on CPU tensors have
-    loaded the operators by then unless "auto" fell back to the reference, so the choice
-    follows the backend and device only and runs reproduce bit for bit."""
-    if name in ("cpu", "auto") and torch.device(device).type == "cpu" and ops.is_loaded():
+    step), elsewhere `statistics.update_running_stats`. The two round differently (by an ulp),
+    so the choice must follow what ran, not what happens to be loaded: "cpu" and "auto" on
+    CPU tensors have loaded the operators by then unless "auto" fell back to the reference;
+    a synchronized training step (`synchronized`) ran the reference layer whatever the
+    backend, and folds as the reference does, on every process alike (before, a process
+    whose evaluation had loaded the operators drifted from the others by an ulp a step)."""
+    if (not synchronized and name in ("cpu", "auto") and torch.device(device).type == "cpu"
+            and ops.is_loaded()):
         return ops.update_running_stats_compiled
     return update_running_stats

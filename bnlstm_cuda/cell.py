@@ -152,7 +152,7 @@ class BNLSTMCell(nn.Module):
             training=self.training, eps=self.eps, lengths=lengths, start_step=step,
         )
         if self.training:
-            fold = running_stats_fold(self.backend, weight.device)
+            fold = running_stats_fold(self.backend, weight.device, synchronized=group is not None)
             for part, stats in result.batch_stats.items():
                 fold(*running[part], stats, self.momentum, step)
         h_1, c_1 = result.h_n, result.c_n

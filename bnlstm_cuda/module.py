@@ -170,15 +170,16 @@ class BNLSTM(nn.Module):
     # Forward ----------------------------------------------------------------------------
 
     def forward(self, input, hx: Optional[Tuple[Tensor, Tensor]] = None, lengths=None, start_step: int = 0):
+        group = distributed.statistics_group(self, self.training)
         output, state, batch_stats = self._forward(
             input, hx, lengths,
             batch_statistics=self.training,
             dropout=self.dropout if self.training else 0.0,
             start_step=start_step,
-            group=distributed.statistics_group(self, self.training),
+            group=group,
         )
         if self.training:
-            self._update_running_stats(batch_stats, start_step)
+            self._update_running_stats(batch_stats, start_step, synchronized=group is not None)
         return output, state
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
@@ -192,8 +193,9 @@ class BNLSTM(nn.Module):
     def _running_stats(self, suffix: str):
         return parameters.running_stats(self, suffix, self._variant)
 
-    def _update_running_stats(self, batch_stats: ForwardStats, start_step: int = 0) -> None:
-        fold = running_stats_fold(self.backend, self.weight_ih_l0.device)
+    def _update_running_stats(self, batch_stats: ForwardStats, start_step: int = 0, *,
+                              synchronized: bool = False) -> None:
+        fold = running_stats_fold(self.backend, self.weight_ih_l0.device, synchronized=synchronized)
         for suffix, parts in batch_stats.items():
             running = self._running_stats(suffix)
             for part, stats in parts.items():

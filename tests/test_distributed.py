@@ -241,6 +241,24 @@ def test_sync_without_torch_distributed_is_the_plain_module(name):
     assert_bit_identical_to_plain(SYNC_CASES[name])
 
 
+def test_synchronized_steps_fold_running_statistics_as_the_reference():
+    """A synchronized training step runs the reference layer, so it folds its statistics with
+    the reference's fold, whether or not this process has loaded the fused operators (which
+    round an ulp differently): otherwise a rank whose evaluation loaded them (examples/
+    ddp_train.py evaluates on rank 0 only) drifted from the others by an ulp a step."""
+    from bnlstm_cuda import backends, ops
+    from bnlstm_cuda.statistics import update_running_stats
+
+    if backends._cpu_problem() is not None:
+        pytest.skip("needs the CPU extension")
+    assert ops.is_loaded()
+    cpu = torch.device("cpu")
+    for name in ("auto", "cpu"):
+        assert backends.running_stats_fold(name, cpu) is ops.update_running_stats_compiled
+        assert backends.running_stats_fold(name, cpu, synchronized=True) is update_running_stats
+    assert backends.running_stats_fold("reference", cpu) is update_running_stats
+
+
 @pytest.fixture
 def world_of_one(tmp_path):
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
