@@ -26,9 +26,11 @@ def gemm_flops(config: Config, mode: str) -> float:
 def matmul_rate(device: torch.device, dtype: torch.dtype) -> float:
     """FLOP/s of an n x n by n x n matmul in `dtype` (n = 8192 on a GPU, 1024 on a CPU),
     from the fastest of many runs: the floor is a bound, and the least disturbed run is
-    the closest to what the device can do."""
+    the closest to what the device can do. At least a second of runs, and at least 5: a
+    dtype without a fast path (bf16 on a CPU without AVX-512 BF16 or AMX: 2 s a product on
+    the AMD development machine) then costs 10 s, not the 100 s of a fixed 50 runs."""
     n = 8192 if device.type == "cuda" else 1024
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
-    fastest_ms = time_call(lambda: torch.mm(a, b), device, min_runs=50, min_time_s=1.0).min_ms
+    fastest_ms = time_call(lambda: torch.mm(a, b), device, min_runs=5, min_time_s=1.0).min_ms
     return 2 * n**3 / (fastest_ms * 1e-3)

@@ -29,6 +29,9 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     parser.add_argument("--min-runs", type=int, default=10, help="timed runs per measurement, at least")
     parser.add_argument("--min-time", type=float, default=0.5, help="seconds of timed runs per measurement, at least")
     parser.add_argument("--results-dir", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument("--budget", type=float, default=None,
+                        help="seconds: start no configuration after this long, and write what was measured "
+                             "(for a time-limited GPU session; configurations come in the sweep's order)")
     return parser.parse_args(argv)
 
 
@@ -44,8 +47,12 @@ def main(argv: Optional[List[str]] = None) -> None:
 
     rates = {dtype: matmul_rate(device, dtype) for dtype in dict.fromkeys(c.dtype for c in configs)}
     measurements = []
+    skipped = []
     with tqdm(total=len(configs) * len(found) * len(MODES), unit="measurement") as progress:
         for config in configs:
+            if args.budget is not None and time.perf_counter() - started > args.budget:
+                skipped.append(config.label)
+                continue
             for provider in found:
                 torch.manual_seed(0)
                 module = provider.build(config, device)
@@ -62,6 +69,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     if below_floor:
         print(f"note: {below_floor} measurements ran faster than the floor: the matmul rate was "
               "measured under load (re-run on a quiet machine), or cuDNN used TF32 for fp32")
+    if skipped:
+        print(f"--budget {args.budget:g} s spent: {len(skipped)} configurations not measured: {', '.join(skipped)}")
     for path in write_files(records, env, args.results_dir):
         print(f"wrote {path}")
     print(f"{len(measurements)} measurements in {time.perf_counter() - started:.0f} s")
