@@ -8,6 +8,7 @@ autograd formula through `torch.library`, so they work under autograd, pass
 """
 from __future__ import annotations
 
+import contextlib
 import threading
 from typing import Optional
 
@@ -222,7 +223,8 @@ def bnlstm_layer_fused(
     ensure_loaded()
     out_dtype = x.dtype
     dtype = compute_dtype(x.dtype)
-    x, h0, c0 = x.to(dtype), h0.to(dtype), c0.to(dtype)
+    if out_dtype != dtype:
+        x, h0, c0 = x.to(dtype), h0.to(dtype), c0.to(dtype)
     params = params.to(dtype)
     steps, batch = x.shape[0], x.shape[1]
     if lengths is None:
@@ -233,15 +235,25 @@ def bnlstm_layer_fused(
     running_hh = running.get("hh", no_stats) if not training else no_stats
     running_c = running.get("c", no_stats) if not training else no_stats
     layer = torch.ops.bnlstm.layer_forward
-    if keep_reserve and not torch.compiler.is_compiling():
-        layer = _LayerFunction.apply
-    (output, h_n, c_n, mean_ih, var_ih, mean_hh, var_hh, mean_c, var_c, _projection, _reserve) = layer(
-        x, h0, c0, lengths, *params, *running_ih, *running_hh, *running_c,
-        INPUT_STATISTICS[variant.input_statistics], variant.normalize_recurrent,
-        variant.normalize_cell, training, eps, reverse, keep_reserve, start_step,
-    )
+    dispatch = contextlib.nullcontext()
+    if not torch.compiler.is_compiling():
+        if keep_reserve:
+            layer = _LayerFunction.apply
+        else:
+            # Nothing here needs a gradient: call the kernel below the Autograd key, skipping
+            # the Python autograd kernel torch.library registered for it (it would only
+            # redispatch; about 55 us a call, 125 -> 71 us for a T=1, B=2, H=8 call here).
+            dispatch = torch._C._AutoDispatchBelowAutograd()
+    with dispatch:
+        (output, h_n, c_n, mean_ih, var_ih, mean_hh, var_hh, mean_c, var_c, _projection, _reserve) = layer(
+            x, h0, c0, lengths, *params, *running_ih, *running_hh, *running_c,
+            INPUT_STATISTICS[variant.input_statistics], variant.normalize_recurrent,
+            variant.normalize_cell, training, eps, reverse, keep_reserve, start_step,
+        )
     batch_stats = {}
     if training:
         counts = active_mask(lengths, steps, batch, x.device).sum(1).to(dtype)  # [T]
         batch_stats = step_batch_stats(variant, counts, mean_ih, var_ih, mean_hh, var_hh, mean_c, var_c)
-    return LayerResult(output.to(out_dtype), h_n.to(out_dtype), c_n.to(out_dtype), batch_stats)
+    if out_dtype != dtype:
+        output, h_n, c_n = output.to(out_dtype), h_n.to(out_dtype), c_n.to(out_dtype)
+    return LayerResult(output, h_n, c_n, batch_stats)
