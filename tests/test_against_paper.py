@@ -4,41 +4,10 @@ the gradient of the input, the initial states and every parameter, to 1e-10."""
 import pytest
 import torch
 
-from helpers import make_module, scalar_loss
-from paper_reference import paper_bnlstm
+from helpers import assert_matches_paper, make_module
 
-TOL = dict(rtol=1e-10, atol=1e-10)
 VARIANTS = ["cooijmans", "laurent_step", "laurent_sequence", "none"]
 BACKENDS = ["reference", "cpu"]
-
-
-def run_both(module, x, h0, c0, lengths, training):
-    module.train(training)
-    params = {k: v.detach().clone().requires_grad_(True) for k, v in module.named_parameters()}
-    running = {k: v.detach().clone() for k, v in module.named_buffers()}
-    x_ref, h0_ref, c0_ref = (t.detach().clone().requires_grad_(True) for t in (x, h0, c0))
-    x, h0, c0 = (t.detach().clone().requires_grad_(True) for t in (x, h0, c0))
-
-    out, (h_n, c_n) = module(x, (h0, c0), lengths=lengths)
-    scalar_loss(out, h_n, c_n).backward()
-    ref_out, ref_h, ref_c = paper_bnlstm(
-        params, running, variant=module.variant, num_layers=module.num_layers,
-        bidirectional=module.bidirectional, x=x_ref, h0=h0_ref, c0=c0_ref, lengths=lengths,
-        training=training, momentum=module.momentum, eps=module.eps,
-    )
-    scalar_loss(ref_out, ref_h, ref_c).backward()
-
-    torch.testing.assert_close(out, ref_out, **TOL)
-    torch.testing.assert_close(h_n, ref_h, **TOL)
-    torch.testing.assert_close(c_n, ref_c, **TOL)
-    for name, buffer in module.named_buffers():
-        torch.testing.assert_close(buffer, running[name], **TOL, msg=lambda m: f"{name}: {m}")
-    for name, tensor in (("input", x), ("h_0", h0), ("c_0", c0)):
-        reference = {"input": x_ref, "h_0": h0_ref, "c_0": c0_ref}[name]
-        torch.testing.assert_close(tensor.grad, reference.grad, **TOL, msg=lambda m: f"grad {name}: {m}")
-    for name, parameter in module.named_parameters():
-        torch.testing.assert_close(parameter.grad, params[name].grad, **TOL, msg=lambda m: f"grad {name}: {m}")
-        parameter.grad = None
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -52,7 +21,7 @@ def test_two_layer_bidirectional_matches_paper(backend, variant, training, lengt
     x = torch.randn(5, 3, 3, dtype=torch.float64)
     h0 = torch.randn(4, 3, 5, dtype=torch.float64)
     c0 = torch.randn(4, 3, 5, dtype=torch.float64)
-    run_both(module, x, h0, c0, lengths, training)
+    assert_matches_paper(module, x, h0, c0, lengths=lengths, training=training)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -65,5 +34,5 @@ def test_repeated_training_steps_match_paper(backend, variant):
         x = torch.randn(steps, 3, 4, dtype=torch.float64)
         h0 = torch.randn(1, 3, 3, dtype=torch.float64)
         c0 = torch.randn(1, 3, 3, dtype=torch.float64)
-        run_both(module, x, h0, c0, lengths, training=True)
-    run_both(module, x, h0, c0, [3, 1, 2], training=False)
+        assert_matches_paper(module, x, h0, c0, lengths=lengths, training=True)
+    assert_matches_paper(module, x, h0, c0, lengths=[3, 1, 2], training=False)

@@ -107,7 +107,7 @@ def test_check_packed_accepts_what_torch_packs():
         pack_sequence([torch.randn(n, 3) for n in (2, 4, 1)], enforce_sorted=False),
         pack_padded_sequence(torch.randn(1, 1, 3), [1]),
     ):
-        validation.check_packed(packed, 3)
+        assert validation.check_packed(packed, 3) is None  # raises on anything malformed
 
 
 @pytest.mark.parametrize("name, packed, pattern", malformed_packed()[:4], ids=[c[0] for c in malformed_packed()[:4]])

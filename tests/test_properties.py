@@ -117,7 +117,7 @@ def run(problem: Problem, backend: str):
     return result, module
 
 
-def compare(problem: Problem):
+def assert_cpu_matches_reference(problem: Problem):
     expected, _ = run(problem, "reference")
     got, _ = run(problem, "cpu")
     assert expected.keys() == got.keys()
@@ -129,7 +129,7 @@ def compare(problem: Problem):
 @settings(**SETTINGS)
 @given(problems())
 def test_cpu_backend_equals_float64_reference(problem):
-    compare(problem)
+    assert_cpu_matches_reference(problem)
 
 
 @settings(**{**SETTINGS, "max_examples": 300 if EXPLORE else 40})
