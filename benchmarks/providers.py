@@ -1,6 +1,7 @@
 """What is measured: the providers (implementations of one LSTM layer) and the modes."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from functools import partial
 from typing import Callable, List
@@ -45,10 +46,40 @@ def _nn_lstm(config: Config, device: torch.device) -> nn.Module:
     return nn.LSTM(config.input_size, config.hidden_size, device=device, dtype=config.dtype)
 
 
+class _CublasRecurrentGemm(nn.Module):
+    """The CUDA backend with its recurrent GEMM through cuBLAS in float32 (version 1), not the
+    tensor-core GEMM inside the step kernel that half-precision inputs get: the environment
+    variable the kernels' host code reads is set around each forward call (the backward pass
+    does not read it). For float32 inputs both take cuBLAS: the same as bnlstm:cuda."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, *args, **kwargs):
+        previous = os.environ.get("BNLSTM_CUDA_RECURRENT_GEMM")
+        os.environ["BNLSTM_CUDA_RECURRENT_GEMM"] = "cublas"
+        try:
+            return self.module(*args, **kwargs)
+        finally:
+            if previous is None:
+                del os.environ["BNLSTM_CUDA_RECURRENT_GEMM"]
+            else:
+                os.environ["BNLSTM_CUDA_RECURRENT_GEMM"] = previous
+
+
+def _cuda_with_cublas_gemm(config: Config, device: torch.device) -> nn.Module:
+    return _CublasRecurrentGemm(_bnlstm("cuda", config, device))
+
+
 def providers(device: torch.device, compile: bool = False) -> List[Provider]:
-    """Every backend of the package available on `device`, torch.compile of the reference
-    if asked, and torch.nn.LSTM (cuDNN on a GPU) as the bar, last."""
-    found = [Provider(f"bnlstm:{name}", partial(_bnlstm, name)) for name in available_backends(device)]
+    """Every backend of the package available on `device`, the CUDA backend with its version 1
+    recurrent GEMM (to compare the two), torch.compile of the reference if asked, and
+    torch.nn.LSTM (cuDNN on a GPU) as the bar, last."""
+    backends = available_backends(device)
+    found = [Provider(f"bnlstm:{name}", partial(_bnlstm, name)) for name in backends]
+    if "cuda" in backends:
+        found.append(Provider("bnlstm:cuda+cublas-gemm", _cuda_with_cublas_gemm))
     if compile:
         found.append(Provider("bnlstm:reference+compile", _compiled_reference))
     found.append(Provider(BASELINE, _nn_lstm))

@@ -22,6 +22,8 @@ from .variants import Variant
 
 # Variant.input_statistics -> the operators' int argument (csrc/bnlstm.h, InputStatistics).
 INPUT_STATISTICS = {None: 0, "step": 1, "sequence": 2}
+# Input dtypes passed on as the recurrent GEMM's operand dtype (bnlstm::layer_forward).
+HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 _lock = threading.Lock()
 _registered = False
@@ -105,7 +107,8 @@ def _register_python_parts() -> None:
 def _layer_forward_fake(x, h0, c0, lengths, weight_ih, weight_hh, bias, gamma_ih, gamma_hh, gamma_c,
                         beta_c, running_mean_ih, running_var_ih, running_mean_hh, running_var_hh,
                         running_mean_c, running_var_c, input_statistics, normalize_recurrent,
-                        normalize_cell, training, eps, reverse, keep_reserve, start_step=0):
+                        normalize_cell, training, eps, reverse, keep_reserve, start_step=0,
+                        recurrent_operand_dtype=None):
     steps, batch, _ = x.shape
     hidden = weight_hh.shape[1]
     gates = 4 * hidden
@@ -144,9 +147,9 @@ def _update_running_stats_fake(running_mean, running_var, mean, var, count, mome
 
 
 def _setup_context(ctx, inputs, output):
-    (x, h0, c0, lengths, weight_ih, weight_hh, bias, gamma_ih, gamma_hh, gamma_c, beta_c,
-     *_running, input_statistics, normalize_recurrent, normalize_cell, training, eps, reverse,
-     keep_reserve, _start_step) = inputs
+    (x, h0, c0, lengths, weight_ih, weight_hh, bias, gamma_ih, gamma_hh, gamma_c, beta_c) = inputs[:11]
+    # inputs[11:17]: running statistics; after the flags: start_step, recurrent_operand_dtype
+    input_statistics, normalize_recurrent, normalize_cell, training, eps, reverse, keep_reserve = inputs[17:24]
     out, _, _, mean_ih, var_ih, _mean_hh, var_hh, mean_c, var_c, projection, reserve = output
     ctx.mark_non_differentiable(*output[3:])
     # No zero gradients for the statistics and the (large) reserve: they are not used.
@@ -185,6 +188,7 @@ def _layer_backward_formula(ctx, grad_output, grad_h_n, grad_c_n, *_grad_statist
         present(gamma_c, grad_gamma_c), present(beta_c, grad_beta_c),
         None, None, None, None, None, None,  # running statistics
         None, None, None, None, None, None, None, None,  # flags, start_step
+        None,  # recurrent_operand_dtype
     )
 
 
@@ -219,7 +223,9 @@ def bnlstm_layer_fused(
     start_step: int = 0,
 ) -> LayerResult:
     """One layer-direction through `bnlstm::layer_forward`; arguments and result as
-    `reference.bnlstm_layer_reference`. Half-precision inputs are computed in float32."""
+    `reference.bnlstm_layer_reference`. Half-precision inputs are computed in float32; the
+    CUDA kernels multiply the recurrent GEMM's operands in the input's dtype (fp32
+    accumulation), as cuDNN and the Triton backend do."""
     ensure_loaded()
     out_dtype = x.dtype
     dtype = compute_dtype(x.dtype)
@@ -249,6 +255,7 @@ def bnlstm_layer_fused(
             x, h0, c0, lengths, *params, *running_ih, *running_hh, *running_c,
             INPUT_STATISTICS[variant.input_statistics], variant.normalize_recurrent,
             variant.normalize_cell, training, eps, reverse, keep_reserve, start_step,
+            out_dtype if out_dtype in HALF_DTYPES else None,
         )
     batch_stats = {}
     if training:

@@ -27,6 +27,9 @@ struct LayerFlags {
   bool training;  // batch statistics (true) or running statistics (false)
   double eps;
   int64_t start_step;  // index of the first step: step t reads statistics slot min(start_step + t, S - 1)
+  // Half or BFloat16: the recurrent GEMM may round h_{t-1} and W_hh to it (fp32 accumulation;
+  // the CUDA kernels' tensor-core path); Undefined: operands in the compute dtype.
+  at::ScalarType recurrent_operand_dtype;
 };
 
 // Per-step values the backward pass reads, stored row by row in reserve [T, B, width].

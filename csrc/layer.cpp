@@ -69,13 +69,17 @@ LayerForwardResult layer_forward(
     const c10::optional<at::Tensor>& running_var_ih, const c10::optional<at::Tensor>& running_mean_hh,
     const c10::optional<at::Tensor>& running_var_hh, const c10::optional<at::Tensor>& running_mean_c,
     const c10::optional<at::Tensor>& running_var_c, int64_t input_statistics, bool normalize_recurrent,
-    bool normalize_cell, bool training, double eps, bool reverse, bool keep_reserve, int64_t start_step) {
+    bool normalize_cell, bool training, double eps, bool reverse, bool keep_reserve, int64_t start_step,
+    c10::optional<at::ScalarType> recurrent_operand_dtype) {
   TORCH_CHECK(x.dim() == 3, "x must be [T, B, I], got ", x.sizes());
   TORCH_CHECK(input_statistics >= kInputNone && input_statistics <= kInputSequence,
               "input_statistics must be 0 (none), 1 (step) or 2 (sequence), got ", input_statistics);
   const int64_t T = x.size(0), B = x.size(1), I = x.size(2), H = weight_hh.size(-1), G = 4 * H;
   TORCH_CHECK(start_step >= 0, "start_step must be >= 0, got ", start_step);
-  const LayerFlags flags{input_statistics, normalize_recurrent, normalize_cell, training, eps, start_step};
+  const at::ScalarType operand_dtype = recurrent_operand_dtype.value_or(at::ScalarType::Undefined);
+  TORCH_CHECK(operand_dtype == at::ScalarType::Undefined || operand_dtype == at::kHalf || operand_dtype == at::kBFloat16,
+              "recurrent_operand_dtype must be None, float16 or bfloat16, got ", operand_dtype);
+  const LayerFlags flags{input_statistics, normalize_recurrent, normalize_cell, training, eps, start_step, operand_dtype};
   const bool normalize_input = input_statistics != kInputNone;
   check_tensor(h0, "h0", {B, H}, x);
   check_tensor(c0, "c0", {B, H}, x);
@@ -180,7 +184,8 @@ LayerBackwardResult layer_backward(
     bool normalize_recurrent, bool normalize_cell, bool training, double eps, bool reverse, bool input_grad) {
   const int64_t T = x.size(0), B = x.size(1), I = x.size(2), H = weight_hh.size(-1), G = 4 * H;
   // The backward pass reads the statistics each step used, never a slot: start_step is moot.
-  const LayerFlags flags{input_statistics, normalize_recurrent, normalize_cell, training, eps, 0};
+  const LayerFlags flags{input_statistics, normalize_recurrent, normalize_cell, training, eps, 0,
+                         at::ScalarType::Undefined};
   const bool normalize_input = input_statistics != kInputNone;
   const ReserveLayout layout(H, flags);
   TORCH_CHECK(reserve.dim() == 3 && reserve.size(0) == T && reserve.size(1) == B && reserve.size(2) == layout.width,

@@ -33,7 +33,8 @@ LayerForwardResult layer_forward(
     const OptTensor& running_mean_ih, const OptTensor& running_var_ih, const OptTensor& running_mean_hh,
     const OptTensor& running_var_hh, const OptTensor& running_mean_c, const OptTensor& running_var_c,
     int64_t input_statistics, bool normalize_recurrent, bool normalize_cell, bool training, double eps,
-    bool reverse, bool keep_reserve, int64_t start_step);
+    bool reverse, bool keep_reserve, int64_t start_step,
+    c10::optional<at::ScalarType> recurrent_operand_dtype);
 
 // weights_in_recurrence: the device's backward kernel accumulates the weight gradients
 // itself (RecurrentBackwardOutputs::grad_weight_hh).
@@ -54,11 +55,11 @@ LayerForwardResult bind_layer_forward(
     const OptTensor& running_var_ih, const OptTensor& running_mean_hh, const OptTensor& running_var_hh,
     const OptTensor& running_mean_c, const OptTensor& running_var_c, int64_t input_statistics,
     bool normalize_recurrent, bool normalize_cell, bool training, double eps, bool reverse, bool keep_reserve,
-    int64_t start_step) {
+    int64_t start_step, c10::optional<at::ScalarType> recurrent_operand_dtype) {
   return layer_forward(Recurrent, x, h0, c0, lengths, weight_ih, weight_hh, bias, gamma_ih, gamma_hh, gamma_c,
                        beta_c, running_mean_ih, running_var_ih, running_mean_hh, running_var_hh, running_mean_c,
                        running_var_c, input_statistics, normalize_recurrent, normalize_cell, training, eps, reverse,
-                       keep_reserve, start_step);
+                       keep_reserve, start_step, recurrent_operand_dtype);
 }
 
 template <RecurrentBackwardFn Recurrent, bool kWeightsInRecurrence = false>

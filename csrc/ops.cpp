@@ -16,12 +16,15 @@ TORCH_LIBRARY(bnlstm, m) {
   // at each step are returned (batch statistics in training, for the running update).
   // keep_reserve=False (inference) returns an empty projection and reserve. start_step is the
   // index of x's first step: step t uses statistics slot min(start_step + t, S - 1).
+  // recurrent_operand_dtype (float16 or bfloat16, for inputs that were in it) lets a backend
+  // with tensor cores round the recurrent GEMM's operands h_{t-1} and W_hh to that dtype,
+  // accumulating in float32, as cuDNN does; the CPU computes in the compute dtype.
   m.def(
       "layer_forward(Tensor x, Tensor h0, Tensor c0, Tensor lengths, Tensor weight_ih, Tensor weight_hh, "
       "Tensor? bias, Tensor? gamma_ih, Tensor? gamma_hh, Tensor? gamma_c, Tensor? beta_c, "
       "Tensor? running_mean_ih, Tensor? running_var_ih, Tensor? running_mean_hh, Tensor? running_var_hh, "
       "Tensor? running_mean_c, Tensor? running_var_c, int input_statistics, bool normalize_recurrent, "
-      "bool normalize_cell, bool training, float eps, bool reverse, bool keep_reserve, int start_step=0) -> "
+      "bool normalize_cell, bool training, float eps, bool reverse, bool keep_reserve, int start_step=0, ScalarType? recurrent_operand_dtype=None) -> "
       "(Tensor output, Tensor h_n, Tensor c_n, Tensor mean_ih, Tensor var_ih, Tensor mean_hh, Tensor var_hh, "
       "Tensor mean_c, Tensor var_c, Tensor projection, Tensor reserve)");
   // Gradients of layer_forward's inputs, from its inputs, output, statistics, projection

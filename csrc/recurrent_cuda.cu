@@ -1,10 +1,15 @@
-// The recurrent part of the BN-LSTM layer on CUDA GPUs (version 1: float32 and float64).
-// Per step, the recurrent GEMM h_{t-1} W_hh^T through cuBLAS (at::mm_out into one buffer
-// allocated before the loop) and one fused kernel (../shared/PAPER.md):
+// The recurrent part of the BN-LSTM layer on CUDA GPUs. Per step, one fused kernel
+// (../shared/PAPER.md):
 //
 //   gates_t = BN(W_ih x_t; gamma_ih, 0) + BN(W_hh h_{t-1}; gamma_hh, 0) + bias
 //   c_t = sigmoid(f) * c_{t-1} + sigmoid(i) * tanh(g)
 //   h_t = sigmoid(o) * tanh(BN(c_t; gamma_c, beta_c))
+//
+// The recurrent GEMM h_{t-1} W_hh^T: for float16/bfloat16 inputs, inside the step kernel on
+// tensor cores (WMMA, operands in the input's dtype, fp32 accumulation: one launch a step);
+// for float32 (cuBLAS honours allow_tf32) and float64, through cuBLAS before the kernel
+// (at::mm_out into one buffer allocated before the loop), since CUDA-core FMAs inside a few
+// blocks could not match cuBLAS spread over the whole GPU.
 //
 // A thread block owns kUnits hidden units with their four gate columns and the whole batch
 // (threads: kUnits units x kRows row lanes; each lane loops over rows b = lane, lane +
@@ -26,10 +31,24 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <mma.h>
+
 #define BNLSTM_LAUNCH(kernel, grid, block, stream, ...) kernel<<<grid, block, 0, stream>>>(__VA_ARGS__)
 #endif
 
+// bfloat16 WMMA needs sm_80; builds for older architectures get a kernel that traps there,
+// which the host never launches (tensor_core_gemm checks the device).
+#if defined(BNLSTM_CUDA_EMULATION) || !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+#define BNLSTM_HAS_WMMA_BF16 1
+#else
+#define BNLSTM_HAS_WMMA_BF16 0
+#endif
+
 #include <algorithm>
+#include <cstdlib>
+#include <cstring>
 #include <type_traits>
 
 namespace bnlstm {
@@ -143,12 +162,154 @@ __global__ void __launch_bounds__(kStatColumns * kStatRows)
 }
 
 // ---------------------------------------------------------------------------------------
+// The recurrent GEMM inside the forward step kernel, on tensor cores (float16/bfloat16
+// operands, fp32 accumulation): zh[:, block's gate columns] = h_{t-1} W_hh[columns]^T.
+// The block's 4 * kUnits columns are kUnits units of each gate, g * H + unit0 + j. Rows are
+// taken kGemmRows at a time; K in chunks of kDepth staged in shared memory (zero past B and
+// H, so any B and H work), each warp owning 16 x 16 output tiles. Each chunk waits once for
+// its loads from L2, so chunks are as deep as shared memory allows: 128 for the narrow
+// blocks a GPU with many multiprocessors gets (kUnits = 8 from H = 1024 on an H100).
+constexpr int kWarps = kThreads / 32;
+constexpr int kGemmRows = 64;
+constexpr int kVector = 8;  // operands per 16-byte load
+
+template <int kUnits>
+struct GemmTiles {
+  static constexpr int kColumns = 4 * kUnits;
+  static constexpr int kColumnTiles = kColumns / 16;
+  static constexpr int kDepth = kUnits == 8 ? 128 : (kUnits == 16 ? 64 : 32);
+  // Staged rows hold kDepth operands plus 8 of padding: a multiple of 8 elements (WMMA's
+  // ldm) that keeps every 16-row tile 32-byte aligned and shifts banks from row to row.
+  static constexpr int kStageLd = kDepth + 8;
+  static constexpr int kOutLd = kColumns + 4;  // floats; a multiple of 4, as WMMA needs
+  static constexpr int kTilesPerWarp = (kGemmRows / 16) * kColumnTiles / kWarps;
+  static constexpr int kStageBytes = (kGemmRows + kColumns) * kStageLd * 2;
+  static constexpr int kOutBytes = kGemmRows * kOutLd * 4;
+  static constexpr int kBytes = kStageBytes > kOutBytes ? kStageBytes : kOutBytes;
+  static_assert(kColumns % 16 == 0 && (kGemmRows / 16) * kColumnTiles % kWarps == 0, "tiles must share out");
+  static_assert(kBytes + 4 * kThreads * 4 <= 48 * 1024, "static shared memory is at most 48 KB");
+};
+
+// 16 bytes (kVector operands) from global to shared memory, both 16-byte aligned.
+__device__ __forceinline__ void copy_16_bytes(void* to, const void* from) {
+#ifdef BNLSTM_CUDA_EMULATION
+  std::memcpy(to, from, 16);
+#else
+  *reinterpret_cast<uint4*>(to) = *reinterpret_cast<const uint4*>(from);
+#endif
+}
+
+template <typename Operand>
+__device__ __forceinline__ Operand to_operand(float v);
+template <>
+__device__ __forceinline__ __nv_bfloat16 to_operand<__nv_bfloat16>(float v) { return __float2bfloat16(v); }
+template <>
+__device__ __forceinline__ __half to_operand<__half>(float v) { return __float2half(v); }
+
+template <typename Operand, int kUnits>
+__device__ __forceinline__ void recurrent_gemm_in_block(const Operand* __restrict__ h, const Operand* __restrict__ w,
+                                                        float* zh, int64_t B, int64_t H, int64_t unit0,
+                                                        unsigned char* smem) {
+#if BNLSTM_HAS_WMMA_BF16
+  namespace wmma = nvcuda::wmma;
+  using Tiles = GemmTiles<kUnits>;
+  constexpr int kLd = Tiles::kStageLd, kColumns = Tiles::kColumns, kDepth = Tiles::kDepth;
+  Operand* a_stage = reinterpret_cast<Operand*>(smem);  // [kGemmRows][kLd]: rows of h
+  Operand* b_stage = a_stage + kGemmRows * kLd;         // [kColumns][kLd]: rows of W_hh
+  float* out_stage = reinterpret_cast<float*>(smem);    // [kGemmRows][kOutLd], after the K loop
+  const int warp = threadIdx.x / 32;
+  const int64_t G = 4 * H;
+  const Operand zero = to_operand<Operand>(0.0f);
+  for (int64_t row0 = 0; row0 < B; row0 += kGemmRows) {
+    const int rows = static_cast<int>(min(int64_t(kGemmRows), B - row0));
+    const int tiles = ((rows + 15) / 16) * Tiles::kColumnTiles;  // row tiles past B are skipped
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[Tiles::kTilesPerWarp];
+#pragma unroll
+    for (int i = 0; i < Tiles::kTilesPerWarp; ++i) wmma::fill_fragment(acc[i], 0.0f);
+    for (int64_t k0 = 0; k0 < H; k0 += kDepth) {
+      if (H % kVector == 0) {  // rows of h and W_hh are 16-byte aligned: 16-byte loads
+        constexpr int kSlices = kDepth / kVector;
+        for (int e = threadIdx.x; e < kGemmRows * kSlices; e += kThreads) {
+          const int r = e / kSlices, k = (e % kSlices) * kVector;
+          Operand* to = a_stage + r * kLd + k;
+          if (r < rows && k0 + k < H) {
+            copy_16_bytes(to, h + (row0 + r) * H + k0 + k);
+          } else {
+            for (int v = 0; v < kVector; ++v) to[v] = zero;
+          }
+        }
+        for (int e = threadIdx.x; e < kColumns * kSlices; e += kThreads) {
+          const int n = e / kSlices, k = (e % kSlices) * kVector;
+          const int64_t unit = unit0 + n % kUnits;
+          Operand* to = b_stage + n * kLd + k;
+          if (unit < H && k0 + k < H) {
+            copy_16_bytes(to, w + ((n / kUnits) * H + unit) * H + k0 + k);
+          } else {
+            for (int v = 0; v < kVector; ++v) to[v] = zero;
+          }
+        }
+      } else {
+        for (int e = threadIdx.x; e < kGemmRows * kDepth; e += kThreads) {
+          const int r = e / kDepth, k = e % kDepth;
+          a_stage[r * kLd + k] = (r < rows && k0 + k < H) ? h[(row0 + r) * H + k0 + k] : zero;
+        }
+        for (int e = threadIdx.x; e < kColumns * kDepth; e += kThreads) {
+          const int n = e / kDepth, k = e % kDepth;
+          const int64_t unit = unit0 + n % kUnits;
+          b_stage[n * kLd + k] = (unit < H && k0 + k < H) ? w[((n / kUnits) * H + unit) * H + k0 + k] : zero;
+        }
+      }
+      __syncthreads();
+#pragma unroll
+      for (int kk = 0; kk < kDepth; kk += 16) {
+#pragma unroll
+        for (int i = 0; i < Tiles::kTilesPerWarp; ++i) {
+          const int tile = warp + i * kWarps;
+          if (tile < tiles) {  // uniform over the warp, as WMMA needs
+            const int row_tile = tile / Tiles::kColumnTiles, column_tile = tile % Tiles::kColumnTiles;
+            wmma::fragment<wmma::matrix_a, 16, 16, 16, Operand, wmma::row_major> a;
+            wmma::fragment<wmma::matrix_b, 16, 16, 16, Operand, wmma::col_major> b;
+            wmma::load_matrix_sync(a, a_stage + row_tile * 16 * kLd + kk, kLd);
+            wmma::load_matrix_sync(b, b_stage + column_tile * 16 * kLd + kk, kLd);
+            wmma::mma_sync(acc[i], a, b, acc[i]);
+          }
+        }
+      }
+      __syncthreads();  // the stage is refilled (or becomes out_stage) next
+    }
+#pragma unroll
+    for (int i = 0; i < Tiles::kTilesPerWarp; ++i) {
+      const int tile = warp + i * kWarps;
+      if (tile < tiles) {
+        const int row_tile = tile / Tiles::kColumnTiles, column_tile = tile % Tiles::kColumnTiles;
+        wmma::store_matrix_sync(out_stage + row_tile * 16 * Tiles::kOutLd + column_tile * 16, acc[i], Tiles::kOutLd,
+                                wmma::mem_row_major);
+      }
+    }
+    __syncthreads();
+    for (int e = threadIdx.x; e < rows * kColumns; e += kThreads) {
+      const int r = e / kColumns, n = e % kColumns;
+      const int64_t unit = unit0 + n % kUnits;
+      if (unit < H) zh[(row0 + r) * G + (n / kUnits) * H + unit] = out_stage[r * Tiles::kOutLd + n];
+    }
+    __syncthreads();  // zh complete for the block; the stage is free again
+  }
+#else
+  __trap();  // not launched: the host takes the cuBLAS path below sm_80
+#endif
+}
+
+// ---------------------------------------------------------------------------------------
 // Forward step.
 template <typename T>
 struct ForwardStep {
   int64_t batch, hidden;
   const T* wx;               // [B, 4H] W_ih x_t
-  const T* zh;               // [B, 4H] W_hh h_{t-1}
+  T* zh;                     // [B, 4H] W_hh h_{t-1} (from cuBLAS, or written by the kernel's own GEMM)
+  const void* h_operand;     // [B, H] h_{t-1} in the operand dtype (tensor-core GEMM), else null
+  void* h_operand_next;      // [B, H] h_t in the operand dtype: a second buffer, as other blocks
+                             // still read h_operand
+  const void* weight_operand;  // [4H, H] W_hh in the operand dtype
   const bool* active;        // [B]
   const int64_t* count;      // -> active rows at this step (device memory)
   const T* input_mean;       // [4H] input statistics for this step, or null (not normalized)
@@ -162,7 +323,7 @@ struct ForwardStep {
   const T* gamma_hh;         // [4H] or null
   const T* gamma_c;          // [H] or null
   const T* beta_c;           // [H] or null
-  T* h;                      // [B, H] h_{t-1} on entry (read by the GEMM), h_t on exit
+  T* h;                      // [B, H] h_{t-1} on entry, h_t on exit (active rows)
   T* c;                      // [B, H] c_{t-1} on entry, c_t on exit (active rows)
   T* output;                 // [B, H] this step's output
   T* reserve;                // [B, width] this step's reserve, or null (inference)
@@ -176,14 +337,23 @@ struct ForwardStep {
 };
 
 // One step of the recurrence for hidden units [blockIdx.x * kUnits, + kUnits) and all rows.
-// kKeep: write the reserve for the backward pass.
-template <typename T, int kUnits, bool kKeep>
+// kKeep: write the reserve for the backward pass. Operand: void when zh comes from cuBLAS,
+// else the dtype of the tensor-core GEMM's operands (T is float then).
+template <typename T, int kUnits, bool kKeep, typename Operand = void>
 __global__ void __launch_bounds__(kThreads) bnlstm_fwd_step_kernel(const ForwardStep<T> s) {
   constexpr int kRows = kThreads / kUnits;
+  constexpr bool kGemmInBlock = !std::is_void<Operand>::value;
   __shared__ T scratch[4 * kThreads];
   const int j = threadIdx.x % kUnits, lane = threadIdx.x / kUnits;
   const int64_t H = s.hidden, G = 4 * H, B = s.batch;
   const int64_t u = int64_t(blockIdx.x) * kUnits + j;  // this thread's hidden unit
+  if constexpr (kGemmInBlock) {
+    static_assert(std::is_same<T, float>::value, "the tensor-core GEMM accumulates in float32");
+    __shared__ __align__(128) unsigned char gemm_stage[GemmTiles<kUnits>::kBytes];
+    recurrent_gemm_in_block<Operand, kUnits>(static_cast<const Operand*>(s.h_operand),
+                                             static_cast<const Operand*>(s.weight_operand), s.zh, B, H,
+                                             int64_t(blockIdx.x) * kUnits, gemm_stage);
+  }
   const bool valid = u < H;  // threads past H hold zeros and take part in the barriers
   const int64_t count = *s.count;
   const T inv_count = T(1) / T(count > 1 ? count : 1);
@@ -329,8 +499,12 @@ __global__ void __launch_bounds__(kThreads) bnlstm_fwd_step_kernel(const Forward
         const T h_new = s.output[k] * tanh_((s.c[k] - cell_mean) * cell_scale + cell_beta);
         s.h[k] = h_new;
         s.output[k] = h_new;
+        if constexpr (kGemmInBlock) static_cast<Operand*>(s.h_operand_next)[k] = to_operand<Operand>(h_new);
       } else {
         s.output[k] = T(0);  // padded steps give zero output and leave the state alone
+        if constexpr (kGemmInBlock) {
+          static_cast<Operand*>(s.h_operand_next)[k] = static_cast<const Operand*>(s.h_operand)[k];
+        }
       }
     }
   }
@@ -606,6 +780,42 @@ void check_cuda_args(const at::Tensor& reference, int64_t batch, int64_t hidden)
               " is too large for the CUDA kernels (at most ", 65535 * kStatColumns / 4, ")");
 }
 
+// The operand dtype of the tensor-core GEMM inside the step kernel, or Undefined for the
+// cuBLAS path: float32 compute with a float16/bfloat16 operand dtype requested, a GPU with
+// bfloat16 tensor cores (sm_80), and BNLSTM_CUDA_RECURRENT_GEMM not "cublas" (kept to compare
+// the two paths).
+at::ScalarType tensor_core_operands(at::ScalarType compute, const LayerFlags& flags) {
+  const at::ScalarType operands = flags.recurrent_operand_dtype;
+  if (compute != at::kFloat || (operands != at::kHalf && operands != at::kBFloat16)) return at::ScalarType::Undefined;
+  const char* choice = std::getenv("BNLSTM_CUDA_RECURRENT_GEMM");
+  if (choice != nullptr && std::strcmp(choice, "cublas") == 0) return at::ScalarType::Undefined;
+#ifndef BNLSTM_CUDA_EMULATION
+  if (at::cuda::getCurrentDeviceProperties()->major < 8) return at::ScalarType::Undefined;
+#endif
+  return operands;
+}
+
+// Launches the forward step kernel for the reserve choice and the GEMM's operand dtype.
+template <typename T, int kUnits>
+void launch_forward_step(bool keep, at::ScalarType operands, unsigned blocks, cudaStream_t stream,
+                         const ForwardStep<T>& s) {
+  auto launch = [&](auto kernel) {
+    BNLSTM_LAUNCH(kernel, blocks, kThreads, stream, s);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  };
+  if constexpr (std::is_same<T, float>::value) {
+    if (operands == at::kBFloat16) {
+      return keep ? launch(bnlstm_fwd_step_kernel<T, kUnits, true, __nv_bfloat16>)
+                  : launch(bnlstm_fwd_step_kernel<T, kUnits, false, __nv_bfloat16>);
+    }
+    if (operands == at::kHalf) {
+      return keep ? launch(bnlstm_fwd_step_kernel<T, kUnits, true, __half>)
+                  : launch(bnlstm_fwd_step_kernel<T, kUnits, false, __half>);
+    }
+  }
+  keep ? launch(bnlstm_fwd_step_kernel<T, kUnits, true>) : launch(bnlstm_fwd_step_kernel<T, kUnits, false>);
+}
+
 template <typename T>
 void recurrent_forward_impl(const RecurrentForwardArgs& args, RecurrentForwardOutputs& out,
                             const LayerFlags& flags) {
@@ -641,6 +851,17 @@ void recurrent_forward_impl(const RecurrentForwardArgs& args, RecurrentForwardOu
   // The recurrent GEMM's output, allocated once for all steps.
   at::Tensor zh = at::empty({B, G}, args.input_projection.options());
   const at::Tensor weight_hh_t = args.weight_hh.t();  // [H, 4H]
+  // Tensor-core path: W_hh and h_{t-1} in the operand dtype; h in two buffers, step t
+  // reading one and writing the other (blocks of step t still read h_{t-1} while others
+  // have written h_t).
+  const at::ScalarType operands = tensor_core_operands(args.input_projection.scalar_type(), flags);
+  const bool gemm_in_block = operands != at::ScalarType::Undefined;
+  at::Tensor weight_operand, h_operand;
+  if (gemm_in_block) {
+    weight_operand = args.weight_hh.to(operands).contiguous();
+    h_operand = at::empty({2, B, H}, args.input_projection.options().dtype(operands));
+    h_operand.select(0, 0).copy_(out.h);
+  }
 
   ForwardStep<T> s{};
   s.batch = B;
@@ -679,8 +900,14 @@ void recurrent_forward_impl(const RecurrentForwardArgs& args, RecurrentForwardOu
 
   const int units = units_per_block(H);
   const int64_t blocks = (H + units - 1) / units;
+  s.weight_operand = gemm_in_block ? weight_operand.data_ptr() : nullptr;
   for (int64_t t = 0; t < steps; ++t) {
-    at::mm_out(zh, out.h, weight_hh_t);  // [B, 4H] = h_{t-1} W_hh^T, on the current stream
+    if (gemm_in_block) {
+      s.h_operand = h_operand.select(0, t % 2).data_ptr();
+      s.h_operand_next = h_operand.select(0, (t + 1) % 2).data_ptr();
+    } else {
+      at::mm_out(zh, out.h, weight_hh_t);  // [B, 4H] = h_{t-1} W_hh^T, on the current stream
+    }
     const int64_t step = flags.start_step + t;
     s.wx = projection + t * B * G;
     s.active = active + t * B;
@@ -705,9 +932,7 @@ void recurrent_forward_impl(const RecurrentForwardArgs& args, RecurrentForwardOu
     s.var_c = flags.normalize_cell ? out.var_c.data_ptr<T>() + t * H : nullptr;
     switch_units(units, [&](auto units_constant) {
       constexpr int kUnits = decltype(units_constant)::value;
-      const auto kernel = keep ? bnlstm_fwd_step_kernel<T, kUnits, true> : bnlstm_fwd_step_kernel<T, kUnits, false>;
-      BNLSTM_LAUNCH(kernel, static_cast<unsigned>(blocks), kThreads, stream, s);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      launch_forward_step<T, kUnits>(keep, operands, static_cast<unsigned>(blocks), stream, s);
     });
   }
 }

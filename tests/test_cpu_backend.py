@@ -255,6 +255,8 @@ def test_running_statistics_fold_follows_the_backend(backend, compiled, monkeypa
 
 
 def test_half_precision_inputs_are_computed_in_float32():
+    """The CPU kernels compute half-precision inputs in float32 throughout (the CUDA kernels'
+    recurrent GEMM multiplies in the input's dtype: test_cuda_backend.py)."""
     module = BNLSTM(4, 6, max_length=5, backend="cpu").to(torch.bfloat16)
     reference = BNLSTM(4, 6, max_length=5, backend="reference").to(torch.bfloat16)
     reference.load_state_dict(module.state_dict())
@@ -280,6 +282,9 @@ def test_op_boundary_checks_name_the_argument():
     args[13] = None  # running_mean_hh in evaluation
     with pytest.raises(RuntimeError, match="running_mean_hh is required in evaluation"):
         torch.ops.bnlstm.layer_forward(*args)
+    args = list(op_arguments("cooijmans", True, False))
+    with pytest.raises(RuntimeError, match="recurrent_operand_dtype must be None, float16 or bfloat16, got Float"):
+        torch.ops.bnlstm.layer_forward(*args, 0, torch.float32)
 
 
 def test_backward_without_reserve_says_why():

@@ -145,16 +145,18 @@ def test_float32_against_float64_reference(variant):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.usefixtures("cuda_extension")
-@pytest.mark.cuda
-@requires_gpu
-def test_half_precision_is_computed_in_float32(dtype):
-    """Half-precision inputs are cast to float32 before the operator (ops.bnlstm_layer_fused),
-    as on the CPU; the reference does the same, so both round once at the end: within a
-    couple of half-precision ulps (bf16 has 8 bits of mantissa: 1e-2 relative)."""
-    module = BNLSTM(8, 40, max_length=5, backend="cuda", device="cuda").to(dtype)
-    reference = BNLSTM(8, 40, max_length=5, backend="reference", device="cuda").to(dtype)
+@requires_gpu_or_emulation
+def test_half_precision_inputs(dtype):
+    """Half-precision inputs: the recurrent GEMM multiplies h_{t-1} and W_hh in the input's
+    dtype on tensor cores (fp32 accumulation), everything else is float32, rounded once at the
+    end; the reference computes in float32. bf16 has 8 bits of mantissa (4e-3 relative): the
+    outputs within a few ulps, the running statistics (batch statistics of the rounded GEMM)
+    within 1e-2."""
+    backend = "cpu" if EMULATED else "cuda"  # the emulation registers the CUDA code for the CPU
+    module = BNLSTM(8, 40, max_length=5, backend=backend, device=DEVICE).to(dtype)
+    reference = BNLSTM(8, 40, max_length=5, backend="reference", device=DEVICE).to(dtype)
     reference.load_state_dict(module.state_dict())
-    x = torch.randn(5, 6, 8, device="cuda").to(dtype)
+    x = torch.randn(5, 6, 8, device=DEVICE).to(dtype)
     xs = [x.clone().requires_grad_(True) for _ in range(2)]
     out, want = module(xs[0])[0], reference(xs[1])[0]
     assert out.dtype == dtype
@@ -163,7 +165,63 @@ def test_half_precision_is_computed_in_float32(dtype):
     want.float().pow(2).sum().backward()
     torch.testing.assert_close(xs[0].grad, xs[1].grad, rtol=5e-2, atol=5e-2)
     for name, buffer in module.named_buffers():
-        torch.testing.assert_close(buffer, getattr(reference, name), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(buffer, getattr(reference, name), rtol=1e-2, atol=1e-3)
+
+
+def run_op_step_by_step(args, round_to):
+    """bnlstm::layer_forward one step at a time (start_step = t), h_{t-1} and W_hh rounded to
+    `round_to` and widened again before each call, operands otherwise in float32: what the
+    tensor-core GEMM computes for the whole sequence, up to the order of its sums. Returns
+    the full call's first nine results (output, h_n, c_n and the statistics)."""
+    args = list(args)
+    x, h, c, lengths = args[0], args[1], args[2], args[3]
+    args[5] = args[5].to(round_to).float()
+    per_step = []
+    for t in range(x.shape[0]):
+        active = lengths > t
+        args[0:4] = x[t:t + 1], h.to(round_to).float(), c, active.long()
+        result = torch.ops.bnlstm.layer_forward(*args, t, None)
+        # Padded rows keep their state unrounded (the call above returns the rounded copy).
+        h, c = torch.where(active[:, None], result[1], h), result[2]
+        per_step.append(result)
+    cat = lambda i: torch.cat([result[i] for result in per_step])
+    return (cat(0), h, c, *(cat(i) for i in range(3, 9)))
+
+
+@pytest.mark.parametrize("operands", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("variant,training", [("cooijmans", True), ("cooijmans", False), ("laurent_step", True),
+                                              ("laurent_sequence", False), ("none", True)])
+# With BNLSTM_EMULATED_SMS=4 (the emulation's default) H = 72 takes blocks of 16 units (K in
+# chunks of 64: two, ragged), H = 200 blocks of 32 (chunks of 32), H = 24 and 37 blocks of 8
+# (one chunk of 128); H = 37 takes the 2-byte loads (rows not 16-byte aligned), the rest
+# 16-byte loads; B = 70 two row tiles. On an H100 every H here takes blocks of 8.
+@pytest.mark.parametrize("B,H", [(3, 72), (70, 24), (5, 37), (4, 200)], ids=["B3-H72", "B70-H24", "B5-H37", "B4-H200"])
+@pytest.mark.usefixtures("cuda_extension")
+@requires_gpu_or_emulation
+def test_tensor_core_gemm_rounds_h_and_weights(operands, variant, training, B, H):
+    """With recurrent_operand_dtype (what half-precision inputs pass), the step kernel's own
+    GEMM multiplies h_{t-1} and W_hh rounded to that dtype, accumulating in float32: the whole
+    sequence matches the same operator run step by step on rounded operands in float32, over
+    ragged row and K tiles, both load widths, padding and evaluation slots.
+    "Matches": the root-mean-square difference of every result is at most 5% of the unrounded
+    float32 call's (measured: at most 0.25%); not elementwise, since a float32 difference in
+    the order of the sums can flip how an h value rounds, which then moves its whole row."""
+    args = list(helpers.op_arguments(variant, training, reverse=False, T=4, B=B, I=6, H=H, dtype=torch.float32,
+                                     device=DEVICE))
+    args[5] = (args[5] * H ** -0.5).detach()  # W_hh at the usual scale: gates of order 1, not saturated
+    args[3] = torch.randint(1, 5, (B,), device=DEVICE)
+    args[3][0] = 4  # every step has an active row
+    with torch.no_grad():
+        got = torch.ops.bnlstm.layer_forward(*args, 0, operands)
+        want = run_op_step_by_step(args, operands)
+        unrounded = torch.ops.bnlstm.layer_forward(*args, 0, None)
+    rms = lambda d: d.pow(2).mean().sqrt().item() if d.numel() else 0.0
+    names = ("output", "h_n", "c_n", "mean_ih", "var_ih", "mean_hh", "var_hh", "mean_c", "var_c")
+    for name, g, w, u in zip(names, got, want, unrounded):
+        w = w[:g.shape[0]]  # sequence-wise input statistics: one row, the same at every step
+        assert g.shape == w.shape, name
+        assert rms(g - w) <= 0.05 * rms(u - w) + 1e-6, (name, rms(g - w), rms(u - w))
+    assert rms(unrounded[0] - want[0]) > 1e-5  # the rounding is visible in the output
 
 
 def op_arguments(*args, **kwargs):

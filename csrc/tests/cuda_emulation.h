@@ -8,6 +8,8 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 
 #include <algorithm>
 #include <barrier>
@@ -23,6 +25,7 @@
 #define __forceinline__ inline
 #define __launch_bounds__(...)
 #define __shared__ static
+#define __align__(n) __attribute__((aligned(n)))
 
 struct dim3 {
   unsigned x = 1, y = 1, z = 1;
@@ -43,6 +46,83 @@ inline float expf(float x) { return std::exp(x); }
 inline float tanhf(float x) { return std::tanh(x); }
 
 using cudaStream_t = int;
+inline void __trap() { std::abort(); }
+
+// Half-precision types: c10's have the same bits and round to nearest even, as CUDA's do.
+using __nv_bfloat16 = c10::BFloat16;
+using __half = c10::Half;
+inline __nv_bfloat16 __float2bfloat16(float v) { return __nv_bfloat16(v); }
+inline __half __float2half(float v) { return __half(v); }
+
+// WMMA (16 x 16 x 16 tiles, half-precision operands, float accumulators). A fragment is
+// spread over a warp's registers on a GPU and is opaque to the code; here the warp's lane 0
+// holds the whole tile and does the warp's work, the other lanes' calls do nothing. That is
+// the API's contract as seen through load, mma and store: a tile in memory in, the product
+// of the tiles out, accumulated in float32 (each product of two half-precision values is
+// exact in float32; the order of the sums is not the tensor core's).
+namespace nvcuda {
+namespace wmma {
+struct matrix_a {};
+struct matrix_b {};
+struct accumulator {};
+struct row_major {};
+struct col_major {};
+enum layout_t { mem_row_major, mem_col_major };
+
+template <typename Use, int M, int N, int K, typename T, typename Layout = void>
+struct fragment {
+  static_assert(M == 16 && N == 16 && K == 16, "the emulation has 16 x 16 x 16 tiles only");
+  static constexpr int num_elements = 256;
+  T x[256];
+};
+
+inline bool holds_fragments() { return threadIdx.x % 32 == 0; }
+
+template <typename T>
+void fill_fragment(fragment<accumulator, 16, 16, 16, T>& f, T value) {
+  if (holds_fragments()) std::fill(f.x, f.x + 256, value);
+}
+
+template <typename T>  // x[r * 16 + k] = A(r, k)
+void load_matrix_sync(fragment<matrix_a, 16, 16, 16, T, row_major>& f, const T* p, unsigned ldm) {
+  if (!holds_fragments()) return;
+  for (int r = 0; r < 16; ++r)
+    for (int k = 0; k < 16; ++k) f.x[r * 16 + k] = p[r * ldm + k];
+}
+
+template <typename T>  // x[k * 16 + n] = B(k, n), stored column by column
+void load_matrix_sync(fragment<matrix_b, 16, 16, 16, T, col_major>& f, const T* p, unsigned ldm) {
+  if (!holds_fragments()) return;
+  for (int n = 0; n < 16; ++n)
+    for (int k = 0; k < 16; ++k) f.x[k * 16 + n] = p[n * ldm + k];
+}
+
+template <typename T, typename LayoutA, typename LayoutB>
+void mma_sync(fragment<accumulator, 16, 16, 16, float>& d, const fragment<matrix_a, 16, 16, 16, T, LayoutA>& a,
+              const fragment<matrix_b, 16, 16, 16, T, LayoutB>& b, const fragment<accumulator, 16, 16, 16, float>& c) {
+  if (!holds_fragments()) return;
+  float product[256];
+  for (int r = 0; r < 16; ++r) {
+    for (int n = 0; n < 16; ++n) {
+      float sum = c.x[r * 16 + n];
+      for (int k = 0; k < 16; ++k) sum += static_cast<float>(a.x[r * 16 + k]) * static_cast<float>(b.x[k * 16 + n]);
+      product[r * 16 + n] = sum;
+    }
+  }
+  std::copy(product, product + 256, d.x);
+}
+
+inline void store_matrix_sync(float* p, const fragment<accumulator, 16, 16, 16, float>& f, unsigned ldm,
+                              layout_t layout) {
+  if (!holds_fragments()) return;
+  for (int r = 0; r < 16; ++r)
+    for (int n = 0; n < 16; ++n) {
+      if (layout == mem_row_major) p[r * ldm + n] = f.x[r * 16 + n];
+      else p[n * ldm + r] = f.x[r * 16 + n];
+    }
+}
+}  // namespace wmma
+}  // namespace nvcuda
 
 // kernel<<<grid, block, 0, stream>>>(args...), run on the CPU.
 template <typename Kernel, typename... Args>
