@@ -29,6 +29,9 @@ def test_opcheck_layer_forward(variant, training):
     torch.library.opcheck(torch.ops.bnlstm.layer_forward.default, args)
     inference = op_arguments(variant, training, reverse=False, keep_reserve=False)
     torch.library.opcheck(torch.ops.bnlstm.layer_forward.default, inference)
+    # The trailing arguments given (start_step, recurrent_operand_dtype): what half-precision
+    # inputs pass; the CPU computes in the compute dtype whatever it says.
+    torch.library.opcheck(torch.ops.bnlstm.layer_forward.default, (*args, 1, torch.bfloat16))
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
