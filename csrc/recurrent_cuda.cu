@@ -190,12 +190,22 @@ struct GemmTiles {
   static_assert(kBytes + 4 * kThreads * 4 <= 48 * 1024, "static shared memory is at most 48 KB");
 };
 
-// 16 bytes (kVector operands) from global to shared memory, both 16-byte aligned.
-__device__ __forceinline__ void copy_16_bytes(void* to, const void* from) {
+// 16 bytes (kVector operands) at a 16-byte aligned address.
+__device__ __forceinline__ uint4 load_16_bytes(const void* from) {
 #ifdef BNLSTM_CUDA_EMULATION
-  std::memcpy(to, from, 16);
+  uint4 v;
+  std::memcpy(&v, from, 16);
+  return v;
 #else
-  *reinterpret_cast<uint4*>(to) = *reinterpret_cast<const uint4*>(from);
+  return *reinterpret_cast<const uint4*>(from);
+#endif
+}
+
+__device__ __forceinline__ void store_16_bytes(void* to, uint4 v) {
+#ifdef BNLSTM_CUDA_EMULATION
+  std::memcpy(to, &v, 16);
+#else
+  *reinterpret_cast<uint4*>(to) = v;
 #endif
 }
 
@@ -226,40 +236,8 @@ __device__ __forceinline__ void recurrent_gemm_in_block(const Operand* __restric
     wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[Tiles::kTilesPerWarp];
 #pragma unroll
     for (int i = 0; i < Tiles::kTilesPerWarp; ++i) wmma::fill_fragment(acc[i], 0.0f);
-    for (int64_t k0 = 0; k0 < H; k0 += kDepth) {
-      if (H % kVector == 0) {  // rows of h and W_hh are 16-byte aligned: 16-byte loads
-        constexpr int kSlices = kDepth / kVector;
-        for (int e = threadIdx.x; e < kGemmRows * kSlices; e += kThreads) {
-          const int r = e / kSlices, k = (e % kSlices) * kVector;
-          Operand* to = a_stage + r * kLd + k;
-          if (r < rows && k0 + k < H) {
-            copy_16_bytes(to, h + (row0 + r) * H + k0 + k);
-          } else {
-            for (int v = 0; v < kVector; ++v) to[v] = zero;
-          }
-        }
-        for (int e = threadIdx.x; e < kColumns * kSlices; e += kThreads) {
-          const int n = e / kSlices, k = (e % kSlices) * kVector;
-          const int64_t unit = unit0 + n % kUnits;
-          Operand* to = b_stage + n * kLd + k;
-          if (unit < H && k0 + k < H) {
-            copy_16_bytes(to, w + ((n / kUnits) * H + unit) * H + k0 + k);
-          } else {
-            for (int v = 0; v < kVector; ++v) to[v] = zero;
-          }
-        }
-      } else {
-        for (int e = threadIdx.x; e < kGemmRows * kDepth; e += kThreads) {
-          const int r = e / kDepth, k = e % kDepth;
-          a_stage[r * kLd + k] = (r < rows && k0 + k < H) ? h[(row0 + r) * H + k0 + k] : zero;
-        }
-        for (int e = threadIdx.x; e < kColumns * kDepth; e += kThreads) {
-          const int n = e / kDepth, k = e % kDepth;
-          const int64_t unit = unit0 + n % kUnits;
-          b_stage[n * kLd + k] = (unit < H && k0 + k < H) ? w[((n / kUnits) * H + unit) * H + k0 + k] : zero;
-        }
-      }
-      __syncthreads();
+    // The staged chunk times this warp's tiles, into the accumulators.
+    auto multiply_chunk = [&]() {
 #pragma unroll
       for (int kk = 0; kk < kDepth; kk += 16) {
 #pragma unroll
@@ -275,7 +253,66 @@ __device__ __forceinline__ void recurrent_gemm_in_block(const Operand* __restric
           }
         }
       }
-      __syncthreads();  // the stage is refilled (or becomes out_stage) next
+    };
+    if (H % kVector == 0) {
+      // Rows of h and W_hh are 16-byte aligned: 16-byte loads, all of a chunk's issued before
+      // any is stored (a loop that stores each load waited for L2 once per pair of loads:
+      // ptxas' code for the loop this replaced), and the next chunk's issued before the MMAs of
+      // this one, so that their latency overlaps.
+      constexpr int kSlices = kDepth / kVector;
+      constexpr int kASlices = kGemmRows * kSlices / kThreads, kBSlices = kColumns * kSlices / kThreads;
+      static_assert(kASlices * kThreads == kGemmRows * kSlices && kBSlices * kThreads == kColumns * kSlices,
+                    "every thread stages the same number of slices");
+      uint4 a_slices[kASlices], b_slices[kBSlices];
+      auto load_chunk = [&](int64_t k0) {
+#pragma unroll
+        for (int i = 0; i < kASlices; ++i) {
+          const int e = threadIdx.x + i * kThreads, r = e / kSlices, k = (e % kSlices) * kVector;
+          a_slices[i] = (r < rows && k0 + k < H) ? load_16_bytes(h + (row0 + r) * H + k0 + k) : make_uint4(0, 0, 0, 0);
+        }
+#pragma unroll
+        for (int i = 0; i < kBSlices; ++i) {
+          const int e = threadIdx.x + i * kThreads, n = e / kSlices, k = (e % kSlices) * kVector;
+          const int64_t unit = unit0 + n % kUnits;
+          b_slices[i] = (unit < H && k0 + k < H) ? load_16_bytes(w + ((n / kUnits) * H + unit) * H + k0 + k)
+                                                 : make_uint4(0, 0, 0, 0);
+        }
+      };
+      auto store_chunk = [&]() {  // zero bits are +0 in float16 and bfloat16
+#pragma unroll
+        for (int i = 0; i < kASlices; ++i) {
+          const int e = threadIdx.x + i * kThreads;
+          store_16_bytes(a_stage + (e / kSlices) * kLd + (e % kSlices) * kVector, a_slices[i]);
+        }
+#pragma unroll
+        for (int i = 0; i < kBSlices; ++i) {
+          const int e = threadIdx.x + i * kThreads;
+          store_16_bytes(b_stage + (e / kSlices) * kLd + (e % kSlices) * kVector, b_slices[i]);
+        }
+      };
+      load_chunk(0);
+      for (int64_t k0 = 0; k0 < H; k0 += kDepth) {
+        store_chunk();
+        __syncthreads();
+        if (k0 + kDepth < H) load_chunk(k0 + kDepth);  // in flight during the MMAs below
+        multiply_chunk();
+        __syncthreads();  // the stage is refilled (or becomes out_stage) next
+      }
+    } else {  // 2-byte loads, one chunk at a time
+      for (int64_t k0 = 0; k0 < H; k0 += kDepth) {
+        for (int e = threadIdx.x; e < kGemmRows * kDepth; e += kThreads) {
+          const int r = e / kDepth, k = e % kDepth;
+          a_stage[r * kLd + k] = (r < rows && k0 + k < H) ? h[(row0 + r) * H + k0 + k] : zero;
+        }
+        for (int e = threadIdx.x; e < kColumns * kDepth; e += kThreads) {
+          const int n = e / kDepth, k = e % kDepth;
+          const int64_t unit = unit0 + n % kUnits;
+          b_stage[n * kLd + k] = (unit < H && k0 + k < H) ? w[((n / kUnits) * H + unit) * H + k0 + k] : zero;
+        }
+        __syncthreads();
+        multiply_chunk();
+        __syncthreads();
+      }
     }
 #pragma unroll
     for (int i = 0; i < Tiles::kTilesPerWarp; ++i) {

@@ -47,6 +47,10 @@ inline float tanhf(float x) { return std::tanh(x); }
 
 using cudaStream_t = int;
 inline void __trap() { std::abort(); }
+struct alignas(16) uint4 {
+  unsigned int x, y, z, w;
+};
+inline uint4 make_uint4(unsigned int x, unsigned int y, unsigned int z, unsigned int w) { return uint4{x, y, z, w}; }
 
 // Half-precision types: c10's have the same bits and round to nearest even, as CUDA's do.
 using __nv_bfloat16 = c10::BFloat16;
