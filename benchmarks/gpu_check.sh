@@ -52,7 +52,7 @@ export TORCH_CUDA_ARCH_LIST
 stage build "${BUILD_S:-130}" "$py" -m bnlstm_cuda.build --cuda
 # Two processes: the tensor-core GEMM of half-precision inputs (version 2) first ran on a GPU
 # here; should it fault, the sticky CUDA error must not fail the version 1 tests after it.
-v2_tests="tensor_core or half_precision"
+v2_tests="tensor_core or half_precision or bf16 or fp16"
 stage tests_cuda "${TESTS_S:-110}" bash -c "
     '$py' -m pytest -q -rs -p no:cacheprovider tests/test_cuda_backend.py -k 'not ($v2_tests)'; v1=\$?
     echo '== the tensor-core GEMM (version 2), in its own process'
