@@ -66,7 +66,7 @@ bench_s="${BENCH_S:-190}"
 # sweep runs with version 1 (BNLSTM_CUDA_RECURRENT_GEMM=cublas) rather than lose every
 # figure to a sticky CUDA error; the log says which.
 stage benchmark "$bench_s" bash -c "
-    if ! '$py' benchmarks/gpu_smoke.py; then
+    if ! '$py' -m benchmarks.gpu_smoke; then
         echo 'version 2 failed its smoke test: the sweep runs with BNLSTM_CUDA_RECURRENT_GEMM=cublas'
         export BNLSTM_CUDA_RECURRENT_GEMM=cublas
     fi

@@ -2,11 +2,11 @@
 I = H = 512, T = 4), compared with the same step through the version 1 GEMM
 (BNLSTM_CUDA_RECURRENT_GEMM=cublas): exits non-zero if it faults or disagrees.
 benchmarks/gpu_check.sh runs it before the sweep, in a process of its own."""
-import os
 import sys
 
 import torch
 
+from benchmarks.providers import cublas_recurrent_gemm
 from bnlstm_cuda import BNLSTM
 
 
@@ -23,9 +23,8 @@ def main() -> int:
     module = BNLSTM(512, 512, max_length=4, backend="cuda", device="cuda").to(torch.bfloat16)
     x = torch.randn(4, 64, 512, device="cuda").to(torch.bfloat16)
     out, grad = training_step(module, x)
-    os.environ["BNLSTM_CUDA_RECURRENT_GEMM"] = "cublas"
-    want_out, want_grad = training_step(module, x)
-    del os.environ["BNLSTM_CUDA_RECURRENT_GEMM"]
+    with cublas_recurrent_gemm():
+        want_out, want_grad = training_step(module, x)
     out_error = (out - want_out).abs().max().item()
     grad_error = ((grad - want_grad).abs().max() / want_grad.abs().max()).item()
     print(f"version 2 against version 1, bf16 B=64 H=512 T=4: output {out_error:.2e}, "

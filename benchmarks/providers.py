@@ -1,6 +1,7 @@
 """What is measured: the providers (implementations of one LSTM layer) and the modes."""
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from functools import partial
@@ -46,26 +47,35 @@ def _nn_lstm(config: Config, device: torch.device) -> nn.Module:
     return nn.LSTM(config.input_size, config.hidden_size, device=device, dtype=config.dtype)
 
 
+@contextlib.contextmanager
+def cublas_recurrent_gemm():
+    """Within: the CUDA backend takes its recurrent GEMM through cuBLAS in float32 (version 1),
+    not the tensor-core GEMM inside the step kernel that half-precision inputs get, through
+    the environment variable its host code reads at each forward call; restored after."""
+    name = "BNLSTM_CUDA_RECURRENT_GEMM"
+    previous = os.environ.get(name)
+    os.environ[name] = "cublas"
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = previous
+
+
 class _CublasRecurrentGemm(nn.Module):
-    """The CUDA backend with its recurrent GEMM through cuBLAS in float32 (version 1), not the
-    tensor-core GEMM inside the step kernel that half-precision inputs get: the environment
-    variable the kernels' host code reads is set around each forward call (the backward pass
-    does not read it). For float32 inputs both take cuBLAS: the same as bnlstm:cuda."""
+    """The CUDA backend with version 1's recurrent GEMM (`cublas_recurrent_gemm` around each
+    forward call; the backward pass does not read it). For float32 inputs both take cuBLAS:
+    the same as bnlstm:cuda."""
 
     def __init__(self, module: nn.Module):
         super().__init__()
         self.module = module
 
     def forward(self, *args, **kwargs):
-        previous = os.environ.get("BNLSTM_CUDA_RECURRENT_GEMM")
-        os.environ["BNLSTM_CUDA_RECURRENT_GEMM"] = "cublas"
-        try:
+        with cublas_recurrent_gemm():
             return self.module(*args, **kwargs)
-        finally:
-            if previous is None:
-                del os.environ["BNLSTM_CUDA_RECURRENT_GEMM"]
-            else:
-                os.environ["BNLSTM_CUDA_RECURRENT_GEMM"] = previous
 
 
 def _cuda_with_cublas_gemm(config: Config, device: torch.device) -> nn.Module:

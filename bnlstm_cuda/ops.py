@@ -22,8 +22,6 @@ from .variants import Variant
 
 # Variant.input_statistics -> the operators' int argument (csrc/bnlstm.h, InputStatistics).
 INPUT_STATISTICS = {None: 0, "step": 1, "sequence": 2}
-# Input dtypes passed on as the recurrent GEMM's operand dtype (bnlstm::layer_forward).
-HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 _lock = threading.Lock()
 _registered = False
@@ -255,7 +253,7 @@ def bnlstm_layer_fused(
             x, h0, c0, lengths, *params, *running_ih, *running_hh, *running_c,
             INPUT_STATISTICS[variant.input_statistics], variant.normalize_recurrent,
             variant.normalize_cell, training, eps, reverse, keep_reserve, start_step,
-            out_dtype if out_dtype in HALF_DTYPES else None,
+            out_dtype if out_dtype != dtype else None,  # half precision: the GEMM's operand dtype
         )
     batch_stats = {}
     if training:
