@@ -207,6 +207,23 @@ def cuda_include_paths() -> List[str]:
     return sorted(str(path) for path in nvidia.glob("*/include") if (path / "cusparse.h").is_file())
 
 
+def cuda_ldflags() -> List[str]:
+    """Link cuBLAS, which matmul_cuda calls itself (cublasGemmEx, for its TF32 compute type):
+    the toolkit's, else the one torch's CUDA wheels bring under site-packages/nvidia/*/lib
+    (by its full name: the wheels have no libcublas.so link). None found: torch has loaded
+    cuBLAS into the process anyway, and the symbol resolves when the library loads."""
+    import torch
+
+    home = cuda_home()
+    for directory in [Path(home) / "lib64", Path(home) / "lib"] if home else []:
+        if (directory / "libcublas.so").is_file():
+            return [f"-L{directory}", "-lcublas"]
+    nvidia = Path(torch.__file__).resolve().parent.parent / "nvidia"
+    for library in sorted(nvidia.glob("*/lib/libcublas.so.*")):
+        return [f"-L{library.parent}", f"-l:{library.name}"]
+    return []
+
+
 def cuda_home() -> Optional[str]:
     """The CUDA toolkit to build with: CUDA_HOME or CUDA_PATH, else torch's own guess, else
     /usr/local/cuda; the first that holds bin/nvcc and include/cuda_runtime.h. (torch guesses
@@ -241,7 +258,7 @@ def cuda_source_key(src: Optional[Path] = None) -> str:
     import torch
 
     src = src or source_dir()
-    flags = cpu_cflags() + cuda_cflags() + cuda_include_paths()
+    flags = cpu_cflags() + cuda_cflags() + cuda_include_paths() + cuda_ldflags()
     flags += [f"arch={cuda_arch_list()}", f"cuda={torch.version.cuda}", f"toolkit={cuda_home()}"]
     return _build_key([src / name for name in CPU_SOURCES + CUDA_SOURCES + HEADERS], flags)
 
@@ -405,7 +422,7 @@ def _build_and_load_cuda(build_dir: Path, src: Path, verbose: bool, what: str) -
                 name=CUDA_EXTENSION_NAME,
                 sources=[str(src / name) for name in CPU_SOURCES + CUDA_SOURCES],
                 extra_cflags=cpu_cflags(),
-                extra_ldflags=cpu_ldflags(),
+                extra_ldflags=cpu_ldflags() + cuda_ldflags(),
                 extra_cuda_cflags=cuda_cflags(),
                 extra_include_paths=[str(src)] + cuda_include_paths(),
                 build_directory=str(build_dir),

@@ -106,7 +106,7 @@ def _layer_forward_fake(x, h0, c0, lengths, weight_ih, weight_hh, bias, gamma_ih
                         beta_c, running_mean_ih, running_var_ih, running_mean_hh, running_var_hh,
                         running_mean_c, running_var_c, input_statistics, normalize_recurrent,
                         normalize_cell, training, eps, reverse, keep_reserve, start_step=0,
-                        recurrent_operand_dtype=None):
+                        operand_dtype=None):
     steps, batch, _ = x.shape
     hidden = weight_hh.shape[1]
     gates = 4 * hidden
@@ -128,7 +128,7 @@ def _layer_forward_fake(x, h0, c0, lengths, weight_ih, weight_hh, bias, gamma_ih
 def _layer_backward_fake(grad_output, grad_h_n, grad_c_n, x, lengths, h0, c0, output, weight_ih,
                          weight_hh, gamma_ih, gamma_hh, gamma_c, beta_c, mean_ih, var_ih, var_hh, mean_c,
                          var_c, projection, reserve, input_statistics, normalize_recurrent,
-                         normalize_cell, training, eps, reverse, input_grad=True):
+                         normalize_cell, training, eps, reverse, input_grad=True, operand_dtype=None):
     hidden = weight_hh.shape[1]
     new = x.new_empty
     sized = lambda condition, size: new(size) if condition else new(0)
@@ -146,8 +146,9 @@ def _update_running_stats_fake(running_mean, running_var, mean, var, count, mome
 
 def _setup_context(ctx, inputs, output):
     (x, h0, c0, lengths, weight_ih, weight_hh, bias, gamma_ih, gamma_hh, gamma_c, beta_c) = inputs[:11]
-    # inputs[11:17]: running statistics; after the flags: start_step, recurrent_operand_dtype
+    # inputs[11:17]: running statistics; after the flags: start_step, operand_dtype
     input_statistics, normalize_recurrent, normalize_cell, training, eps, reverse, keep_reserve = inputs[17:24]
+    ctx.operand_dtype = inputs[25] if len(inputs) > 25 else None  # the backward's GEMMs too
     out, _, _, mean_ih, var_ih, _mean_hh, var_hh, mean_c, var_c, projection, reserve = output
     ctx.mark_non_differentiable(*output[3:])
     # No zero gradients for the statistics and the (large) reserve: they are not used.
@@ -176,7 +177,7 @@ def _layer_backward_formula(ctx, grad_output, grad_h_n, grad_c_n, *_grad_statist
     input_grad = ctx.needs_input_grad[0]
     (grad_x, grad_h0, grad_c0, grad_weight_ih, grad_weight_hh, grad_bias, grad_gamma_ih,
      grad_gamma_hh, grad_gamma_c, grad_beta_c) = torch.ops.bnlstm.layer_backward(
-        grad_output, grad_h_n, grad_c_n, *saved, *ctx.flags, input_grad,
+        grad_output, grad_h_n, grad_c_n, *saved, *ctx.flags, input_grad, ctx.operand_dtype,
     )
     present = lambda tensor, grad: grad if tensor is not None else None
     return (
@@ -186,7 +187,7 @@ def _layer_backward_formula(ctx, grad_output, grad_h_n, grad_c_n, *_grad_statist
         present(gamma_c, grad_gamma_c), present(beta_c, grad_beta_c),
         None, None, None, None, None, None,  # running statistics
         None, None, None, None, None, None, None, None,  # flags, start_step
-        None,  # recurrent_operand_dtype
+        None,  # operand_dtype
     )
 
 
@@ -223,7 +224,8 @@ def bnlstm_layer_fused(
     """One layer-direction through `bnlstm::layer_forward`; arguments and result as
     `reference.bnlstm_layer_reference`. Half-precision inputs are computed in float32; the
     CUDA kernels multiply the recurrent GEMM's operands in the input's dtype (fp32
-    accumulation), as cuDNN and the Triton backend do."""
+    accumulation), as cuDNN and the Triton backend do, and the other GEMMs, forward and
+    backward, in TF32."""
     ensure_loaded()
     out_dtype = x.dtype
     dtype = compute_dtype(x.dtype)

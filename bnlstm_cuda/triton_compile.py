@@ -76,7 +76,8 @@ def kernel_configurations() -> List[dict]:
     import torch
 
     from . import triton_kernels as k
-    from .triton_layer import INPUT_BLOCK_F, INPUT_BLOCK_R, NUM_WARPS, STEP_NUM_WARPS, tile_config
+    from .triton_layer import (INPUT_BLOCK_F, INPUT_BLOCK_R, MATMUL_BLOCK_K, MATMUL_BLOCK_M, MATMUL_BLOCK_N,
+                               MATMUL_NUM_WARPS, NUM_WARPS, STEP_NUM_WARPS, tile_config)
 
     configs = []
     for hidden in HIDDEN_SIZES:
@@ -99,8 +100,14 @@ def kernel_configurations() -> List[dict]:
                      mode="train", constexprs=dict(NORM_INPUT=True, STEP_INPUT=True, NORM_REC=True, NORM_CELL=True,
                                                    TRAINING=True, TILES=tiles.tiles, **blocks)),
             ]
+    # The backward pass's products over all steps for bf16/fp16 inputs (any shape: one compile).
+    configs.append(dict(name="tf32_matmul_kernel", fn=k.tf32_matmul_kernel, shape="all steps, bf16 inputs",
+                        operand="fp32", mode="train",
+                        constexprs=dict(PRECISION="tf32", BLOCK_M=MATMUL_BLOCK_M, BLOCK_N=MATMUL_BLOCK_N,
+                                        BLOCK_K=MATMUL_BLOCK_K)))
+    warps = {"bnlstm_input_bn_kernel": NUM_WARPS, "tf32_matmul_kernel": MATMUL_NUM_WARPS}
     for config in configs:
-        config["num_warps"] = NUM_WARPS if config["name"] == "bnlstm_input_bn_kernel" else STEP_NUM_WARPS
+        config["num_warps"] = warps.get(config["name"], STEP_NUM_WARPS)
     return configs
 
 

@@ -8,6 +8,9 @@ Three kernels, each the fused form of one part of the reference (reference.py):
     bnlstm_bwd_step_kernel   one step backwards: through h_t, the cell norm, the gates and
                              both gate-side norms, up to the gradient of W_hh h_{t-1}
 
+and a plain GEMM, tf32_matmul_kernel, for the backward pass's products over all steps when
+the inputs were float16/bfloat16 (TF32 products whatever torch's allow_tf32 says).
+
 A step program owns BLOCK_H hidden units with their four gate columns and the whole batch
 (looping over batch tiles of BLOCK_B rows), so batch statistics are reduced inside one
 program and a step needs no grid-wide synchronisation. Values pass between the loops over
@@ -645,3 +648,23 @@ def _gate_norm_backward(dy_ptr, z_ptr, dz_ptr, ok, keep, mean, rstd, gamma, sum_
         zhat = (tl.load(z_ptr, mask=ok, other=0.0).to(dy.dtype) - mean[None, :]) * rstd[None, :]
         grad = dy - (sum_dy * inv_count)[None, :] - zhat * (sum_dy_zhat * inv_count)[None, :]
         tl.store(dz_ptr, tl.where(keep, grad * (gamma * rstd)[None, :], 0.0), mask=ok)
+
+
+@triton.jit
+def tf32_matmul_kernel(a_ptr, b_ptr, c_ptr, M, N, K, stride_am, stride_ak, stride_bk, stride_bn,
+                       PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """c = a b for float32 a [M, K] and b [K, N] of any strides, c [M, N] contiguous. PRECISION "tf32": the products on TF32 tensor cores (operands rounded to 10
+    mantissa bits), accumulated in float32. One program per BLOCK_M x BLOCK_N tile of c."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok, col_ok = rows < M, cols < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_ok = ks < K
+        a = tl.load(a_ptr + rows[:, None] * stride_am + ks[None, :] * stride_ak, mask=row_ok[:, None] & k_ok[None, :],
+                    other=0.0)
+        b = tl.load(b_ptr + ks[:, None] * stride_bk + cols[None, :] * stride_bn, mask=k_ok[:, None] & col_ok[None, :],
+                    other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+    tl.store(c_ptr + rows[:, None] * N + cols[None, :], acc, mask=row_ok[:, None] & col_ok[None, :])

@@ -6,8 +6,9 @@
 // so every device shares it: the input side (one GEMM for all steps, then the per-step
 // input batch norm over all steps at once), the reversal of the reverse direction and the
 // weight gradients as large GEMMs (unless the device kernel accumulates them itself, as the
-// CPU's does: RecurrentBackwardOutputs). Each device supplies only the recurrent part, one
-// fused pass per step after the recurrent GEMM (recurrent_cpu.cpp for the CPU).
+// CPU's does: RecurrentBackwardOutputs). Each device supplies the recurrent part, one
+// fused pass per step after the recurrent GEMM (recurrent_cpu.cpp for the CPU), and the
+// matrix product the host code's GEMMs go through (MatmulFn).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -27,10 +28,18 @@ struct LayerFlags {
   bool training;  // batch statistics (true) or running statistics (false)
   double eps;
   int64_t start_step;  // index of the first step: step t reads statistics slot min(start_step + t, S - 1)
-  // Half or BFloat16: the recurrent GEMM may round h_{t-1} and W_hh to it (fp32 accumulation;
-  // the CUDA kernels' tensor-core path); Undefined: operands in the compute dtype.
-  at::ScalarType recurrent_operand_dtype;
+  // Half or BFloat16, the dtype the inputs had (computed in float32): the recurrent GEMM may
+  // round h_{t-1} and W_hh to it and the float32 GEMMs may run in TF32 (fp32 accumulation;
+  // the CUDA kernels' tensor-core paths); Undefined: operands in the compute dtype.
+  at::ScalarType operand_dtype;
 };
+
+// out = a b, or out += a b with accumulate, for 2-D matrices in the compute dtype (a and b
+// may be transposed views; out is contiguous). One per backend, for the host code's GEMMs:
+// the CPU's is ATen's; the CUDA one multiplies on TF32 tensor cores where flags.operand_dtype
+// is set, whatever torch.backends.cuda.matmul.allow_tf32 says (which governs float32 inputs).
+using MatmulFn = void (*)(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bool accumulate,
+                          const LayerFlags& flags);
 
 // Per-step values the backward pass reads, stored row by row in reserve [T, B, width].
 // Memory bandwidth, not arithmetic, is what a stored value costs, so the reserve keeps only
@@ -122,15 +131,19 @@ struct RecurrentBackwardOutputs {
   at::Tensor grad_weight_ih;  // [4H, I]
 };
 
-// Device parts, one pair per backend.
+// Device parts, one set per backend.
 void recurrent_forward_cpu(const RecurrentForwardArgs& args, RecurrentForwardOutputs& out,
                            const LayerFlags& flags);
 void recurrent_backward_cpu(const RecurrentBackwardArgs& args, RecurrentBackwardOutputs& out,
                             const LayerFlags& flags);
+void matmul_cpu(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bool accumulate,
+                const LayerFlags& flags);
 // CUDA (recurrent_cuda.cu), compiled only into the CUDA-enabled extension.
 void recurrent_forward_cuda(const RecurrentForwardArgs& args, RecurrentForwardOutputs& out,
                             const LayerFlags& flags);
 void recurrent_backward_cuda(const RecurrentBackwardArgs& args, RecurrentBackwardOutputs& out,
                              const LayerFlags& flags);
+void matmul_cuda(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bool accumulate,
+                 const LayerFlags& flags);
 
 }  // namespace bnlstm

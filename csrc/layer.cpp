@@ -4,6 +4,9 @@
 
 #include <torch/library.h>
 
+#include <initializer_list>
+#include <utility>
+
 #include "buffer_pool.h"
 #include "checks.h"
 #include "layer_ops.h"
@@ -58,10 +61,18 @@ Prepared prepare(const at::Tensor& x, const at::Tensor& lengths, bool reverse) {
   return p;
 }
 
+// LayerFlags::operand_dtype from the operators' optional argument.
+at::ScalarType checked_operand_dtype(const c10::optional<at::ScalarType>& operand_dtype) {
+  const at::ScalarType dtype = operand_dtype.value_or(at::ScalarType::Undefined);
+  TORCH_CHECK(dtype == at::ScalarType::Undefined || dtype == at::kHalf || dtype == at::kBFloat16,
+              "operand_dtype must be None, float16 or bfloat16, got ", dtype);
+  return dtype;
+}
+
 }  // namespace
 
 LayerForwardResult layer_forward(
-    RecurrentForwardFn recurrent, const at::Tensor& x, const at::Tensor& h0, const at::Tensor& c0,
+    RecurrentForwardFn recurrent, MatmulFn matmul, const at::Tensor& x, const at::Tensor& h0, const at::Tensor& c0,
     const at::Tensor& lengths, const at::Tensor& weight_ih, const at::Tensor& weight_hh,
     const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& gamma_ih,
     const c10::optional<at::Tensor>& gamma_hh, const c10::optional<at::Tensor>& gamma_c,
@@ -70,16 +81,14 @@ LayerForwardResult layer_forward(
     const c10::optional<at::Tensor>& running_var_hh, const c10::optional<at::Tensor>& running_mean_c,
     const c10::optional<at::Tensor>& running_var_c, int64_t input_statistics, bool normalize_recurrent,
     bool normalize_cell, bool training, double eps, bool reverse, bool keep_reserve, int64_t start_step,
-    c10::optional<at::ScalarType> recurrent_operand_dtype) {
+    c10::optional<at::ScalarType> operand_dtype) {
   TORCH_CHECK(x.dim() == 3, "x must be [T, B, I], got ", x.sizes());
   TORCH_CHECK(input_statistics >= kInputNone && input_statistics <= kInputSequence,
               "input_statistics must be 0 (none), 1 (step) or 2 (sequence), got ", input_statistics);
   const int64_t T = x.size(0), B = x.size(1), I = x.size(2), H = weight_hh.size(-1), G = 4 * H;
   TORCH_CHECK(start_step >= 0, "start_step must be >= 0, got ", start_step);
-  const at::ScalarType operand_dtype = recurrent_operand_dtype.value_or(at::ScalarType::Undefined);
-  TORCH_CHECK(operand_dtype == at::ScalarType::Undefined || operand_dtype == at::kHalf || operand_dtype == at::kBFloat16,
-              "recurrent_operand_dtype must be None, float16 or bfloat16, got ", operand_dtype);
-  const LayerFlags flags{input_statistics, normalize_recurrent, normalize_cell, training, eps, start_step, operand_dtype};
+  const LayerFlags flags{input_statistics, normalize_recurrent, normalize_cell, training, eps, start_step,
+                         checked_operand_dtype(operand_dtype)};
   const bool normalize_input = input_statistics != kInputNone;
   check_tensor(h0, "h0", {B, H}, x);
   check_tensor(c0, "c0", {B, H}, x);
@@ -112,7 +121,7 @@ LayerForwardResult layer_forward(
   // The input projection of all steps: one GEMM. The step kernels normalize it.
   args.input_projection = pooled_empty({T, B, G}, x.options());
   at::Tensor projection_rows = args.input_projection.view({T * B, G});
-  at::mm_out(projection_rows, p.x.reshape({T * B, I}), weight_ih.t());
+  matmul(projection_rows, p.x.reshape({T * B, I}), weight_ih.t(), /*accumulate=*/false, flags);
   args.active = p.active.contiguous();
   args.counts = p.counts.contiguous();
   args.weight_hh = weight_hh.contiguous();
@@ -175,17 +184,19 @@ LayerForwardResult layer_forward(
 }
 
 LayerBackwardResult layer_backward(
-    RecurrentBackwardFn recurrent, bool weights_in_recurrence, const at::Tensor& grad_output, const at::Tensor& grad_h_n,
-    const at::Tensor& grad_c_n, const at::Tensor& x, const at::Tensor& lengths, const at::Tensor& h0,
-    const at::Tensor& c0, const at::Tensor& output, const at::Tensor& weight_ih, const at::Tensor& weight_hh,
+    RecurrentBackwardFn recurrent, MatmulFn matmul, bool weights_in_recurrence, const at::Tensor& grad_output,
+    const at::Tensor& grad_h_n, const at::Tensor& grad_c_n, const at::Tensor& x, const at::Tensor& lengths,
+    const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& output, const at::Tensor& weight_ih,
+    const at::Tensor& weight_hh,
     const OptTensor& gamma_ih, const OptTensor& gamma_hh, const OptTensor& gamma_c, const OptTensor& beta_c,
     const at::Tensor& mean_ih, const at::Tensor& var_ih, const at::Tensor& var_hh, const at::Tensor& mean_c,
     const at::Tensor& var_c, const at::Tensor& projection, const at::Tensor& reserve, int64_t input_statistics,
-    bool normalize_recurrent, bool normalize_cell, bool training, double eps, bool reverse, bool input_grad) {
+    bool normalize_recurrent, bool normalize_cell, bool training, double eps, bool reverse, bool input_grad,
+    c10::optional<at::ScalarType> operand_dtype) {
   const int64_t T = x.size(0), B = x.size(1), I = x.size(2), H = weight_hh.size(-1), G = 4 * H;
   // The backward pass reads the statistics each step used, never a slot: start_step is moot.
   const LayerFlags flags{input_statistics, normalize_recurrent, normalize_cell, training, eps, 0,
-                         at::ScalarType::Undefined};
+                         checked_operand_dtype(operand_dtype)};
   const bool normalize_input = input_statistics != kInputNone;
   const ReserveLayout layout(H, flags);
   TORCH_CHECK(reserve.dim() == 3 && reserve.size(0) == T && reserve.size(1) == B && reserve.size(2) == layout.width,
@@ -276,32 +287,42 @@ LayerBackwardResult layer_backward(
   // Weight gradients the kernel did not accumulate, and the input gradient, as large GEMMs
   // over all steps.
   const at::Tensor h_prev = output_ordered.narrow(0, 0, T - 1);
-  // With many rows (T * B), each weight gradient is computed transposed (h^T dz rather than
-  // dz^T h) and transposed back: with the long dimension as the reduction of a row-major
-  // A^T, MKL runs these products 10 to 20% faster here (2-core Xeon, T * B = 3200), which
-  // pays for the copy; a step or two (a cell) would pay only the copy.
-  const bool transposed = T * B >= kTransposedWeightGradientRows;
-  at::Tensor grad_weight_hh = out.grad_weight_hh, grad_weight_ih = out.grad_weight_ih;
-  if (!kernel_weight_hh) {
-    const at::Tensor grad_zh_rows = out.grad_zh.narrow(0, 1, T - 1).reshape({(T - 1) * B, G});
-    const at::Tensor h_prev_rows = h_prev.reshape({(T - 1) * B, H});
-    if (transposed) {
-      at::Tensor grad_weight_hh_t = h0.t().mm(out.grad_zh[0]);  // [H, 4H]
-      if (T > 1) grad_weight_hh_t.addmm_(h_prev_rows.t(), grad_zh_rows);
-      grad_weight_hh = grad_weight_hh_t.t().contiguous();
-    } else {
-      grad_weight_hh = out.grad_zh[0].t().mm(h0);  // [4H, H]
-      if (T > 1) grad_weight_hh.addmm_(grad_zh_rows.t(), h_prev_rows);
+  // With many rows (T * B) on the CPU, each weight gradient is computed transposed (h^T dz
+  // rather than dz^T h) and transposed back: with the long dimension as the reduction of a
+  // row-major A^T, MKL runs these products 10 to 20% faster here (2-core Xeon, T * B =
+  // 3200), which pays for the copy; a step or two (a cell) would pay only the copy.
+  const bool transposed = x.is_cpu() && T * B >= kTransposedWeightGradientRows;
+  // dz^T h [rows, columns] summed over (dz, h) pairs of [N, rows] and [N, columns].
+  const auto weight_gradient = [&](std::initializer_list<std::pair<at::Tensor, at::Tensor>> pairs, int64_t rows,
+                                   int64_t columns) {
+    at::Tensor result = transposed ? at::empty({columns, rows}, x.options()) : at::empty({rows, columns}, x.options());
+    bool accumulate = false;
+    for (const auto& [dz, h] : pairs) {
+      if (dz.size(0) == 0) continue;
+      if (transposed) {
+        matmul(result, h.t(), dz, accumulate, flags);
+      } else {
+        matmul(result, dz.t(), h, accumulate, flags);
+      }
+      accumulate = true;
     }
+    if (!accumulate) result.zero_();
+    return transposed ? result.t().contiguous() : result;
+  };
+  at::Tensor grad_weight_hh = out.grad_weight_hh, grad_weight_ih = out.grad_weight_ih;
+  if (!kernel_weight_hh) {  // sum_t grad_zh_t^T h_{t-1}: h_0 first, then the outputs
+    grad_weight_hh = weight_gradient({{out.grad_zh[0], h0},
+                                      {out.grad_zh.narrow(0, 1, T - 1).reshape({(T - 1) * B, G}),
+                                       h_prev.reshape({(T - 1) * B, H})}},
+                                     G, H);
   }
   if (!kernel_weight_ih) {
-    const at::Tensor grad_wx_rows = grad_wx.reshape({T * B, G});
-    const at::Tensor x_rows = p.x.reshape({T * B, I});
-    grad_weight_ih = transposed ? x_rows.t().mm(grad_wx_rows).t().contiguous() : grad_wx_rows.t().mm(x_rows);
+    grad_weight_ih = weight_gradient({{grad_wx.reshape({T * B, G}), p.x.reshape({T * B, I})}}, G, I);
   }
   at::Tensor grad_x = at::empty({0}, x.options());
   if (input_grad) {
-    const at::Tensor grad_x_ordered = at::matmul(grad_wx, weight_ih);  // [T, B, I]
+    at::Tensor grad_x_ordered = at::empty({T, B, I}, x.options());
+    matmul(grad_x_ordered.view({T * B, I}), grad_wx.reshape({T * B, G}), weight_ih, /*accumulate=*/false, flags);
     grad_x = reverse ? reverse_padded(grad_x_ordered, lengths) : grad_x_ordered;
   }
   return {grad_x, out.grad_h, out.grad_c, grad_weight_ih, grad_weight_hh, out.grad_bias,
@@ -317,8 +338,8 @@ constexpr bool kCpuWeightsInRecurrence = true;
 #endif
 
 TORCH_LIBRARY_IMPL(bnlstm, CPU, m) {
-  m.impl("layer_forward", bind_layer_forward<recurrent_forward_cpu>);
-  m.impl("layer_backward", bind_layer_backward<recurrent_backward_cpu, kCpuWeightsInRecurrence>);
+  m.impl("layer_forward", bind_layer_forward<recurrent_forward_cpu, matmul_cpu>);
+  m.impl("layer_backward", bind_layer_backward<recurrent_backward_cpu, matmul_cpu, kCpuWeightsInRecurrence>);
 }
 
 }  // namespace bnlstm

@@ -1,5 +1,5 @@
 // The layer operators' C++ signatures (schemas in ops.cpp), and the adaptor that binds a
-// device's recurrent kernels into an implementation for its dispatch key.
+// device's recurrent kernels and matrix product into an implementation for its dispatch key.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -27,27 +27,28 @@ using RecurrentBackwardFn = void (*)(const RecurrentBackwardArgs&, RecurrentBack
 using OptTensor = c10::optional<at::Tensor>;
 
 LayerForwardResult layer_forward(
-    RecurrentForwardFn recurrent, const at::Tensor& x, const at::Tensor& h0, const at::Tensor& c0,
+    RecurrentForwardFn recurrent, MatmulFn matmul, const at::Tensor& x, const at::Tensor& h0, const at::Tensor& c0,
     const at::Tensor& lengths, const at::Tensor& weight_ih, const at::Tensor& weight_hh, const OptTensor& bias,
     const OptTensor& gamma_ih, const OptTensor& gamma_hh, const OptTensor& gamma_c, const OptTensor& beta_c,
     const OptTensor& running_mean_ih, const OptTensor& running_var_ih, const OptTensor& running_mean_hh,
     const OptTensor& running_var_hh, const OptTensor& running_mean_c, const OptTensor& running_var_c,
     int64_t input_statistics, bool normalize_recurrent, bool normalize_cell, bool training, double eps,
-    bool reverse, bool keep_reserve, int64_t start_step,
-    c10::optional<at::ScalarType> recurrent_operand_dtype);
+    bool reverse, bool keep_reserve, int64_t start_step, c10::optional<at::ScalarType> operand_dtype);
 
 // weights_in_recurrence: the device's backward kernel accumulates the weight gradients
 // itself (RecurrentBackwardOutputs::grad_weight_hh).
 LayerBackwardResult layer_backward(
-    RecurrentBackwardFn recurrent, bool weights_in_recurrence, const at::Tensor& grad_output, const at::Tensor& grad_h_n,
-    const at::Tensor& grad_c_n, const at::Tensor& x, const at::Tensor& lengths, const at::Tensor& h0,
-    const at::Tensor& c0, const at::Tensor& output, const at::Tensor& weight_ih, const at::Tensor& weight_hh,
+    RecurrentBackwardFn recurrent, MatmulFn matmul, bool weights_in_recurrence, const at::Tensor& grad_output,
+    const at::Tensor& grad_h_n, const at::Tensor& grad_c_n, const at::Tensor& x, const at::Tensor& lengths,
+    const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& output, const at::Tensor& weight_ih,
+    const at::Tensor& weight_hh,
     const OptTensor& gamma_ih, const OptTensor& gamma_hh, const OptTensor& gamma_c, const OptTensor& beta_c,
     const at::Tensor& mean_ih, const at::Tensor& var_ih, const at::Tensor& var_hh, const at::Tensor& mean_c,
     const at::Tensor& var_c, const at::Tensor& projection, const at::Tensor& reserve, int64_t input_statistics,
-    bool normalize_recurrent, bool normalize_cell, bool training, double eps, bool reverse, bool input_grad);
+    bool normalize_recurrent, bool normalize_cell, bool training, double eps, bool reverse, bool input_grad,
+    c10::optional<at::ScalarType> operand_dtype);
 
-template <RecurrentForwardFn Recurrent>
+template <RecurrentForwardFn Recurrent, MatmulFn Matmul>
 LayerForwardResult bind_layer_forward(
     const at::Tensor& x, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& lengths,
     const at::Tensor& weight_ih, const at::Tensor& weight_hh, const OptTensor& bias, const OptTensor& gamma_ih,
@@ -55,14 +56,14 @@ LayerForwardResult bind_layer_forward(
     const OptTensor& running_var_ih, const OptTensor& running_mean_hh, const OptTensor& running_var_hh,
     const OptTensor& running_mean_c, const OptTensor& running_var_c, int64_t input_statistics,
     bool normalize_recurrent, bool normalize_cell, bool training, double eps, bool reverse, bool keep_reserve,
-    int64_t start_step, c10::optional<at::ScalarType> recurrent_operand_dtype) {
-  return layer_forward(Recurrent, x, h0, c0, lengths, weight_ih, weight_hh, bias, gamma_ih, gamma_hh, gamma_c,
+    int64_t start_step, c10::optional<at::ScalarType> operand_dtype) {
+  return layer_forward(Recurrent, Matmul, x, h0, c0, lengths, weight_ih, weight_hh, bias, gamma_ih, gamma_hh, gamma_c,
                        beta_c, running_mean_ih, running_var_ih, running_mean_hh, running_var_hh, running_mean_c,
                        running_var_c, input_statistics, normalize_recurrent, normalize_cell, training, eps, reverse,
-                       keep_reserve, start_step, recurrent_operand_dtype);
+                       keep_reserve, start_step, operand_dtype);
 }
 
-template <RecurrentBackwardFn Recurrent, bool kWeightsInRecurrence = false>
+template <RecurrentBackwardFn Recurrent, MatmulFn Matmul, bool kWeightsInRecurrence = false>
 LayerBackwardResult bind_layer_backward(
     const at::Tensor& grad_output, const at::Tensor& grad_h_n, const at::Tensor& grad_c_n, const at::Tensor& x,
     const at::Tensor& lengths, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& output,
@@ -70,11 +71,11 @@ LayerBackwardResult bind_layer_backward(
     const OptTensor& gamma_c, const OptTensor& beta_c, const at::Tensor& mean_ih, const at::Tensor& var_ih,
     const at::Tensor& var_hh, const at::Tensor& mean_c, const at::Tensor& var_c, const at::Tensor& projection,
     const at::Tensor& reserve, int64_t input_statistics, bool normalize_recurrent, bool normalize_cell,
-    bool training, double eps, bool reverse, bool input_grad) {
-  return layer_backward(Recurrent, kWeightsInRecurrence, grad_output, grad_h_n, grad_c_n, x, lengths, h0, c0,
+    bool training, double eps, bool reverse, bool input_grad, c10::optional<at::ScalarType> operand_dtype) {
+  return layer_backward(Recurrent, Matmul, kWeightsInRecurrence, grad_output, grad_h_n, grad_c_n, x, lengths, h0, c0,
                         output, weight_ih, weight_hh, gamma_ih, gamma_hh, gamma_c, beta_c, mean_ih, var_ih, var_hh, mean_c, var_c,
                         projection, reserve, input_statistics, normalize_recurrent, normalize_cell, training, eps,
-                        reverse, input_grad);
+                        reverse, input_grad, operand_dtype);
 }
 
 }  // namespace bnlstm

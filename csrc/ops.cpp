@@ -16,15 +16,17 @@ TORCH_LIBRARY(bnlstm, m) {
   // at each step are returned (batch statistics in training, for the running update).
   // keep_reserve=False (inference) returns an empty projection and reserve. start_step is the
   // index of x's first step: step t uses statistics slot min(start_step + t, S - 1).
-  // recurrent_operand_dtype (float16 or bfloat16, for inputs that were in it) lets a backend
-  // with tensor cores round the recurrent GEMM's operands h_{t-1} and W_hh to that dtype,
-  // accumulating in float32, as cuDNN does; the CPU computes in the compute dtype.
+  // operand_dtype (float16 or bfloat16, for inputs that were in it and are computed in
+  // float32) lets a backend with tensor cores multiply at that precision, accumulating in
+  // float32 as cuDNN does: the recurrent GEMM's operands h_{t-1} and W_hh rounded to it, the
+  // float32 GEMMs (the input projection; in layer_backward every GEMM) in TF32, which holds
+  // float16 and bfloat16 values exactly. The CPU computes in the compute dtype.
   m.def(
       "layer_forward(Tensor x, Tensor h0, Tensor c0, Tensor lengths, Tensor weight_ih, Tensor weight_hh, "
       "Tensor? bias, Tensor? gamma_ih, Tensor? gamma_hh, Tensor? gamma_c, Tensor? beta_c, "
       "Tensor? running_mean_ih, Tensor? running_var_ih, Tensor? running_mean_hh, Tensor? running_var_hh, "
       "Tensor? running_mean_c, Tensor? running_var_c, int input_statistics, bool normalize_recurrent, "
-      "bool normalize_cell, bool training, float eps, bool reverse, bool keep_reserve, int start_step=0, ScalarType? recurrent_operand_dtype=None) -> "
+      "bool normalize_cell, bool training, float eps, bool reverse, bool keep_reserve, int start_step=0, ScalarType? operand_dtype=None) -> "
       "(Tensor output, Tensor h_n, Tensor c_n, Tensor mean_ih, Tensor var_ih, Tensor mean_hh, Tensor var_hh, "
       "Tensor mean_c, Tensor var_c, Tensor projection, Tensor reserve)");
   // Gradients of layer_forward's inputs, from its inputs, output, statistics, projection
@@ -36,7 +38,7 @@ TORCH_LIBRARY(bnlstm, m) {
       "Tensor? gamma_hh, Tensor? gamma_c, Tensor? beta_c, Tensor mean_ih, Tensor var_ih, Tensor var_hh, "
       "Tensor mean_c, Tensor var_c, Tensor projection, Tensor reserve, int input_statistics, "
       "bool normalize_recurrent, bool normalize_cell, bool training, float eps, bool reverse, "
-      "bool input_grad=True) -> "
+      "bool input_grad=True, ScalarType? operand_dtype=None) -> "
       "(Tensor grad_x, Tensor grad_h0, Tensor grad_c0, Tensor grad_weight_ih, Tensor grad_weight_hh, "
       "Tensor grad_bias, Tensor grad_gamma_ih, Tensor grad_gamma_hh, Tensor grad_gamma_c, Tensor grad_beta_c)");
   // Fold per-step batch statistics (mean, biased var [N, F], active rows count [N]) into

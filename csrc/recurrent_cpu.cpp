@@ -864,6 +864,18 @@ void recurrent_backward_cpu(const RecurrentBackwardArgs& args, RecurrentBackward
                              [&] { recurrent_backward_impl<scalar_t>(args, out, flags); });
 }
 
+// The host code's GEMMs on the CPU: ATen's (MKL). operand_dtype changes nothing here: the
+// CPU computes half-precision inputs in float32 throughout.
+void matmul_cpu(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bool accumulate,
+                const LayerFlags& /*flags*/) {
+  if (accumulate) {
+    out.addmm_(a, b);
+  } else {
+    at::Tensor result = out;  // at::mm_out takes a non-const reference
+    at::mm_out(result, a, b);
+  }
+}
+
 // How many blocks of hidden units (threads) this recurrence uses for a call of these sizes
 // with torch's current thread count: for tests and diagnostics.
 TORCH_LIBRARY_FRAGMENT(bnlstm, m) {

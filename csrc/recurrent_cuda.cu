@@ -49,6 +49,7 @@
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <type_traits>
 
 namespace bnlstm {
@@ -822,7 +823,7 @@ void check_cuda_args(const at::Tensor& reference, int64_t batch, int64_t hidden)
 // bfloat16 tensor cores (sm_80), and BNLSTM_CUDA_RECURRENT_GEMM not "cublas" (kept to compare
 // the two paths).
 at::ScalarType tensor_core_operands(at::ScalarType compute, const LayerFlags& flags) {
-  const at::ScalarType operands = flags.recurrent_operand_dtype;
+  const at::ScalarType operands = flags.operand_dtype;
   if (compute != at::kFloat || (operands != at::kHalf && operands != at::kBFloat16)) return at::ScalarType::Undefined;
   const char* choice = std::getenv("BNLSTM_CUDA_RECURRENT_GEMM");
   if (choice != nullptr && std::strcmp(choice, "cublas") == 0) return at::ScalarType::Undefined;
@@ -831,6 +832,38 @@ at::ScalarType tensor_core_operands(at::ScalarType compute, const LayerFlags& fl
 #endif
   return operands;
 }
+
+// Whether matmul_cuda multiplies on TF32 tensor cores: float32 operands of a layer whose
+// inputs were float16/bfloat16 (LayerFlags::operand_dtype), on a GPU that has them (sm_80).
+bool tf32_products(const at::Tensor& a, const LayerFlags& flags) {
+  if (a.scalar_type() != at::kFloat || (flags.operand_dtype != at::kHalf && flags.operand_dtype != at::kBFloat16)) {
+    return false;
+  }
+#ifdef BNLSTM_CUDA_EMULATION
+  return true;
+#else
+  return at::cuda::getCurrentDeviceProperties()->major >= 8;
+#endif
+}
+
+#ifndef BNLSTM_CUDA_EMULATION
+// An operand of cuBLAS's column-major GEMM: a row-major matrix is its own transpose in
+// column-major order, so m [rows, columns] with unit column stride is read as is ("N") for
+// the transposed product, and one with unit row stride (a transposed view) as "T".
+struct ColumnMajorOperand {
+  at::Tensor storage;
+  bool transpose;
+  int64_t ld;
+};
+
+ColumnMajorOperand column_major_operand(const at::Tensor& m) {
+  const int64_t rows = m.size(0), columns = m.size(1);
+  if (m.stride(1) == 1 && m.stride(0) >= std::max<int64_t>(1, columns)) return {m, false, m.stride(0)};
+  if (m.stride(0) == 1 && m.stride(1) >= std::max<int64_t>(1, rows)) return {m, true, m.stride(1)};
+  const at::Tensor packed = m.contiguous();
+  return {packed, false, std::max<int64_t>(1, columns)};
+}
+#endif
 
 // Launches the forward step kernel for the reserve choice and the GEMM's operand dtype.
 template <typename T, int kUnits>
@@ -943,7 +976,7 @@ void recurrent_forward_impl(const RecurrentForwardArgs& args, RecurrentForwardOu
       s.h_operand = h_operand.select(0, t % 2).data_ptr();
       s.h_operand_next = h_operand.select(0, (t + 1) % 2).data_ptr();
     } else {
-      at::mm_out(zh, out.h, weight_hh_t);  // [B, 4H] = h_{t-1} W_hh^T, on the current stream
+      matmul_cuda(zh, out.h, weight_hh_t, /*accumulate=*/false, flags);  // [B, 4H] = h_{t-1} W_hh^T
     }
     const int64_t step = flags.start_step + t;
     s.wx = projection + t * B * G;
@@ -1069,7 +1102,7 @@ void recurrent_backward_impl(const RecurrentBackwardArgs& args, RecurrentBackwar
     });
     // Gradient of h_{t-1} through W_hh ([B, 4H] @ [4H, H]), merged into grad_h by the next
     // kernel: rows active at t take it, padded rows pass grad_h straight through.
-    at::mm_out(grad_h_gemm, out.grad_zh.select(0, t), args.weight_hh);
+    matmul_cuda(grad_h_gemm, out.grad_zh.select(0, t), args.weight_hh, /*accumulate=*/false, flags);
   }
   const int64_t total = B * H;
   const int threads = 256;
@@ -1080,6 +1113,55 @@ void recurrent_backward_impl(const RecurrentBackwardArgs& args, RecurrentBackwar
 }
 
 }  // namespace
+
+// The host code's GEMMs and the per-step ones here. For half-precision inputs (float32
+// compute), TF32 tensor cores whatever allow_tf32 says: their operands were float16/bfloat16,
+// which TF32 holds exactly (8-bit exponent, 10-bit mantissa), so the input projection loses
+// nothing, and a gradient operand keeps more than the bf16 cuDNN rounds it to. cublasGemmEx's
+// compute type scopes TF32 to this call; the global switch would change every other float32
+// matmul of the process. Anything else goes to ATen (float32 honouring allow_tf32, float64).
+void matmul_cuda(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bool accumulate,
+                 const LayerFlags& flags) {
+  const int64_t M = a.size(0), K = a.size(1), N = b.size(1);
+  const int64_t int_max = std::numeric_limits<int>::max();
+  const bool tf32 = tf32_products(a, flags) && out.is_contiguous() && M <= int_max && N <= int_max && K <= int_max &&
+                    a.numel() <= int_max && b.numel() <= int_max;
+  if (!tf32) {
+    if (accumulate) {
+      out.addmm_(a, b);
+    } else {
+      at::Tensor result = out;  // at::mm_out takes a non-const reference
+      at::mm_out(result, a, b);
+    }
+    return;
+  }
+  if (M == 0 || N == 0) return;
+  if (K == 0) {
+    if (!accumulate) out.zero_();
+    return;
+  }
+#ifdef BNLSTM_CUDA_EMULATION
+  // TF32's rounding of the operands, then float32 products.
+  if (accumulate) {
+    out.addmm_(round_to_tf32(a), round_to_tf32(b));
+  } else {
+    at::Tensor result = out;
+    at::mm_out(result, round_to_tf32(a), round_to_tf32(b));
+  }
+#else
+  // Row-major out [M, N] is column-major out^T [N, M] = b^T a^T.
+  const ColumnMajorOperand first = column_major_operand(b), second = column_major_operand(a);
+  const float alpha = 1.0f, beta = accumulate ? 1.0f : 0.0f;
+  // The current stream's handle, with torch's workspace: safe under CUDA-graph capture.
+  cublasHandle_t handle = at::cuda::getCurrentCUDABlasHandle();
+  const auto as_int = [](int64_t v) { return static_cast<int>(v); };
+  TORCH_CUDABLAS_CHECK(cublasGemmEx(
+      handle, first.transpose ? CUBLAS_OP_T : CUBLAS_OP_N, second.transpose ? CUBLAS_OP_T : CUBLAS_OP_N, as_int(N),
+      as_int(M), as_int(K), &alpha, first.storage.data_ptr<float>(), CUDA_R_32F, as_int(first.ld),
+      second.storage.data_ptr<float>(), CUDA_R_32F, as_int(second.ld), &beta, out.data_ptr<float>(), CUDA_R_32F,
+      as_int(N), CUBLAS_COMPUTE_32F_FAST_TF32, CUBLAS_GEMM_DEFAULT));
+#endif
+}
 
 void recurrent_forward_cuda(const RecurrentForwardArgs& args, RecurrentForwardOutputs& out,
                             const LayerFlags& flags) {

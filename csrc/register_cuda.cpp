@@ -9,8 +9,8 @@
 namespace bnlstm {
 
 TORCH_LIBRARY_IMPL(bnlstm, CUDA, m) {
-  m.impl("layer_forward", bind_layer_forward<recurrent_forward_cuda>);
-  m.impl("layer_backward", bind_layer_backward<recurrent_backward_cuda>);
+  m.impl("layer_forward", bind_layer_forward<recurrent_forward_cuda, matmul_cuda>);
+  m.impl("layer_backward", bind_layer_backward<recurrent_backward_cuda, matmul_cuda>);
 }
 
 }  // namespace bnlstm

@@ -29,7 +29,7 @@ def test_opcheck_layer_forward(variant, training):
     torch.library.opcheck(torch.ops.bnlstm.layer_forward.default, args)
     inference = op_arguments(variant, training, reverse=False, keep_reserve=False)
     torch.library.opcheck(torch.ops.bnlstm.layer_forward.default, inference)
-    # The trailing arguments given (start_step, recurrent_operand_dtype): what half-precision
+    # The trailing arguments given (start_step, operand_dtype): what half-precision
     # inputs pass; the CPU computes in the compute dtype whatever it says.
     torch.library.opcheck(torch.ops.bnlstm.layer_forward.default, (*args, 1, torch.bfloat16))
 
@@ -53,6 +53,8 @@ def test_opcheck_layer_backward(variant, training):
     torch.library.opcheck(torch.ops.bnlstm.layer_backward.default, backward_args)
     # input_grad=False: grad_x is skipped (empty), every other gradient is the same.
     torch.library.opcheck(torch.ops.bnlstm.layer_backward.default, backward_args + (False,))
+    # operand_dtype, as half-precision inputs pass it: nothing changes on the CPU.
+    torch.library.opcheck(torch.ops.bnlstm.layer_backward.default, backward_args + (True, torch.float16))
     full = torch.ops.bnlstm.layer_backward(*backward_args)
     without_input = torch.ops.bnlstm.layer_backward(*backward_args, False)
     assert full[0].shape == x.shape and without_input[0].numel() == 0
@@ -286,8 +288,15 @@ def test_op_boundary_checks_name_the_argument():
     with pytest.raises(RuntimeError, match="running_mean_hh is required in evaluation"):
         torch.ops.bnlstm.layer_forward(*args)
     args = list(op_arguments("cooijmans", True, False))
-    with pytest.raises(RuntimeError, match="recurrent_operand_dtype must be None, float16 or bfloat16, got Float"):
+    with pytest.raises(RuntimeError, match="operand_dtype must be None, float16 or bfloat16, got Float"):
         torch.ops.bnlstm.layer_forward(*args, 0, torch.float32)
+    with torch.no_grad():
+        output, h_n, c_n, mean_ih, var_ih, _, var_hh, mean_c, var_c, projection, reserve = (
+            torch.ops.bnlstm.layer_forward(*args))
+    backward_args = (output, h_n, c_n, args[0], args[3], args[1], args[2], output, args[4], args[5], *args[7:11],
+                     mean_ih, var_ih, var_hh, mean_c, var_c, projection, reserve, *args[-7:-1], True)
+    with pytest.raises(RuntimeError, match="operand_dtype must be None, float16 or bfloat16, got Double"):
+        torch.ops.bnlstm.layer_backward(*backward_args, torch.float64)
 
 
 def test_backward_without_reserve_says_why():

@@ -148,10 +148,11 @@ def test_float32_against_float64_reference(variant):
 @requires_gpu_or_emulation
 def test_half_precision_inputs(dtype):
     """Half-precision inputs: the recurrent GEMM multiplies h_{t-1} and W_hh in the input's
-    dtype on tensor cores (fp32 accumulation), everything else is float32, rounded once at the
-    end; the reference computes in float32. bf16 has 8 bits of mantissa (4e-3 relative): the
-    outputs within a few ulps, the running statistics (batch statistics of the rounded GEMM)
-    within 1e-2."""
+    dtype on tensor cores (fp32 accumulation), the other GEMMs in TF32, everything else is
+    float32, rounded once at the end; the reference computes in float32. bf16 has 8 bits of
+    mantissa (4e-3 relative): the outputs within a few ulps, the gradients of the input and of
+    every parameter within 5e-2 (and 5% of a parameter's largest; bf16 measured here within
+    2%), the running statistics (batch statistics of the rounded GEMM) within 1e-2."""
     backend = "cpu" if EMULATED else "cuda"  # the emulation registers the CUDA code for the CPU
     module = BNLSTM(8, 40, max_length=5, backend=backend, device=DEVICE).to(dtype)
     reference = BNLSTM(8, 40, max_length=5, backend="reference", device=DEVICE).to(dtype)
@@ -164,6 +165,10 @@ def test_half_precision_inputs(dtype):
     out.float().pow(2).sum().backward()
     want.float().pow(2).sum().backward()
     torch.testing.assert_close(xs[0].grad, xs[1].grad, rtol=5e-2, atol=5e-2)
+    for (name, parameter), want_parameter in zip(module.named_parameters(), reference.parameters()):
+        scale = want_parameter.grad.float().abs().max().item()
+        torch.testing.assert_close(parameter.grad.float(), want_parameter.grad.float(), rtol=5e-2, atol=5e-2 * scale,
+                                   msg=lambda m, name=name: f"{name}: {m}")
     for name, buffer in module.named_buffers():
         torch.testing.assert_close(buffer, getattr(reference, name), rtol=1e-2, atol=1e-3)
 
@@ -199,7 +204,7 @@ def run_op_step_by_step(args, round_to):
 @pytest.mark.usefixtures("cuda_extension")
 @requires_gpu_or_emulation
 def test_tensor_core_gemm_rounds_h_and_weights(operands, variant, training, B, H):
-    """With recurrent_operand_dtype (what half-precision inputs pass), the step kernel's own
+    """With operand_dtype (what half-precision inputs pass), the step kernel's own
     GEMM multiplies h_{t-1} and W_hh rounded to that dtype, accumulating in float32: the whole
     sequence matches the same operator run step by step on rounded operands in float32, over
     ragged row and K tiles, both load widths, padding and evaluation slots.
@@ -209,6 +214,9 @@ def test_tensor_core_gemm_rounds_h_and_weights(operands, variant, training, B, H
     args = list(helpers.op_arguments(variant, training, reverse=False, T=4, B=B, I=6, H=H, dtype=torch.float32,
                                      device=DEVICE))
     args[5] = (args[5] * H ** -0.5).detach()  # W_hh at the usual scale: gates of order 1, not saturated
+    # x and W_ih as half-precision inputs bring them: the TF32 input projection is then exact,
+    # the same in the step-by-step calls without operand_dtype.
+    args[0], args[4] = (args[i].detach().to(operands).float() for i in (0, 4))
     args[3] = torch.randint(1, 5, (B,), device=DEVICE)
     args[3][0] = 4  # every step has an active row
     with torch.no_grad():
@@ -222,6 +230,58 @@ def test_tensor_core_gemm_rounds_h_and_weights(operands, variant, training, B, H
         assert g.shape == w.shape, name
         assert rms(g - w) <= 0.05 * rms(u - w) + 1e-6, (name, rms(g - w), rms(u - w))
     assert rms(unrounded[0] - want[0]) > 1e-5  # the rounding is visible in the output
+
+
+@pytest.mark.parametrize("operands", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("variant", ["cooijmans", "laurent_sequence", "none"])
+@pytest.mark.usefixtures("cuda_extension")
+@requires_gpu_or_emulation
+def test_half_precision_gemms_in_tf32(operands, variant):
+    """With operand_dtype, the layer's float32 GEMMs (the input projection, the per-step
+    gradient of h_{t-1}, the weight gradients, grad_x) multiply in TF32, whatever allow_tf32
+    says: exactly where both operands hold half-precision values, as the projection's do, and
+    within TF32's rounding (2^-11) where one is a float32 state or gradient. Every GEMM layout
+    the host code uses (transposed views, accumulation) goes through here."""
+    T, B, I, H = 5, 3, 6, 20
+    args = list(helpers.op_arguments(variant, True, reverse=False, T=T, B=B, I=I, H=H, dtype=torch.float32,
+                                     device=DEVICE))
+    args[3] = torch.tensor([5, 3, 4], device=DEVICE)
+    rounded = lambda t: t.detach().to(operands).float()
+    args[0], args[4] = rounded(args[0]), rounded(args[4])  # x, W_ih: values half-precision inputs bring
+    args[5] = rounded(args[5]) * 0.25  # W_hh at about the usual scale (a power of two keeps it exact)
+    active = (torch.arange(T, device=DEVICE)[:, None] < args[3][None, :]).double()[..., None]
+    exact_projection = torch.einsum("tbi,gi->tbg", args[0].double(), args[4].double()) * active
+    rms = lambda d: d.double().pow(2).mean().sqrt().item()
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False  # operand_dtype=None: IEEE float32 products
+    try:
+        with torch.no_grad():
+            forward = torch.ops.bnlstm.layer_forward(*args, 0, operands)
+            unrounded = list(args)
+            unrounded[0] = args[0] + 1e-3 * torch.randn_like(args[0])  # x no longer half-precision values
+            projection_of_unrounded = torch.ops.bnlstm.layer_forward(*unrounded, 0, operands)[9]
+        output, h_n, c_n, mean_ih, var_ih, _, var_hh, mean_c, var_c, projection, reserve = forward
+        if variant != "none":  # the projection is kept for the backward pass where it is normalized
+            torch.testing.assert_close(projection.double(), exact_projection, rtol=1e-6, atol=1e-5)
+            exact = torch.einsum("tbi,gi->tbg", unrounded[0].double(), args[4].double()) * active
+            error = rms(projection_of_unrounded - exact) / rms(exact)
+            assert 2e-5 < error < 2e-3, error  # TF32's rounding of x, visible
+        backward_args = (torch.randn_like(output), torch.randn_like(h_n), torch.randn_like(c_n), args[0], args[3],
+                         args[1].detach(), args[2].detach(), output, args[4], args[5],
+                         *(None if g is None else g.detach() for g in args[7:11]),
+                         mean_ih, var_ih, var_hh, mean_c, var_c, projection, reserve, *args[-7:-1], True)
+        tf32 = torch.ops.bnlstm.layer_backward(*backward_args, operands)
+        ieee = torch.ops.bnlstm.layer_backward(*backward_args, None)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
+    names = ("grad_x", "grad_h0", "grad_c0", "grad_weight_ih", "grad_weight_hh", "grad_bias", "grad_gamma_ih",
+             "grad_gamma_hh", "grad_gamma_c", "grad_beta_c")
+    for name, got, want in zip(names, tf32, ieee):
+        assert got.shape == want.shape, name
+        if want.numel():
+            assert rms(got - want) <= 1e-2 * rms(want) + 1e-7, (name, rms(got - want), rms(want))
+    for name in ("grad_x", "grad_weight_hh", "grad_h0"):  # TF32's rounding of the gradients, visible
+        assert not torch.equal(tf32[names.index(name)], ieee[names.index(name)]), name
 
 
 def op_arguments(*args, **kwargs):
@@ -251,6 +311,8 @@ def test_opcheck_cuda_ops(variant, training):
         mean_ih, var_ih, var_hh, mean_c, var_c, projection, reserve, *args[-7:-1],
     )
     torch.library.opcheck(torch.ops.bnlstm.layer_backward.default, backward_args)
+    # With operand_dtype, as half-precision inputs call it: the GEMMs in TF32.
+    torch.library.opcheck(torch.ops.bnlstm.layer_backward.default, backward_args + (True, torch.bfloat16))
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

@@ -152,6 +152,26 @@ def test_narrow_dtypes_against_float64(monkeypatch, dtype):
         assert buffer.dtype == torch.float32, name  # running statistics stay float32
 
 
+@pytest.mark.parametrize("layout", ["rows", "transposed"])
+def test_tf32_matmul(layout):
+    """The GEMM of the backward pass's products over all steps for half-precision inputs, on
+    odd shapes over two tiles each way, an operand as rows or as a transposed view: float32
+    products under the interpreter; TF32's on a GPU, whose rounding must show (and no more)."""
+    if layout == "rows":
+        a, b = torch.randn(150, 37, device=DEVICE), torch.randn(37, 131, device=DEVICE)
+    else:
+        a, b = torch.randn(37, 150, device=DEVICE).t(), torch.randn(131, 37, device=DEVICE).t()
+    got = triton_layer._tf32_matmul(a, b)
+    want = a.double() @ b.double()
+    error = ((got.double() - want).abs().max() / want.abs().max()).item()
+    if DEVICE == "cpu":
+        assert error < 1e-6, error
+    else:
+        assert 1e-6 < error < 5e-3, error
+    empty = triton_layer._tf32_matmul(a[:, :0], b[:0])
+    assert empty.shape == (150, 131) and not empty.any()
+
+
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_forward_without_gradients_matches(training):
     """Under no_grad the forward pass keeps nothing for backward (in training the step

@@ -58,6 +58,14 @@ using __half = c10::Half;
 inline __nv_bfloat16 __float2bfloat16(float v) { return __nv_bfloat16(v); }
 inline __half __float2half(float v) { return __half(v); }
 
+// A float32 matrix rounded to TF32 (10 of float32's 23 mantissa bits, to nearest even), as
+// a tensor core reads float32 operands; finite values only, which is all the tests have.
+inline at::Tensor round_to_tf32(const at::Tensor& m) {
+  const at::Tensor bits = m.contiguous().view(at::kInt);
+  const at::Tensor rounded = (bits + 0xfff + bits.bitwise_right_shift(13).bitwise_and(1)).bitwise_and(~0x1fff);
+  return rounded.view(at::kFloat);
+}
+
 // WMMA (16 x 16 x 16 tiles, half-precision operands, float accumulators). A fragment is
 // spread over a warp's registers on a GPU and is opaque to the code; here the warp's lane 0
 // holds the whole tile and does the warp's work, the other lanes' calls do nothing. That is

@@ -38,7 +38,7 @@ int main() {
   auto op = c10::Dispatcher::singleton().findSchemaOrThrow("bnlstm::layer_forward", "").typed<ForwardOp>();
   const auto out = op.call(x, h0, c0, lengths, w_ih, w_hh, bias, none, none, none, none, none, none, none, none, none,
                            none, /*input_statistics=*/0, false, false, /*training=*/true, 1e-5, false, true,
-                           /*start_step=*/0, /*recurrent_operand_dtype=*/c10::nullopt);
+                           /*start_step=*/0, /*operand_dtype=*/c10::nullopt);
   const at::Tensor output = std::get<0>(out), h_n = std::get<1>(out);
 
   // The plain LSTM, sequence by sequence, with ATen.
