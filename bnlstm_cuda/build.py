@@ -208,19 +208,21 @@ def cuda_include_paths() -> List[str]:
 
 
 def cuda_ldflags() -> List[str]:
-    """Link cuBLAS, which matmul_cuda calls itself (cublasGemmEx, for its TF32 compute type):
-    the toolkit's, else the one torch's CUDA wheels bring under site-packages/nvidia/*/lib
-    (by its full name: the wheels have no libcublas.so link). None found: torch has loaded
-    cuBLAS into the process anyway, and the symbol resolves when the library loads."""
+    """Link cuBLAS, which matmul_cuda calls itself (cublasGemmEx, for its TF32 compute type),
+    and the same cuBLAS torch loads, since the handle comes from torch: the one its CUDA wheels
+    bring under site-packages/nvidia/*/lib (by its full name: the wheels have no libcublas.so
+    link), else the toolkit's (a torch built against it). A toolkit of another CUDA major
+    version beside a wheel's torch would otherwise put a second cuBLAS in the process. None
+    found: torch has loaded cuBLAS anyway, and the symbol resolves when the library loads."""
     import torch
 
+    nvidia = Path(torch.__file__).resolve().parent.parent / "nvidia"
+    for library in sorted(nvidia.glob("*/lib/libcublas.so.*")):
+        return [f"-L{library.parent}", f"-l:{library.name}"]
     home = cuda_home()
     for directory in [Path(home) / "lib64", Path(home) / "lib"] if home else []:
         if (directory / "libcublas.so").is_file():
             return [f"-L{directory}", "-lcublas"]
-    nvidia = Path(torch.__file__).resolve().parent.parent / "nvidia"
-    for library in sorted(nvidia.glob("*/lib/libcublas.so.*")):
-        return [f"-L{library.parent}", f"-l:{library.name}"]
     return []
 
 
