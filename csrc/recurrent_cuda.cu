@@ -842,7 +842,7 @@ bool tf32_products(const at::Tensor& a, const LayerFlags& flags) {
 #ifdef BNLSTM_CUDA_EMULATION
   return true;
 #else
-  return at::cuda::getCurrentDeviceProperties()->major >= 8;
+  return at::cuda::getDeviceProperties(a.device().index())->major >= 8;
 #endif
 }
 
@@ -1149,6 +1149,9 @@ void matmul_cuda(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b
     at::mm_out(result, round_to_tf32(a), round_to_tf32(b));
   }
 #else
+  // The handle and the stream are the current device's: the host code calls this before the
+  // recurrence sets its guard, and an operator of our own gets no guard from the dispatcher.
+  const at::cuda::CUDAGuard device_guard(out.device());
   // Row-major out [M, N] is column-major out^T [N, M] = b^T a^T.
   const ColumnMajorOperand first = column_major_operand(b), second = column_major_operand(a);
   const float alpha = 1.0f, beta = accumulate ? 1.0f : 0.0f;
