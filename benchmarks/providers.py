@@ -49,9 +49,10 @@ def _nn_lstm(config: Config, device: torch.device) -> nn.Module:
 
 @contextlib.contextmanager
 def cublas_recurrent_gemm():
-    """Within: the CUDA backend takes its recurrent GEMM through cuBLAS in float32 (version 1),
-    not the tensor-core GEMM inside the step kernel that half-precision inputs get, through
-    the environment variable its host code reads at each forward call; restored after."""
+    """Within: the CUDA backend takes its recurrent GEMM through cuBLAS (version 1; in TF32 for
+    half-precision inputs), not the tensor-core GEMM inside the step kernel that those inputs
+    get, through the environment variable its host code reads at each forward call; restored
+    after."""
     name = "BNLSTM_CUDA_RECURRENT_GEMM"
     previous = os.environ.get(name)
     os.environ[name] = "cublas"

@@ -41,6 +41,17 @@ struct LayerFlags {
 using MatmulFn = void (*)(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bool accumulate,
                           const LayerFlags& flags);
 
+// MatmulFn's product through ATen, for any device: what the CPU's is, and the CUDA one
+// where it does not take TF32.
+inline void matmul_aten(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bool accumulate) {
+  if (accumulate) {
+    out.addmm_(a, b);
+  } else {
+    at::Tensor result = out;  // at::mm_out takes a non-const reference
+    at::mm_out(result, a, b);
+  }
+}
+
 // Per-step values the backward pass reads, stored row by row in reserve [T, B, width].
 // Memory bandwidth, not arithmetic, is what a stored value costs, so the reserve keeps only
 // what cannot be had cheaply: W_ih x_t is kept whole by the host (the input GEMM wrote it

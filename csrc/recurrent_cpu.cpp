@@ -868,12 +868,7 @@ void recurrent_backward_cpu(const RecurrentBackwardArgs& args, RecurrentBackward
 // CPU computes half-precision inputs in float32 throughout.
 void matmul_cpu(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bool accumulate,
                 const LayerFlags& /*flags*/) {
-  if (accumulate) {
-    out.addmm_(a, b);
-  } else {
-    at::Tensor result = out;  // at::mm_out takes a non-const reference
-    at::mm_out(result, a, b);
-  }
+  matmul_aten(out, a, b, accumulate);
 }
 
 // How many blocks of hidden units (threads) this recurrence uses for a call of these sizes

@@ -39,7 +39,7 @@
 #endif
 
 // bfloat16 WMMA needs sm_80; builds for older architectures get a kernel that traps there,
-// which the host never launches (tensor_core_gemm checks the device).
+// which the host never launches (half_inputs_on_tensor_cores checks the device).
 #if defined(BNLSTM_CUDA_EMULATION) || !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
 #define BNLSTM_HAS_WMMA_BF16 1
 #else
@@ -818,32 +818,29 @@ void check_cuda_args(const at::Tensor& reference, int64_t batch, int64_t hidden)
               " is too large for the CUDA kernels (at most ", 65535 * kStatColumns / 4, ")");
 }
 
-// The operand dtype of the tensor-core GEMM inside the step kernel, or Undefined for the
-// cuBLAS path: float32 compute with a float16/bfloat16 operand dtype requested, a GPU with
-// bfloat16 tensor cores (sm_80), and BNLSTM_CUDA_RECURRENT_GEMM not "cublas" (kept to compare
-// the two paths).
-at::ScalarType tensor_core_operands(at::ScalarType compute, const LayerFlags& flags) {
-  const at::ScalarType operands = flags.operand_dtype;
-  if (compute != at::kFloat || (operands != at::kHalf && operands != at::kBFloat16)) return at::ScalarType::Undefined;
-  const char* choice = std::getenv("BNLSTM_CUDA_RECURRENT_GEMM");
-  if (choice != nullptr && std::strcmp(choice, "cublas") == 0) return at::ScalarType::Undefined;
-#ifndef BNLSTM_CUDA_EMULATION
-  if (at::cuda::getCurrentDeviceProperties()->major < 8) return at::ScalarType::Undefined;
-#endif
-  return operands;
-}
-
-// Whether matmul_cuda multiplies on TF32 tensor cores: float32 operands of a layer whose
-// inputs were float16/bfloat16 (LayerFlags::operand_dtype), on a GPU that has them (sm_80).
-bool tf32_products(const at::Tensor& a, const LayerFlags& flags) {
-  if (a.scalar_type() != at::kFloat || (flags.operand_dtype != at::kHalf && flags.operand_dtype != at::kBFloat16)) {
+// Whether a product with this float32 operand may run on tensor cores at the inputs'
+// precision: a layer whose inputs were float16/bfloat16 (LayerFlags::operand_dtype), on a GPU
+// with bfloat16 and TF32 tensor cores (sm_80). Both tensor-core paths below ask it.
+bool half_inputs_on_tensor_cores(const at::Tensor& operand, const LayerFlags& flags) {
+  if (operand.scalar_type() != at::kFloat ||
+      (flags.operand_dtype != at::kHalf && flags.operand_dtype != at::kBFloat16)) {
     return false;
   }
 #ifdef BNLSTM_CUDA_EMULATION
   return true;
 #else
-  return at::cuda::getDeviceProperties(a.device().index())->major >= 8;
+  return at::cuda::getDeviceProperties(operand.device().index())->major >= 8;
 #endif
+}
+
+// The operand dtype of the tensor-core GEMM inside the step kernel, or Undefined for the
+// cuBLAS path: half_inputs_on_tensor_cores, and BNLSTM_CUDA_RECURRENT_GEMM not "cublas"
+// (kept to compare the two paths).
+at::ScalarType tensor_core_operands(const at::Tensor& input_projection, const LayerFlags& flags) {
+  if (!half_inputs_on_tensor_cores(input_projection, flags)) return at::ScalarType::Undefined;
+  const char* choice = std::getenv("BNLSTM_CUDA_RECURRENT_GEMM");
+  if (choice != nullptr && std::strcmp(choice, "cublas") == 0) return at::ScalarType::Undefined;
+  return flags.operand_dtype;
 }
 
 #ifndef BNLSTM_CUDA_EMULATION
@@ -924,7 +921,7 @@ void recurrent_forward_impl(const RecurrentForwardArgs& args, RecurrentForwardOu
   // Tensor-core path: W_hh and h_{t-1} in the operand dtype; h in two buffers, step t
   // reading one and writing the other (blocks of step t still read h_{t-1} while others
   // have written h_t).
-  const at::ScalarType operands = tensor_core_operands(args.input_projection.scalar_type(), flags);
+  const at::ScalarType operands = tensor_core_operands(args.input_projection, flags);
   const bool gemm_in_block = operands != at::ScalarType::Undefined;
   at::Tensor weight_operand, h_operand;
   if (gemm_in_block) {
@@ -1124,30 +1121,16 @@ void matmul_cuda(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b
                  const LayerFlags& flags) {
   const int64_t M = a.size(0), K = a.size(1), N = b.size(1);
   const int64_t int_max = std::numeric_limits<int>::max();
-  const bool tf32 = tf32_products(a, flags) && out.is_contiguous() && M <= int_max && N <= int_max && K <= int_max &&
-                    a.numel() <= int_max && b.numel() <= int_max;
-  if (!tf32) {
-    if (accumulate) {
-      out.addmm_(a, b);
-    } else {
-      at::Tensor result = out;  // at::mm_out takes a non-const reference
-      at::mm_out(result, a, b);
-    }
-    return;
-  }
+  const bool tf32 = half_inputs_on_tensor_cores(a, flags) && out.is_contiguous() && M <= int_max && N <= int_max &&
+                    K <= int_max && a.numel() <= int_max && b.numel() <= int_max;
+  if (!tf32) return matmul_aten(out, a, b, accumulate);
   if (M == 0 || N == 0) return;
   if (K == 0) {
     if (!accumulate) out.zero_();
     return;
   }
 #ifdef BNLSTM_CUDA_EMULATION
-  // TF32's rounding of the operands, then float32 products.
-  if (accumulate) {
-    out.addmm_(round_to_tf32(a), round_to_tf32(b));
-  } else {
-    at::Tensor result = out;
-    at::mm_out(result, round_to_tf32(a), round_to_tf32(b));
-  }
+  matmul_aten(out, round_to_tf32(a), round_to_tf32(b), accumulate);  // TF32's rounding, float32 products
 #else
   // The handle and the stream are the current device's: the host code calls this before the
   // recurrence sets its guard, and an operator of our own gets no guard from the dispatcher.
