@@ -202,21 +202,23 @@ def _finish_step(c_new, o, keep, rows, row_ok, cols, col_ok, H,
     tl.store(out_ptr + offsets, tl.where(keep, h, 0.0), mask=ok)
 
 
-@triton.jit
+# `step` and `stat_row` change at every launch: specialising them (== 1, % 16 == 0) would
+# only compile three copies of the kernel.
+@triton.jit(do_not_specialize=["step", "stat_row"])
 def bnlstm_fwd_step_kernel(
     h_prev_ptr,   # [B, H] compute dtype: h_{t-1}
     h_next_ptr,   # [B, H] compute dtype: h_t (h_{t-1} on padded rows)
     c_ptr,        # [B, H] compute dtype: c_{t-1} in, c_t out (padded rows unchanged)
-    out_ptr,      # [B, H] compute dtype: output of step t (0 on padded rows)
-    xin_ptr,      # [B, 4H] compute dtype: BN(W_ih x_t) + bias
+    out_ptr,      # [T, B, H] compute dtype: outputs; step `step`'s written (0 on padded rows)
+    xin_ptr,      # [T, B, 4H] compute dtype: BN(W_ih x_t) + bias
     w_hh_ptr,     # [4H, H] matrix operand dtype
-    active_ptr,   # [B] int8
+    active_ptr,   # [T, B] int8
     gamma_hh_ptr,              # [4H]
     gamma_c_ptr, beta_c_ptr,   # [H]
     mean_hh_ptr, var_hh_ptr,   # [*, 4H] compute dtype, row stat_row: written (TRAINING) or read
     mean_c_ptr, var_c_ptr,     # [*, H] likewise
-    reserve_ptr,  # [B, RES_W] compute dtype: this step's reserve (see reserve_offsets)
-    stat_row, B, H, RES_W, ZH_OFF, GATES_OFF, CNEW_OFF, eps,
+    reserve_ptr,  # [T, B, RES_W] compute dtype: the reserve (see reserve_offsets), if KEEP or in-step statistics
+    step, stat_row, B, H, RES_W, ZH_OFF, GATES_OFF, CNEW_OFF, eps,
     NORM_REC: tl.constexpr, NORM_CELL: tl.constexpr, TRAINING: tl.constexpr, KEEP: tl.constexpr,
     TILES: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
@@ -233,8 +235,15 @@ def bnlstm_fwd_step_kernel(
     (1) W_hh h_{t-1} to the reserve and its statistics, (2) gates and c_t to the reserve and
     the cell statistics, (3) h_t from the reserve. Otherwise each tile is one straight pass
     in registers. KEEP: the reserve is written (the backward pass reads it).
+    The [T, ...] tensors are passed whole and indexed by `step` here, which saves the host a
+    view per tensor and step (docs/TRITON.md, "Host time a step").
     """
     compute = c_ptr.dtype.element_ty
+    step_rows = step.to(tl.int64) * B  # first row of step `step` in the [T, B, *] tensors
+    out_ptr += step_rows * H
+    xin_ptr += step_rows * (4 * H)
+    active_ptr += step_rows
+    reserve_ptr += step_rows * RES_W
     cols = tl.program_id(0) * BLOCK_H + tl.arange(0, BLOCK_H)
     col_ok = cols < H
     first_tile = tl.program_id(1) * TILES
@@ -410,26 +419,26 @@ def _gate_backward_sums(dy, z, mean, rstd, NORMALIZED: tl.constexpr):
     return tl.sum(dy, axis=0), sum_dy_zhat
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["step"])
 def bnlstm_bwd_step_kernel(
-    grad_out_ptr,   # [B, H] compute dtype: gradient of the step's output
+    grad_out_ptr,   # [T, B, H] compute dtype: gradients of the outputs
     grad_h_ptr,     # [B, H] gradient reaching h_t from step t + 1
     grad_c_ptr,     # [B, H] in: gradient of c_t; out: gradient of c_{t-1}
     grad_h_carry_ptr,  # [B, H] out: grad_h on padded rows (their h passes through), 0 elsewhere
-    reserve_ptr,    # [B, RES_W] the step's reserve
-    c_prev_ptr, C_PREV_STRIDE,  # [B, *] c_{t-1}: c_0, or the previous step's c_t in the reserve
-    wx_ptr,         # [B, 4H] W_ih x_t as projected (x's dtype), if the input is normalized
-    active_ptr,     # [B] int8
+    reserve_ptr,    # [T, B, RES_W] the forward pass's reserve (c_{t-1} is step t - 1's c_t)
+    c0_ptr,         # [B, H] c_0, the c_{t-1} of step 0
+    wx_ptr,         # [T, B, 4H] W_ih x as projected (x's dtype), if the input is normalized
+    active_ptr,     # [T, B] int8
     gamma_ih_ptr, gamma_hh_ptr,  # [4H]
     gamma_c_ptr, beta_c_ptr,     # [H]
-    mean_ih_ptr, var_ih_ptr,     # [4H] input statistics the step used
-    mean_hh_ptr, var_hh_ptr,     # [4H] recurrent statistics the step used
-    mean_c_ptr, var_c_ptr,       # [H] cell statistics the step used
-    grad_gates_ptr,  # [B, 4H] out: gradient of the gate pre-activations
-    grad_zh_ptr,     # [B, 4H] out: gradient of W_hh h_{t-1}, if NORM_REC
-    grad_wx_ptr,     # [B, 4H] out: gradient of W_ih x_t, if STEP_INPUT
-    sums_ptr,        # [14H] out: sum over rows of dy | dy zhat | dy xhat (4H each) | dcell | dcell c_hat (H each)
-    B, H, RES_W, ZH_OFF, GATES_OFF, CNEW_OFF, eps,
+    mean_ih_ptr, var_ih_ptr,     # [IH_ROWS, 4H] input statistics: row min(step, IH_ROWS - 1)
+    mean_hh_ptr, var_hh_ptr,     # [T, 4H] recurrent statistics of each step
+    mean_c_ptr, var_c_ptr,       # [T, H] cell statistics of each step
+    grad_gates_ptr,  # [T, B, 4H] out: gradient of the gate pre-activations
+    grad_zh_ptr,     # [T, B, 4H] out: gradient of W_hh h_{t-1}, if NORM_REC
+    grad_wx_ptr,     # [T, B, 4H] out: gradient of W_ih x_t, if STEP_INPUT
+    sums_ptr,        # [T, 14H] out: sum over rows of dy | dy zhat | dy xhat (4H each) | dcell | dcell c_hat (H each)
+    step, IH_ROWS, B, H, RES_W, ZH_OFF, GATES_OFF, CNEW_OFF, eps,
     NORM_INPUT: tl.constexpr, STEP_INPUT: tl.constexpr, NORM_REC: tl.constexpr, NORM_CELL: tl.constexpr,
     TRAINING: tl.constexpr, TILES: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
@@ -441,11 +450,33 @@ def bnlstm_bwd_step_kernel(
     batch tiles: (1) cell-norm sums (training), (2) gradients of the gates, of c_{t-1} and
     the gate-side sums, (3) the gate-side batch-norm backward (training; in evaluation it is
     done in (2)). The host adds grad_zh @ W_hh to grad_h_carry for the gradient of h_{t-1}.
+    The [T, ...] tensors are passed whole and indexed by `step` here, as in the forward step.
     """
     compute = grad_c_ptr.dtype.element_ty
     cols = tl.program_id(0) * BLOCK_H + tl.arange(0, BLOCK_H)
     col_ok = cols < H
     G = 4 * H
+    step_rows = step.to(tl.int64) * B  # first row of step `step` in the [T, B, *] tensors
+    # Row masks (the interpreter takes no scalar in a mask): c_{t-1} is c_0 at step 0, else
+    # step t - 1's c_t in the reserve.
+    step_of_rows = tl.zeros([BLOCK_B], dtype=tl.int32) + step
+    prev_is_c0, prev_in_reserve = step_of_rows == 0, step_of_rows > 0
+    grad_out_ptr += step_rows * H
+    reserve_ptr += step_rows * RES_W
+    c_prev_ptr = reserve_ptr - B * RES_W + CNEW_OFF  # step t - 1's c_t (read from step 1 on)
+    wx_ptr += step_rows * G
+    active_ptr += step_rows
+    grad_gates_ptr += step_rows * G
+    grad_zh_ptr += step_rows * G
+    grad_wx_ptr += step_rows * G
+    sums_ptr += step * (14 * H)
+    ih_row = tl.minimum(step, IH_ROWS - 1)
+    mean_ih_ptr += ih_row * G
+    var_ih_ptr += ih_row * G
+    mean_hh_ptr += step * G
+    var_hh_ptr += step * G
+    mean_c_ptr += step * H
+    var_c_ptr += step * H
     CELL_STATS: tl.constexpr = NORM_CELL and TRAINING
     GATE_PASS: tl.constexpr = TRAINING and (NORM_REC or STEP_INPUT)
     zero = tl.zeros([BLOCK_H], dtype=compute)
@@ -532,7 +563,9 @@ def bnlstm_bwd_step_kernel(
         i = tl.load(rs + GATES_OFF, mask=ok, other=0.0)
         f = tl.load(rs + GATES_OFF + H, mask=ok, other=0.0)
         g = tl.load(rs + GATES_OFF + 2 * H, mask=ok, other=0.0)
-        c_prev = tl.load(c_prev_ptr + rows[:, None] * C_PREV_STRIDE + cols[None, :], mask=ok, other=0.0)
+        # One of the two loads is masked off entirely.
+        c_prev = tl.load(c0_ptr + offsets, mask=ok & prev_is_c0[:, None], other=0.0) + tl.load(
+            c_prev_ptr + rows[:, None] * RES_W + cols[None, :], mask=ok & prev_in_reserve[:, None], other=0.0)
         grad_i = dc * g * i * (1.0 - i)
         grad_f = dc * c_prev * f * (1.0 - f)
         grad_g = dc * i * (1.0 - g * g)

@@ -257,14 +257,16 @@ class TritonLayerFunction(torch.autograd.Function):
         precision = _dot_precision(x)
         # Triton 3.9's interpreter multiplies bfloat16 tiles wrongly: upcast the rounded operands.
         upcast = x.dtype == torch.bfloat16 and _kernels_interpreted()
+        # The kernel indexes the [T, ...] tensors by step itself: views sliced here (output[t],
+        # ...) cost 1-3 us of host time each, a step (docs/TRITON.md, "Host time a step").
         for t in range(steps):
             # Statistics row: the step's own in training, slot min(start_step + t, S - 1) in
             # evaluation (hh and c have the same S slots).
             row = t if training else min(config.start_step + t, (slots_hh if norm_rec else slots_c) - 1)
             k.bnlstm_fwd_step_kernel[grid](
-                h_buffers[t % 2], h_buffers[(t + 1) % 2], c, output[t], xin[t], weight_hh_op, active_i8[t],
+                h_buffers[t % 2], h_buffers[(t + 1) % 2], c, output, xin, weight_hh_op, active_i8,
                 gamma_hh_c, gamma_c_c, beta_c_c, kernel_hh[0], kernel_hh[1], kernel_c[0], kernel_c[1],
-                reserve[t], row, batch, hidden, reserve.shape[2], zh_off, gates_off,
+                reserve, t, row, batch, hidden, reserve.shape[2], zh_off, gates_off,
                 cnew_off, eps, NORM_REC=norm_rec, NORM_CELL=norm_cell, TRAINING=training,
                 KEEP=config.keep or in_step_stats, TILES=tiles_per_program, BLOCK_B=tiles.block_b,
                 BLOCK_H=tiles.block_h, BLOCK_K=tiles.block_k, DOT_PRECISION=precision,
@@ -318,25 +320,24 @@ class TritonLayerFunction(torch.autograd.Function):
         c0_c = c0.to(dtype).contiguous()
         dummy = new(1, gates)
         param = lambda p: p.contiguous() if p is not None else dummy
+        parameters = (param(gamma_ih), param(gamma_hh), param(gamma_c), param(beta_c))
+        statistics = (mean_ih if norm_input else dummy, var_ih if norm_input else dummy,
+                      mean_hh if norm_rec else dummy, var_hh if norm_rec else dummy,
+                      mean_c if norm_cell else dummy, var_c if norm_cell else dummy)
+        ih_rows = mean_ih.shape[0] if norm_input else 1
+        grad_zh_steps = grad_zh.unbind(0)  # one call for the T views the GEMM reads
         for t in reversed(range(steps)):
-            if t == 0:
-                c_prev, c_prev_stride = c0_c, hidden
-            else:
-                c_prev, c_prev_stride = reserve[t - 1, :, cnew_off:], width
-            row_ih = min(t, mean_ih.shape[0] - 1)
             k.bnlstm_bwd_step_kernel[(-(-hidden // tiles.block_h),)](
-                grad_output[t], grad_h, grad_c, carry, reserve[t], c_prev, c_prev_stride,
-                projection[t], active_i8[t], param(gamma_ih), param(gamma_hh), param(gamma_c), param(beta_c),
-                mean_ih[row_ih] if norm_input else dummy, var_ih[row_ih] if norm_input else dummy,
-                mean_hh[t] if norm_rec else dummy, var_hh[t] if norm_rec else dummy,
-                mean_c[t] if norm_cell else dummy, var_c[t] if norm_cell else dummy,
-                grad_gates[t], grad_zh[t], grad_wx[t], sums[t], batch, hidden, width, zh_off, gates_off, cnew_off,
+                grad_output, grad_h, grad_c, carry, reserve, c0_c, projection, active_i8, *parameters, *statistics,
+                grad_gates, grad_zh, grad_wx, sums, t, ih_rows, batch, hidden, width, zh_off, gates_off, cnew_off,
                 config.eps, NORM_INPUT=norm_input, STEP_INPUT=step_input, NORM_REC=norm_rec, NORM_CELL=norm_cell,
                 TRAINING=training, TILES=tiles.tiles, BLOCK_B=tiles.block_b, BLOCK_H=tiles.block_h,
                 num_warps=STEP_NUM_WARPS,
             )
-            # Gradient of h_{t-1}: through W_hh on active rows, passed through on padded ones.
-            grad_h = torch.addmm(carry, grad_zh[t], weight_hh_c)
+            # Gradient of h_{t-1}: through W_hh on active rows, passed through on padded ones
+            # (carry). Summed in place; the two buffers then swap roles for the next step.
+            carry.addmm_(grad_zh_steps[t], weight_hh_c)
+            grad_h, carry = carry, grad_h
 
         totals = sums.sum(0)
         grad_bias = totals[:gates]
