@@ -7,6 +7,11 @@ step time. This measures that part alone, on the CPU: the kernels are replaced b
 (Triton's own dispatch, which needs a GPU, is not included), at B=2, I=H=8 where the one
 real operation, the backward GEMM, is negligible. A step's cost is the difference between
 runs of 250 and 50 steps, over 200, which removes the per-call work.
+
+Then the part of Triton's JIT launch that the layer skips after a loop's first step
+(`triton_layer._StepLauncher`): binding, specialising and the cache key of the step kernels'
+arguments, timed on CPU tensors through Triton's internals (reported as not timed where a
+Triton version has moved them).
 """
 from __future__ import annotations
 
@@ -21,15 +26,19 @@ from bnlstm_cuda.variants import get_variant
 
 
 class _NoOpKernel:
+    """Takes a kernel's launches and does nothing (as the interpreter's JIT, returns no kernel)."""
+
+    def __init__(self, kernel):
+        self.arg_names = kernel.arg_names
+
     def __getitem__(self, grid):
         return lambda *args, **kwargs: None
 
 
 def _no_op_kernels():
-    no_op = _NoOpKernel()
-    return types.SimpleNamespace(reserve_offsets=triton_kernels.reserve_offsets, bnlstm_input_bn_kernel=no_op,
-                                 bnlstm_fwd_step_kernel=no_op, bnlstm_bwd_step_kernel=no_op,
-                                 tf32_matmul_kernel=no_op)
+    names = ("bnlstm_input_bn_kernel", "bnlstm_fwd_step_kernel", "bnlstm_bwd_step_kernel", "tf32_matmul_kernel")
+    return types.SimpleNamespace(reserve_offsets=triton_kernels.reserve_offsets,
+                                 **{name: _NoOpKernel(getattr(triton_kernels, name)) for name in names})
 
 
 def host_seconds(steps: int, variant: str, repeats: int, batch: int = 2, size: int = 8) -> dict:
@@ -60,6 +69,49 @@ def host_seconds(steps: int, variant: str, repeats: int, batch: int = 2, size: i
     return best
 
 
+def jit_binding_seconds(repeats: int = 10, launches: int = 1000) -> dict:
+    """Best time a launch of the per-launch work of Triton's JIT that _StepLauncher skips
+    after the first step: binding the arguments, specialising them and the cache key
+    (JITFunction.run up to its cache lookup), for the step kernels at B=64, H=1024, bf16,
+    in training, on CPU tensors (it reads only their pointers and dtypes). Uses Triton's
+    internals as 3.9 has them; {kernel: seconds}."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+    from triton.runtime.jit import compute_cache_key, create_function_from_signature
+
+    from bnlstm_cuda.triton_compile import kernel_configurations
+
+    backend = make_backend(GPUTarget("cuda", 90, 32))
+    seconds = {}
+    for config in kernel_configurations():
+        name, fn = config["name"], config["fn"]
+        if "step" not in name or config["shape"] != "B=64 H=1024 bf16" or config["mode"] != "train":
+            continue
+        if type(fn).__name__ == "InterpretedFunction":
+            raise RuntimeError("unset TRITON_INTERPRET: the interpreter's kernels have no JIT binding")
+        binder = create_function_from_signature(fn.signature, fn.params, backend)
+        constexprs = config["constexprs"]
+        arguments = [torch.empty(16) if arg.endswith("_ptr") else 1e-5 if arg == "eps" else 7
+                     for arg in fn.arg_names if arg not in constexprs]
+        options = dict(constexprs, num_warps=config["num_warps"], debug=False, instrumentation_mode="",
+                       fpsan_homomorphic_casts=False)
+        cache = {}
+
+        def bind():
+            _, specialization, parsed = binder(*arguments, **options)
+            compute_cache_key(cache, specialization, parsed)
+
+        bind()
+        best = float("inf")
+        for _ in range(repeats):
+            start = time.perf_counter()
+            for _ in range(launches):
+                bind()
+            best = min(best, (time.perf_counter() - start) / launches)
+        seconds[name] = best
+    return seconds
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--variant", default="cooijmans")
@@ -74,6 +126,14 @@ def main(argv=None) -> None:
     for name in short:
         print(f"{name}: {(long[name] - short[name]) / 200 * 1e6:.1f} us of host time a step "
               f"({args.variant}, kernels as no-ops, torch {torch.__version__}, {torch.get_num_threads()} threads)")
+    try:
+        binding = jit_binding_seconds()
+    except Exception as error:  # Triton's internals move between versions: report, do not fail
+        print(f"Triton's JIT binding not timed: {type(error).__name__}: {error}")
+        return
+    for name, seconds in binding.items():
+        print(f"{name}: {seconds * 1e6:.1f} us a launch in Triton's JIT binding and cache key "
+              "(skipped after the first step)")
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ backward pass reads in float32.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import NamedTuple, Optional
 
@@ -154,6 +155,44 @@ def _tf32_matmul(a: Tensor, b: Tensor) -> Tensor:
     return c
 
 
+class _StepLauncher:
+    """Launches one kernel at every step of a loop whose launches differ only in arguments
+    that select no other compiled kernel: the same tensors (or buffers allocated alike that
+    swap roles), scalars marked `do_not_specialize`, the same constexprs and grid.
+
+    The first launch goes through Triton's JIT, which binds the arguments, specialises them,
+    looks the kernel up in its cache (compiling it the first time) and returns it; the later
+    launches call that compiled kernel directly (`CompiledKernel[grid](*arguments)`, all of
+    them in signature order, as Triton 3.6-3.9's JIT launches it). The JIT's per-launch work
+    skipped is 13-16 us of host time for the step kernels on the development machine
+    (docs/TRITON.md, "Host time a step"). Under the interpreter every launch goes through
+    the JIT, which returns nothing to call."""
+
+    def __init__(self, kernel, grid, num_warps: int, **constexprs):
+        # The constexprs, passed by name, must be the signature's last arguments: the compiled
+        # kernel takes them after the run-time ones.
+        names = kernel.arg_names[len(kernel.arg_names) - len(constexprs):]
+        if sorted(names) != sorted(constexprs):
+            raise AssertionError(f"{kernel.arg_names}: expected its last arguments to be {sorted(constexprs)}")
+        self.kernel, self.grid, self.num_warps, self.constexprs = kernel, grid, num_warps, constexprs
+        self.constexpr_values = tuple(constexprs[name] for name in names)
+        self.compiled = None
+
+    def __call__(self, *arguments) -> None:
+        if self.compiled is not None:
+            self.compiled(*arguments, *self.constexpr_values)
+            return
+        kernel = self.kernel[self.grid](*arguments, num_warps=self.num_warps, **self.constexprs)
+        if kernel is not None and hasattr(kernel, "__getitem__"):
+            self.compiled = kernel[tuple(self.grid) + (1,) * (3 - len(self.grid))]
+
+
+def _on_device(device: torch.device):
+    """Within: `device` is the current CUDA device (a no-op for CPU tensors). Triton launches
+    on the current device and its stream, whatever device the tensors are on."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def _slots(start_step: int, steps: int, num_slots: int, device) -> Tensor:
     return (torch.arange(steps, device=device) + start_step).clamp(max=num_slots - 1)
 
@@ -259,22 +298,21 @@ class TritonLayerFunction(torch.autograd.Function):
         upcast = x.dtype == torch.bfloat16 and _kernels_interpreted()
         # The kernel indexes the [T, ...] tensors by step itself: views sliced here (output[t],
         # ...) cost 1-3 us of host time each, a step (docs/TRITON.md, "Host time a step").
+        launch = _StepLauncher(k.bnlstm_fwd_step_kernel, grid, STEP_NUM_WARPS, NORM_REC=norm_rec,
+                               NORM_CELL=norm_cell, TRAINING=training, KEEP=config.keep or in_step_stats,
+                               TILES=tiles_per_program, BLOCK_B=tiles.block_b, BLOCK_H=tiles.block_h,
+                               BLOCK_K=tiles.block_k, DOT_PRECISION=precision, DOT_UPCAST=upcast)
         for t in range(steps):
             # Statistics row: the step's own in training, slot min(start_step + t, S - 1) in
             # evaluation (hh and c have the same S slots).
             row = t if training else min(config.start_step + t, (slots_hh if norm_rec else slots_c) - 1)
-            k.bnlstm_fwd_step_kernel[grid](
-                h_buffers[t % 2], h_buffers[(t + 1) % 2], c, output, xin, weight_hh_op, active_i8,
-                gamma_hh_c, gamma_c_c, beta_c_c, kernel_hh[0], kernel_hh[1], kernel_c[0], kernel_c[1],
-                reserve, t, row, batch, hidden, reserve.shape[2], zh_off, gates_off,
-                cnew_off, eps, NORM_REC=norm_rec, NORM_CELL=norm_cell, TRAINING=training,
-                KEEP=config.keep or in_step_stats, TILES=tiles_per_program, BLOCK_B=tiles.block_b,
-                BLOCK_H=tiles.block_h, BLOCK_K=tiles.block_k, DOT_PRECISION=precision,
-                DOT_UPCAST=upcast, num_warps=STEP_NUM_WARPS,
-            )
+            launch(h_buffers[t % 2], h_buffers[(t + 1) % 2], c, output, xin, weight_hh_op, active_i8,
+                   gamma_hh_c, gamma_c_c, beta_c_c, kernel_hh[0], kernel_hh[1], kernel_c[0], kernel_c[1],
+                   reserve, t, row, batch, hidden, reserve.shape[2], zh_off, gates_off, cnew_off, eps)
         h_n = h_buffers[steps % 2]
 
         ctx.config = config
+        ctx.device = x.device
         ctx.has = tuple(p is not None for p in (bias, gamma_ih, gamma_hh, gamma_c, beta_c))
         ctx.dtypes = (x.dtype, h0.dtype, c0.dtype)
         if config.keep:
@@ -286,7 +324,12 @@ class TritonLayerFunction(torch.autograd.Function):
         return (output.to(x.dtype), h_n.to(x.dtype), c.to(x.dtype), *stats)
 
     @staticmethod
-    def backward(ctx, grad_output, grad_h_n, grad_c_n, *_unused):
+    def backward(ctx, *grads):
+        with _on_device(ctx.device):
+            return TritonLayerFunction._backward(ctx, *grads)
+
+    @staticmethod
+    def _backward(ctx, grad_output, grad_h_n, grad_c_n, *_unused):
         config = ctx.config
         if not config.keep:
             raise RuntimeError("bnlstm triton layer: the forward pass kept nothing for backward (no input "
@@ -326,14 +369,13 @@ class TritonLayerFunction(torch.autograd.Function):
                       mean_c if norm_cell else dummy, var_c if norm_cell else dummy)
         ih_rows = mean_ih.shape[0] if norm_input else 1
         grad_zh_steps = grad_zh.unbind(0)  # one call for the T views the GEMM reads
+        launch = _StepLauncher(k.bnlstm_bwd_step_kernel, (-(-hidden // tiles.block_h),), STEP_NUM_WARPS,
+                               NORM_INPUT=norm_input, STEP_INPUT=step_input, NORM_REC=norm_rec, NORM_CELL=norm_cell,
+                               TRAINING=training, TILES=tiles.tiles, BLOCK_B=tiles.block_b, BLOCK_H=tiles.block_h)
         for t in reversed(range(steps)):
-            k.bnlstm_bwd_step_kernel[(-(-hidden // tiles.block_h),)](
-                grad_output, grad_h, grad_c, carry, reserve, c0_c, projection, active_i8, *parameters, *statistics,
-                grad_gates, grad_zh, grad_wx, sums, t, ih_rows, batch, hidden, width, zh_off, gates_off, cnew_off,
-                config.eps, NORM_INPUT=norm_input, STEP_INPUT=step_input, NORM_REC=norm_rec, NORM_CELL=norm_cell,
-                TRAINING=training, TILES=tiles.tiles, BLOCK_B=tiles.block_b, BLOCK_H=tiles.block_h,
-                num_warps=STEP_NUM_WARPS,
-            )
+            launch(grad_output, grad_h, grad_c, carry, reserve, c0_c, projection, active_i8, *parameters,
+                   *statistics, grad_gates, grad_zh, grad_wx, sums, t, ih_rows, batch, hidden, width, zh_off,
+                   gates_off, cnew_off, config.eps)
             # Gradient of h_{t-1}: through W_hh on active rows, passed through on padded ones
             # (carry). Summed in place; the two buffers then swap roles for the next step.
             carry.addmm_(grad_zh_steps[t], weight_hh_c)
@@ -427,8 +469,9 @@ def bnlstm_layer_triton(
         ordered = torch.where(active.unsqueeze(-1), ordered, torch.zeros((), dtype=x.dtype, device=x.device))
     keep = needs_backward(x, h0, c0, params)
     config = _Config(variant, training, float(eps), reverse, int(start_step), keep)
-    output, h_n, c_n, mean_ih, var_ih, mean_hh, var_hh, mean_c, var_c = TritonLayerFunction.apply(
-        ordered.contiguous(), h0, c0, *params, active, running if not training else {}, config)
+    with _on_device(x.device):
+        output, h_n, c_n, mean_ih, var_ih, mean_hh, var_hh, mean_c, var_c = TritonLayerFunction.apply(
+            ordered.contiguous(), h0, c0, *params, active, running if not training else {}, config)
     if reverse:
         output = reverse_padded(output, lengths)
     batch_stats = {}

@@ -129,6 +129,17 @@ def test_module_matches_paper(variant, training):
         torch.testing.assert_close(got.cpu(), parameter.grad, **TOL, msg=lambda m: f"grad {name}: {m}")
 
 
+@pytest.mark.usefixtures("cuda_extension")
+@pytest.mark.cuda
+@requires_gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+def test_layer_on_a_device_that_is_not_current():
+    """The host code and kernels run under a guard for the tensors' device, not the current one."""
+    assert torch.cuda.current_device() == 0
+    helpers.assert_layer_matches_reference(bnlstm_layer_fused, "cooijmans", torch.tensor([5, 2, 4]), tol=TOL,
+                                           device="cuda:1", training=True)
+
+
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.usefixtures("cuda_extension")
 @pytest.mark.cuda

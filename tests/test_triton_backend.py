@@ -186,6 +186,64 @@ def test_forward_without_gradients_matches(training):
         torch.testing.assert_close(getattr(got, name), getattr(want, name), **TOL, msg=lambda m: f"{name}: {m}")
 
 
+def test_step_launcher_calls_the_compiled_kernel_after_the_first_launch():
+    """_StepLauncher's protocol with Triton, on a stand-in kernel: the first launch goes through
+    the JIT (`kernel[grid](*args, num_warps=..., **constexprs)`), the later ones call the
+    compiled kernel it returned with the grid padded to 3 dimensions and every argument in
+    signature order; a JIT that returns nothing (the interpreter) is called at every step."""
+    calls = []
+
+    class Compiled:
+        def __getitem__(self, grid):
+            return lambda *args: calls.append(("compiled", grid, args))
+
+    class Kernel:
+        arg_names = ["a_ptr", "step", "B", "BLOCK", "FLAG"]
+
+        def __init__(self, returns):
+            self.returns = returns
+
+        def __getitem__(self, grid):
+            def jit(*args, **kwargs):
+                calls.append(("jit", grid, args, kwargs))
+                return self.returns
+            return jit
+
+    launch = triton_layer._StepLauncher(Kernel(Compiled()), (7,), 8, FLAG=True, BLOCK=16)
+    for step in range(3):
+        launch("a", step, 5)
+    assert calls == [("jit", (7,), ("a", 0, 5), dict(num_warps=8, FLAG=True, BLOCK=16)),
+                     ("compiled", (7, 1, 1), ("a", 1, 5, 16, True)), ("compiled", (7, 1, 1), ("a", 2, 5, 16, True))]
+    calls.clear()
+    launch = triton_layer._StepLauncher(Kernel(None), (2, 3), 4, BLOCK=16, FLAG=False)
+    launch("a", 0, 5)
+    launch("a", 1, 5)
+    assert [call[0] for call in calls] == ["jit", "jit"]
+    with pytest.raises(AssertionError, match="expected its last arguments to be"):
+        triton_layer._StepLauncher(Kernel(None), (1,), 4, B=3, FLAG=False)
+
+
+def test_step_kernels_reuse_the_compiled_kernel(monkeypatch):
+    """In a real layer call every _StepLauncher holds the compiled kernel after its first launch
+    on a GPU, and none does under the interpreter (whose JIT returns no kernel)."""
+    launchers = []
+    init = triton_layer._StepLauncher.__init__
+
+    def spy(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        launchers.append(self)
+
+    monkeypatch.setattr(triton_layer._StepLauncher, "__init__", spy)
+    x, h0, c0, params, running = random_layer("cooijmans", device=DEVICE)
+    x.requires_grad_()
+    result = triton_layer.bnlstm_layer_triton(x, h0, c0, params, running, variant=get_variant("cooijmans"),
+                                              training=True, eps=1e-5)
+    result.output.sum().backward()
+    assert [launcher.kernel.__name__ for launcher in launchers] == ["bnlstm_fwd_step_kernel",
+                                                                    "bnlstm_bwd_step_kernel"]
+    assert all((launcher.compiled is not None) == ON_GPU for launcher in launchers)
+
+
 def test_device_and_dtype_errors_name_what_is_wrong(monkeypatch):
     with pytest.raises(ValueError, match='backend="triton" runs on CUDA tensors.*the input is on meta'):
         backends.resolve_backend("triton", torch.device("meta"))
@@ -210,6 +268,15 @@ def test_device_and_dtype_errors_name_what_is_wrong(monkeypatch):
                                          training=True, eps=1e-5)
     assert "triton" in backends.BACKEND_NAMES
     assert BNLSTM(3, 4, backend="triton").backend == "triton"
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+def test_layer_on_a_device_that_is_not_current():
+    """Triton launches on the current device: the layer makes it the tensors' own."""
+    assert torch.cuda.current_device() == 0
+    helpers.assert_layer_matches_reference(triton_layer.bnlstm_layer_triton, "cooijmans", torch.tensor([5, 2, 4]),
+                                           tol=TOL, device="cuda:1", training=True)
 
 
 @pytest.mark.cuda
