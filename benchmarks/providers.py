@@ -48,14 +48,10 @@ def _nn_lstm(config: Config, device: torch.device) -> nn.Module:
 
 
 @contextlib.contextmanager
-def cublas_recurrent_gemm():
-    """Within: the CUDA backend takes its recurrent GEMM through cuBLAS (version 1; in TF32 for
-    half-precision inputs), not the tensor-core GEMM inside the step kernel that those inputs
-    get, through the environment variable its host code reads at each forward call; restored
-    after."""
-    name = "BNLSTM_CUDA_RECURRENT_GEMM"
+def environment(name: str, value: str):
+    """Within: the environment variable `name` is `value`; restored after."""
     previous = os.environ.get(name)
-    os.environ[name] = "cublas"
+    os.environ[name] = value
     try:
         yield
     finally:
@@ -65,32 +61,48 @@ def cublas_recurrent_gemm():
             os.environ[name] = previous
 
 
-class _CublasRecurrentGemm(nn.Module):
-    """The CUDA backend with version 1's recurrent GEMM (`cublas_recurrent_gemm` around each
-    forward call; the backward pass does not read it). For float32 inputs both take cuBLAS:
-    the same as bnlstm:cuda."""
+def cublas_recurrent_gemm():
+    """Within: the CUDA backend takes its recurrent GEMM through cuBLAS (version 1; in TF32 for
+    half-precision inputs), not the tensor-core GEMM inside the step kernel that those inputs
+    get, through the environment variable its host code reads at each forward call."""
+    return environment("BNLSTM_CUDA_RECURRENT_GEMM", "cublas")
 
-    def __init__(self, module: nn.Module):
+
+class _WithEnvironment(nn.Module):
+    """A backend's module with an environment variable set around each forward call (the
+    backends read their switches there; the backward pass follows what the forward chose)."""
+
+    def __init__(self, module: nn.Module, name: str, value: str):
         super().__init__()
-        self.module = module
+        self.module, self.name, self.value = module, name, value
 
     def forward(self, *args, **kwargs):
-        with cublas_recurrent_gemm():
+        with environment(self.name, self.value):
             return self.module(*args, **kwargs)
 
 
 def _cuda_with_cublas_gemm(config: Config, device: torch.device) -> nn.Module:
-    return _CublasRecurrentGemm(_bnlstm("cuda", config, device))
+    # Version 1's recurrent GEMM; for float32 inputs the same path as bnlstm:cuda.
+    return _WithEnvironment(_bnlstm("cuda", config, device), "BNLSTM_CUDA_RECURRENT_GEMM", "cublas")
+
+
+def _triton_with_torch_grad_h(config: Config, device: torch.device) -> nn.Module:
+    # The backward pass's grad_zh @ W_hh by torch between launches, not in the step kernel;
+    # for float32 inputs the same path as bnlstm:triton.
+    return _WithEnvironment(_bnlstm("triton", config, device), "BNLSTM_TRITON_GRAD_H", "torch")
 
 
 def providers(device: torch.device, compile: bool = False) -> List[Provider]:
     """Every backend of the package available on `device`, the CUDA backend with its version 1
-    recurrent GEMM (to compare the two), torch.compile of the reference if asked, and
+    recurrent GEMM and the Triton backend with torch's per-step backward GEMM (to compare each
+    pair), torch.compile of the reference if asked, and
     torch.nn.LSTM (cuDNN on a GPU) as the bar, last."""
     backends = available_backends(device)
     found = [Provider(f"bnlstm:{name}", partial(_bnlstm, name)) for name in backends]
     if "cuda" in backends:
         found.append(Provider("bnlstm:cuda+cublas-gemm", _cuda_with_cublas_gemm))
+    if "triton" in backends:
+        found.append(Provider("bnlstm:triton+torch-grad-h", _triton_with_torch_grad_h))
     if compile:
         found.append(Provider("bnlstm:reference+compile", _compiled_reference))
     found.append(Provider(BASELINE, _nn_lstm))

@@ -76,8 +76,8 @@ def kernel_configurations() -> List[dict]:
     import torch
 
     from . import triton_kernels as k
-    from .triton_layer import (INPUT_BLOCK_F, INPUT_BLOCK_R, MATMUL_BLOCK_K, MATMUL_BLOCK_M, MATMUL_BLOCK_N,
-                               MATMUL_NUM_WARPS, NUM_WARPS, STEP_NUM_WARPS, tile_config)
+    from .triton_layer import (GRAD_H_BLOCK_K, INPUT_BLOCK_F, INPUT_BLOCK_R, MATMUL_BLOCK_K, MATMUL_BLOCK_M,
+                               MATMUL_BLOCK_N, MATMUL_NUM_WARPS, NUM_WARPS, STEP_NUM_WARPS, tile_config)
 
     configs = []
     for hidden in HIDDEN_SIZES:
@@ -98,7 +98,11 @@ def kernel_configurations() -> List[dict]:
                                                   **dict(step, TILES=1))),
                 dict(name="bnlstm_bwd_step_kernel", fn=k.bnlstm_bwd_step_kernel, shape=shape, operand=dtype,
                      mode="train", constexprs=dict(NORM_INPUT=True, STEP_INPUT=True, NORM_REC=True, NORM_CELL=True,
-                                                   TRAINING=True, TILES=tiles.tiles, **blocks)),
+                                                   TRAINING=True, TILES=tiles.tiles, **blocks,
+                                                   # grad_zh W_hh in the kernel, TF32, for half inputs
+                                                   # (_fused_grad_h); IEEE fp32 goes to cuBLAS
+                                                   FUSED_GRAD_H=dtype == "bf16", BLOCK_K=GRAD_H_BLOCK_K,
+                                                   DOT_PRECISION="tf32" if dtype == "bf16" else "ieee")),
             ]
     # The backward pass's products over all steps for bf16/fp16 inputs (any shape: one compile).
     configs.append(dict(name="tf32_matmul_kernel", fn=k.tf32_matmul_kernel, shape="all steps, bf16 inputs",

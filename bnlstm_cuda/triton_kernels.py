@@ -419,12 +419,29 @@ def _gate_backward_sums(dy, z, mean, rstd, NORMALIZED: tl.constexpr):
     return tl.sum(dy, axis=0), sum_dy_zhat
 
 
+@triton.jit
+def _grad_h_dot(acc, grad_zh_ptr, w_ptr, rows, row_ok, cols, col_ok, H,
+                BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """acc + grad_zh @ W_hh for rows x cols, [BLOCK_B, BLOCK_H]: grad_zh_ptr [B, 4H] compute
+    dtype, w_ptr [4H, H] (W_hh, its rows k are the gate pre-activations), converted to the
+    compute dtype before the product (exactly: float16/bfloat16 values are TF32 values)."""
+    G = 4 * H
+    for k0 in range(0, G, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_ok = ks < G
+        a = tl.load(grad_zh_ptr + rows[:, None] * G + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        w = tl.load(w_ptr + ks[:, None] * H + cols[None, :], mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        acc = tl.dot(a, w.to(acc.dtype), acc, input_precision=DOT_PRECISION)
+    return acc
+
+
 @triton.jit(do_not_specialize=["step"])
 def bnlstm_bwd_step_kernel(
     grad_out_ptr,   # [T, B, H] compute dtype: gradients of the outputs
-    grad_h_ptr,     # [B, H] gradient reaching h_t from step t + 1
+    grad_h_ptr,     # [B, H] gradient reaching h_t: grad_h_n in at the last step, else computed here
     grad_c_ptr,     # [B, H] in: gradient of c_t; out: gradient of c_{t-1}
-    grad_h_carry_ptr,  # [B, H] out: grad_h on padded rows (their h passes through), 0 elsewhere
+    grad_h_carry_ptr,  # [B, H] in: step t + 1's; out: grad_h on padded rows (their h passes through), 0 elsewhere
+    w_hh_ptr,       # [4H, H] W_hh (weight dtype)
     reserve_ptr,    # [T, B, RES_W] the forward pass's reserve (c_{t-1} is step t - 1's c_t)
     c0_ptr,         # [B, H] c_0, the c_{t-1} of step 0
     wx_ptr,         # [T, B, 4H] W_ih x as projected (x's dtype), if the input is normalized
@@ -438,19 +455,24 @@ def bnlstm_bwd_step_kernel(
     grad_zh_ptr,     # [T, B, 4H] out: gradient of W_hh h_{t-1}, if NORM_REC
     grad_wx_ptr,     # [T, B, 4H] out: gradient of W_ih x_t, if STEP_INPUT
     sums_ptr,        # [T, 14H] out: sum over rows of dy | dy zhat | dy xhat (4H each) | dcell | dcell c_hat (H each)
-    step, IH_ROWS, B, H, RES_W, ZH_OFF, GATES_OFF, CNEW_OFF, eps,
+    step, T, IH_ROWS, B, H, RES_W, ZH_OFF, GATES_OFF, CNEW_OFF, eps,
     NORM_INPUT: tl.constexpr, STEP_INPUT: tl.constexpr, NORM_REC: tl.constexpr, NORM_CELL: tl.constexpr,
     TRAINING: tl.constexpr, TILES: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
+    FUSED_GRAD_H: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """One backward step. With dy the gradient of the gate pre-activations, each batch norm
     y = gamma * zhat backpropagates as
         training:   dz = gamma * rstd * (dy - mean(dy) - zhat * mean(dy * zhat))  (active rows)
         evaluation: dz = gamma * rstd * dy
     Grid (cdiv(H, BLOCK_H),): a program owns BLOCK_H hidden units and loops over all TILES
-    batch tiles: (1) cell-norm sums (training), (2) gradients of the gates, of c_{t-1} and
-    the gate-side sums, (3) the gate-side batch-norm backward (training; in evaluation it is
-    done in (2)). The host adds grad_zh @ W_hh to grad_h_carry for the gradient of h_{t-1}.
-    The [T, ...] tensors are passed whole and indexed by `step` here, as in the forward step.
+    batch tiles: (0) FUSED_GRAD_H, below the last step: the gradient reaching h_t, step t + 1's
+    carry plus grad_zh_{t+1} @ W_hh for its columns (tl.dot over K = 4H; grad_zh_{t+1} is
+    complete, the previous launch wrote it), (1) cell-norm sums (training), (2) gradients of
+    the gates, of c_{t-1} and the gate-side sums, (3) the gate-side batch-norm backward
+    (training; in evaluation it is done in (2)). Without FUSED_GRAD_H the host computes
+    grad_h = carry + grad_zh @ W_hh between launches; either way it does so after step 0 for
+    the gradient of h_0. The [T, ...] tensors are passed whole and indexed by `step` here, as
+    in the forward step.
     """
     compute = grad_c_ptr.dtype.element_ty
     cols = tl.program_id(0) * BLOCK_H + tl.arange(0, BLOCK_H)
@@ -480,6 +502,21 @@ def bnlstm_bwd_step_kernel(
     CELL_STATS: tl.constexpr = NORM_CELL and TRAINING
     GATE_PASS: tl.constexpr = TRAINING and (NORM_REC or STEP_INPUT)
     zero = tl.zeros([BLOCK_H], dtype=compute)
+
+    if FUSED_GRAD_H and step + 1 < T:
+        # Loop 0: grad_h_t = carry_{t+1} + grad_zh_{t+1} @ W_hh. Padded rows of step t + 1
+        # have grad_zh = 0 and carry their gradient through; the others have carry 0. This
+        # program reads and later writes only its own columns of grad_h and the carry.
+        for tile in range(TILES):
+            rows = tile * BLOCK_B + tl.arange(0, BLOCK_B)
+            row_ok = rows < B
+            ok = row_ok[:, None] & col_ok[None, :]
+            offsets = rows[:, None] * H + cols[None, :]
+            acc = tl.load(grad_h_carry_ptr + offsets, mask=ok, other=0.0)
+            acc = _grad_h_dot(acc, grad_zh_ptr + B * G, w_hh_ptr, rows, row_ok, cols, col_ok, H, BLOCK_K,
+                              DOT_PRECISION)
+            tl.store(grad_h_ptr + offsets, acc, mask=ok)
+        tl.debug_barrier()
 
     cell_mean = tl.zeros([BLOCK_H], dtype=compute)
     cell_rstd = tl.zeros([BLOCK_H], dtype=compute)

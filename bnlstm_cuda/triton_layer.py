@@ -6,9 +6,10 @@
     input batch norm + bias         bnlstm_input_bn_kernel, all steps     [T, B, 4H]
     per step t                      bnlstm_fwd_step_kernel               (T launches)
 
-Backward: per step (last to first) bnlstm_bwd_step_kernel and one GEMM for the gradient
-of h_{t-1} (grad_zh_t @ W_hh); then the weight and input gradients as GEMMs over all steps,
-and the bias, gamma and beta gradients as sums of per-step column sums.
+Backward: per step (last to first) bnlstm_bwd_step_kernel, which for half-precision inputs
+also computes the gradient of h_t from step t + 1's grad_zh @ W_hh (_fused_grad_h; for the
+other dtypes torch does, between launches); then the weight and input gradients as GEMMs
+over all steps, and the bias, gamma and beta gradients as sums of per-step column sums.
 
 Runs on CUDA tensors, and on CPU tensors under Triton's interpreter (TRITON_INTERPRET=1 set
 before this module's kernels are imported: Triton reads it when a kernel is decorated).
@@ -43,6 +44,8 @@ STEP_NUM_WARPS = 8
 # tf32_matmul_kernel's tiles, for products of hundreds to thousands of rows and columns.
 MATMUL_BLOCK_M, MATMUL_BLOCK_N, MATMUL_BLOCK_K = 128, 128, 32
 MATMUL_NUM_WARPS = 8
+# K chunk of the backward step's grad_zh @ W_hh (float32 or float64 operands).
+GRAD_H_BLOCK_K = 32
 
 
 class TileConfig(NamedTuple):
@@ -135,6 +138,24 @@ def _dot_precision(x: Tensor) -> str:
     return "ieee"
 
 
+GRAD_H_CHOICE = "BNLSTM_TRITON_GRAD_H"
+
+
+def _fused_grad_h(x: Tensor) -> bool:
+    """Whether the backward step kernel computes the gradient of h_t itself, grad_zh_{t+1} @ W_hh
+    with tl.dot (K = 4H, TF32 on a GPU) before its other loops, rather than torch between
+    launches: for float16/bfloat16 inputs (under the interpreter too, which multiplies in
+    float32), unless the environment variable BNLSTM_TRITON_GRAD_H is "torch" when the forward
+    pass runs (for the benchmark to compare the two; docs/TRITON.md). Compiled for sm_90 at
+    B = 64, H = 1024, that kernel spills 56 bytes a thread with a bfloat16 W_hh; with a float32
+    one it spilled 296 (TF32) or 316 (IEEE, FMA tiles), so float32 and float64 inputs keep
+    torch's GEMM (cuBLAS, allow_tf32 as torch's)."""
+    choice = os.environ.get(GRAD_H_CHOICE, "kernel")
+    if choice not in ("kernel", "torch"):
+        raise ValueError(f'{GRAD_H_CHOICE} must be "kernel" or "torch", got {choice!r}')
+    return choice == "kernel" and x.dtype in (torch.float16, torch.bfloat16)
+
+
 def _tf32_matmul(a: Tensor, b: Tensor) -> Tensor:
     """a @ b for float32 matrices (any strides) from TF32 products with float32 accumulation,
     whatever allow_tf32 says (the interpreter multiplies in float32): the backward pass's
@@ -164,7 +185,7 @@ class _StepLauncher:
     looks the kernel up in its cache (compiling it the first time) and returns it; the later
     launches call that compiled kernel directly (`CompiledKernel[grid](*arguments)`, all of
     them in signature order, as Triton 3.6-3.9's JIT launches it). The JIT's per-launch work
-    skipped is 13-16 us of host time for the step kernels on the development machine
+    skipped is 13-20 us of host time for the step kernels on the development machine
     (docs/TRITON.md, "Host time a step"). Under the interpreter every launch goes through
     the JIT, which returns nothing to call."""
 
@@ -313,6 +334,7 @@ class TritonLayerFunction(torch.autograd.Function):
 
         ctx.config = config
         ctx.device = x.device
+        ctx.fused_grad_h = _fused_grad_h(x)
         ctx.has = tuple(p is not None for p in (bias, gamma_ih, gamma_hh, gamma_c, beta_c))
         ctx.dtypes = (x.dtype, h0.dtype, c0.dtype)
         if config.keep:
@@ -359,7 +381,6 @@ class TritonLayerFunction(torch.autograd.Function):
         grad_wx = new(steps, batch, gates) if step_input else grad_gates
         sums = new(steps, 3 * gates + 2 * hidden)
         carry = new(batch, hidden)
-        weight_hh_c = weight_hh.to(dtype)
         c0_c = c0.to(dtype).contiguous()
         dummy = new(1, gates)
         param = lambda p: p.contiguous() if p is not None else dummy
@@ -368,18 +389,30 @@ class TritonLayerFunction(torch.autograd.Function):
                       mean_hh if norm_rec else dummy, var_hh if norm_rec else dummy,
                       mean_c if norm_cell else dummy, var_c if norm_cell else dummy)
         ih_rows = mean_ih.shape[0] if norm_input else 1
-        grad_zh_steps = grad_zh.unbind(0)  # one call for the T views the GEMM reads
+        # The gradient of h_{t-1}, carry_t + grad_zh_t @ W_hh (carry_t: the gradient of h_t on
+        # rows padded at t, which pass it through; 0 elsewhere): in the next step's kernel
+        # (_fused_grad_h), or here between launches.
+        half = x.dtype != dtype
+        fused = ctx.fused_grad_h
         launch = _StepLauncher(k.bnlstm_bwd_step_kernel, (-(-hidden // tiles.block_h),), STEP_NUM_WARPS,
                                NORM_INPUT=norm_input, STEP_INPUT=step_input, NORM_REC=norm_rec, NORM_CELL=norm_cell,
-                               TRAINING=training, TILES=tiles.tiles, BLOCK_B=tiles.block_b, BLOCK_H=tiles.block_h)
+                               TRAINING=training, TILES=tiles.tiles, BLOCK_B=tiles.block_b, BLOCK_H=tiles.block_h,
+                               FUSED_GRAD_H=fused, BLOCK_K=GRAD_H_BLOCK_K,
+                               DOT_PRECISION="tf32" if half and x.is_cuda else _dot_precision(x))
+        weight_hh_op = weight_hh.contiguous()
+        weight_hh_c = weight_hh.to(dtype)
+        grad_zh_steps = grad_zh.unbind(0)  # one call for the T views
         for t in reversed(range(steps)):
-            launch(grad_output, grad_h, grad_c, carry, reserve, c0_c, projection, active_i8, *parameters,
-                   *statistics, grad_gates, grad_zh, grad_wx, sums, t, ih_rows, batch, hidden, width, zh_off,
-                   gates_off, cnew_off, config.eps)
-            # Gradient of h_{t-1}: through W_hh on active rows, passed through on padded ones
-            # (carry). Summed in place; the two buffers then swap roles for the next step.
-            carry.addmm_(grad_zh_steps[t], weight_hh_c)
-            grad_h, carry = carry, grad_h
+            # Reads grad_h (grad_h_n at the last step; fused, computed in it below the last step);
+            # writes step t's grad_zh and carry.
+            launch(grad_output, grad_h, grad_c, carry, weight_hh_op, reserve, c0_c, projection, active_i8,
+                   *parameters, *statistics, grad_gates, grad_zh, grad_wx, sums, t, steps, ih_rows, batch, hidden,
+                   width, zh_off, gates_off, cnew_off, config.eps)
+            if not fused and t > 0:
+                torch.addmm(carry, grad_zh_steps[t], weight_hh_c, out=grad_h)
+        # Gradient of h_0 (half-precision inputs: TF32 products, as in the steps).
+        matmul = _tf32_matmul if half else torch.mm
+        grad_h = carry + matmul(grad_zh_steps[0], weight_hh_c)
 
         totals = sums.sum(0)
         grad_bias = totals[:gates]
@@ -404,7 +437,6 @@ class TritonLayerFunction(torch.autograd.Function):
         # (zero on padded rows, where grad_zh is zero too).
         h_prev = torch.cat((h0.to(dtype).unsqueeze(0), output[:-1]))  # [T, B, H]
         # Half-precision inputs: TF32 products (_tf32_matmul); else torch's, as for the inputs' dtype.
-        matmul = _tf32_matmul if x.dtype != dtype else torch.mm
         grad_weight_hh = matmul(grad_zh.reshape(-1, gates).t(), h_prev.reshape(-1, hidden))
         grad_weight_ih = matmul(grad_wx.reshape(-1, gates).t(), x.to(dtype).reshape(steps * batch, -1))
         grad_x = matmul(grad_wx.reshape(-1, gates), weight_ih.to(dtype)).view(steps, batch, -1)

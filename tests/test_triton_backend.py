@@ -70,6 +70,52 @@ def test_several_batch_tiles(monkeypatch, variant, training):
     assert_layers_match(variant, lengths, B=20, training=training, reverse=True)
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("tiles", [1, 2])
+def test_gradient_of_h_in_the_step_kernel(monkeypatch, variant, tiles):
+    """The backward step kernel's own grad_zh_{t+1} @ W_hh (taken by half-precision inputs) in
+    float64 against the reference at 1e-9: padded rows carrying their gradient through, both
+    directions' padding, one batch tile and two (B = 20 in tiles of 16)."""
+    monkeypatch.setattr(triton_layer, "_fused_grad_h", lambda x: True)
+    if tiles == 2:
+        monkeypatch.setattr(triton_layer, "MAX_BLOCK_B", 16)
+        assert_layers_match(variant, torch.tensor([5, 3, 4, 1, 2] * 4), B=20, training=True, reverse=True)
+    else:
+        assert_layers_match(variant, torch.tensor([5, 2, 4]), training=True)
+        assert_layers_match(variant, torch.tensor([5, 2, 4]), training=False, reverse=True)
+
+
+def test_gradient_of_h_switch(monkeypatch):
+    """BNLSTM_TRITON_GRAD_H chooses where half-precision inputs take grad_zh @ W_hh (float32 and
+    float64 always go to torch); the choice of the forward pass holds for its backward; a bad
+    value is refused, naming the variable."""
+    half, single = torch.zeros(1, dtype=torch.bfloat16), torch.zeros(1)
+    assert triton_layer._fused_grad_h(half) and not triton_layer._fused_grad_h(single)
+    monkeypatch.setenv("BNLSTM_TRITON_GRAD_H", "torch")
+    assert not triton_layer._fused_grad_h(half)
+    monkeypatch.setenv("BNLSTM_TRITON_GRAD_H", "kernel")
+    assert triton_layer._fused_grad_h(half) and not triton_layer._fused_grad_h(single)
+    monkeypatch.setenv("BNLSTM_TRITON_GRAD_H", "cublas")
+    x, h0, c0, params, running = random_layer("cooijmans", device=DEVICE)
+    with pytest.raises(ValueError, match='BNLSTM_TRITON_GRAD_H must be "kernel" or "torch", got \'cublas\''):
+        triton_layer.bnlstm_layer_triton(x, h0, c0, params, running, variant=get_variant("cooijmans"),
+                                         training=True, eps=1e-5)
+    # Half-precision inputs both ways: the same gradients up to float32 rounding.
+    x, h0, c0, params, running = random_layer("cooijmans", dtype=torch.float16, device=DEVICE)
+    grads = {}
+    for choice in ("kernel", "torch"):
+        monkeypatch.setenv("BNLSTM_TRITON_GRAD_H", choice)
+        inputs = [t.detach().clone().requires_grad_() for t in (x, h0, c0)]
+        result = triton_layer.bnlstm_layer_triton(*inputs, params, running, variant=get_variant("cooijmans"),
+                                                  training=True, eps=1e-5)
+        monkeypatch.setenv("BNLSTM_TRITON_GRAD_H", "cublas")  # refused, were the backward pass to read it
+        result.output.float().sum().backward()
+        grads[choice] = [t.grad.float() for t in inputs]
+    for name, kernel, torch_ in zip(("x", "h0", "c0"), grads["kernel"], grads["torch"]):
+        torch.testing.assert_close(kernel, torch_, rtol=1e-4, atol=1e-4 * torch_.abs().max().item(),
+                                   msg=lambda m: f"grad {name}: {m}")
+
+
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_start_step_uses_later_slots(training):
     """start_step = 2 with S = 3 slots: steps read slots 2, 2, 2, ... in evaluation."""
