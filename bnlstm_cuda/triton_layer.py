@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 from typing import NamedTuple, Optional
 
 import torch
@@ -176,6 +177,16 @@ def _tf32_matmul(a: Tensor, b: Tensor) -> Tensor:
     return c
 
 
+def _launch_passes_constexprs() -> bool:
+    """Whether Triton's JIT launches a compiled kernel with the constexprs among its arguments:
+    from Triton 3.3 on (JITFunction.run passes bound_args.values()); 3.2 and earlier pass
+    the run-time arguments only."""
+    import triton
+
+    major, minor = (int(part) for part in re.match(r"(\d+)\.(\d+)", triton.__version__).groups())
+    return (major, minor) >= (3, 3)
+
+
 class _StepLauncher:
     """Launches one kernel at every step of a loop whose launches differ only in arguments
     that select no other compiled kernel: the same tensors (or buffers allocated alike that
@@ -183,11 +194,11 @@ class _StepLauncher:
 
     The first launch goes through Triton's JIT, which binds the arguments, specialises them,
     looks the kernel up in its cache (compiling it the first time) and returns it; the later
-    launches call that compiled kernel directly (`CompiledKernel[grid](*arguments)`, all of
-    them in signature order, as Triton 3.6-3.9's JIT launches it). The JIT's per-launch work
-    skipped is 13-20 us of host time for the step kernels on the development machine
-    (docs/TRITON.md, "Host time a step"). Under the interpreter every launch goes through
-    the JIT, which returns nothing to call."""
+    launches call that compiled kernel directly (`CompiledKernel[grid](*arguments)`, as the
+    JIT launches it: every argument in signature order from Triton 3.3 on, the run-time ones
+    only before). The JIT's per-launch work skipped is 13-20 us of host time for the step
+    kernels on the development machine (docs/TRITON.md, "Host time a step"). Under the
+    interpreter every launch goes through the JIT, which returns nothing to call."""
 
     def __init__(self, kernel, grid, num_warps: int, **constexprs):
         # The constexprs, passed by name, must be the signature's last arguments: the compiled
@@ -196,7 +207,7 @@ class _StepLauncher:
         if sorted(names) != sorted(constexprs):
             raise AssertionError(f"{kernel.arg_names}: expected its last arguments to be {sorted(constexprs)}")
         self.kernel, self.grid, self.num_warps, self.constexprs = kernel, grid, num_warps, constexprs
-        self.constexpr_values = tuple(constexprs[name] for name in names)
+        self.constexpr_values = tuple(constexprs[name] for name in names) if _launch_passes_constexprs() else ()
         self.compiled = None
 
     def __call__(self, *arguments) -> None:
@@ -394,6 +405,9 @@ class TritonLayerFunction(torch.autograd.Function):
         # (_fused_grad_h), or here between launches.
         half = x.dtype != dtype
         fused = ctx.fused_grad_h
+        # The products after the loop: TF32 (_tf32_matmul) for half-precision inputs, as in the
+        # step kernel; else torch's, as for the inputs' dtype.
+        matmul = _tf32_matmul if half else torch.mm
         launch = _StepLauncher(k.bnlstm_bwd_step_kernel, (-(-hidden // tiles.block_h),), STEP_NUM_WARPS,
                                NORM_INPUT=norm_input, STEP_INPUT=step_input, NORM_REC=norm_rec, NORM_CELL=norm_cell,
                                TRAINING=training, TILES=tiles.tiles, BLOCK_B=tiles.block_b, BLOCK_H=tiles.block_h,
@@ -410,8 +424,7 @@ class TritonLayerFunction(torch.autograd.Function):
                    width, zh_off, gates_off, cnew_off, config.eps)
             if not fused and t > 0:
                 torch.addmm(carry, grad_zh_steps[t], weight_hh_c, out=grad_h)
-        # Gradient of h_0 (half-precision inputs: TF32 products, as in the steps).
-        matmul = _tf32_matmul if half else torch.mm
+        # Gradient of h_0.
         grad_h = carry + matmul(grad_zh_steps[0], weight_hh_c)
 
         totals = sums.sum(0)
@@ -436,7 +449,6 @@ class TritonLayerFunction(torch.autograd.Function):
         # Weights and input: GEMMs over all steps. h_{t-1} is h_0, then the previous output
         # (zero on padded rows, where grad_zh is zero too).
         h_prev = torch.cat((h0.to(dtype).unsqueeze(0), output[:-1]))  # [T, B, H]
-        # Half-precision inputs: TF32 products (_tf32_matmul); else torch's, as for the inputs' dtype.
         grad_weight_hh = matmul(grad_zh.reshape(-1, gates).t(), h_prev.reshape(-1, hidden))
         grad_weight_ih = matmul(grad_wx.reshape(-1, gates).t(), x.to(dtype).reshape(steps * batch, -1))
         grad_x = matmul(grad_wx.reshape(-1, gates), weight_ih.to(dtype)).view(steps, batch, -1)

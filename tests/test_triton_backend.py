@@ -25,7 +25,7 @@ DEVICE = "cuda" if ON_GPU else "cpu"
 if not ON_GPU and not triton_layer.interpreter_requested():
     pytest.skip("without a GPU these tests run the Triton kernels in Triton's interpreter: TRITON_INTERPRET=1 "
                 "is not set (tests/conftest.py sets it when no GPU is visible)", allow_module_level=True)
-pytest.importorskip("triton")
+triton = pytest.importorskip("triton")
 import bnlstm_cuda.triton_kernels as triton_kernels  # noqa: E402
 
 if not ON_GPU and not triton_layer._kernels_interpreted():
@@ -232,7 +232,7 @@ def test_forward_without_gradients_matches(training):
         torch.testing.assert_close(getattr(got, name), getattr(want, name), **TOL, msg=lambda m: f"{name}: {m}")
 
 
-def test_step_launcher_calls_the_compiled_kernel_after_the_first_launch():
+def test_step_launcher_calls_the_compiled_kernel_after_the_first_launch(monkeypatch):
     """_StepLauncher's protocol with Triton, on a stand-in kernel: the first launch goes through
     the JIT (`kernel[grid](*args, num_warps=..., **constexprs)`), the later ones call the
     compiled kernel it returned with the grid padded to 3 dimensions and every argument in
@@ -260,6 +260,15 @@ def test_step_launcher_calls_the_compiled_kernel_after_the_first_launch():
         launch("a", step, 5)
     assert calls == [("jit", (7,), ("a", 0, 5), dict(num_warps=8, FLAG=True, BLOCK=16)),
                      ("compiled", (7, 1, 1), ("a", 1, 5, 16, True)), ("compiled", (7, 1, 1), ("a", 2, 5, 16, True))]
+    calls.clear()
+    # Triton 3.2 and earlier launch a compiled kernel with the run-time arguments only.
+    monkeypatch.setattr(triton, "__version__", "3.2.0")
+    launch = triton_layer._StepLauncher(Kernel(Compiled()), (7,), 8, FLAG=True, BLOCK=16)
+    launch("a", 0, 5)
+    launch("a", 1, 5)
+    assert calls[1] == ("compiled", (7, 1, 1), ("a", 1, 5))
+    monkeypatch.setattr(triton, "__version__", "3.6.0+git1234")
+    assert triton_layer._StepLauncher(Kernel(None), (7,), 8, FLAG=True, BLOCK=16).constexpr_values == (16, True)
     calls.clear()
     launch = triton_layer._StepLauncher(Kernel(None), (2, 3), 4, BLOCK=16, FLAG=False)
     launch("a", 0, 5)
