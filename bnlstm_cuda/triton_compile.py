@@ -30,7 +30,7 @@ HIDDEN_SIZES = (512, 1024)
 DTYPES = ("bf16", "fp32")
 # Names of pointer arguments by what they point at; the rest are compute-dtype buffers.
 OPERAND_POINTERS = {"wx_ptr", "w_hh_ptr", "gamma_ptr", "bias_ptr", "gamma_ih_ptr", "gamma_hh_ptr", "gamma_c_ptr",
-                    "beta_c_ptr"}
+                    "beta_c_ptr", "h_op_prev_ptr", "h_op_next_ptr"}
 RUNNING_POINTERS = {"stats_in_mean_ptr", "stats_in_var_ptr"}
 FLOAT_SCALARS = {"eps"}
 
@@ -86,7 +86,8 @@ def kernel_configurations() -> List[dict]:
             shape = f"B={BATCH} H={hidden} {dtype}"
             blocks = dict(BLOCK_B=tiles.block_b, BLOCK_H=tiles.block_h)
             # The GPU path multiplies fp32 in tf32 only when torch allows it (off by default).
-            step = dict(TILES=tiles.tiles, BLOCK_K=tiles.block_k, DOT_PRECISION="ieee", DOT_UPCAST=False, **blocks)
+            step = dict(TILES=tiles.tiles, BLOCK_K=tiles.block_k, DOT_PRECISION="ieee", DOT_UPCAST=False,
+                        H_OPERAND=dtype == "bf16", **blocks)
             configs += [
                 dict(name="bnlstm_input_bn_kernel", fn=k.bnlstm_input_bn_kernel, shape=shape, operand=dtype,
                      mode="train", constexprs=dict(COMPUTE_STATS=True, APPLY=True, HAS_BIAS=True,

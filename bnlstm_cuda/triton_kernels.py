@@ -78,16 +78,16 @@ def _merge_moments(count, mean, m2, tile_count, tile_mean, tile_m2):
 
 
 @triton.jit
-def _recurrent_dot(h_ptr, w_ptr, rows, row_ok, cols, col_ok, H,
+def _recurrent_dot(h_ptr, w_ptr, rows, row_ok, cols, col_ok, H, acc_dtype: tl.constexpr,
                    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
                    DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr):
-    """The four gate columns of W_hh h_{t-1} for rows x cols: ([BLOCK_B, BLOCK_H],) * 4.
+    """The four gate columns of W_hh h_{t-1} for rows x cols: ([BLOCK_B, BLOCK_H],) * 4, in
+    acc_dtype (the compute dtype).
 
-    h_ptr: [B, H] compute dtype; w_ptr: [4H, H], gate g's rows start at g * H.
+    h_ptr: [B, H] h_{t-1} in W_hh's dtype; w_ptr: [4H, H], gate g's rows start at g * H.
     DOT_UPCAST: multiply the (already rounded) operands in the compute dtype; the host sets
     it for bfloat16 under the interpreter, whose bfloat16 tl.dot is wrong (Triton 3.9).
     """
-    acc_dtype = h_ptr.dtype.element_ty
     op_dtype = w_ptr.dtype.element_ty
     acc_i = tl.zeros([BLOCK_B, BLOCK_H], dtype=acc_dtype)
     acc_f = tl.zeros([BLOCK_B, BLOCK_H], dtype=acc_dtype)
@@ -98,7 +98,7 @@ def _recurrent_dot(h_ptr, w_ptr, rows, row_ok, cols, col_ok, H,
         ks = k0 + tl.arange(0, BLOCK_K)
         k_ok = ks < H
         a = tl.load(h_ptr + rows[:, None] * H + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        a = a.to(op_dtype)
+        a = a.to(op_dtype)  # a no-op: the host passes h in W_hh's dtype
         # W_hh[g * H + col, k] as a [BLOCK_K, BLOCK_H] tile: the B operand of h @ W^T.
         w_tile = w_ptr + cols[None, :] * H + ks[:, None]
         w_ok = k_ok[:, None] & col_ok[None, :]
@@ -187,9 +187,10 @@ def _load_gate_columns(ptr, cols, col_ok, H, other):
 @triton.jit
 def _finish_step(c_new, o, keep, rows, row_ok, cols, col_ok, H,
                  cell_mean, cell_rstd, gamma_c, beta_c,
-                 h_prev_ptr, h_next_ptr, c_ptr, out_ptr, NORM_CELL: tl.constexpr):
+                 h_prev_ptr, h_next_ptr, h_op_next_ptr, c_ptr, out_ptr, NORM_CELL: tl.constexpr,
+                 H_OPERAND: tl.constexpr):
     """h_t = o * tanh(BN(c_t; gamma_c, beta_c)); write h_t, c_t where the row is active
-    (padded rows keep their state and output 0)."""
+    (padded rows keep their state and output 0), and with H_OPERAND h_t in W_hh's dtype."""
     seen = c_new
     if NORM_CELL:
         seen = (c_new - cell_mean[None, :]) * (cell_rstd * gamma_c)[None, :] + beta_c[None, :]
@@ -197,7 +198,10 @@ def _finish_step(c_new, o, keep, rows, row_ok, cols, col_ok, H,
     offsets = rows[:, None] * H + cols[None, :]
     ok = row_ok[:, None] & col_ok[None, :]
     h_prev = tl.load(h_prev_ptr + offsets, mask=ok, other=0.0)
-    tl.store(h_next_ptr + offsets, tl.where(keep, h, h_prev), mask=ok)
+    h_next = tl.where(keep, h, h_prev)
+    tl.store(h_next_ptr + offsets, h_next, mask=ok)
+    if H_OPERAND:
+        tl.store(h_op_next_ptr + offsets, h_next.to(h_op_next_ptr.dtype.element_ty), mask=ok)
     tl.store(c_ptr + offsets, c_new, mask=ok & keep)
     tl.store(out_ptr + offsets, tl.where(keep, h, 0.0), mask=ok)
 
@@ -208,6 +212,8 @@ def _finish_step(c_new, o, keep, rows, row_ok, cols, col_ok, H,
 def bnlstm_fwd_step_kernel(
     h_prev_ptr,   # [B, H] compute dtype: h_{t-1}
     h_next_ptr,   # [B, H] compute dtype: h_t (h_{t-1} on padded rows)
+    h_op_prev_ptr,  # [B, H] W_hh's dtype: h_{t-1} as the GEMM's operand (h_prev_ptr unless H_OPERAND)
+    h_op_next_ptr,  # [B, H] W_hh's dtype: h_t rounded to it, written if H_OPERAND
     c_ptr,        # [B, H] compute dtype: c_{t-1} in, c_t out (padded rows unchanged)
     out_ptr,      # [T, B, H] compute dtype: outputs; step `step`'s written (0 on padded rows)
     xin_ptr,      # [T, B, 4H] compute dtype: BN(W_ih x_t) + bias
@@ -221,7 +227,7 @@ def bnlstm_fwd_step_kernel(
     step, stat_row, B, H, RES_W, ZH_OFF, GATES_OFF, CNEW_OFF, eps,
     NORM_REC: tl.constexpr, NORM_CELL: tl.constexpr, TRAINING: tl.constexpr, KEEP: tl.constexpr,
     TILES: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr, H_OPERAND: tl.constexpr,
 ):
     """One forward step (PAPER.md):
 
@@ -234,7 +240,9 @@ def bnlstm_fwd_step_kernel(
     program takes the whole batch (TILES = cdiv(B, BLOCK_B)) and up to three loops run:
     (1) W_hh h_{t-1} to the reserve and its statistics, (2) gates and c_t to the reserve and
     the cell statistics, (3) h_t from the reserve. Otherwise each tile is one straight pass
-    in registers. KEEP: the reserve is written (the backward pass reads it).
+    in registers. KEEP: the reserve is written (the backward pass reads it). H_OPERAND (W_hh
+    narrower than the compute dtype): h_t is also written in W_hh's dtype, which the next
+    step's GEMM reads, half the bytes of the compute-dtype h every program streams from L2.
     The [T, ...] tensors are passed whole and indexed by `step` here, which saves the host a
     view per tensor and step (docs/TRITON.md, "Host time a step").
     """
@@ -268,7 +276,7 @@ def bnlstm_fwd_step_kernel(
             rows = (first_tile + tile) * BLOCK_B + tl.arange(0, BLOCK_B)
             row_ok = rows < B
             keep = (tl.load(active_ptr + rows, mask=row_ok, other=0) != 0)[:, None]
-            z_i, z_f, z_g, z_o = _recurrent_dot(h_prev_ptr, w_hh_ptr, rows, row_ok, cols, col_ok, H,
+            z_i, z_f, z_g, z_o = _recurrent_dot(h_op_prev_ptr, w_hh_ptr, rows, row_ok, cols, col_ok, H, compute,
                                                 BLOCK_B, BLOCK_H, BLOCK_K, DOT_PRECISION, DOT_UPCAST)
             zh = reserve_ptr + rows[:, None] * RES_W + ZH_OFF + cols[None, :]
             ok = row_ok[:, None] & col_ok[None, :]
@@ -333,7 +341,7 @@ def bnlstm_fwd_step_kernel(
             z_g = tl.load(rs + ZH_OFF + 2 * H, mask=ok, other=0.0)
             z_o = tl.load(rs + ZH_OFF + 3 * H, mask=ok, other=0.0)
         else:
-            z_i, z_f, z_g, z_o = _recurrent_dot(h_prev_ptr, w_hh_ptr, rows, row_ok, cols, col_ok, H,
+            z_i, z_f, z_g, z_o = _recurrent_dot(h_op_prev_ptr, w_hh_ptr, rows, row_ok, cols, col_ok, H, compute,
                                                 BLOCK_B, BLOCK_H, BLOCK_K, DOT_PRECISION, DOT_UPCAST)
             if KEEP and NORM_REC:
                 tl.store(rs + ZH_OFF, z_i, mask=ok)
@@ -363,7 +371,7 @@ def bnlstm_fwd_step_kernel(
             cell_count, cell_mean, cell_m2 = _merge_moments(cell_count, cell_mean, cell_m2, n, m, s)
         else:
             _finish_step(c_new, o, keep, rows, row_ok, cols, col_ok, H, cell_mean, cell_rstd, gamma_c, beta_c,
-                         h_prev_ptr, h_next_ptr, c_ptr, out_ptr, NORM_CELL)
+                         h_prev_ptr, h_next_ptr, h_op_next_ptr, c_ptr, out_ptr, NORM_CELL, H_OPERAND)
 
     if CELL_STATS:
         cell_var = cell_m2 / tl.maximum(cell_count, 1.0)
@@ -381,7 +389,7 @@ def bnlstm_fwd_step_kernel(
             c_new = tl.load(rs + CNEW_OFF, mask=ok, other=0.0)
             o = tl.load(rs + GATES_OFF + 3 * H, mask=ok, other=0.0)
             _finish_step(c_new, o, keep, rows, row_ok, cols, col_ok, H, cell_mean, cell_rstd, gamma_c, beta_c,
-                         h_prev_ptr, h_next_ptr, c_ptr, out_ptr, NORM_CELL)
+                         h_prev_ptr, h_next_ptr, h_op_next_ptr, c_ptr, out_ptr, NORM_CELL, H_OPERAND)
 
 
 @triton.jit

@@ -297,6 +297,11 @@ class TritonLayerFunction(torch.autograd.Function):
         in_step_stats = training and (norm_rec or norm_cell)
         reserve = new(steps, batch, width) if (config.keep or in_step_stats) else new(steps, 1, 1)
         h_buffers = (h0.to(dtype).contiguous().clone(), new(batch, hidden))
+        # h_{t-1} as the GEMM's operand: in W_hh's dtype where that is narrower (rounded as the
+        # kernel would round it), else h_buffers themselves.
+        h_operand = x.dtype != dtype
+        h_ops = ((h_buffers[0].to(x.dtype), torch.empty(batch, hidden, dtype=x.dtype, device=x.device))
+                 if h_operand else h_buffers)
         c = c0.to(dtype).contiguous().clone()
         output = new(steps, batch, hidden)
         weight_hh_op = weight_hh.contiguous()
@@ -333,12 +338,14 @@ class TritonLayerFunction(torch.autograd.Function):
         launch = _StepLauncher(k.bnlstm_fwd_step_kernel, grid, STEP_NUM_WARPS, NORM_REC=norm_rec,
                                NORM_CELL=norm_cell, TRAINING=training, KEEP=config.keep or in_step_stats,
                                TILES=tiles_per_program, BLOCK_B=tiles.block_b, BLOCK_H=tiles.block_h,
-                               BLOCK_K=tiles.block_k, DOT_PRECISION=precision, DOT_UPCAST=upcast)
+                               BLOCK_K=tiles.block_k, DOT_PRECISION=precision, DOT_UPCAST=upcast,
+                               H_OPERAND=h_operand)
         for t in range(steps):
             # Statistics row: the step's own in training, slot min(start_step + t, S - 1) in
             # evaluation (hh and c have the same S slots).
             row = t if training else min(config.start_step + t, (slots_hh if norm_rec else slots_c) - 1)
-            launch(h_buffers[t % 2], h_buffers[(t + 1) % 2], c, output, xin, weight_hh_op, active_i8,
+            launch(h_buffers[t % 2], h_buffers[(t + 1) % 2], h_ops[t % 2], h_ops[(t + 1) % 2], c, output, xin,
+                   weight_hh_op, active_i8,
                    gamma_hh_c, gamma_c_c, beta_c_c, kernel_hh[0], kernel_hh[1], kernel_c[0], kernel_c[1],
                    reserve, t, row, batch, hidden, reserve.shape[2], zh_off, gates_off, cnew_off, eps)
         h_n = h_buffers[steps % 2]
