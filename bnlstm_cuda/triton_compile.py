@@ -4,7 +4,8 @@
 
 Compiles every kernel of triton_kernels.py with `triton.compile` for
 `GPUTarget("cuda", 90, 32)` at the tile sizes the layer would use for the benchmark shapes
-(B = 64; H = 512 and 1024; bfloat16 and float32), then reads each cubin's resource usage:
+(B = 64; H = 512 and 1024; bfloat16 and float32, and float64, in which the GPU test suite
+runs), then reads each cubin's resource usage:
 registers, stack and shared memory from `cuobjdump --dump-resource-usage` (CUDA's, or the
 copy bundled with triton), spill bytes from the ptxas log of the compile. Prints a table, writes it to
 benchmarks/results/triton_resource_usage.txt, and exits non-zero if any kernel fails to
@@ -27,7 +28,8 @@ from typing import Dict, List, Optional
 REPORT = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "triton_resource_usage.txt"
 BATCH = 64
 HIDDEN_SIZES = (512, 1024)
-DTYPES = ("bf16", "fp32")
+# fp64: the GPU test suite runs float64 layers (the reference's precision), so CI compiles those too.
+DTYPES = ("bf16", "fp32", "fp64")
 # Names of pointer arguments by what they point at; the rest are compute-dtype buffers.
 OPERAND_POINTERS = {"wx_ptr", "w_hh_ptr", "gamma_ptr", "bias_ptr", "gamma_ih_ptr", "gamma_hh_ptr", "gamma_c_ptr",
                     "beta_c_ptr", "h_op_prev_ptr", "h_op_next_ptr"}
@@ -49,7 +51,9 @@ def _tool(name: str) -> Optional[str]:
 def _signature(fn, operand: str, constexprs: Dict[str, object]) -> Dict[str, str]:
     """Triton signature of `fn`: pointer element types by argument name (operand dtype for
     x's projection and the parameters, int8 for masks, fp32 running statistics, the
-    compute dtype fp32 elsewhere), fp32 for eps, i32 for other scalars."""
+    compute dtype elsewhere: fp64 for fp64 operands, else fp32), fp32 for eps (a Python
+    float, as the JIT types it), i32 for other scalars."""
+    compute = "fp64" if operand == "fp64" else "fp32"
     signature = {}
     for name in fn.arg_names:
         if name in constexprs:
@@ -62,7 +66,7 @@ def _signature(fn, operand: str, constexprs: Dict[str, object]) -> Dict[str, str
             elif name in RUNNING_POINTERS:
                 signature[name] = "*fp32"
             else:
-                signature[name] = "*fp32"
+                signature[name] = f"*{compute}"
         elif name in FLOAT_SCALARS:
             signature[name] = "fp32"
         else:
