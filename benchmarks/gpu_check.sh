@@ -71,7 +71,24 @@ stage benchmark "$bench_s" bash -c "
         export BNLSTM_CUDA_RECURRENT_GEMM=cublas
     fi
     '$py' -m benchmarks.run --sweep gpu --min-runs 5 --min-time 0.2 --budget $((bench_s * 2 / 3)) --results-dir '$out'"
-stage tests_triton "${TESTS_S:-110}" "$py" -m pytest -q -rs -p no:cacheprovider tests/test_triton_backend.py
+# Three processes at once: compiling the kernels for each variant, dtype and mode (about a
+# second each, one at a time in a process) dominates this suite, and the machine has 16 cores.
+# Each ends itself 15 s before the stage's box, so that their logs, one after another, still
+# reach tests_triton.log.
+triton_s="${TESTS_S:-110}"
+triton_shards=("layer_matches_reference" "module or narrow or gradient_of_h" \
+               "not (layer_matches_reference or module or narrow or gradient_of_h)")
+stage tests_triton "$triton_s" bash -c "
+    dir=\$(mktemp -d); status=0; i=0
+    for shard in $(printf "'%s' " "${triton_shards[@]}"); do
+        timeout --kill-after=5 $((triton_s - 15)) '$py' -m pytest -q -rs -p no:cacheprovider \\
+            tests/test_triton_backend.py -k \"\$shard\" >\"\$dir/\$i.log\" 2>&1 &
+        i=\$((i + 1))
+    done
+    # The largest exit status: 124 when a shard ran out of time, which the summary reports.
+    for pid in \$(jobs -p); do wait \$pid; rc=\$?; [ \$rc -gt \$status ] && status=\$rc; done
+    for log in \"\$dir\"/*.log; do echo \"== shard \$(basename \$log .log)\"; cat \"\$log\"; done
+    exit \$status"
 
 echo "== summary"
 printf '%s\n' "${summary[@]}"
