@@ -7,9 +7,11 @@ Compiles every kernel of triton_kernels.py with `triton.compile` for
 (B = 64; H = 512 and 1024; bfloat16 and float32, and float64, in which the GPU test suite
 runs), then reads each cubin's resource usage:
 registers, stack and shared memory from `cuobjdump --dump-resource-usage` (CUDA's, or the
-copy bundled with triton), spill bytes from the ptxas log of the compile. Prints a table, writes it to
-benchmarks/results/triton_resource_usage.txt, and exits non-zero if any kernel fails to
-compile. No timing: that needs the GPU.
+copy bundled with triton), spill bytes from the ptxas log of the compile. Then compiles every
+other combination of constexprs the layer can launch (`layer_combinations`, 176, a process
+per core: about 3 minutes on 2 cores), so that none first fails on a GPU. Prints a table,
+writes it to benchmarks/results/triton_resource_usage.txt, and exits non-zero if any kernel
+fails to compile. No timing: that needs the GPU.
 """
 from __future__ import annotations
 
@@ -74,40 +76,45 @@ def _signature(fn, operand: str, constexprs: Dict[str, object]) -> Dict[str, str
     return signature
 
 
-def kernel_configurations() -> List[dict]:
-    """Every (kernel, constexprs) the layer launches for the benchmark shapes, in training
-    with gradients (cooijmans, the variant with the most work) and in inference."""
+def _torch_dtype(name: str):
     import torch
 
-    from . import triton_kernels as k
-    from .triton_layer import (GRAD_H_BLOCK_K, INPUT_BLOCK_F, INPUT_BLOCK_R, MATMUL_BLOCK_K, MATMUL_BLOCK_M,
-                               MATMUL_BLOCK_N, MATMUL_NUM_WARPS, NUM_WARPS, STEP_NUM_WARPS, tile_config)
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp64": torch.float64}[name]
 
+
+def kernel_configurations() -> List[dict]:
+    """Every (kernel, constexprs) the layer launches for the benchmark shapes, in training
+    with gradients (cooijmans, the variant with the most work) and in inference, with the
+    constexprs the layer itself computes (triton_layer.*_step_constexprs)."""
+    from . import triton_kernels as k
+    from .triton_layer import (INPUT_BLOCK_F, INPUT_BLOCK_R, MATMUL_BLOCK_K, MATMUL_BLOCK_M, MATMUL_BLOCK_N,
+                               MATMUL_NUM_WARPS, NUM_WARPS, STEP_NUM_WARPS, backward_step_constexprs,
+                               forward_step_constexprs)
+    from .variants import get_variant
+
+    cooijmans = get_variant("cooijmans")
     configs = []
     for hidden in HIDDEN_SIZES:
         for dtype in DTYPES:
-            tiles = tile_config(BATCH, hidden, torch.bfloat16 if dtype == "bf16" else torch.float32)
             shape = f"B={BATCH} H={hidden} {dtype}"
-            blocks = dict(BLOCK_B=tiles.block_b, BLOCK_H=tiles.block_h)
-            # The GPU path multiplies fp32 in tf32 only when torch allows it (off by default).
-            step = dict(TILES=tiles.tiles, BLOCK_K=tiles.block_k, DOT_PRECISION="ieee", DOT_UPCAST=False,
-                        H_OPERAND=dtype == "bf16", **blocks)
+            half = dtype in ("bf16", "fp16")
+            # float32 products: IEEE unless torch allows TF32 (off by default); the backward's
+            # grad_zh W_hh of half inputs: in the kernel, TF32 (triton_layer._fused_grad_h).
+            forward = lambda training: forward_step_constexprs(cooijmans, _torch_dtype(dtype), BATCH, hidden,
+                                                               training=training, keep=training, precision="ieee",
+                                                               upcast=False)
+            backward = backward_step_constexprs(cooijmans, _torch_dtype(dtype), BATCH, hidden, training=True,
+                                                fused_grad_h=half, precision="tf32" if half else "ieee")
             configs += [
                 dict(name="bnlstm_input_bn_kernel", fn=k.bnlstm_input_bn_kernel, shape=shape, operand=dtype,
                      mode="train", constexprs=dict(COMPUTE_STATS=True, APPLY=True, HAS_BIAS=True,
                                                    BLOCK_R=INPUT_BLOCK_R, BLOCK_F=INPUT_BLOCK_F)),
                 dict(name="bnlstm_fwd_step_kernel", fn=k.bnlstm_fwd_step_kernel, shape=shape, operand=dtype,
-                     mode="train", constexprs=dict(NORM_REC=True, NORM_CELL=True, TRAINING=True, KEEP=True, **step)),
+                     mode="train", constexprs=forward(True)),
                 dict(name="bnlstm_fwd_step_kernel", fn=k.bnlstm_fwd_step_kernel, shape=shape, operand=dtype,
-                     mode="eval", constexprs=dict(NORM_REC=True, NORM_CELL=True, TRAINING=False, KEEP=False,
-                                                  **dict(step, TILES=1))),
+                     mode="eval", constexprs=forward(False)),
                 dict(name="bnlstm_bwd_step_kernel", fn=k.bnlstm_bwd_step_kernel, shape=shape, operand=dtype,
-                     mode="train", constexprs=dict(NORM_INPUT=True, STEP_INPUT=True, NORM_REC=True, NORM_CELL=True,
-                                                   TRAINING=True, TILES=tiles.tiles, **blocks,
-                                                   # grad_zh W_hh in the kernel, TF32, for half inputs
-                                                   # (_fused_grad_h); IEEE fp32 goes to cuBLAS
-                                                   FUSED_GRAD_H=dtype == "bf16", BLOCK_K=GRAD_H_BLOCK_K,
-                                                   DOT_PRECISION="tf32" if dtype == "bf16" else "ieee")),
+                     mode="train", constexprs=backward),
             ]
     # The backward pass's products over all steps for bf16/fp16 inputs (any shape: one compile).
     configs.append(dict(name="tf32_matmul_kernel", fn=k.tf32_matmul_kernel, shape="all steps, bf16 inputs",
@@ -118,6 +125,87 @@ def kernel_configurations() -> List[dict]:
     for config in configs:
         config["num_warps"] = warps.get(config["name"], STEP_NUM_WARPS)
     return configs
+
+
+def layer_combinations() -> List[dict]:
+    """The distinct (kernel, dtype, constexprs) the layer launches on a GPU, at the test
+    suite's small tiles and the benchmark's: each variant, dtype (float64 is what the GPU
+    suite runs), training and evaluation, with and without a kept reserve, one batch tile and
+    two, float32 in IEEE and TF32, the backward's grad_zh W_hh in the kernel or not, and the
+    input batch norm's modes."""
+    from . import triton_kernels as k
+    from .triton_layer import (INPUT_BLOCK_F, INPUT_BLOCK_R, NUM_WARPS, STEP_NUM_WARPS, backward_step_constexprs,
+                               forward_step_constexprs)
+    from .variants import VARIANTS, get_variant
+
+    seen, combinations = set(), []
+
+    def add(fn, dtype, constexprs, num_warps=STEP_NUM_WARPS):
+        key = (fn.__name__, dtype, tuple(sorted(constexprs.items())))
+        if key not in seen:
+            seen.add(key)
+            combinations.append(dict(name=fn.__name__, fn=fn, operand=dtype, constexprs=constexprs,
+                                     num_warps=num_warps))
+
+    # (dtype, batch, hidden, float32 precisions): the suite's tiles (B = 3, H = 20: one tile of
+    # 16 rows) for every dtype, the benchmark's (B = 100, H = 512: two tiles of 64) for fp64
+    # and the benchmark dtypes.
+    cases = [("fp64", 3, 20, ("ieee",)), ("fp32", 3, 20, ("ieee", "tf32")), ("fp16", 3, 20, ("ieee",)),
+             ("bf16", 3, 20, ("ieee",)), ("fp64", 100, 512, ("ieee",)), ("fp32", 100, 512, ("ieee",)),
+             ("bf16", 100, 512, ("ieee",))]
+    for dtype, batch, hidden, precisions in cases:
+        half = dtype in ("bf16", "fp16")
+        # grad_zh W_hh in the kernel: half inputs (or not, BNLSTM_TRITON_GRAD_H=torch); the
+        # suite forces it for fp64; fp32 never.
+        fused_choices = (False,) if dtype == "fp32" else (True, False)
+        for name in VARIANTS:
+            variant = get_variant(name)
+            for training in (True, False):
+                for precision in precisions:
+                    for keep in (True, False):
+                        add(k.bnlstm_fwd_step_kernel, dtype, forward_step_constexprs(
+                            variant, _torch_dtype(dtype), batch, hidden, training=training, keep=keep,
+                            precision=precision, upcast=False))
+                    for fused in fused_choices:
+                        add(k.bnlstm_bwd_step_kernel, dtype, backward_step_constexprs(
+                            variant, _torch_dtype(dtype), batch, hidden, training=training, fused_grad_h=fused,
+                            precision="tf32" if half else precision))
+    for dtype in ("fp64", "fp32", "fp16", "bf16"):
+        for compute_stats, apply, has_bias in ((True, True, True), (True, False, False), (False, True, True),
+                                               (False, True, False)):
+            add(k.bnlstm_input_bn_kernel, dtype, dict(COMPUTE_STATS=compute_stats, APPLY=apply, HAS_BIAS=has_bias,
+                                                      BLOCK_R=INPUT_BLOCK_R, BLOCK_F=INPUT_BLOCK_F), NUM_WARPS)
+    return combinations
+
+
+def _compile_combination(name: str, operand: str, constexprs: Dict[str, object], num_warps: int) -> Optional[str]:
+    """Compile one kernel of triton_kernels for sm_90 (in a worker process); the error, if any."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from . import triton_kernels
+
+    fn = getattr(triton_kernels, name)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            triton.compile(ASTSource(fn, _signature(fn, operand, constexprs), constexprs),
+                           target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+    except Exception as error:
+        return f"{name} {operand} {constexprs}: {type(error).__name__}: {str(error).splitlines()[0][:200]}"
+    return None
+
+
+def compile_combinations() -> List[str]:
+    """Compile every layer_combinations() entry for sm_90, in a process per core (each compile
+    takes a core for about a second); a line for each that fails."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    jobs = [(c["name"], c["operand"], c["constexprs"], c["num_warps"]) for c in layer_combinations()]
+    with ProcessPoolExecutor(max_workers=os.cpu_count() or 1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        results = list(pool.map(_compile_combination, *zip(*jobs)))
+    return [error for error in results if error is not None]
 
 
 def _cubin_usage(cubin: bytes, cuobjdump: Optional[str]) -> Dict[str, str]:
@@ -188,6 +276,13 @@ def compile_all(report: Path = REPORT) -> int:
     line = lambda cells: "  ".join(cell.ljust(width) for cell, width in zip(cells, widths)).rstrip()
     text = header + "\n" + line(columns) + "\n" + "\n".join(
         line(row) if len(row) == len(columns) else "  ".join(row) for row in rows) + "\n"
+    # Beyond the table: every other combination the layer can launch must compile too.
+    combination_failures = compile_combinations()
+    failures += len(combination_failures)
+    text += (f"\nEvery combination of constexprs the layer can launch (layer_combinations: "
+             f"{len(layer_combinations())}, at B = 3, H = 20 and B = 100, H = 512): "
+             f"{len(combination_failures) or 'none'} failed to compile.\n")
+    text += "".join(f"COMPILE ERROR: {failure}\n" for failure in combination_failures)
     print(text, end="")
     report.parent.mkdir(parents=True, exist_ok=True)
     report.write_text(text)

@@ -89,6 +89,8 @@ def _recurrent_dot(h_ptr, w_ptr, rows, row_ok, cols, col_ok, H, acc_dtype: tl.co
     it for bfloat16 under the interpreter, whose bfloat16 tl.dot is wrong (Triton 3.9).
     """
     op_dtype = w_ptr.dtype.element_ty
+    # out_dtype: Triton 3.6's tl.dot asserts the accumulator is float32 unless told otherwise
+    # (float64 layers); 3.9 infers it.
     acc_i = tl.zeros([BLOCK_B, BLOCK_H], dtype=acc_dtype)
     acc_f = tl.zeros([BLOCK_B, BLOCK_H], dtype=acc_dtype)
     acc_g = tl.zeros([BLOCK_B, BLOCK_H], dtype=acc_dtype)
@@ -109,10 +111,10 @@ def _recurrent_dot(h_ptr, w_ptr, rows, row_ok, cols, col_ok, H, acc_dtype: tl.co
         if DOT_UPCAST:
             a = a.to(acc_dtype)
             w_i, w_f, w_g, w_o = w_i.to(acc_dtype), w_f.to(acc_dtype), w_g.to(acc_dtype), w_o.to(acc_dtype)
-        acc_i = tl.dot(a, w_i, acc_i, input_precision=DOT_PRECISION)
-        acc_f = tl.dot(a, w_f, acc_f, input_precision=DOT_PRECISION)
-        acc_g = tl.dot(a, w_g, acc_g, input_precision=DOT_PRECISION)
-        acc_o = tl.dot(a, w_o, acc_o, input_precision=DOT_PRECISION)
+        acc_i = tl.dot(a, w_i, acc_i, input_precision=DOT_PRECISION, out_dtype=acc_dtype)
+        acc_f = tl.dot(a, w_f, acc_f, input_precision=DOT_PRECISION, out_dtype=acc_dtype)
+        acc_g = tl.dot(a, w_g, acc_g, input_precision=DOT_PRECISION, out_dtype=acc_dtype)
+        acc_o = tl.dot(a, w_o, acc_o, input_precision=DOT_PRECISION, out_dtype=acc_dtype)
     return acc_i, acc_f, acc_g, acc_o
 
 
@@ -439,7 +441,7 @@ def _grad_h_dot(acc, grad_zh_ptr, w_ptr, rows, row_ok, cols, col_ok, H,
         k_ok = ks < G
         a = tl.load(grad_zh_ptr + rows[:, None] * G + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         w = tl.load(w_ptr + ks[:, None] * H + cols[None, :], mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        acc = tl.dot(a, w.to(acc.dtype), acc, input_precision=DOT_PRECISION)
+        acc = tl.dot(a, w.to(acc.dtype), acc, input_precision=DOT_PRECISION, out_dtype=acc.dtype)
     return acc
 
 

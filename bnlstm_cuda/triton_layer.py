@@ -142,6 +142,30 @@ def _dot_precision(x: Tensor) -> str:
 GRAD_H_CHOICE = "BNLSTM_TRITON_GRAD_H"
 
 
+def forward_step_constexprs(variant: Variant, dtype: torch.dtype, batch: int, hidden: int, *, training: bool,
+                            keep: bool, precision: str, upcast: bool) -> dict:
+    """The constexprs of bnlstm_fwd_step_kernel for one layer call (`precision`: _dot_precision
+    of the input; `upcast`: bfloat16 under the interpreter). Shared with triton_compile, which
+    compiles every combination for sm_90."""
+    tiles = tile_config(batch, hidden, dtype)
+    in_step_stats = training and (variant.normalize_recurrent or variant.normalize_cell)
+    return dict(NORM_REC=variant.normalize_recurrent, NORM_CELL=variant.normalize_cell, TRAINING=training,
+                KEEP=keep or in_step_stats, TILES=tiles.tiles if in_step_stats else 1, BLOCK_B=tiles.block_b,
+                BLOCK_H=tiles.block_h, BLOCK_K=tiles.block_k, DOT_PRECISION=precision, DOT_UPCAST=upcast,
+                H_OPERAND=dtype != compute_dtype(dtype))
+
+
+def backward_step_constexprs(variant: Variant, dtype: torch.dtype, batch: int, hidden: int, *, training: bool,
+                             fused_grad_h: bool, precision: str) -> dict:
+    """The constexprs of bnlstm_bwd_step_kernel for one layer call (`precision`: that of its
+    grad_zh @ W_hh, TF32 for half-precision inputs on a GPU). Shared with triton_compile."""
+    tiles = tile_config(batch, hidden, dtype)
+    return dict(NORM_INPUT=variant.input_statistics is not None, STEP_INPUT=variant.input_statistics == "step",
+                NORM_REC=variant.normalize_recurrent, NORM_CELL=variant.normalize_cell, TRAINING=training,
+                TILES=tiles.tiles, BLOCK_B=tiles.block_b, BLOCK_H=tiles.block_h, FUSED_GRAD_H=fused_grad_h,
+                BLOCK_K=GRAD_H_BLOCK_K, DOT_PRECISION=precision)
+
+
 def _fused_grad_h(x: Tensor) -> bool:
     """Whether the backward step kernel computes the gradient of h_t itself, grad_zh_{t+1} @ W_hh
     with tl.dot (K = 4H, TF32 on a GPU) before its other loops, rather than torch between
@@ -323,11 +347,6 @@ class TritonLayerFunction(torch.autograd.Function):
         gamma_hh_c = gamma_hh.contiguous() if norm_rec else dummy_h
         gamma_c_c = gamma_c.contiguous() if norm_cell else dummy_h
         beta_c_c = beta_c.contiguous() if norm_cell else dummy_h
-        hidden_blocks = -(-hidden // tiles.block_h)
-        if in_step_stats:
-            grid, tiles_per_program = (hidden_blocks, 1), tiles.tiles
-        else:
-            grid, tiles_per_program = (hidden_blocks, tiles.tiles), 1
         slots_hh = kernel_hh[0].shape[0]
         slots_c = kernel_c[0].shape[0]
         precision = _dot_precision(x)
@@ -335,11 +354,11 @@ class TritonLayerFunction(torch.autograd.Function):
         upcast = x.dtype == torch.bfloat16 and _kernels_interpreted()
         # The kernel indexes the [T, ...] tensors by step itself: views sliced here (output[t],
         # ...) cost 1-3 us of host time each, a step (docs/TRITON.md, "Host time a step").
-        launch = _StepLauncher(k.bnlstm_fwd_step_kernel, grid, STEP_NUM_WARPS, NORM_REC=norm_rec,
-                               NORM_CELL=norm_cell, TRAINING=training, KEEP=config.keep or in_step_stats,
-                               TILES=tiles_per_program, BLOCK_B=tiles.block_b, BLOCK_H=tiles.block_h,
-                               BLOCK_K=tiles.block_k, DOT_PRECISION=precision, DOT_UPCAST=upcast,
-                               H_OPERAND=h_operand)
+        constexprs = forward_step_constexprs(variant, x.dtype, batch, hidden, training=training, keep=config.keep,
+                                             precision=precision, upcast=upcast)
+        # With statistics in the step a program takes every batch tile (TILES of them), else one.
+        grid = (-(-hidden // tiles.block_h), tiles.tiles // constexprs["TILES"])
+        launch = _StepLauncher(k.bnlstm_fwd_step_kernel, grid, STEP_NUM_WARPS, **constexprs)
         for t in range(steps):
             # Statistics row: the step's own in training, slot min(start_step + t, S - 1) in
             # evaluation (hh and c have the same S slots).
@@ -415,11 +434,9 @@ class TritonLayerFunction(torch.autograd.Function):
         # The products after the loop: TF32 (_tf32_matmul) for half-precision inputs, as in the
         # step kernel; else torch's, as for the inputs' dtype.
         matmul = _tf32_matmul if half else torch.mm
-        launch = _StepLauncher(k.bnlstm_bwd_step_kernel, (-(-hidden // tiles.block_h),), STEP_NUM_WARPS,
-                               NORM_INPUT=norm_input, STEP_INPUT=step_input, NORM_REC=norm_rec, NORM_CELL=norm_cell,
-                               TRAINING=training, TILES=tiles.tiles, BLOCK_B=tiles.block_b, BLOCK_H=tiles.block_h,
-                               FUSED_GRAD_H=fused, BLOCK_K=GRAD_H_BLOCK_K,
-                               DOT_PRECISION="tf32" if half and x.is_cuda else _dot_precision(x))
+        constexprs = backward_step_constexprs(variant, x.dtype, batch, hidden, training=training, fused_grad_h=fused,
+                                              precision="tf32" if half and x.is_cuda else _dot_precision(x))
+        launch = _StepLauncher(k.bnlstm_bwd_step_kernel, (-(-hidden // tiles.block_h),), STEP_NUM_WARPS, **constexprs)
         weight_hh_op = weight_hh.contiguous()
         weight_hh_c = weight_hh.to(dtype)
         grad_zh_steps = grad_zh.unbind(0)  # one call for the T views

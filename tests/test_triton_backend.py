@@ -85,6 +85,39 @@ def test_gradient_of_h_in_the_step_kernel(monkeypatch, variant, tiles):
         assert_layers_match(variant, torch.tensor([5, 2, 4]), training=False, reverse=True)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16], ids=str)
+def test_compile_check_covers_the_launches(monkeypatch, dtype):
+    """Every constexpr set the layer launches (variants, training and evaluation, with and
+    without gradients) is among those `build --triton` compiles for sm_90
+    (triton_compile.layer_combinations), up to the dot precision and the interpreter's upcast,
+    which depend on the device."""
+    from bnlstm_cuda import triton_compile
+
+    launched = set()
+    init = triton_layer._StepLauncher.__init__
+
+    def spy(self, kernel, grid, num_warps, **constexprs):
+        init(self, kernel, grid, num_warps, **constexprs)
+        launched.add((kernel.__name__, tuple(sorted((k, v) for k, v in constexprs.items()
+                                                    if k not in ("DOT_PRECISION", "DOT_UPCAST")))))
+
+    monkeypatch.setattr(triton_layer._StepLauncher, "__init__", spy)
+    for variant in VARIANTS:
+        for training in (True, False):
+            x, h0, c0, params, running = random_layer(variant, T=2, dtype=dtype, device=DEVICE)
+            for grad in (True, False):
+                inputs = [t.detach().clone().requires_grad_(grad) for t in (x, h0, c0)]
+                result = triton_layer.bnlstm_layer_triton(*inputs, params, running, variant=get_variant(variant),
+                                                          training=training, eps=1e-5)
+                if grad:
+                    result.output.float().sum().backward()
+    name = {torch.float64: "fp64", torch.bfloat16: "bf16"}[dtype]
+    compiled = {(c["name"], tuple(sorted((k, v) for k, v in c["constexprs"].items()
+                                         if k not in ("DOT_PRECISION", "DOT_UPCAST"))))
+                for c in triton_compile.layer_combinations() if c["operand"] == name}
+    assert len(launched) >= 10 and launched <= compiled, sorted(launched - compiled)
+
+
 def test_gradient_of_h_switch(monkeypatch):
     """BNLSTM_TRITON_GRAD_H chooses where half-precision inputs take grad_zh @ W_hh (float32 and
     float64 always go to torch); the choice of the forward pass holds for its backward; a bad
