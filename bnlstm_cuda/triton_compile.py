@@ -77,9 +77,21 @@ def _signature(fn, operand: str, constexprs: Dict[str, object]) -> Dict[str, str
 
 
 def _torch_dtype(name: str):
-    import torch
+    """The torch dtype of a short name ("bf16", "fp32", ...), as gpu_choice names them."""
+    from .gpu_choice import DTYPE_NAMES
 
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp64": torch.float64}[name]
+    return {short: dtype for dtype, short in DTYPE_NAMES.items()}[name]
+
+
+def _compile(fn, operand: str, constexprs: Dict[str, object], num_warps: int):
+    """triton.compile of `fn` for sm_90 (GPUTarget("cuda", 90, 32)) with these constexprs,
+    pointer types after `operand`; what ptxas prints goes to this process's stdout."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    return triton.compile(ASTSource(fn, _signature(fn, operand, constexprs), constexprs),
+                          target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
 
 
 def kernel_configurations() -> List[dict]:
@@ -180,29 +192,23 @@ def layer_combinations() -> List[dict]:
 
 def _compile_combination(name: str, operand: str, constexprs: Dict[str, object], num_warps: int) -> Optional[str]:
     """Compile one kernel of triton_kernels for sm_90 (in a worker process); the error, if any."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
     from . import triton_kernels
 
-    fn = getattr(triton_kernels, name)
     try:
         with contextlib.redirect_stdout(io.StringIO()):
-            triton.compile(ASTSource(fn, _signature(fn, operand, constexprs), constexprs),
-                           target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+            _compile(getattr(triton_kernels, name), operand, constexprs, num_warps)
     except Exception as error:
         return f"{name} {operand} {constexprs}: {type(error).__name__}: {str(error).splitlines()[0][:200]}"
     return None
 
 
-def compile_combinations() -> List[str]:
-    """Compile every layer_combinations() entry for sm_90, in a process per core (each compile
-    takes a core for about a second); a line for each that fails."""
+def compile_combinations(combinations: List[dict]) -> List[str]:
+    """Compile every entry of `combinations` (layer_combinations()) for sm_90, in a process per
+    core (each compile takes a core for about a second); a line for each that fails."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
-    jobs = [(c["name"], c["operand"], c["constexprs"], c["num_warps"]) for c in layer_combinations()]
+    jobs = [(c["name"], c["operand"], c["constexprs"], c["num_warps"]) for c in combinations]
     with ProcessPoolExecutor(max_workers=os.cpu_count() or 1, mp_context=multiprocessing.get_context("spawn")) as pool:
         results = list(pool.map(_compile_combination, *zip(*jobs)))
     return [error for error in results if error is not None]
@@ -239,10 +245,7 @@ def compile_all(report: Path = REPORT) -> int:
     cache = tempfile.TemporaryDirectory()
     os.environ["TRITON_CACHE_DIR"] = cache.name
     import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
 
-    target = GPUTarget("cuda", 90, 32)
     cuobjdump = _tool("cuobjdump")
     triton.knobs.nvidia.dump_ptxas_log = True
     header = (f"Triton {triton.__version__} kernels compiled for sm_90 (GPUTarget('cuda', 90, 32); Triton emits "
@@ -257,10 +260,9 @@ def compile_all(report: Path = REPORT) -> int:
         tiles = " ".join(f"{k[6:] if k.startswith('BLOCK_') else k}={v}" for k, v in constexprs.items()
                          if k.startswith("BLOCK_") or k == "TILES")
         try:
-            source = ASTSource(config["fn"], _signature(config["fn"], config["operand"], constexprs), constexprs)
             log = io.StringIO()
             with contextlib.redirect_stdout(log):
-                compiled = triton.compile(source, target=target, options={"num_warps": config["num_warps"]})
+                compiled = _compile(config["fn"], config["operand"], constexprs, config["num_warps"])
         except Exception as error:  # report every kernel, then fail
             failures += 1
             rows.append((config["name"], config["shape"], config["mode"], tiles, str(config["num_warps"]),
@@ -277,10 +279,11 @@ def compile_all(report: Path = REPORT) -> int:
     text = header + "\n" + line(columns) + "\n" + "\n".join(
         line(row) if len(row) == len(columns) else "  ".join(row) for row in rows) + "\n"
     # Beyond the table: every other combination the layer can launch must compile too.
-    combination_failures = compile_combinations()
+    combinations = layer_combinations()
+    combination_failures = compile_combinations(combinations)
     failures += len(combination_failures)
     text += (f"\nEvery combination of constexprs the layer can launch (layer_combinations: "
-             f"{len(layer_combinations())}, at B = 3, H = 20 and B = 100, H = 512): "
+             f"{len(combinations)}, at B = 3, H = 20 and B = 100, H = 512): "
              f"{len(combination_failures) or 'none'} failed to compile.\n")
     text += "".join(f"COMPILE ERROR: {failure}\n" for failure in combination_failures)
     print(text, end="")

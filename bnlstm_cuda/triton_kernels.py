@@ -88,7 +88,6 @@ def _recurrent_dot(h_ptr, w_ptr, rows, row_ok, cols, col_ok, H, acc_dtype: tl.co
     DOT_UPCAST: multiply the (already rounded) operands in the compute dtype; the host sets
     it for bfloat16 under the interpreter, whose bfloat16 tl.dot is wrong (Triton 3.9).
     """
-    op_dtype = w_ptr.dtype.element_ty
     # out_dtype: Triton 3.6's tl.dot asserts the accumulator is float32 unless told otherwise
     # (float64 layers); 3.9 infers it.
     acc_i = tl.zeros([BLOCK_B, BLOCK_H], dtype=acc_dtype)
@@ -100,7 +99,6 @@ def _recurrent_dot(h_ptr, w_ptr, rows, row_ok, cols, col_ok, H, acc_dtype: tl.co
         ks = k0 + tl.arange(0, BLOCK_K)
         k_ok = ks < H
         a = tl.load(h_ptr + rows[:, None] * H + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        a = a.to(op_dtype)  # a no-op: the host passes h in W_hh's dtype
         # W_hh[g * H + col, k] as a [BLOCK_K, BLOCK_H] tile: the B operand of h @ W^T.
         w_tile = w_ptr + cols[None, :] * H + ks[:, None]
         w_ok = k_ok[:, None] & col_ok[None, :]
@@ -733,8 +731,9 @@ def _gate_norm_backward(dy_ptr, z_ptr, dz_ptr, ok, keep, mean, rstd, gamma, sum_
 @triton.jit
 def tf32_matmul_kernel(a_ptr, b_ptr, c_ptr, M, N, K, stride_am, stride_ak, stride_bk, stride_bn,
                        PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """c = a b for float32 a [M, K] and b [K, N] of any strides, c [M, N] contiguous. PRECISION "tf32": the products on TF32 tensor cores (operands rounded to 10
-    mantissa bits), accumulated in float32. One program per BLOCK_M x BLOCK_N tile of c."""
+    """c = a b for float32 a [M, K] and b [K, N] of any strides, c [M, N] contiguous.
+    PRECISION "tf32": the products on TF32 tensor cores (operands rounded to 10 mantissa
+    bits), accumulated in float32. One program per BLOCK_M x BLOCK_N tile of c."""
     # int64 offsets: [T * B, 4H] gradients pass 2^31 elements at the largest sizes.
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)

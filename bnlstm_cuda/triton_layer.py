@@ -317,15 +317,19 @@ class TritonLayerFunction(torch.autograd.Function):
                        0, 1, False, True)
 
         # Recurrent part: one launch per step.
+        precision = _dot_precision(x)
+        # Triton 3.9's interpreter multiplies bfloat16 tiles wrongly: upcast the rounded operands.
+        upcast = x.dtype == torch.bfloat16 and _kernels_interpreted()
+        constexprs = forward_step_constexprs(variant, x.dtype, batch, hidden, training=training, keep=config.keep,
+                                             precision=precision, upcast=upcast)
         zh_off, gates_off, cnew_off, width = k.reserve_offsets(hidden, norm_rec)
-        in_step_stats = training and (norm_rec or norm_cell)
-        reserve = new(steps, batch, width) if (config.keep or in_step_stats) else new(steps, 1, 1)
+        # KEEP: kept for the backward pass, or the step's statistics need it between loops.
+        reserve = new(steps, batch, width) if constexprs["KEEP"] else new(steps, 1, 1)
         h_buffers = (h0.to(dtype).contiguous().clone(), new(batch, hidden))
         # h_{t-1} as the GEMM's operand: in W_hh's dtype where that is narrower (rounded as the
         # kernel would round it), else h_buffers themselves.
-        h_operand = x.dtype != dtype
         h_ops = ((h_buffers[0].to(x.dtype), torch.empty(batch, hidden, dtype=x.dtype, device=x.device))
-                 if h_operand else h_buffers)
+                 if constexprs["H_OPERAND"] else h_buffers)
         c = c0.to(dtype).contiguous().clone()
         output = new(steps, batch, hidden)
         weight_hh_op = weight_hh.contiguous()
@@ -349,13 +353,8 @@ class TritonLayerFunction(torch.autograd.Function):
         beta_c_c = beta_c.contiguous() if norm_cell else dummy_h
         slots_hh = kernel_hh[0].shape[0]
         slots_c = kernel_c[0].shape[0]
-        precision = _dot_precision(x)
-        # Triton 3.9's interpreter multiplies bfloat16 tiles wrongly: upcast the rounded operands.
-        upcast = x.dtype == torch.bfloat16 and _kernels_interpreted()
         # The kernel indexes the [T, ...] tensors by step itself: views sliced here (output[t],
         # ...) cost 1-3 us of host time each, a step (docs/TRITON.md, "Host time a step").
-        constexprs = forward_step_constexprs(variant, x.dtype, batch, hidden, training=training, keep=config.keep,
-                                             precision=precision, upcast=upcast)
         # With statistics in the step a program takes every batch tile (TILES of them), else one.
         grid = (-(-hidden // tiles.block_h), tiles.tiles // constexprs["TILES"])
         launch = _StepLauncher(k.bnlstm_fwd_step_kernel, grid, STEP_NUM_WARPS, **constexprs)

@@ -85,23 +85,31 @@ def test_gradient_of_h_in_the_step_kernel(monkeypatch, variant, tiles):
         assert_layers_match(variant, torch.tensor([5, 2, 4]), training=False, reverse=True)
 
 
+@pytest.fixture
+def step_launchers(monkeypatch):
+    """The _StepLauncher of every step loop the test runs, in order."""
+    launchers = []
+    init = triton_layer._StepLauncher.__init__
+
+    def spy(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        launchers.append(self)
+
+    monkeypatch.setattr(triton_layer._StepLauncher, "__init__", spy)
+    return launchers
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16], ids=str)
-def test_compile_check_covers_the_launches(monkeypatch, dtype):
+def test_compile_check_covers_the_launches(step_launchers, dtype):
     """Every constexpr set the layer launches (variants, training and evaluation, with and
     without gradients) is among those `build --triton` compiles for sm_90
     (triton_compile.layer_combinations), up to the dot precision and the interpreter's upcast,
     which depend on the device."""
     from bnlstm_cuda import triton_compile
 
-    launched = set()
-    init = triton_layer._StepLauncher.__init__
-
-    def spy(self, kernel, grid, num_warps, **constexprs):
-        init(self, kernel, grid, num_warps, **constexprs)
-        launched.add((kernel.__name__, tuple(sorted((k, v) for k, v in constexprs.items()
-                                                    if k not in ("DOT_PRECISION", "DOT_UPCAST")))))
-
-    monkeypatch.setattr(triton_layer._StepLauncher, "__init__", spy)
+    # A launch as (kernel, constexprs but the device-dependent ones).
+    key = lambda name, constexprs: (name, tuple(sorted((k, v) for k, v in constexprs.items()
+                                                       if k not in ("DOT_PRECISION", "DOT_UPCAST"))))
     for variant in VARIANTS:
         for training in (True, False):
             x, h0, c0, params, running = random_layer(variant, T=2, dtype=dtype, device=DEVICE)
@@ -111,10 +119,9 @@ def test_compile_check_covers_the_launches(monkeypatch, dtype):
                                                           training=training, eps=1e-5)
                 if grad:
                     result.output.float().sum().backward()
+    launched = {key(launcher.kernel.__name__, launcher.constexprs) for launcher in step_launchers}
     name = {torch.float64: "fp64", torch.bfloat16: "bf16"}[dtype]
-    compiled = {(c["name"], tuple(sorted((k, v) for k, v in c["constexprs"].items()
-                                         if k not in ("DOT_PRECISION", "DOT_UPCAST"))))
-                for c in triton_compile.layer_combinations() if c["operand"] == name}
+    compiled = {key(c["name"], c["constexprs"]) for c in triton_compile.layer_combinations() if c["operand"] == name}
     assert len(launched) >= 10 and launched <= compiled, sorted(launched - compiled)
 
 
@@ -311,25 +318,17 @@ def test_step_launcher_calls_the_compiled_kernel_after_the_first_launch(monkeypa
         triton_layer._StepLauncher(Kernel(None), (1,), 4, B=3, FLAG=False)
 
 
-def test_step_kernels_reuse_the_compiled_kernel(monkeypatch):
+def test_step_kernels_reuse_the_compiled_kernel(step_launchers):
     """In a real layer call every _StepLauncher holds the compiled kernel after its first launch
     on a GPU, and none does under the interpreter (whose JIT returns no kernel)."""
-    launchers = []
-    init = triton_layer._StepLauncher.__init__
-
-    def spy(self, *args, **kwargs):
-        init(self, *args, **kwargs)
-        launchers.append(self)
-
-    monkeypatch.setattr(triton_layer._StepLauncher, "__init__", spy)
     x, h0, c0, params, running = random_layer("cooijmans", device=DEVICE)
     x.requires_grad_()
     result = triton_layer.bnlstm_layer_triton(x, h0, c0, params, running, variant=get_variant("cooijmans"),
                                               training=True, eps=1e-5)
     result.output.sum().backward()
-    assert [launcher.kernel.__name__ for launcher in launchers] == ["bnlstm_fwd_step_kernel",
-                                                                    "bnlstm_bwd_step_kernel"]
-    assert all((launcher.compiled is not None) == ON_GPU for launcher in launchers)
+    assert [launcher.kernel.__name__ for launcher in step_launchers] == ["bnlstm_fwd_step_kernel",
+                                                                         "bnlstm_bwd_step_kernel"]
+    assert all((launcher.compiled is not None) == ON_GPU for launcher in step_launchers)
 
 
 def test_device_and_dtype_errors_name_what_is_wrong(monkeypatch):
