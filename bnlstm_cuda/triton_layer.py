@@ -211,6 +211,27 @@ def _launch_passes_constexprs() -> bool:
     return (major, minor) >= (3, 3)
 
 
+class _PointerArguments:
+    """A step kernel's tensor arguments (its leading ones), the same at every step of a loop.
+
+    Triton's JIT launch reads them as tensors. The compiled kernel's launcher takes a pointer
+    argument as an address too; given a tensor, it calls the tensor's data_ptr() and the
+    driver's cuPointerGetAttribute for it at every launch, which addresses read once here
+    skip (docs/TRITON.md, "Host time a step")."""
+
+    __slots__ = ("tensors", "_addresses")
+
+    def __init__(self, *tensors: Tensor):
+        self.tensors = tensors
+        self._addresses = None
+
+    @property
+    def addresses(self) -> tuple:
+        if self._addresses is None:
+            self._addresses = tuple(tensor.data_ptr() for tensor in self.tensors)
+        return self._addresses
+
+
 class _StepLauncher:
     """Launches one kernel at every step of a loop whose launches differ only in arguments
     that select no other compiled kernel: the same tensors (or buffers allocated alike that
@@ -220,9 +241,10 @@ class _StepLauncher:
     looks the kernel up in its cache (compiling it the first time) and returns it; the later
     launches call that compiled kernel directly (`CompiledKernel[grid](*arguments)`, as the
     JIT launches it: every argument in signature order from Triton 3.3 on, the run-time ones
-    only before). The JIT's per-launch work skipped is 13-20 us of host time for the step
-    kernels on the development machine (docs/TRITON.md, "Host time a step"). Under the
-    interpreter every launch goes through the JIT, which returns nothing to call."""
+    only before), with the tensors' addresses and the stream read once. The JIT's per-launch
+    work skipped is 13-20 us of host time for the step kernels on the development machine
+    (docs/TRITON.md, "Host time a step"). Under the interpreter every launch goes through the
+    JIT, which returns nothing to call."""
 
     def __init__(self, kernel, grid, num_warps: int, **constexprs):
         # The constexprs, passed by name, must be the signature's last arguments: the compiled
@@ -233,14 +255,20 @@ class _StepLauncher:
         self.kernel, self.grid, self.num_warps, self.constexprs = kernel, grid, num_warps, constexprs
         self.constexpr_values = tuple(constexprs[name] for name in names) if _launch_passes_constexprs() else ()
         self.compiled = None
+        self.stream = None
 
-    def __call__(self, *arguments) -> None:
+    def __call__(self, pointers: _PointerArguments, *scalars) -> None:
+        """One step: the kernel's tensor arguments, then its other run-time arguments."""
         if self.compiled is not None:
-            self.compiled(*arguments, *self.constexpr_values)
+            self.compiled(*pointers.addresses, *scalars, *self.constexpr_values, stream=self.stream)
             return
-        kernel = self.kernel[self.grid](*arguments, num_warps=self.num_warps, **self.constexprs)
+        kernel = self.kernel[self.grid](*pointers.tensors, *scalars, num_warps=self.num_warps, **self.constexprs)
         if kernel is not None and hasattr(kernel, "__getitem__"):
             self.compiled = kernel[tuple(self.grid) + (1,) * (3 - len(self.grid))]
+            # The stream the JIT launched on (the current one), read once; None lets the
+            # compiled kernel read it at every launch, where the tensors are not CUDA's.
+            device = pointers.tensors[0].device
+            self.stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else None
 
 
 def _on_device(device: torch.device):
@@ -358,14 +386,15 @@ class TritonLayerFunction(torch.autograd.Function):
         # With statistics in the step a program takes every batch tile (TILES of them), else one.
         grid = (-(-hidden // tiles.block_h), tiles.tiles // constexprs["TILES"])
         launch = _StepLauncher(k.bnlstm_fwd_step_kernel, grid, STEP_NUM_WARPS, **constexprs)
+        # The tensors of even and of odd steps (h_{t-1} and h_t swap buffers).
+        pointers = [_PointerArguments(h_buffers[p], h_buffers[1 - p], h_ops[p], h_ops[1 - p], c, output, xin,
+                                      weight_hh_op, active_i8, gamma_hh_c, gamma_c_c, beta_c_c, kernel_hh[0],
+                                      kernel_hh[1], kernel_c[0], kernel_c[1], reserve) for p in (0, 1)]
         for t in range(steps):
             # Statistics row: the step's own in training, slot min(start_step + t, S - 1) in
             # evaluation (hh and c have the same S slots).
             row = t if training else min(config.start_step + t, (slots_hh if norm_rec else slots_c) - 1)
-            launch(h_buffers[t % 2], h_buffers[(t + 1) % 2], h_ops[t % 2], h_ops[(t + 1) % 2], c, output, xin,
-                   weight_hh_op, active_i8,
-                   gamma_hh_c, gamma_c_c, beta_c_c, kernel_hh[0], kernel_hh[1], kernel_c[0], kernel_c[1],
-                   reserve, t, row, batch, hidden, reserve.shape[2], zh_off, gates_off, cnew_off, eps)
+            launch(pointers[t % 2], t, row, batch, hidden, reserve.shape[2], zh_off, gates_off, cnew_off, eps)
         h_n = h_buffers[steps % 2]
 
         ctx.config = config
@@ -439,12 +468,12 @@ class TritonLayerFunction(torch.autograd.Function):
         weight_hh_op = weight_hh.contiguous()
         weight_hh_c = weight_hh.to(dtype)
         grad_zh_steps = grad_zh.unbind(0)  # one call for the T views
+        pointers = _PointerArguments(grad_output, grad_h, grad_c, carry, weight_hh_op, reserve, c0_c, projection,
+                                     active_i8, *parameters, *statistics, grad_gates, grad_zh, grad_wx, sums)
         for t in reversed(range(steps)):
             # Reads grad_h (grad_h_n at the last step; fused, computed in it below the last step);
             # writes step t's grad_zh and carry.
-            launch(grad_output, grad_h, grad_c, carry, weight_hh_op, reserve, c0_c, projection, active_i8,
-                   *parameters, *statistics, grad_gates, grad_zh, grad_wx, sums, t, steps, ih_rows, batch, hidden,
-                   width, zh_off, gates_off, cnew_off, config.eps)
+            launch(pointers, t, steps, ih_rows, batch, hidden, width, zh_off, gates_off, cnew_off, config.eps)
             if not fused and t > 0:
                 torch.addmm(carry, grad_zh_steps[t], weight_hh_c, out=grad_h)
         # Gradient of h_0.

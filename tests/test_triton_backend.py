@@ -274,17 +274,18 @@ def test_forward_without_gradients_matches(training):
 
 def test_step_launcher_calls_the_compiled_kernel_after_the_first_launch(monkeypatch):
     """_StepLauncher's protocol with Triton, on a stand-in kernel: the first launch goes through
-    the JIT (`kernel[grid](*args, num_warps=..., **constexprs)`), the later ones call the
-    compiled kernel it returned with the grid padded to 3 dimensions and every argument in
-    signature order; a JIT that returns nothing (the interpreter) is called at every step."""
+    the JIT (`kernel[grid](*tensors, *scalars, num_warps=..., **constexprs)`), the later ones call
+    the compiled kernel it returned with the grid padded to 3 dimensions, every argument in
+    signature order and the tensors as their addresses, read once; a JIT that returns nothing
+    (the interpreter) is called at every step."""
     calls = []
 
     class Compiled:
         def __getitem__(self, grid):
-            return lambda *args: calls.append(("compiled", grid, args))
+            return lambda *args, **kwargs: calls.append(("compiled", grid, args, kwargs))
 
     class Kernel:
-        arg_names = ["a_ptr", "step", "B", "BLOCK", "FLAG"]
+        arg_names = ["a_ptr", "b_ptr", "step", "B", "BLOCK", "FLAG"]
 
         def __init__(self, returns):
             self.returns = returns
@@ -295,24 +296,38 @@ def test_step_launcher_calls_the_compiled_kernel_after_the_first_launch(monkeypa
                 return self.returns
             return jit
 
+    a, b = torch.zeros(3), torch.zeros(5)
+    pointers = triton_layer._PointerArguments(a, b)
+    addresses = (a.data_ptr(), b.data_ptr())
     launch = triton_layer._StepLauncher(Kernel(Compiled()), (7,), 8, FLAG=True, BLOCK=16)
+    data_ptr, data_ptr_calls = torch.Tensor.data_ptr, []
+
+    def counted_data_ptr(tensor):
+        data_ptr_calls.append(tensor)
+        return data_ptr(tensor)
+
+    monkeypatch.setattr(torch.Tensor, "data_ptr", counted_data_ptr)
     for step in range(3):
-        launch("a", step, 5)
-    assert calls == [("jit", (7,), ("a", 0, 5), dict(num_warps=8, FLAG=True, BLOCK=16)),
-                     ("compiled", (7, 1, 1), ("a", 1, 5, 16, True)), ("compiled", (7, 1, 1), ("a", 2, 5, 16, True))]
+        launch(pointers, step, 5)
+    no_stream = dict(stream=None)  # CPU tensors: the compiled kernel reads the stream itself
+    assert calls == [("jit", (7,), (a, b, 0, 5), dict(num_warps=8, FLAG=True, BLOCK=16)),
+                     ("compiled", (7, 1, 1), (*addresses, 1, 5, 16, True), no_stream),
+                     ("compiled", (7, 1, 1), (*addresses, 2, 5, 16, True), no_stream)]
+    assert len(data_ptr_calls) == 2  # once for the loop, not at every launch
+    monkeypatch.undo()
     calls.clear()
     # Triton 3.2 and earlier launch a compiled kernel with the run-time arguments only.
     monkeypatch.setattr(triton, "__version__", "3.2.0")
     launch = triton_layer._StepLauncher(Kernel(Compiled()), (7,), 8, FLAG=True, BLOCK=16)
-    launch("a", 0, 5)
-    launch("a", 1, 5)
-    assert calls[1] == ("compiled", (7, 1, 1), ("a", 1, 5))
+    launch(pointers, 0, 5)
+    launch(pointers, 1, 5)
+    assert calls[1] == ("compiled", (7, 1, 1), (*addresses, 1, 5), no_stream)
     monkeypatch.setattr(triton, "__version__", "3.6.0+git1234")
     assert triton_layer._StepLauncher(Kernel(None), (7,), 8, FLAG=True, BLOCK=16).constexpr_values == (16, True)
     calls.clear()
     launch = triton_layer._StepLauncher(Kernel(None), (2, 3), 4, BLOCK=16, FLAG=False)
-    launch("a", 0, 5)
-    launch("a", 1, 5)
+    launch(pointers, 0, 5)
+    launch(pointers, 1, 5)
     assert [call[0] for call in calls] == ["jit", "jit"]
     with pytest.raises(AssertionError, match="expected its last arguments to be"):
         triton_layer._StepLauncher(Kernel(None), (1,), 4, B=3, FLAG=False)
