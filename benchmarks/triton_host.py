@@ -4,9 +4,10 @@ The Triton layer launches one kernel a step forward and one kernel plus one GEMM
 backward, from Python. On a GPU a step's kernels take a few microseconds, so whatever the
 host spends per step besides the launch (slicing per-step views, allocations) adds to the
 step time. This measures that part alone, on the CPU: the kernels are replaced by no-ops
-(Triton's own dispatch, which needs a GPU, is not included), at B=2, I=H=8 where the one
-real operation, the backward GEMM, is negligible. A step's cost is the difference between
-runs of 250 and 50 steps, over 200, which removes the per-call work.
+that return a no-op compiled kernel, so the loops launch as on a GPU (Triton's own launcher,
+which needs a GPU, is not included), at B=2, I=H=8 where the one real operation, the
+backward GEMM, is negligible. A step's cost is the difference between runs of 250 and 50
+steps, over 200, which removes the per-call work.
 
 Then the part of Triton's JIT launch that the layer skips after a loop's first step
 (`triton_layer._StepLauncher`): binding, specialising and the cache key of the step kernels'
@@ -25,14 +26,22 @@ from bnlstm_cuda import triton_kernels, triton_layer
 from bnlstm_cuda.variants import get_variant
 
 
+class _NoOpCompiledKernel:
+    """Stands for the compiled kernel Triton's JIT returns: launching it does nothing."""
+
+    def __getitem__(self, grid):
+        return lambda *args, stream=None: None
+
+
 class _NoOpKernel:
-    """Takes a kernel's launches and does nothing (as the interpreter's JIT, returns no kernel)."""
+    """Takes a kernel's launches and does nothing; like Triton's JIT on a GPU, it returns a
+    compiled kernel, so the step loops take the path they take there (_StepLauncher's)."""
 
     def __init__(self, kernel):
         self.arg_names = kernel.arg_names
 
     def __getitem__(self, grid):
-        return lambda *args, **kwargs: None
+        return lambda *args, **kwargs: _NoOpCompiledKernel()
 
 
 def _no_op_kernels():
