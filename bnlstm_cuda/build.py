@@ -25,6 +25,8 @@ Environment switches (prefix BNLSTM_):
     BNLSTM_BUILD_EXTENSION  "1": `pip install --no-build-isolation .` compiles the extension
                             into the package (see setup.py) instead of on first use
     BNLSTM_VERBOSE_BUILD    "1": show the compiler's output
+    BNLSTM_CPU_CAPABILITY   avx512, avx2 or default: the CPU extension's vector code (default:
+                            the capability torch's own CPU kernels use); part of the cache key
     BNLSTM_CUDA             "1": build and load the CUDA-enabled extension even without a
                             visible GPU; "0": the CPU-only one even with a GPU
     TORCH_CUDA_ARCH_LIST    target architectures of the CUDA build (default "8.0;9.0")
@@ -76,19 +78,47 @@ def source_dir() -> Path:
     raise ExtensionUnavailable(f"the C++ sources (csrc/) are missing next to {PACKAGE_DIR}")
 
 
-def _cpu_flags_present(*names: str) -> bool:
-    try:
-        flags = set(Path("/proc/cpuinfo").read_text().split())
-    except OSError:
-        return False
-    return all(name in flags for name in names)
+# at::vec's vector code, by capability: AVX-512 (16 floats a vector, the subsets torch's own
+# AVX512 kernels use), AVX2 (8), or at::vec's portable default (no vector flags).
+CPU_CAPABILITY_FLAGS = {
+    "avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma",
+               "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"],
+    "avx2": ["-mavx2", "-mfma", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"],
+    "default": [],
+}
 
 
-# at::vec's widest code the building CPU runs: AVX-512 (16 floats a vector) where the CPU
-# has the subsets torch's own AVX512 kernels use, else AVX2.
-AVX512_FLAGS = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma",
-                "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"]
-AVX2_FLAGS = ["-mavx2", "-mfma", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
+def runnable_cpu_capabilities() -> List[str]:
+    """The vector capabilities this CPU runs, widest first, as torch's own CPU detection
+    (cpuinfo, every platform) reports them."""
+    import torch
+
+    supported = {
+        "avx512": getattr(torch.cpu, "_is_avx512_supported", lambda: False)(),
+        "avx2": getattr(torch.cpu, "_is_avx2_supported", lambda: False)(),
+        "default": True,
+    }
+    return [name for name in CPU_CAPABILITY_FLAGS if supported[name]]
+
+
+def cpu_capability() -> str:
+    """The vector capability the CPU extension is built for: BNLSTM_CPU_CAPABILITY (avx512,
+    avx2 or default; testing each path on one host), else the one torch's own CPU kernels
+    use (torch.backends.cpu.get_cpu_capability(), which follows ATEN_CPU_CAPABILITY)."""
+    import torch
+
+    asked = os.environ.get("BNLSTM_CPU_CAPABILITY", "")
+    if asked:
+        if asked not in CPU_CAPABILITY_FLAGS:
+            raise ExtensionUnavailable(
+                f"BNLSTM_CPU_CAPABILITY must be one of {', '.join(CPU_CAPABILITY_FLAGS)}; got {asked!r}")
+        runnable = runnable_cpu_capabilities()
+        if asked not in runnable:
+            raise ExtensionUnavailable(
+                f"BNLSTM_CPU_CAPABILITY={asked}, but this CPU runs only {', '.join(runnable)}")
+        return asked
+    used = torch.backends.cpu.get_cpu_capability().lower()
+    return used if used in CPU_CAPABILITY_FLAGS else "default"
 
 
 def torch_uses_openmp() -> bool:
@@ -102,16 +132,11 @@ def torch_uses_openmp() -> bool:
 
 def cpu_cflags() -> List[str]:
     """-O3, OpenMP where torch's at::parallel_for needs it, and vector code for at::vec
-    (Sleef exp/tanh) as wide as the building CPU runs. The build is for this machine: the
-    cache key includes these flags."""
+    (cpu_capability()). The build is for this machine: the cache key includes these flags."""
     flags = ["-O3"]
     if torch_uses_openmp():
         flags += ["-fopenmp"]
-    if _cpu_flags_present("avx512f", "avx512bw", "avx512vl", "avx512dq", "fma"):
-        flags += AVX512_FLAGS
-    elif _cpu_flags_present("avx2", "fma"):
-        flags += AVX2_FLAGS
-    return flags
+    return flags + CPU_CAPABILITY_FLAGS[cpu_capability()]
 
 
 def cpu_ldflags() -> List[str]:
@@ -159,7 +184,7 @@ def _load_prebuilt() -> bool:
     for path in PACKAGE_DIR.glob(f"{PREBUILT_NAME}*.so"):
         stamp = path.with_suffix(".key")
         if stamp.is_file() and stamp.read_text().strip() != source_key():
-            print(f"bnlstm_cuda: ignoring {path.name}: built from other sources", file=sys.stderr)
+            print(f"bnlstm_cuda: ignoring {path.name}: built from other sources or flags", file=sys.stderr)
             return False
         try:
             torch.ops.load_library(str(path))
@@ -548,7 +573,12 @@ def main(argv=None) -> int:
                         help="compile the Triton kernels for sm_90 (no GPU needed) and write their resource "
                              "report to benchmarks/results/triton_resource_usage.txt (bnlstm_cuda/triton_compile.py)")
     parser.add_argument("--verbose", action="store_true", help="show the compiler's output")
+    parser.add_argument("--capabilities", action="store_true",
+                        help="print the vector capabilities this CPU runs (values of BNLSTM_CPU_CAPABILITY)")
     args = parser.parse_args(argv)
+    if args.capabilities:
+        print(" ".join(runnable_cpu_capabilities()))
+        return 0
     if args.triton:
         from .triton_compile import main as triton_main
 
@@ -560,7 +590,7 @@ def main(argv=None) -> int:
     except ExtensionUnavailable as error:
         print(error, file=sys.stderr)
         return 1
-    print(f"CPU extension built and loaded from {where}")
+    print(f"CPU extension ({cpu_capability()} vector code) built and loaded from {where}")
     return 0
 
 

@@ -871,9 +871,19 @@ void matmul_cpu(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b,
   matmul_aten(out, a, b, accumulate);
 }
 
-// How many blocks of hidden units (threads) this recurrence uses for a call of these sizes
-// with torch's current thread count: for tests and diagnostics.
+// The vector code this library was compiled with (BNLSTM_CPU_CAPABILITY, build.py).
+#if defined(CPU_CAPABILITY_AVX512)
+constexpr const char* kVectorCapability = "avx512";
+#elif defined(CPU_CAPABILITY_AVX2)
+constexpr const char* kVectorCapability = "avx2";
+#else
+constexpr const char* kVectorCapability = "default";
+#endif
+
+// For tests and diagnostics: how many blocks of hidden units (threads) this recurrence uses
+// for a call of these sizes with torch's current thread count, and the vector code built.
 TORCH_LIBRARY_FRAGMENT(bnlstm, m) {
+  m.def("cpu_vector_capability() -> str", [] { return std::string(kVectorCapability); });
   m.def("cpu_hidden_blocks(int steps, int batch, int hidden) -> int",
         [](int64_t steps, int64_t batch, int64_t hidden) {
           return hidden_block_count(steps, batch, hidden, at::get_num_threads());

@@ -235,3 +235,43 @@ def test_parallel_loops_of_the_extension_use_torchs_threads(threads):
     assert ops.parallel_threads() == 2
     threads(1)
     assert ops.parallel_threads() == 1
+
+
+def test_cpu_capability_switch_chooses_the_vector_code(monkeypatch):
+    """BNLSTM_CPU_CAPABILITY picks at::vec's code path (its flags, so its own cache key);
+    unset, the capability torch's own CPU kernels use; a value that is not a capability, or
+    one this CPU cannot run, is refused naming the variable."""
+    monkeypatch.setattr(build, "runnable_cpu_capabilities", lambda: ["avx512", "avx2", "default"])
+    keys = set()
+    for capability, define in (("avx512", "-DCPU_CAPABILITY_AVX512"), ("avx2", "-DCPU_CAPABILITY_AVX2"),
+                               ("default", None)):
+        monkeypatch.setenv("BNLSTM_CPU_CAPABILITY", capability)
+        flags = build.cpu_cflags()
+        assert build.cpu_capability() == capability
+        assert [f for f in flags if f.startswith("-DCPU_CAPABILITY_")] == ([define] if define else [])
+        keys.add(build.source_key())
+    assert len(keys) == 3
+    monkeypatch.setenv("BNLSTM_CPU_CAPABILITY", "sse2")
+    with pytest.raises(build.ExtensionUnavailable, match="BNLSTM_CPU_CAPABILITY must be one of avx512, avx2, default"):
+        build.cpu_cflags()
+    monkeypatch.setattr(build, "runnable_cpu_capabilities", lambda: ["avx2", "default"])
+    monkeypatch.setenv("BNLSTM_CPU_CAPABILITY", "avx512")
+    with pytest.raises(build.ExtensionUnavailable, match="avx512, but this CPU runs only avx2, default"):
+        build.cpu_cflags()
+    monkeypatch.delenv("BNLSTM_CPU_CAPABILITY")
+    import torch
+
+    assert build.cpu_capability() == {"AVX512": "avx512", "AVX2": "avx2"}.get(
+        torch.backends.cpu.get_cpu_capability(), "default")
+
+
+def test_loaded_extension_has_the_chosen_vector_code():
+    """The library this process runs was compiled for cpu_capability(): what makes a run
+    under BNLSTM_CPU_CAPABILITY (.ci/run runs the CPU tests under each) test that path."""
+    import torch
+
+    if list(build.PACKAGE_DIR.glob(f"{build.PREBUILT_NAME}*.so")):
+        pytest.skip("a library built into the package by pip is loaded first")
+    ensure_loaded()
+    assert torch.ops.bnlstm.cpu_vector_capability() == build.cpu_capability()
+    assert build.cpu_capability() in build.runnable_cpu_capabilities()

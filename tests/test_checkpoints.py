@@ -15,14 +15,16 @@ BACKENDS = ["reference", "cpu"]
 # float64: the backends agree to test_against_paper's 1e-10 (relative to each tensor's
 # largest magnitude). float32 and bfloat16 (computed in float32): the backends round
 # differently (fused step kernel, blocked GEMMs), and normalizations over 2 or 3 active
-# sequences amplify that. The bound is STYLE.md's rule, against float64 from the same
-# checkpoint: over all compared tensors (both modes), the geometric mean of the CPU
-# backend's error over the float32 reference's is at most 2. Two equally accurate float32
-# implementations give per-tensor ratios with a heavy tail (measured on 80 random draws of
-# this test's shapes, AMD EPYC, AVX2: the largest of ~45 ratios had median 3.7 and reached
-# 55, while their geometric mean had median 1.02 and reached 2.49 in one mode alone), so
-# each single tensor is only held to 10 times the reference's error plus 1e-4: a wrong
-# result is off by far more.
+# sequences amplify that. The bound is the float32 accuracy rule, against float64 from the
+# same checkpoint: over all compared tensors of INPUT_DRAWS inputs (both modes), the
+# geometric mean of the CPU backend's error over the float32 reference's is at most 2. One
+# tensor's ratio is noise with a heavy tail (80 random draws of one input, AMD EPYC, AVX2:
+# the largest of ~45 ratios had median 3.7 and reached 55; on one draw, the same code gave
+# 3.5 or 16 as MKL_CBWR was unset or COMPATIBLE; their geometric mean reached 2.49), so a
+# single tensor is held only to GROSS_ERROR, above every float32 error measured there
+# (1.1e-3 at most, either backend, either MKL path) and below a wrong result's.
+INPUT_DRAWS = 3
+GROSS_ERROR = 1e-2
 
 
 def scaled_error(got, want):
@@ -60,31 +62,33 @@ def test_checkpoint_moves_between_backends(saved_on, loaded_on, dtype):
             assert torch.equal(tensor, state[name]) and tensor.dtype == state[name].dtype, name
     modules["float64"] = make("reference", torch.float64, seed=1)
     modules["float64"].load_state_dict({k: v.double() for k, v in state.items()})
-    x = torch.randn(11, 5, 4)  # T = 11 > max_length: the last slot too
     lengths = [11, 4, 9, 2, 11]
     log_ratios = []
-    for training in (False, True):
-        results = {}
-        for backend, module in modules.items():
-            module.train(training)
-            xin = x.to(next(module.parameters()).dtype).detach().clone().requires_grad_(True)
-            out, (h_n, c_n) = module(xin, lengths=lengths)
-            scalar_loss(out.double(), h_n.double(), c_n.double()).backward()
-            names = ["output", "h_n", "c_n", "grad input", *(f"grad {n}" for n, _ in module.named_parameters()),
-                     *(n for n, _ in module.named_buffers())]
-            results[backend] = [out, h_n, c_n, xin.grad, *(p.grad for p in module.parameters()), *module.buffers()]
-            module.zero_grad()
-            module.load_state_dict(state if backend != "float64" else {k: v.double() for k, v in state.items()})
-        for index, name in enumerate(names):
-            got, want, exact = (results[b][index] for b in (loaded_on, saved_on, "float64"))
-            assert got.dtype == want.dtype, name
-            where = f"{name} (training={training})"
-            if dtype == torch.float64:
-                assert scaled_error(got, want) <= 1e-10, where
-                continue
-            errors = {backend: scaled_error(results[backend][index], exact) for backend in ("cpu", "reference")}
-            assert errors["cpu"] <= 10 * errors["reference"] + 1e-4, (where, errors)
-            log_ratios.append(math.log((errors["cpu"] + 1e-9) / (errors["reference"] + 1e-9)))
+    for _ in range(INPUT_DRAWS):
+        x = torch.randn(11, 5, 4)  # T = 11 > max_length: the last slot too
+        for training in (False, True):
+            results = {}
+            for backend, module in modules.items():
+                module.train(training)
+                xin = x.to(next(module.parameters()).dtype).detach().clone().requires_grad_(True)
+                out, (h_n, c_n) = module(xin, lengths=lengths)
+                scalar_loss(out.double(), h_n.double(), c_n.double()).backward()
+                names = ["output", "h_n", "c_n", "grad input", *(f"grad {n}" for n, _ in module.named_parameters()),
+                         *(n for n, _ in module.named_buffers())]
+                results[backend] = [out, h_n, c_n, xin.grad, *(p.grad for p in module.parameters()), *module.buffers()]
+                module.zero_grad()
+                module.load_state_dict(state if backend != "float64" else {k: v.double() for k, v in state.items()})
+            for index, name in enumerate(names):
+                got, want, exact = (results[b][index] for b in (loaded_on, saved_on, "float64"))
+                assert got.dtype == want.dtype, name
+                where = f"{name} (training={training})"
+                if dtype == torch.float64:
+                    assert scaled_error(got, want) <= 1e-10, where
+                    continue
+                errors = {backend: scaled_error(results[backend][index], exact) for backend in ("cpu", "reference")}
+                # bfloat16 results are rounded to bfloat16: both backends' errors are that rounding.
+                assert errors["cpu"] <= max(GROSS_ERROR, 2 * errors["reference"]), (where, errors)
+                log_ratios.append(math.log((errors["cpu"] + 1e-9) / (errors["reference"] + 1e-9)))
     if dtype != torch.float64:
         assert math.exp(sum(log_ratios) / len(log_ratios)) <= 2, sorted(log_ratios)
 

@@ -12,7 +12,7 @@ import torch
 import bnlstm_cuda
 from bnlstm_cuda import BNLSTM, LayerParams, backends, get_variant
 from bnlstm_cuda.ops import bnlstm_layer_fused, ensure_loaded
-from helpers import float32_errors, make_module, op_arguments, scalar_loss
+from helpers import float32_error_ratios, make_module, op_arguments, scalar_loss
 
 VARIANTS = ["cooijmans", "laurent_step", "laurent_sequence", "none"]
 
@@ -142,12 +142,11 @@ def test_torch_compile_fullgraph_matches_eager(variant):
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_float32_against_float64_reference(variant):
     """Error of the float32 CPU backend against the float64 reference is at most about
-    twice that of the float32 reference (the plain PyTorch computation in float32)."""
-    # The paper's initialisation (gamma 0.1): a well-conditioned problem, where rounding
-    # differences are not amplified by near-zero batch variances.
-    errors = float32_errors(variant, "cpu", hidden_size=20, batch=7, lengths=[12, 3, 7, 12, 1, 9, 10])
-    for which in (0, 1):
-        assert errors["cpu"][which] <= 2 * errors["reference"][which] + 1e-7, errors
+    twice that of the float32 reference (the plain PyTorch computation in float32), as a
+    geometric mean over random problems (helpers.float32_error_ratios: one problem's ratio
+    is noise). The paper's initialisation (gamma 0.1); steps with 2 and 1 active sequences."""
+    ratios = float32_error_ratios(variant, "cpu", hidden_size=20, batch=7, lengths=[12, 3, 7, 12, 1, 9, 10])
+    assert max(ratios) <= 2, ratios
 
 
 @pytest.mark.parametrize("num_threads", [1, 3])

@@ -146,12 +146,12 @@ def test_layer_on_a_device_that_is_not_current():
 @requires_gpu
 def test_float32_against_float64_reference(variant):
     """The float32 kernels' error against the float64 reference is at most about twice that of
-    the float32 reference (plain PyTorch on the GPU in float32; TF32 off on both)."""
+    the float32 reference (plain PyTorch on the GPU in float32; TF32 off on both), as a
+    geometric mean over random problems (helpers.float32_error_ratios)."""
     torch.backends.cuda.matmul.allow_tf32 = False
-    errors = helpers.float32_errors(variant, "cuda", hidden_size=200, batch=70, lengths=torch.randint(1, 13, (70,)),
-                                    device="cuda")
-    for which in (0, 1):
-        assert errors["cuda"][which] <= 2 * errors["reference"][which] + 1e-6, errors
+    ratios = helpers.float32_error_ratios(variant, "cuda", hidden_size=200, batch=70,
+                                          lengths=torch.randint(1, 13, (70,)), device="cuda")
+    assert max(ratios) <= 2, ratios
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
