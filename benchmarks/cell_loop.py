@@ -5,13 +5,13 @@ A decoder calls its cell once per step, so at small batch the per-call cost (Pyt
 argument checks, the dispatcher, autograd bookkeeping), not the arithmetic, sets the time.
 Each row is the loop's time, its ratio to nn.LSTMCell's loop, and the per-call overhead:
 the time of one call at a size where the arithmetic is negligible (B=2, I=H=8).
-Writes benchmarks/results/<device tag>_cell_loop.{json,md}.
+Writes <device tag>_cell_loop.{json,md} to ./bnlstm-benchmarks/ (--out DIR), or to
+benchmarks/results/ with --update-committed.
 """
 from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 from typing import Callable, List, Optional
 
 import torch
@@ -20,7 +20,7 @@ from torch import nn
 from bnlstm_cuda import BNLSTMCell
 from bnlstm_cuda.backends import available_backends
 
-from .report import device_tag, environment
+from .report import add_output_arguments, device_tag, environment, output_dir
 from .timing import synchronized, time_call
 
 MODES = ("inference", "train_step")
@@ -69,7 +69,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--hidden", type=int, default=128)
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
-    parser.add_argument("--results-dir", type=Path, default=Path(__file__).parent / "results")
+    add_output_arguments(parser)
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     if args.threads:
@@ -103,8 +103,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     ]
     table = "\n".join(lines) + "\n"
     print(table)
-    args.results_dir.mkdir(parents=True, exist_ok=True)
-    stem = args.results_dir / f"{device_tag(env)}_cell_loop"
+    results_dir = output_dir(args)
+    results_dir.mkdir(parents=True, exist_ok=True)
+    stem = results_dir / f"{device_tag(env)}_cell_loop"
     stem.with_suffix(".json").write_text(json.dumps({"environment": env, "records": records}, indent=2) + "\n")
     stem.with_suffix(".md").write_text(table)
     print(f"wrote {stem}.json and {stem}.md")

@@ -5,8 +5,12 @@ recurrent products W_hh h_{t-1} ([B, H] x [H, 4H], T of them): 2*T*B*4H*(I+H) FL
 forward. The backward pass does two GEMMs of each size (gradients of the input and of the
 weights), so a training step is about 3x the forward. No implementation can run faster
 than these FLOPs at the device's large-matmul rate; the element-wise work is left out.
+Stacked layers add their own (layer k > 0 reads the previous layer's H * directions
+outputs), each direction its own, and a padded batch counts its real steps only.
 """
 from __future__ import annotations
+
+from typing import Dict, Tuple
 
 import torch
 
@@ -17,10 +21,21 @@ FLOP_MULTIPLIER = {"inference": 1, "forward": 1, "train_step": 3}
 
 
 def gemm_flops(config: Config, mode: str) -> float:
-    forward = 2 * config.seq_len * config.batch * 4 * config.hidden_size * (
-        config.input_size + config.hidden_size
-    )
-    return float(FLOP_MULTIPLIER[mode] * forward)
+    hidden = config.hidden_size
+    layer_inputs = [config.input_size] + [hidden * config.directions] * (config.num_layers - 1)
+    forward = sum(2 * config.tokens * 4 * hidden * (inputs + hidden) for inputs in layer_inputs)
+    return float(FLOP_MULTIPLIER[mode] * forward * config.directions)
+
+
+def rate_dtypes(config: Config) -> Tuple[torch.dtype, ...]:
+    """The dtypes a configuration's GEMMs may run in: under autocast also bfloat16."""
+    return (config.dtype, torch.bfloat16) if config.autocast else (config.dtype,)
+
+
+def floor_rate(config: Config, rates: Dict[torch.dtype, float]) -> float:
+    """The fastest measured rate among the configuration's dtypes: the floor stays a bound
+    whichever dtype an implementation takes under autocast."""
+    return max(rates[dtype] for dtype in rate_dtypes(config))
 
 
 def matmul_rate(device: torch.device, dtype: torch.dtype) -> float:

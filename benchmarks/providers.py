@@ -1,19 +1,21 @@
-"""What is measured: the providers (implementations of one LSTM layer) and the modes."""
+"""What is measured: the providers (implementations of an LSTM, nn.LSTM's interface) and the
+modes."""
 from __future__ import annotations
 
 import contextlib
 import os
 from dataclasses import dataclass
 from functools import partial
-from typing import Callable, List
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
 from bnlstm_cuda import BNLSTM
 from bnlstm_cuda.backends import available_backends
 
-from .sweeps import Config
+from .sweeps import Config, padded_lengths
 
 BASELINE = "nn.LSTM"
 MODES = ("inference", "forward", "train_step")
@@ -22,15 +24,16 @@ MODES = ("inference", "forward", "train_step")
 @dataclass(frozen=True)
 class Provider:
     name: str
-    # (config, device) -> a module mapping input [T, B, I] to (output [T, B, H], (h_n, c_n))
+    # (config, device) -> a module mapping input [T, B, I] (or a PackedSequence) to
+    # (output [T, B, H * directions], (h_n, c_n)), as nn.LSTM
     build: Callable[[Config, torch.device], nn.Module]
 
 
 def _bnlstm(backend: str, config: Config, device: torch.device) -> nn.Module:
     # One statistics slot per step, as in the paper (T=784 for pixel-by-pixel MNIST).
     module = BNLSTM(
-        config.input_size, config.hidden_size, max_length=config.seq_len,
-        backend=backend, device=device,
+        config.input_size, config.hidden_size, num_layers=config.num_layers,
+        bidirectional=config.bidirectional, max_length=config.seq_len, backend=backend, device=device,
     )
     # Built in float32 and cast: the orthogonal initialisation has no bf16 QR on the CPU.
     return module.to(config.dtype)
@@ -44,7 +47,8 @@ def _compiled_reference(config: Config, device: torch.device) -> nn.Module:
 
 
 def _nn_lstm(config: Config, device: torch.device) -> nn.Module:
-    return nn.LSTM(config.input_size, config.hidden_size, device=device, dtype=config.dtype)
+    return nn.LSTM(config.input_size, config.hidden_size, num_layers=config.num_layers,
+                   bidirectional=config.bidirectional, device=device, dtype=config.dtype)
 
 
 @contextlib.contextmanager
@@ -92,21 +96,51 @@ def _triton_with_torch_grad_h(config: Config, device: torch.device) -> nn.Module
     return _WithEnvironment(_bnlstm("triton", config, device), "BNLSTM_TRITON_GRAD_H", "torch")
 
 
-def providers(device: torch.device, compile: bool = False) -> List[Provider]:
+def providers(device: torch.device, compile: bool = False,
+              backends: Optional[Sequence[str]] = None) -> List[Provider]:
     """Every backend of the package available on `device`, the CUDA backend with its version 1
     recurrent GEMM and the Triton backend with torch's per-step backward GEMM (to compare each
     pair), torch.compile of the reference if asked, and
-    torch.nn.LSTM (cuDNN on a GPU) as the bar, last."""
-    backends = available_backends(device)
-    found = [Provider(f"bnlstm:{name}", partial(_bnlstm, name)) for name in backends]
-    if "cuda" in backends:
+    torch.nn.LSTM (cuDNN on a GPU) as the bar, last.
+
+    backends: if given, only the bnlstm providers these names select (see `selects`);
+    nn.LSTM stays. A name that selects none raises ValueError.
+    """
+    available = available_backends(device)
+    found = [Provider(f"bnlstm:{name}", partial(_bnlstm, name)) for name in available]
+    if "cuda" in available:
         found.append(Provider("bnlstm:cuda+cublas-gemm", _cuda_with_cublas_gemm))
-    if "triton" in backends:
+    if "triton" in available:
         found.append(Provider("bnlstm:triton+torch-grad-h", _triton_with_torch_grad_h))
     if compile:
         found.append(Provider("bnlstm:reference+compile", _compiled_reference))
+    if backends is not None:
+        unmatched = [name for name in backends if not any(selects(name, p.name) for p in found)]
+        if unmatched:
+            raise ValueError(
+                f"no provider on {device} for {', '.join(unmatched)}; available: "
+                + ", ".join(p.name.removeprefix("bnlstm:") for p in found)
+            )
+        found = [p for p in found if any(selects(name, p.name) for name in backends)]
     found.append(Provider(BASELINE, _nn_lstm))
     return found
+
+
+def selects(name: str, provider: str) -> bool:
+    """Whether a --backends name selects a provider: "cuda" selects bnlstm:cuda and its
+    variants (bnlstm:cuda+cublas-gemm), "cuda+cublas-gemm" that variant alone."""
+    backend = provider.removeprefix("bnlstm:")
+    return backend == name or backend.startswith(name + "+")
+
+
+def modes_of(config: Config) -> Tuple[str, ...]:
+    """The modes measured for `config`, in MODES order."""
+    if config.modes is None:
+        return MODES
+    unknown = set(config.modes) - set(MODES)
+    if unknown:
+        raise ValueError(f"modes must be among {MODES}, got {sorted(unknown)}")
+    return tuple(mode for mode in MODES if mode in config.modes)
 
 
 def make_call(module: nn.Module, mode: str, config: Config, device: torch.device) -> Callable[[], None]:
@@ -115,33 +149,51 @@ def make_call(module: nn.Module, mode: str, config: Config, device: torch.device
     inference: eval mode, no autograd. forward: training mode (batch statistics, running
     statistics updated) with autograd recording. train_step: forward plus backward, with
     the parameter gradients dropped first so every step allocates and writes them.
+    A padded configuration's input is a PackedSequence (packed here, outside the call); an
+    autocast one's forward runs under torch.autocast to bfloat16, its backward outside, as
+    autocast's documentation asks.
     """
     options = {"device": device, "dtype": config.dtype}
     x = torch.randn(config.seq_len, config.batch, config.input_size, **options)  # [T, B, I]
+    if config.padded:
+        x = pack_padded_sequence(x, padded_lengths(config), enforce_sorted=False)
+    if config.autocast:
+        run = partial(_autocast_forward, module, x, device)
+    else:
+        run = partial(module, x)
     if mode == "inference":
         module.eval()
 
         def call() -> None:
             with torch.no_grad():
-                module(x)
+                run()
 
         return call
     module.train()
     if mode == "forward":
 
         def call() -> None:
-            module(x)
+            run()
 
         return call
     if mode != "train_step":
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    grad_output = torch.randn(config.seq_len, config.batch, config.hidden_size, **options)  # [T, B, H]
+    # The output is [T, B, H * directions]; a packed output's data [sum of lengths, H * directions].
+    rows = (x.data.shape[0],) if config.padded else (config.seq_len, config.batch)
+    grad_output = torch.randn(*rows, config.hidden_size * config.directions, **options)
     parameters = list(module.parameters())
 
     def call() -> None:
         for parameter in parameters:
             parameter.grad = None
-        output, _ = module(x)
+        output, _ = run()
+        if isinstance(output, PackedSequence):
+            output = output.data
         output.backward(grad_output)
 
     return call
+
+
+def _autocast_forward(module: nn.Module, x, device: torch.device):
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        return module(x)

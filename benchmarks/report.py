@@ -2,6 +2,7 @@
 JSON, markdown and PNG files, all tagged with the device and the software versions."""
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import platform
@@ -12,9 +13,9 @@ from typing import Dict, List, Optional
 
 import torch
 
-from .floor import gemm_flops
+from .floor import floor_rate, gemm_flops
 from .providers import BASELINE, MODES
-from .sweeps import DTYPE_NAMES, Config
+from .sweeps import DTYPE_NAMES, Config, shape_extras, shape_text
 from .timing import Timing, memory_method, timer_name
 
 
@@ -76,7 +77,34 @@ def environment(device: torch.device, sweep: str, timing: dict, rates: Dict[torc
         env["cudnn"] = torch.backends.cudnn.version()
     else:
         env["threads"] = torch.get_num_threads()
+        env.update(cpu_features())
     return env
+
+
+# torch's private probes of the CPU features behind fast bf16 (oneDNN takes them when
+# present); absent from some torch versions, so looked up by name.
+_CPU_FLAGS = {
+    "avx512": "_is_avx512_supported",
+    "avx512_bf16": "_is_avx512_bf16_supported",
+    "amx_tile": "_is_amx_tile_supported",
+    "amx_fp16": "_is_amx_fp16_supported",
+}
+
+
+def cpu_features() -> dict:
+    """The architecture, the vector ISA torch's CPU kernels dispatch to (e.g. "AVX2",
+    "AVX512") and the CPU flags that decide whether bf16 runs fast (the CPU model is the
+    record's device)."""
+    flags = {}
+    for flag, probe in _CPU_FLAGS.items():
+        function = getattr(torch.cpu, probe, None)
+        if function is not None:
+            flags[flag] = bool(function())
+    return {
+        "arch": platform.machine(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu_flags": flags,
+    }
 
 
 def rows(measurements: List[Measurement], rates: Dict[torch.dtype, float]) -> List[dict]:
@@ -93,10 +121,12 @@ def rows(measurements: List[Measurement], rates: Dict[torch.dtype, float]) -> Li
         record = {
             "seq_len": config.seq_len, "batch": config.batch, "input_size": config.input_size,
             "hidden_size": config.hidden_size, "dtype": config.dtype_name,
+            "num_layers": config.num_layers, "bidirectional": config.bidirectional,
+            "padded": config.padded, "autocast": config.autocast, "tokens": config.tokens,
             "mode": m.mode, "provider": m.provider, "error": m.error,
         }
         flops = gemm_flops(config, m.mode)
-        floor_ms = flops / rates[config.dtype] * 1e3
+        floor_ms = flops / floor_rate(config, rates) * 1e3
         record.update(gemm_gflop=flops / 1e9, floor_ms=floor_ms)
         if m.timing is not None:
             seconds = m.timing.median_ms * 1e-3
@@ -104,7 +134,7 @@ def rows(measurements: List[Measurement], rates: Dict[torch.dtype, float]) -> Li
             record.update(asdict(m.timing))
             record.update(
                 sequences_per_s=config.batch / seconds,
-                tokens_per_s=config.seq_len * config.batch / seconds,
+                tokens_per_s=config.tokens / seconds,
                 peak_memory_mb=None if m.peak_memory_bytes is None else m.peak_memory_bytes / 2**20,
                 ratio_to_nn_lstm=None if bar is None else m.timing.median_ms / bar,
                 times_floor=m.timing.median_ms / floor_ms,
@@ -133,7 +163,7 @@ def markdown_table(records: List[dict]) -> str:
 
 def _cell(record: dict, key: str) -> str:
     if key == "shape":
-        return f"T={record['seq_len']} B={record['batch']} I={record['input_size']} H={record['hidden_size']}"
+        return record_shape(record)
     if key in ("dtype", "mode", "provider"):
         return record[key]
     if key == "floor_ms":
@@ -147,6 +177,16 @@ def _cell(record: dict, key: str) -> str:
     if key == "ktokens":
         return _number(record["tokens_per_s"] / 1e3)
     return _number(record[key])
+
+
+def record_shape(record: dict) -> str:
+    """A record's configuration as Config.shape writes it (records written before the layer,
+    direction, padding and autocast fields read as the defaults)."""
+    return shape_text(
+        record["seq_len"], record["batch"], record["input_size"], record["hidden_size"],
+        record.get("num_layers", 1), record.get("bidirectional", False), record.get("padded", False),
+        record.get("autocast", False),
+    )
 
 
 def _number(value: Optional[float]) -> str:
@@ -165,13 +205,41 @@ def _number(value: Optional[float]) -> str:
 def header_lines(env: dict) -> List[str]:
     rates = ", ".join(f"{name} {tflops:.3g} TFLOP/s" for name, tflops in env["matmul_tflops"].items())
     threads = f", {env['threads']} thread{'s' * (env['threads'] != 1)}" if "threads" in env else ""
-    return [
-        f"- device: {env['device']} ({env['device_type']}{threads})",
+    lines = [f"- device: {env['device']} ({env['device_type']}{threads})"]
+    if "cpu_capability" in env:
+        flags = ", ".join(f"{flag} {'yes' if present else 'no'}" for flag, present in env["cpu_flags"].items())
+        lines.append(f"- {env['arch']}; torch CPU capability {env['cpu_capability']}"
+                     + (f"; {flags}" if flags else ""))
+    return lines + [
         f"- torch {env['torch']}, triton {env['triton']}, Python {env['python']}, {env['date']}",
         f"- sweep `{env['sweep']}`; timer: {env['timer']}, " + ", ".join(f"{k} {v}" for k, v in env["timing"].items()),
         f"- peak memory: {env['peak_memory']}",
         f"- floor: GEMM FLOPs at the measured matmul rate ({rates})",
     ]
+
+
+# The figures committed with the package: rewritten only when asked (--update-committed), so
+# that measuring leaves a checkout clean.
+COMMITTED_RESULTS = Path(__file__).parent / "results"
+# A run's files by default: under the current directory, outside the package.
+DEFAULT_RESULTS = Path("bnlstm-benchmarks")
+
+
+def add_output_arguments(parser: argparse.ArgumentParser) -> None:
+    """Where a command writes its files: --out DIR (alias --results-dir), or
+    --update-committed for benchmarks/results/; see output_dir."""
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--out", "--results-dir", dest="out", type=Path, default=None, metavar="DIR",
+                       help=f"directory for the result files (default: ./{DEFAULT_RESULTS}/)")
+    where.add_argument("--update-committed", action="store_true",
+                       help="write into benchmarks/results/, replacing the committed figures of this device tag")
+
+
+def output_dir(args: argparse.Namespace) -> Path:
+    """The directory a run writes to: benchmarks/results/ only with --update-committed."""
+    if args.update_committed:
+        return COMMITTED_RESULTS
+    return args.out if args.out is not None else DEFAULT_RESULTS
 
 
 def write_files(records: List[dict], env: dict, results_dir: Path) -> List[Path]:
@@ -225,15 +293,25 @@ def plot(records: List[dict], env: dict, path: Path) -> None:
     plt.close(figure)
 
 
+# A record's configuration fields; the defaults stand in for fields older records lack.
+_CONFIG_FIELDS = {
+    "seq_len": None, "batch": None, "input_size": None, "hidden_size": None, "dtype": None,
+    "num_layers": 1, "bidirectional": False, "padded": False, "autocast": False,
+}
+
+
 def _largest_group(records: List[dict], field: str):
     """(description of the fixed fields, records) of the largest set of records that agree
     on every configuration field but `field`."""
-    others = [f for f in ("seq_len", "batch", "input_size", "hidden_size", "dtype") if f != field]
+    others = [f for f in _CONFIG_FIELDS if f != field]
     groups: Dict[tuple, List[dict]] = {}
     for record in records:
-        groups.setdefault(tuple(record[f] for f in others), []).append(record)
+        groups.setdefault(tuple(record.get(f, _CONFIG_FIELDS[f]) for f in others), []).append(record)
     if not groups:
         return "", []
     key, group = max(groups.items(), key=lambda item: len({r[field] for r in item[1]}))
-    names = {"seq_len": "T", "batch": "B", "input_size": "I", "hidden_size": "H", "dtype": ""}
-    return " ".join(f"{names[f]}={v}" if names[f] else str(v) for f, v in zip(others, key)), group
+    fixed = dict(zip(others, key))
+    names = {"seq_len": "T", "batch": "B", "input_size": "I", "hidden_size": "H"}
+    words = [f"{name}={fixed[f]}" for f, name in names.items() if f != field]
+    words += shape_extras(fixed["num_layers"], fixed["bidirectional"], fixed["padded"], fixed["autocast"])
+    return " ".join(words + [fixed["dtype"]]), group

@@ -1,8 +1,9 @@
-"""The configurations a run measures: one layer, one direction, input [T, B, I]."""
+"""The configurations a run measures: input [T, B, I]; one layer, one direction, every
+mode unless a configuration says otherwise."""
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Dict, List
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -16,18 +17,58 @@ class Config:
     input_size: int  # I
     hidden_size: int  # H
     dtype: torch.dtype
+    num_layers: int = 1
+    bidirectional: bool = False
+    # The batch as a PackedSequence of random lengths in [1, T] (padded_lengths).
+    padded: bool = False
+    # Module and input in `dtype`, the call under torch.autocast to bfloat16.
+    autocast: bool = False
+    # The modes measured (names from providers.MODES); None: every mode.
+    modes: Optional[Tuple[str, ...]] = None
 
     @property
     def dtype_name(self) -> str:
         return DTYPE_NAMES[self.dtype]
 
     @property
+    def directions(self) -> int:
+        return 2 if self.bidirectional else 1
+
+    @property
+    def tokens(self) -> int:
+        """The steps of all sequences: T*B, or the sum of the lengths of a padded batch."""
+        return int(padded_lengths(self).sum()) if self.padded else self.seq_len * self.batch
+
+    @property
     def shape(self) -> str:
-        return f"T={self.seq_len} B={self.batch} I={self.input_size} H={self.hidden_size}"
+        return shape_text(self.seq_len, self.batch, self.input_size, self.hidden_size, self.num_layers,
+                          self.bidirectional, self.padded, self.autocast)
 
     @property
     def label(self) -> str:
         return f"{self.shape} {self.dtype_name}"
+
+
+def shape_text(seq_len: int, batch: int, input_size: int, hidden_size: int, num_layers: int = 1,
+               bidirectional: bool = False, padded: bool = False, autocast: bool = False) -> str:
+    """"T=50 B=32 I=64 H=128", then shape_extras: "T=50 B=32 I=64 H=128 L=2 bidir"."""
+    text = f"T={seq_len} B={batch} I={input_size} H={hidden_size}"
+    return " ".join([text, *shape_extras(num_layers, bidirectional, padded, autocast)])
+
+
+def shape_extras(num_layers: int = 1, bidirectional: bool = False, padded: bool = False,
+                 autocast: bool = False) -> List[str]:
+    """What differs from one unpadded layer in one direction without autocast: "L=2",
+    "bidir", "padded", "autocast-bf16"."""
+    extras = [f"L={num_layers}"] * (num_layers != 1) + ["bidir"] * bidirectional
+    return extras + ["padded"] * padded + ["autocast-bf16"] * autocast
+
+
+def padded_lengths(config: Config) -> torch.Tensor:
+    """[B] int64 on the CPU: a padded configuration's sequence lengths, uniform in [1, T], the
+    same in every run and for every provider (a generator of their own, not the global seed)."""
+    generator = torch.Generator().manual_seed(0)
+    return torch.randint(1, config.seq_len + 1, (config.batch,), generator=generator)
 
 
 def around(base: Config, **axes) -> List[Config]:
@@ -61,4 +102,19 @@ GPU = [
     for seq_len in (100, 784)
 ] + [Config(100, batch, 512, 512, torch.bfloat16) for batch in (16, 32, 128, 256)]
 
-SWEEPS: Dict[str, List[Config]] = {"default": DEFAULT, "gpu": GPU}
+# What users run on a CPU, around the issue's small shape: short and long sequences, small
+# batches, a serving call (B=1: inference only, since a batch-normalized layer cannot train on
+# one sequence), a stacked bidirectional model, wide layers, a padded batch, pixel-by-pixel
+# MNIST and the two ways to ask for bf16.
+_USER_SMALL = dict(input_size=64, hidden_size=128, dtype=torch.float32)
+USERS = [Config(seq_len, batch, **_USER_SMALL) for seq_len in (25, 100) for batch in (8, 32)] + [
+    Config(100, 1, **_USER_SMALL, modes=("inference",)),
+    Config(50, 32, **_USER_SMALL, num_layers=2, bidirectional=True),
+    Config(50, 32, 512, 512, torch.float32),
+    Config(100, 32, **_USER_SMALL, padded=True),
+    Config(784, 16, 1, 100, torch.float32),
+    Config(100, 32, **_USER_SMALL, autocast=True),
+    Config(100, 32, 64, 128, torch.bfloat16),
+]
+
+SWEEPS: Dict[str, List[Config]] = {"default": DEFAULT, "gpu": GPU, "users": USERS}

@@ -1,7 +1,11 @@
-"""Backend registry: which implementation of a layer-direction runs a forward pass.
+"""Backend registry: which implementation runs a layer-direction, and how its running
+statistics are folded.
 
-Every backend provides a function with the signature of
-`reference.bnlstm_layer_reference`; the module chooses one per call by name and device.
+Each backend is one record (`Backend`): its name, its layer function (a
+`layer_api.LayerFunction`), the fold of its batch statistics into the running statistics,
+and, through `problem`, why it cannot run on a device. A module resolves its backend once
+per device, dtype and backend name (`resolve`) and keeps the record; the fold travels with
+the layer that ran, so the two always match.
 
     reference  the plain PyTorch loop, any device
     cpu        the fused C++ operators (csrc/), CPU tensors, compiled on first use
@@ -9,28 +13,47 @@ Every backend provides a function with the signature of
                tensors; needs a CUDA build of torch, nvcc and a GPU (build.cuda_wanted)
     triton     the Triton kernels (triton_layer.py), CUDA tensors; CPU tensors under
                TRITON_INTERPRET=1 (Triton's interpreter, for tests)
+    auto       cpu on CPU tensors (the reference, with one warning, where it cannot be
+               built); on a GPU the fused backend measured fastest (gpu_choice.py); the
+               reference elsewhere
 """
 from __future__ import annotations
 
 import warnings
-from typing import Callable, Optional
+from dataclasses import dataclass
+from typing import Callable, Dict, Optional
 
 import torch
 
 from . import ops
+from .layer_api import LayerFunction, RunningStatsFold
 from .ops import bnlstm_layer_fused, ensure_loaded
-from .reference import LayerResult, bnlstm_layer_reference
+from .reference import bnlstm_layer_reference
 from .statistics import update_running_stats
 
-LayerFunction = Callable[..., LayerResult]
-
 BACKEND_NAMES = ("auto", "reference", "cpu", "cuda", "triton")
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One backend: what runs a layer-direction, what folds its batch statistics into the
+    running statistics, and why it cannot run on a device (None: it can)."""
+
+    name: str
+    layer: LayerFunction
+    fold: RunningStatsFold
+    unavailable: Callable[[torch.device], Optional[str]]
+
 
 _fallback_warned = False
 _cpu_status: Optional[str] = None  # None: not tried yet; "": available; else why not
 _cuda_status: Optional[str] = None  # the same for the CUDA kernels
 
 
+# Both availability checks run, not traced, under torch.compile (assume_constant_result):
+# their first call builds or loads the extension under a lock, which Dynamo cannot trace, and
+# their answer never changes, so a compiled graph may hold it as a constant.
+@torch.compiler.assume_constant_result
 def _cpu_problem() -> Optional[str]:
     """Why the CPU backend cannot run here, or None. Tries to build and load the extension
     on the first call only; the answer is kept (and read lock-free, so torch.compile can
@@ -48,6 +71,7 @@ def _cpu_problem() -> Optional[str]:
     return _cpu_status or None
 
 
+@torch.compiler.assume_constant_result
 def _cuda_problem() -> Optional[str]:
     """Why the CUDA backend cannot run here, or None; tried on the first call only."""
     global _cuda_status
@@ -81,86 +105,94 @@ def _triton_problem(device: torch.device) -> Optional[str]:
     return None
 
 
+def _cpu_unavailable(device: torch.device) -> Optional[str]:
+    return "it runs on CPU tensors" if device.type != "cpu" else _cpu_problem()
+
+
+def _cuda_unavailable(device: torch.device) -> Optional[str]:
+    return "it runs on CUDA tensors" if device.type != "cuda" else _cuda_problem()
+
+
+def _always_available(device: torch.device) -> Optional[str]:
+    return None
+
+
+def _triton_layer(*args, **kwargs):
+    from . import triton_layer  # imports triton only when a Triton layer runs
+
+    return triton_layer.bnlstm_layer_triton(*args, **kwargs)
+
+
+REFERENCE = Backend("reference", bnlstm_layer_reference, update_running_stats, _always_available)
+# The compiled operators: one library, the dispatcher picks the device's kernels. Beside the
+# CPU kernels the fold is a C++ operator too (the vectorised fold's small tensor operations
+# are a few percent of a small layer's training step); it rounds an ulp differently from
+# the reference's fold, which is why the fold belongs to the backend that ran.
+CPU = Backend("cpu", bnlstm_layer_fused, ops.update_running_stats_compiled, _cpu_unavailable)
+CUDA = Backend("cuda", bnlstm_layer_fused, update_running_stats, _cuda_unavailable)
+TRITON = Backend("triton", _triton_layer, update_running_stats, _triton_problem)
+REGISTRY: Dict[str, Backend] = {backend.name: backend for backend in (REFERENCE, CPU, CUDA, TRITON)}
+
+
 def available_backends(device: torch.device) -> tuple:
     """Names of the backends that can run on `device` here (without "auto"). On a GPU this
-    imports triton; on the CPU, triton counts only under TRITON_INTERPRET=1 (tests)."""
+    imports triton. Triton on CPU tensors (its interpreter, for tests) is not offered here:
+    it is chosen by name only."""
     device = torch.device(device)
-    names = ["reference"]
-    if device.type == "cpu" and _cpu_problem() is None:
-        names.append("cpu")
-    if device.type == "cuda" and _cuda_problem() is None:
-        names.append("cuda")
-    if device.type == "cuda" and _triton_problem(device) is None:
-        names.append("triton")
-    return tuple(names)
+    return tuple(name for name, backend in REGISTRY.items()
+                 if (name != "triton" or device.type == "cuda") and backend.unavailable(device) is None)
 
 
 def _auto_gpu(device: torch.device, dtype: Optional[torch.dtype], batch: Optional[int],
-              hidden_size: Optional[int]) -> LayerFunction:
+              hidden_size: Optional[int]) -> Backend:
     """"auto" on a GPU: the fused backend measured fastest for this GPU, dtype and shape
     (gpu_choice.MEASURED), else the first that runs; the reference if none does."""
     from . import gpu_choice
 
     fused = [name for name in available_backends(device) if name in gpu_choice.FALLBACK_ORDER]
     if not fused:
-        return bnlstm_layer_reference
+        return REFERENCE
     index = device.index if device.index is not None else torch.cuda.current_device()
     chosen = gpu_choice.choose(fused, torch.cuda.get_device_name(index), dtype or torch.float32,
                                batch or 1, hidden_size or 1)
-    return resolve_backend(chosen, device)
+    return resolve(chosen, device)
 
 
-def resolve_backend(name: str, device: torch.device, *, dtype: Optional[torch.dtype] = None,
-                    batch: Optional[int] = None, hidden_size: Optional[int] = None) -> LayerFunction:
-    """The layer function for backend `name` on `device`.
-
-    "auto" picks the fused CPU backend for CPU tensors (falling back to the reference with
-    one warning when the extension cannot be built); on a GPU, the fused GPU backend measured
-    fastest for `dtype`, `batch` and `hidden_size` (see gpu_choice.py), the reference if no
-    fused GPU backend runs there; the reference on other devices.
-    """
+def resolve(name: str, device: torch.device, *, dtype: Optional[torch.dtype] = None,
+            batch: Optional[int] = None, hidden_size: Optional[int] = None) -> Backend:
+    """The backend `name` names on `device` (see the module docstring for "auto"; `dtype`,
+    `batch` and `hidden_size` matter only to "auto" on a GPU). Raises ValueError for a
+    backend that does not run on that device and RuntimeError for one that cannot run here."""
     global _fallback_warned
     device = torch.device(device)
     if name == "reference":
-        return bnlstm_layer_reference
+        return REFERENCE
     if name in ("cpu", "cuda"):
-        # The same compiled operators; the dispatcher picks the device's kernels.
         if device.type != name:
             raise ValueError(f'backend="{name}" runs on {name.upper()} tensors; the input is on {device}')
-        problem = _cpu_problem() if name == "cpu" else _cuda_problem()
-        if problem is not None:
-            raise RuntimeError(f'backend="{name}" is unavailable: {problem}')
-        return bnlstm_layer_fused
+        reason = _cpu_problem() if name == "cpu" else _cuda_problem()
+        if reason is not None:
+            raise RuntimeError(f'backend="{name}" is unavailable: {reason}')
+        return CPU if name == "cpu" else CUDA
     if name == "triton":
         from . import triton_layer  # imports triton only when asked for
 
-        triton_layer.check_device(device)
-        return triton_layer.bnlstm_layer_triton
+        triton_layer.check_device(device)  # its ValueError says what the device needs
+        return TRITON
     if name == "auto":
         if device.type == "cpu":
-            problem = _cpu_problem()
-            if problem is None:
-                return bnlstm_layer_fused
+            reason = _cpu_problem()
+            if reason is None:
+                return CPU
             if not _fallback_warned:
-                warnings.warn(f"bnlstm_cuda: using the slow reference implementation; {problem}")
+                warnings.warn(f"bnlstm_cuda: using the slow reference implementation; {reason}")
                 _fallback_warned = True
         elif device.type == "cuda":
             return _auto_gpu(device, dtype, batch, hidden_size)
-        return bnlstm_layer_reference
+        return REFERENCE
     raise ValueError(f"backend must be one of {list(BACKEND_NAMES)}, got {name!r}")
 
 
-def running_stats_fold(name: str, device: torch.device, *, synchronized: bool = False) -> Callable:
-    """The function that folds a forward's batch statistics into the running statistics for
-    backend `name` on `device`: beside the fused CPU operators a C++ operator too (the
-    vectorised fold's small tensor operations cost a few percent of a small layer's training
-    step), elsewhere `statistics.update_running_stats`. The two round differently (by an ulp),
-    so the choice must follow what ran, not what happens to be loaded: "cpu" and "auto" on
-    CPU tensors have loaded the operators by then unless "auto" fell back to the reference;
-    a synchronized training step (`synchronized`) ran the reference layer whatever the
-    backend, and folds as the reference does, on every process alike (before, a process
-    whose evaluation had loaded the operators drifted from the others by an ulp a step)."""
-    if (not synchronized and name in ("cpu", "auto") and torch.device(device).type == "cpu"
-            and ops.is_loaded()):
-        return ops.update_running_stats_compiled
-    return update_running_stats
+def resolve_backend(name: str, device: torch.device, **shape) -> LayerFunction:
+    """The layer function of resolve(name, device, **shape)."""
+    return resolve(name, device, **shape).layer

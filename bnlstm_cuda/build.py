@@ -3,12 +3,20 @@
 On first use the sources in `csrc/` compile with `torch.utils.cpp_extension.load` and ninja
 into a cache directory keyed by the hash of the sources, the compiler flags and the torch
 version, so an edit or an upgrade rebuilds and nothing else does. An exclusive file lock
-(released by the OS even if a builder dies) makes concurrent first uses build once. A build
-that loaded is stamped with its library's size and hash and later loads directly, without
-ninja or a compiler. A broken cache is repaired under the lock, with a message on stderr:
-a library that is not the one built (truncated: loading it would kill the process) or does
-not load is linked again; an unfinished build (a killed compiler) is completed; if building
-over such leftovers fails, the directory is emptied and everything compiles once more.
+(`filelock`; released by the OS even if a builder dies) makes concurrent first uses build
+once. A build that loaded is stamped with its library's size and hash and later loads
+directly, without ninja or a compiler, and without writing or locking anything (a cache on
+a read-only mount works). A broken cache is repaired under the lock, with a message on
+stderr: a library that is not the one built (truncated: loading it would kill the process)
+or does not load is linked again; an unfinished build (a killed compiler) is completed; if
+building over such leftovers fails, the directory is emptied and everything compiles once
+more.
+
+The cache holds code this process runs, so, as ssh does with its keys, a cache directory,
+library or stamp that another user owns (root excepted) or that group or others can write
+is refused, and what a build writes is not writable by group or others, whatever the umask.
+ninja is looked for on PATH, then beside this Python (a virtual environment run by path,
+not activated) and in the `ninja` package.
 
     python -m bnlstm_cuda.build          # compile ahead of time, print where
     python -m bnlstm_cuda.build --cuda   # the CUDA-enabled extension (no GPU needed to build)
@@ -35,11 +43,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import fcntl
 import hashlib
 import os
 import shutil
+import stat
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import List, Optional
@@ -170,9 +179,50 @@ def missing_tools() -> Optional[str]:
     compiler = os.environ.get("CXX", "c++")
     if shutil.which(compiler) is None:
         return f"no C++ compiler: `{compiler}` is not on PATH (install g++ or clang, or set CXX)"
-    if not is_ninja_available():
-        return "ninja is not installed (pip install ninja)"
+    with _ninja_on_path():
+        if not is_ninja_available():
+            return "ninja is not installed (pip install ninja)"
     return None
+
+
+def ninja_directory() -> Optional[Path]:
+    """The directory of the ninja a build runs: the one on PATH, else the one beside this
+    Python (a virtual environment's bin/ or Scripts/, which is not on PATH when the
+    environment runs without being activated: IDEs, cron, systemd, containers), else the
+    `ninja` package's own binary; None where there is none."""
+    found = shutil.which("ninja")
+    if found:
+        return Path(found).parent
+    candidates = [Path(sys.executable).parent]
+    try:
+        import ninja
+
+        candidates.append(Path(ninja.BIN_DIR))
+    except (ImportError, AttributeError):
+        pass
+    for directory in candidates:
+        if shutil.which("ninja", path=str(directory)):
+            return directory
+    return None
+
+
+@contextlib.contextmanager
+def _ninja_on_path():
+    """ninja_directory() first on PATH for the duration: torch.utils.cpp_extension runs
+    `ninja` from PATH."""
+    directory = None if shutil.which("ninja") else ninja_directory()
+    if directory is None:
+        yield
+        return
+    previous = os.environ.get("PATH")
+    os.environ["PATH"] = os.pathsep.join([str(directory)] + ([previous] if previous else []))
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("PATH", None)
+        else:
+            os.environ["PATH"] = previous
 
 
 def _load_prebuilt() -> bool:
@@ -332,27 +382,41 @@ def _load_cached(cuda: bool, verbose: Optional[bool]) -> Path:
     else:
         build_dir = cache_dir() / f"cpu-{source_key(src)}"
         build, kind, library_file = _build_and_load, "CPU", LIBRARY_FILE
+    library = build_dir / library_file
+    stamp = build_dir / COMPLETE_STAMP
+    # A complete build loads without creating or locking anything (a cache on a read-only
+    # mount); only building or repairing needs the lock.
+    seen, fault = _read_stamp(stamp), None
+    if seen:
+        _refuse_unsafe([cache_dir(), build_dir, library, stamp])
+        # Checked before loading: dlopen of a truncated library kills the process (SIGBUS).
+        if _stamp_text(library) == seen:
+            try:
+                _load_library(library)
+                return build_dir
+            except OSError as error:
+                fault = f"does not load ({error})"
+    _refuse_unsafe([cache_dir(), build_dir])
     try:
-        build_dir.mkdir(parents=True, exist_ok=True)
-        lock = open(build_dir / LOCK_NAME, "a")
-    except OSError as error:
+        with _private_files():
+            build_dir.mkdir(parents=True, exist_ok=True)
+        held = _cache_lock(build_dir).acquire()  # a concurrent builder finishes first; we reuse its work
+    except (OSError, NotImplementedError) as error:
         raise ExtensionUnavailable(
             f"cannot use the build cache {build_dir}: {error}; set BNLSTM_CACHE_DIR to a writable directory"
         ) from error
-    with lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # a concurrent builder finishes first; we reuse its work
-        library = build_dir / library_file
-        stamp = build_dir / COMPLETE_STAMP
-        if stamp.is_file():
-            # Checked before loading: dlopen of a truncated library kills the process (SIGBUS).
-            if _stamp_text(library) == stamp.read_text():
+    with held, _private_files():
+        current = _read_stamp(stamp)
+        if current:
+            _refuse_unsafe([library, stamp])
+            if _stamp_text(library) != current:
+                fault = "is missing or damaged (it is not the file that was built)"
+            elif fault is None or current != seen:  # not the library that failed to load above
                 try:
                     _load_library(library)
                     return build_dir
                 except OSError as error:
                     fault = f"does not load ({error})"
-            else:
-                fault = "is missing or damaged (it is not the file that was built)"
             print(f"bnlstm_cuda: the cached library in {build_dir} {fault}; building it again",
                   file=sys.stderr, flush=True)
             stamp.unlink()
@@ -377,10 +441,78 @@ def _load_cached(cuda: bool, verbose: Optional[bool]) -> Path:
             # What an interrupted or corrupted build left may be the cause: start afresh.
             _discard(build_dir, f"building in it failed ({_first_line(error)})")
             build(build_dir, src, verbose, f"recompiling the {kind} extension into {{}} ({duration})")
+        _make_private(library)
         temporary = stamp.with_name(stamp.name + ".tmp")
         temporary.write_text(_stamp_text(library))
+        _make_private(temporary)
         os.replace(temporary, stamp)
     return build_dir
+
+
+def _cache_lock(build_dir: Path):
+    """The exclusive lock of a build directory: flock, or LockFileEx on Windows, which the
+    OS releases when the holder dies."""
+    import filelock
+
+    path = str(build_dir / LOCK_NAME)
+    try:
+        # A soft lock (filelock's fallback where the filesystem lacks flock) outlives a
+        # killed holder and would leave every later process waiting.
+        return filelock.FileLock(path, mode=0o644, fallback_to_soft=False)
+    except TypeError:  # a filelock without that option
+        return filelock.FileLock(path, mode=0o644)
+
+
+def _refuse_unsafe(paths: List[Path]) -> None:
+    """Refuse, as ssh does with its keys, a cache directory or file (those that exist) that
+    another user owns (root excepted) or that group or others can write: whoever can write
+    it chooses the code this process runs."""
+    if not hasattr(os, "geteuid"):  # no POSIX owners or modes (Windows)
+        return
+    user = os.geteuid()
+    for path in paths:
+        try:
+            info = path.stat()
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        if info.st_uid not in (user, 0):
+            raise ExtensionUnavailable(
+                f"refusing the build cache: {path} must be owned by this user (uid {user}) or root, "
+                f"not by uid {info.st_uid}; delete it or set BNLSTM_CACHE_DIR to a directory of your own")
+        if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+            raise ExtensionUnavailable(
+                f"refusing the build cache: {path} must not be writable by group or others, but its mode "
+                f"is {stat.S_IMODE(info.st_mode):04o}; run `chmod go-w {path}` or set BNLSTM_CACHE_DIR "
+                "to a directory of your own")
+
+
+# The umask belongs to the process: threads that build at once take turns changing it.
+_UMASK_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _private_files():
+    """Files and directories created meanwhile (by us, ninja or the compiler) are not
+    writable by group or others, whatever the umask."""
+    with _UMASK_LOCK:
+        previous = os.umask(0o022)
+        os.umask(previous | 0o022)
+        try:
+            yield
+        finally:
+            os.umask(previous)
+
+
+def _make_private(path: Path) -> None:
+    """Take group's and others' write permission from a file we wrote."""
+    mode = stat.S_IMODE(path.stat().st_mode)
+    if mode & (stat.S_IWGRP | stat.S_IWOTH):
+        path.chmod(mode & ~(stat.S_IWGRP | stat.S_IWOTH))
+
+
+def _read_stamp(stamp: Path) -> str:
+    """The complete stamp's text; empty where there is none."""
+    return stamp.read_text() if stamp.is_file() else ""
 
 
 def _stamp_text(library: Path) -> str:
@@ -406,16 +538,17 @@ def _build_and_load(build_dir: Path, src: Path, verbose: bool, what: str) -> Non
     getattr(versioner, "entries", {}).pop(EXTENSION_NAME, None)
     start = time.perf_counter()
     try:
-        cpp_extension.load(
-            name=EXTENSION_NAME,
-            sources=[str(src / name) for name in CPU_SOURCES],
-            extra_cflags=cpu_cflags(),
-            extra_ldflags=cpu_ldflags(),
-            extra_include_paths=[str(src)],
-            build_directory=str(build_dir),
-            is_python_module=False,
-            verbose=verbose,
-        )
+        with _ninja_on_path():
+            cpp_extension.load(
+                name=EXTENSION_NAME,
+                sources=[str(src / name) for name in CPU_SOURCES],
+                extra_cflags=cpu_cflags(),
+                extra_ldflags=cpu_ldflags(),
+                extra_include_paths=[str(src)],
+                build_directory=str(build_dir),
+                is_python_module=False,
+                verbose=verbose,
+            )
     except OSError as error:  # the build ran but its library does not load
         raise ExtensionUnavailable(
             f"the bnlstm_cuda C++ extension built in {build_dir} does not load: {error}"
@@ -444,7 +577,7 @@ def _build_and_load_cuda(build_dir: Path, src: Path, verbose: bool, what: str) -
     # Without a visible GPU torch cannot pick the architectures itself.
     os.environ["TORCH_CUDA_ARCH_LIST"] = cuda_arch_list()
     try:
-        with _output_to(log):
+        with _output_to(log), _ninja_on_path():
             cpp_extension.load(
                 name=CUDA_EXTENSION_NAME,
                 sources=[str(src / name) for name in CPU_SOURCES + CUDA_SOURCES],

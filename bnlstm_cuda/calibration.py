@@ -88,7 +88,7 @@ def calibrate_statistics(module, batches: Iterable, progress: bool = False) -> N
         num_batches += 1
         try:
             input, lengths = _split_batch(batch)
-            _, _, batch_stats = module._forward(input, None, lengths, batch_statistics=True, dropout=0.0)
+            _, _, batch_stats, _ = module._forward(input, None, lengths, batch_statistics=True, dropout=0.0)
         except (TypeError, ValueError) as error:
             # Which batch of a long iterable was bad; the message itself names the argument.
             raise type(error)(f"calibration batch {num_batches - 1}: {error}") from error

@@ -11,14 +11,13 @@ from __future__ import annotations
 from typing import Optional, Tuple
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from . import distributed, parameters, validation
-from .backends import BACKEND_NAMES, resolve_backend, running_stats_fold
-from .variants import get_variant
+from .module_base import BNLSTMBase
 
 
-class BNLSTMCell(nn.Module):
+class BNLSTMCell(BNLSTMBase):
     r"""One step of the batch-normalized LSTM (Cooijmans et al., 2017).
 
     Args: as :class:`BNLSTM` (input_size, hidden_size, bias, max_length, variant, momentum,
@@ -33,7 +32,8 @@ class BNLSTMCell(nn.Module):
         mask: [B] bool, the rows still active. Inactive rows do not enter the batch
             statistics and keep their state, as padded steps do in the layer.
 
-    Outputs: ``(h_1, c_1)``, each [B, H] ([H] unbatched).
+    Outputs: ``(h_1, c_1)``, each [B, H] ([H] unbatched). A batch of no rows (B = 0) gives
+    empty outputs and leaves the running statistics alone.
 
     State dict: the layer's names without the layer suffix: ``weight_ih`` [4H, I],
     ``weight_hh`` [4H, H], ``bias`` [4H], ``gamma_ih``, ``gamma_hh`` [4H], ``gamma_c``,
@@ -59,38 +59,18 @@ class BNLSTMCell(nn.Module):
         dtype=None,
     ) -> None:
         super().__init__()
-        options = validation.check_layer_options(input_size, hidden_size, max_length, variant, momentum, eps,
-                                                 gamma_init, backend, BACKEND_NAMES)
-        for name, value in options.items():
-            setattr(self, name, value)
-        distributed.configure(self, sync_statistics, process_group)
+        self._set_options(input_size, hidden_size, max_length, variant, momentum, eps, gamma_init, backend,
+                          sync_statistics, process_group)
         # `bias` names the parameter (the layer's state_dict name without suffix), so the flag
         # lives under another name.
-        self.has_bias = bool(bias)
+        self.has_bias = validation.check_bool("bias", bias)
         parameters.register(self, "", self.input_size, self.hidden_size, self._variant, self.max_length,
                             self.has_bias, {"device": device, "dtype": dtype})
         self.reset_parameters()
 
-    @property
-    def _variant(self):
-        return get_variant(self.variant)
-
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
-                              unexpected_keys, error_msgs):
-        # As BNLSTM: name the constructor argument that differs.
-        own = {**dict(self.named_parameters(recurse=False)), **dict(self.named_buffers(recurse=False))}
-        error_msgs.extend(validation.state_dict_mismatches(state_dict, prefix, own, self.max_length))
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
-                                      unexpected_keys, error_msgs)
-
     def reset_parameters(self) -> None:
         """As BNLSTM.reset_parameters."""
         parameters.initialise(self, "", self.hidden_size, self._variant, self.gamma_init)
-
-    def _apply(self, fn, *args, **kwargs):
-        super()._apply(fn, *args, **kwargs)
-        parameters.keep_statistics_float32(self)
-        return self
 
     def extra_repr(self) -> str:
         return (
@@ -121,7 +101,7 @@ class BNLSTMCell(nn.Module):
         if not isinstance(input, Tensor):
             raise TypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
         if input.dim() not in (1, 2):
-            raise ValueError(
+            raise validation.ShapeError(
                 f"input must be 2-D [B, {self.input_size}] or 1-D unbatched [{self.input_size}], "
                 f"got {input.dim()}-D shape {tuple(input.shape)}"
             )
@@ -132,29 +112,31 @@ class BNLSTMCell(nn.Module):
         batch = x.shape[1]
         group = distributed.statistics_group(self, self.training)
         if group is None:
-            validation.check_training_batch(batch, self.training)
+            validation.check_training_batch(batch, self.training, self._variant)
+        else:
+            validation.check_synchronized_batch(batch)
         lengths = self._mask_to_lengths(mask, batch, unbatched, x.device)
         if hx is None:
             h0 = c0 = torch.zeros(batch, self.hidden_size, dtype=x.dtype, device=x.device)
         else:
-            shape = (self.hidden_size,) if unbatched else (batch, self.hidden_size)
-            h0, c0 = validation.check_hx(hx, shape, input)
-            h0, c0 = h0.reshape(batch, -1), c0.reshape(batch, -1)
+            if unbatched:
+                shape, layout = (self.hidden_size,), "(hidden_size,) for unbatched input"
+            else:
+                shape, layout = (batch, self.hidden_size), "(batch, hidden_size)"
+            h0, c0 = validation.check_hx(hx, shape, input, layout)
+            h0, c0 = h0.reshape(batch, self.hidden_size), c0.reshape(batch, self.hidden_size)
+        if batch == 0:
+            # No row, no statistics: the backends need not run, and nothing is folded.
+            anchor = parameters.graph_anchor(self, x, h0, c0)
+            return h0 + anchor, c0 + anchor
 
-        if group is None:
-            layer_fn = resolve_backend(self.backend, x.device, dtype=x.dtype, batch=batch,
-                                       hidden_size=self.hidden_size)
-        else:
-            layer_fn = distributed.sync_layer_function(group)
-        running = parameters.running_stats(self, "", self._variant)
-        result = layer_fn(
-            x, h0, c0, parameters.layer_params(self, ""), running, variant=self._variant,
-            training=self.training, eps=self.eps, lengths=lengths, start_step=step,
+        backend = self._pass_backend(x, group)
+        result = backend.layer(
+            x, h0, c0, parameters.layer_params(self, ""), parameters.running_stats(self, "", self._variant),
+            variant=self._variant, training=self.training, eps=self.eps, lengths=lengths, start_step=step,
         )
         if self.training:
-            fold = running_stats_fold(self.backend, weight.device, synchronized=group is not None)
-            for part, stats in result.batch_stats.items():
-                fold(*running[part], stats, self.momentum, step)
+            self._fold(backend, "", result.batch_stats, step)
         h_1, c_1 = result.h_n, result.c_n
         return (h_1[0], c_1[0]) if unbatched else (h_1, c_1)
 

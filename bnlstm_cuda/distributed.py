@@ -25,12 +25,15 @@ uninitialized torch.distributed communicate nothing and run the module's own bac
 """
 from __future__ import annotations
 
+from dataclasses import replace
+from functools import partial
 from typing import Optional
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from .backends import REFERENCE, Backend
 from .statistics import BatchStats
 
 # Backends whose layer function can be swapped for the reference with a statistics reduction.
@@ -170,40 +173,8 @@ def pad_to_global_length(x: Tensor, lengths: Optional[Tensor], group):
     return x, lengths
 
 
-def sync_layer_function(group):
-    """The reference layer with batch statistics over `group`'s global batch."""
-    from functools import partial
-
-    from .reference import bnlstm_layer_reference
-
-    return partial(bnlstm_layer_reference, batch_stats_fn=GlobalBatchStats(group))
-
-
-def convert_sync_statistics(module: nn.Module, process_group=None) -> nn.Module:
-    """Turn on synchronized statistics in every BNLSTM and BNLSTMCell inside `module`
-    (`module` itself included), in place, and return `module`.
-
-    The counterpart of torch.nn.SyncBatchNorm.convert_sync_batchnorm: training-mode batch
-    statistics become those of the global batch over `process_group` (None: the default
-    group, looked up at each forward pass). Parameters, buffers and state_dict keys are
-    unchanged, so an optimizer built before the conversion and checkpoints of either kind
-    still fit. Every converted module must have backend "auto" or "reference".
-    Call it before wrapping the model in DistributedDataParallel.
-    """
-    from .cell import BNLSTMCell
-    from .module import BNLSTM
-
-    if not isinstance(module, nn.Module):
-        raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
-    check_process_group(process_group)
-    targets = [m for m in module.modules() if isinstance(m, (BNLSTM, BNLSTMCell))]
-    # Check every target before changing any, so a refusal leaves the model as it was.
-    for target in targets:
-        if target.backend not in SYNC_BACKENDS:
-            raise ValueError(
-                f"cannot synchronize statistics of {type(target).__name__} with backend={target.backend!r}; "
-                f"use one of {list(SYNC_BACKENDS)} (synchronized training steps run the reference layer)"
-            )
-    for target in targets:
-        configure(target, True, process_group)
-    return module
+def synchronized_backend(group) -> Backend:
+    """The reference layer with batch statistics over `group`'s global batch, folding as the
+    reference does on every process alike (a process whose evaluation ran the compiled
+    operators must not fold an ulp differently from the others)."""
+    return replace(REFERENCE, layer=partial(REFERENCE.layer, batch_stats_fn=GlobalBatchStats(group)))

@@ -3,7 +3,7 @@
 Each row says which fused GPU backend the benchmark measured fastest for a training step on
 one GPU model, dtype and shape. Rows come from benchmark results:
 
-    python -m benchmarks.run --sweep gpu            # on the GPU, writes results/<gpu>_gpu.json
+    python -m benchmarks.run --sweep gpu --update-committed   # on the GPU: benchmarks/results/<gpu>_gpu.json
     python -m benchmarks.choice_table benchmarks/results/<gpu>_gpu.json   # prints rows for MEASURED
 
 "auto" takes the row of the same GPU model and dtype nearest in (log batch, log hidden size).

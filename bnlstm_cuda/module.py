@@ -1,25 +1,25 @@
 """`BNLSTM`: a batch-normalized LSTM that drops in where `torch.nn.LSTM` stood."""
 from __future__ import annotations
 
+import numbers
 import warnings
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
-from . import distributed, validation
-from .backends import BACKEND_NAMES, resolve_backend, running_stats_fold
-from . import parameters
+from . import distributed, parameters, validation
+from .backends import Backend
+from .module_base import BNLSTMBase
 from .statistics import BatchStats
-from .variants import get_variant
 
 # layer-direction suffix, e.g. "_l1_reverse" -> part -> batch statistics of that pass
 ForwardStats = Dict[str, Dict[str, BatchStats]]
 
 
-class BNLSTM(nn.Module):
+class BNLSTM(BNLSTMBase):
     r"""Batch-normalized LSTM (Cooijmans et al., 2017), shaped like :class:`torch.nn.LSTM`.
 
     .. math::
@@ -31,8 +31,9 @@ class BNLSTM(nn.Module):
     running statistics of slot ``min(t, max_length - 1)`` in evaluation.
 
     Args:
-        input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional:
-            as :class:`torch.nn.LSTM` (``proj_size`` is not supported).
+        input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional,
+            proj_size: as :class:`torch.nn.LSTM`, positionally too (``proj_size`` must be 0:
+            projections are not supported). The others are keyword-only.
         max_length: number of per-step statistics slots; later steps use the last one.
         variant: ``"cooijmans"`` (input, recurrent and cell normalization),
             ``"laurent_step"`` / ``"laurent_sequence"`` (input projection only, statistics
@@ -40,7 +41,8 @@ class BNLSTM(nn.Module):
         momentum: running statistics update ``running = (1 - m) running + m batch``.
         eps: added to the variance before the square root.
         gamma_init: initial value of every gamma (the paper's 0.1).
-        backend: ``"auto"`` or ``"reference"`` (the plain PyTorch loop).
+        backend: ``"auto"`` (the fused backend for the input's device), ``"reference"``
+            (the plain PyTorch loop), ``"cpu"``, ``"cuda"`` or ``"triton"``.
         sync_statistics: in training, normalize with the batch statistics of the global
             batch over ``process_group`` (torch.distributed), the SyncBatchNorm of this
             layer; needs backend "auto" or "reference". See bnlstm_cuda.distributed.
@@ -58,7 +60,8 @@ class BNLSTM(nn.Module):
             min(start_step + t, max_length - 1). Unidirectional layers only.
 
     Outputs: ``output, (h_n, c_n)`` shaped as :class:`torch.nn.LSTM`'s; h_n and c_n hold
-    each sequence's state at its last valid step.
+    each sequence's state at its last valid step. A batch of no sequences (B = 0) gives
+    empty outputs and leaves the running statistics alone.
 
     State dict, for layer k and direction suffix "" or "_reverse":
     ``weight_ih_l{k}`` [4H, I_k], ``weight_hh_l{k}`` [4H, H], ``bias_l{k}`` [4H],
@@ -66,6 +69,13 @@ class BNLSTM(nn.Module):
     buffers ``running_mean_{ih,hh,c}_l{k}`` and ``running_var_{ih,hh,c}_l{k}`` of shape
     [max_length, 4H] (ih, hh; [1, 4H] for laurent_sequence's ih) or [max_length, H] (c).
     Gate order i, f, g, o. Parts a variant does not normalize have no entries.
+    ``all_weights`` lists each layer-direction's parameters in that order, as nn.LSTM's does.
+
+    A :class:`torch.nn.LSTM` state_dict loads directly (``load_state_dict``, strict or not):
+    ``bias_ih_l{k}`` + ``bias_hh_l{k}`` sum into ``bias_l{k}``, and the BN parameters and
+    running statistics, which it lacks, keep their current values without counting as
+    missing keys. A checkpoint counts as nn.LSTM's when it holds this module's weights, none
+    of BNLSTM's other names, and (with bias) the nn.LSTM bias pairs.
     """
 
     def __init__(
@@ -77,6 +87,7 @@ class BNLSTM(nn.Module):
         batch_first: bool = False,
         dropout: float = 0.0,
         bidirectional: bool = False,
+        proj_size: int = 0,
         *,
         max_length: int = 100,
         variant: str = "cooijmans",
@@ -90,16 +101,16 @@ class BNLSTM(nn.Module):
         dtype=None,
     ) -> None:
         super().__init__()
-        options = validation.check_layer_options(input_size, hidden_size, max_length, variant, momentum, eps,
-                                                 gamma_init, backend, BACKEND_NAMES)
-        for name, value in options.items():
-            setattr(self, name, value)
-        distributed.configure(self, sync_statistics, process_group)
+        self._set_options(input_size, hidden_size, max_length, variant, momentum, eps, gamma_init, backend,
+                          sync_statistics, process_group)
         self.num_layers = validation.check_positive_int("num_layers", num_layers)
         self.dropout = validation.check_float("dropout", dropout, 0.0, 1.0)
-        self.bias = bool(bias)
-        self.batch_first = bool(batch_first)
-        self.bidirectional = bool(bidirectional)
+        self.bias = validation.check_bool("bias", bias)
+        self.batch_first = validation.check_bool("batch_first", batch_first)
+        self.bidirectional = validation.check_bool("bidirectional", bidirectional)
+        if isinstance(proj_size, bool) or not isinstance(proj_size, numbers.Integral) or proj_size != 0:
+            raise ValueError(f"proj_size must be 0 (projections are not supported), got {proj_size!r}")
+        self.proj_size = 0  # read by code written for nn.LSTM
         if self.dropout > 0 and self.num_layers == 1:
             warnings.warn(
                 "dropout acts between layers, so it has no effect with num_layers=1 "
@@ -113,10 +124,6 @@ class BNLSTM(nn.Module):
         self.reset_parameters()
 
     # Construction helpers ---------------------------------------------------------------
-
-    @property
-    def _variant(self):
-        return get_variant(self.variant)
 
     @property
     def num_directions(self) -> int:
@@ -142,13 +149,15 @@ class BNLSTM(nn.Module):
         for suffix, _ in self._layer_directions():
             parameters.initialise(self, suffix, self.hidden_size, self._variant, self.gamma_init)
 
-    def _apply(self, fn, *args, **kwargs):
-        super()._apply(fn, *args, **kwargs)
-        parameters.keep_statistics_float32(self)
-        return self
-
     def flatten_parameters(self) -> None:
         """No-op, for code written for torch.nn.LSTM: the weights need no flat buffer."""
+
+    @property
+    def all_weights(self) -> List[List[nn.Parameter]]:
+        """The parameters of each layer-direction (hx order), in state_dict order, as
+        torch.nn.LSTM.all_weights lists them."""
+        return [[getattr(self, name) for name in parameters.parameter_names(self, suffix)]
+                for suffix, _ in self._layer_directions()]
 
     def extra_repr(self) -> str:
         text = f"{self.input_size}, {self.hidden_size}"
@@ -171,7 +180,7 @@ class BNLSTM(nn.Module):
 
     def forward(self, input, hx: Optional[Tuple[Tensor, Tensor]] = None, lengths=None, start_step: int = 0):
         group = distributed.statistics_group(self, self.training)
-        output, state, batch_stats = self._forward(
+        output, state, batch_stats, backend = self._forward(
             input, hx, lengths,
             batch_statistics=self.training,
             dropout=self.dropout if self.training else 0.0,
@@ -179,27 +188,66 @@ class BNLSTM(nn.Module):
             group=group,
         )
         if self.training:
-            self._update_running_stats(batch_stats, start_step, synchronized=group is not None)
+            for suffix, parts in batch_stats.items():
+                self._fold(backend, suffix, parts, start_step)
         return output, state
+
+    # Checkpoints --------------------------------------------------------------------------
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
-        # Name the constructor argument that differs before torch lists every mismatched tensor.
-        own = {**dict(self.named_parameters(recurse=False)), **dict(self.named_buffers(recurse=False))}
-        error_msgs.extend(validation.state_dict_mismatches(state_dict, prefix, own, self.max_length))
+        # A torch.nn.LSTM checkpoint loads as it is: its bias pairs become bias, and the BN
+        # entries it cannot hold keep their values instead of counting as missing.
+        if any(key.startswith(prefix + "weight_hr_l") for key in state_dict):
+            error_msgs.append(
+                "the checkpoint is of a torch.nn.LSTM with proj_size > 0 (it holds weight_hr_l*), "
+                "but BNLSTM supports proj_size=0 only: projections are not supported (its weight_hh_l* "
+                "have proj_size columns, not hidden_size)"
+            )
+        from_lstm = self._convert_lstm_checkpoint(state_dict, prefix)
+        first_new = len(missing_keys)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
+        if from_lstm:
+            normalization = self._normalization_keys(prefix)
+            missing_keys[first_new:] = [key for key in missing_keys[first_new:] if key not in normalization]
+
+    def _normalization_keys(self, prefix: str) -> set:
+        """state_dict keys of every gamma, beta and running statistic: what nn.LSTM lacks."""
+        return {
+            prefix + attribute
+            for suffix, _ in self._layer_directions()
+            for name, attribute in parameters.state_names(self, suffix, self._variant).items()
+            if name not in ("weight_ih", "weight_hh", "bias")
+        }
+
+    def _convert_lstm_checkpoint(self, state_dict, prefix: str) -> bool:
+        """Replace each nn.LSTM pair bias_ih_l{k}{sfx}, bias_hh_l{k}{sfx} (both present, same
+        shape, and no bias_l{k}{sfx}) by their sum bias_l{k}{sfx}, in state_dict. True when
+        the checkpoint is recognizably nn.LSTM's: it holds this module's weights, none of
+        BNLSTM's own other names, and (where this module has biases) nn.LSTM's bias pairs."""
+        layer_directions = [suffix for suffix, _ in self._layer_directions()]
+        own_only = self._normalization_keys(prefix) | {prefix + "bias" + suffix for suffix in layer_directions}
+        has_own_only = any(key in state_dict for key in own_only)
+        has_weights = any(prefix + f"weight_{kind}{suffix}" in state_dict
+                          for suffix in layer_directions for kind in ("ih", "hh"))
+        converted = 0
+        for suffix in layer_directions:
+            if not self.bias or prefix + "bias" + suffix in state_dict:
+                continue
+            pair = prefix + "bias_ih" + suffix, prefix + "bias_hh" + suffix
+            values = [state_dict.get(key) for key in pair]
+            # A lone or odd-shaped bias is left as it is: torch reports it as unexpected.
+            if not all(isinstance(value, Tensor) for value in values) or values[0].shape != values[1].shape:
+                continue
+            for key in pair:
+                del state_dict[key]
+            state_dict[prefix + "bias" + suffix] = values[0] + values[1]
+            converted += 1
+        return has_weights and not has_own_only and (converted > 0 or not self.bias)
 
     def _running_stats(self, suffix: str):
         return parameters.running_stats(self, suffix, self._variant)
-
-    def _update_running_stats(self, batch_stats: ForwardStats, start_step: int = 0, *,
-                              synchronized: bool = False) -> None:
-        fold = running_stats_fold(self.backend, self.weight_ih_l0.device, synchronized=synchronized)
-        for suffix, parts in batch_stats.items():
-            running = self._running_stats(suffix)
-            for part, stats in parts.items():
-                fold(*running[part], stats, self.momentum, start_step)
 
     def _forward(self, input, hx, lengths, *, batch_statistics: bool, dropout: float, start_step: int = 0,
                  group=None):
@@ -207,7 +255,8 @@ class BNLSTM(nn.Module):
 
         group: a process group for synchronized batch statistics (distributed.statistics_group),
         or None for statistics of this batch.
-        Returns (output, (h_n, c_n), batch statistics of every layer-direction).
+        Returns (output, (h_n, c_n), batch statistics of every layer-direction, the Backend
+        that ran); for an empty batch, no statistics and no Backend (None).
         """
         validation.check_positive_int("start_step", start_step, minimum=0)
         if start_step and self.bidirectional:
@@ -224,7 +273,7 @@ class BNLSTM(nn.Module):
             x, lengths = pad_packed_sequence(input)  # [T, B, I] in the caller's batch order
             validation.check_input(x, self.input_size, weight.dtype, weight.device)
         else:
-            validation.check_input(input, self.input_size, weight.dtype, weight.device)
+            validation.check_input(input, self.input_size, weight.dtype, weight.device, self.batch_first)
             if input.dim() == 2:
                 x = input.unsqueeze(1)
             else:
@@ -234,7 +283,9 @@ class BNLSTM(nn.Module):
         if group is None:
             # (Synchronized statistics need only the global batch to hold 2 sequences, and it
             # does: every process holds at least one.)
-            validation.check_training_batch(batch, batch_statistics)
+            validation.check_training_batch(batch, batch_statistics, self._variant)
+        else:
+            validation.check_synchronized_batch(batch)
         lengths = validation.check_lengths(lengths, batch, num_steps, x.device)
         if group is not None:
             # Each step all-reduces, so every process runs the longest sequence of the group.
@@ -245,13 +296,25 @@ class BNLSTM(nn.Module):
             zeros = torch.zeros(num_states, batch, self.hidden_size, dtype=x.dtype, device=x.device)
             h0, c0 = zeros, zeros
         else:
-            shape = (num_states, self.hidden_size) if unbatched else (num_states, batch, self.hidden_size)
-            h0, c0 = validation.check_hx(hx, shape, x)
+            if unbatched:
+                shape = (num_states, self.hidden_size)
+                layout = "(num_layers * num_directions, hidden_size) for unbatched input"
+            else:
+                shape = (num_states, batch, self.hidden_size)
+                layout = "(num_layers * num_directions, batch, hidden_size)"
+            h0, c0 = validation.check_hx(hx, shape, x, layout)
             if unbatched:
                 h0, c0 = h0.unsqueeze(1), c0.unsqueeze(1)
 
-        output, h_n, c_n, batch_stats = self._run_layers(x, h0, c0, lengths, batch_statistics, dropout, start_step,
-                                                         group)
+        if batch == 0:
+            # No sequence, no statistics: the backends need not run, and nothing is folded.
+            anchor = parameters.graph_anchor(self, x, h0, c0)
+            output = x.new_zeros(num_steps, 0, self.num_directions * self.hidden_size) + anchor
+            h_n, c_n, batch_stats, backend = h0 + anchor, c0 + anchor, {}, None
+        else:
+            backend = self._pass_backend(x, group)
+            output, h_n, c_n, batch_stats = self._run_layers(backend, x, h0, c0, lengths, batch_statistics,
+                                                             dropout, start_step)
         if group is not None:
             output = output[:num_steps]  # [T, B, H]: drop the steps added for other processes
 
@@ -261,16 +324,12 @@ class BNLSTM(nn.Module):
             output, h_n, c_n = output.squeeze(1), h_n.squeeze(1), c_n.squeeze(1)
         elif self.batch_first:
             output = output.transpose(0, 1)
-        return output, (h_n, c_n), batch_stats
+        return output, (h_n, c_n), batch_stats, backend
 
-    def _run_layers(self, x, h0, c0, lengths, batch_statistics: bool, dropout: float, start_step: int,
-                    group=None):
+    def _run_layers(self, backend: Backend, x, h0, c0, lengths, batch_statistics: bool, dropout: float,
+                    start_step: int):
         """x: [T, B, I]; h0, c0: [num_layers * num_directions, B, H]."""
-        if group is None:
-            layer_fn = resolve_backend(self.backend, x.device, dtype=x.dtype, batch=x.shape[1],
-                                       hidden_size=self.hidden_size)
-        else:
-            layer_fn = distributed.sync_layer_function(group)
+        layer_fn = backend.layer
         h_n, c_n, outputs = [], [], []
         batch_stats: ForwardStats = {}
         for index, (suffix, _) in enumerate(self._layer_directions()):

@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .reference import (LayerParams, LayerResult, RunningStats, active_mask, compute_dtype, needs_backward,
+from .layer_api import (LayerParams, LayerResult, RunningStats, active_mask, compute_dtype, needs_backward,
                         step_batch_stats)
 from .statistics import BatchStats
 from .variants import Variant
@@ -194,12 +194,11 @@ def _layer_backward_formula(ctx, grad_output, grad_h_n, grad_c_n, *_grad_statist
 class _LayerFunction(torch.autograd.Function):
     """Eager autograd for `bnlstm::layer_forward`: the formula registered with torch.library
     above (setup context and backward are the same functions), without its wrapper's
-    per-call cost: that wrapper re-fills the schema's defaults on every call, about 130 us
-    for this 25-argument schema (torch 2.13, 2-core Xeon), 1% of a T=100, B=32, H=128
-    training step. Its forward calls the operator below the Autograd key: with grad mode off
-    the registered autograd kernel would only pass the call on, after the same re-filling
-    (about 60 us a call here, from inspect.signature). torch.compile traces the operator
-    itself."""
+    per-call cost: that wrapper re-fills the schema's defaults on every call
+    (inspect.signature), tens of microseconds for this many arguments (docs/CPU.md). Its
+    forward calls the operator below the Autograd key: with grad mode off the registered
+    autograd kernel would only pass the call on, after the same re-filling. torch.compile
+    traces the operator itself."""
 
     @staticmethod
     def forward(*args):
@@ -249,9 +248,9 @@ def bnlstm_layer_fused(
         if keep_reserve:
             layer = _LayerFunction.apply
         else:
-            # Nothing here needs a gradient: call the kernel below the Autograd key, skipping
-            # the Python autograd kernel torch.library registered for it (it would only
-            # redispatch; about 55 us a call, 125 -> 71 us for a T=1, B=2, H=8 call here).
+            # Nothing needs a gradient: call the kernel below the Autograd key, skipping the
+            # Python autograd kernel torch.library registered for it, which would only
+            # redispatch after re-filling the schema's defaults.
             dispatch = torch._C._AutoDispatchBelowAutograd()
     with dispatch:
         (output, h_n, c_n, mean_ih, var_ih, mean_hh, var_hh, mean_c, var_c, _projection, _reserve) = layer(

@@ -7,12 +7,12 @@ them through these functions, so the two modules cannot drift apart.
 from __future__ import annotations
 
 import math
-from typing import Dict
+from typing import Dict, List
 
 import torch
 from torch import nn
 
-from .reference import LayerParams, RunningStats
+from .layer_api import LayerParams, RunningStats
 from .variants import Variant, feature_size
 
 PARAMETER_FIELDS = LayerParams._fields  # weight_ih, weight_hh, bias, gamma_ih, ...
@@ -90,6 +90,20 @@ def state_names(module: nn.Module, suffix: str, variant: Variant) -> Dict[str, s
     for part in variant.parts:
         names += [f"running_mean_{part}", f"running_var_{part}"]
     return {name: name + suffix for name in names}
+
+
+def parameter_names(module: nn.Module, suffix: str) -> List[str]:
+    """Attribute names of one layer-direction's parameters, in registration (state_dict) order."""
+    fields = {field + suffix for field in PARAMETER_FIELDS}
+    return [name for name, _ in module.named_parameters(recurse=False) if name in fields]
+
+
+def graph_anchor(module: nn.Module, *tensors: torch.Tensor) -> torch.Tensor:
+    """A zero scalar that autograd connects to every parameter of `module` and to `tensors`:
+    added to empty results (a batch of no sequences), it lets backward() run and give each
+    of them a zero gradient, as torch.nn.LSTM does."""
+    anchor = sum(tensor.sum() for tensor in (*tensors, *module.parameters()))
+    return anchor * 0
 
 
 def keep_statistics_float32(module: nn.Module) -> None:

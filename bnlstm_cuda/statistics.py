@@ -1,6 +1,6 @@
 """Batch statistics over active sequences, and the running statistics they update.
 
-Conventions (../shared/PAPER.md, as torch.nn.BatchNorm): batch statistics use the biased
+Conventions (docs/SEMANTICS.md, as torch.nn.BatchNorm): batch statistics use the biased
 variance; running statistics are updated with the unbiased one,
 `running = (1 - momentum) * running + momentum * batch`; time step t uses statistics slot
 `min(start_step + t, num_slots - 1)`; a step with fewer than 2 active sequences does not update

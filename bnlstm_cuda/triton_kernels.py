@@ -1,4 +1,4 @@
-"""Triton kernels of the BN-LSTM layer (../shared/PAPER.md); host code in triton_layer.py.
+"""Triton kernels of the BN-LSTM layer (docs/SEMANTICS.md); host code in triton_layer.py.
 
 Three kernels, each the fused form of one part of the reference (reference.py):
 
@@ -229,7 +229,7 @@ def bnlstm_fwd_step_kernel(
     TILES: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr, H_OPERAND: tl.constexpr,
 ):
-    """One forward step (PAPER.md):
+    """One forward step (docs/SEMANTICS.md):
 
         gates = xin + BN(W_hh h_{t-1}; gamma_hh, 0);  i, f, g, o = split(gates)
         c_t = sigmoid(f) c_{t-1} + sigmoid(i) tanh(g);  h_t = sigmoid(o) tanh(BN(c_t; gamma_c, beta_c))

@@ -27,7 +27,7 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from .reference import (LayerParams, LayerResult, RunningStats, active_mask, compute_dtype, needs_backward,
+from .layer_api import (LayerParams, LayerResult, RunningStats, active_mask, compute_dtype, needs_backward,
                         reverse_padded, step_batch_stats)
 from .variants import Variant
 
@@ -171,10 +171,10 @@ def _fused_grad_h(x: Tensor) -> bool:
     with tl.dot (K = 4H, TF32 on a GPU) before its other loops, rather than torch between
     launches: for float16/bfloat16 inputs (under the interpreter too, which multiplies in
     float32), unless the environment variable BNLSTM_TRITON_GRAD_H is "torch" when the forward
-    pass runs (for the benchmark to compare the two; docs/TRITON.md). Compiled for sm_90 at
-    B = 64, H = 1024, that kernel spills 56 bytes a thread with a bfloat16 W_hh; with a float32
-    one it spilled 296 (TF32) or 316 (IEEE, FMA tiles), so float32 and float64 inputs keep
-    torch's GEMM (cuBLAS, allow_tf32 as torch's)."""
+    pass runs (for the benchmark to compare the two; docs/TRITON.md). With a float32 W_hh the
+    product's tiles make the kernel spill several times more than with a half-precision one
+    (benchmarks/results/triton_resource_usage.txt, docs/TRITON.md), so float32 and float64
+    inputs keep torch's GEMM (cuBLAS, allow_tf32 as torch's)."""
     choice = os.environ.get(GRAD_H_CHOICE, "kernel")
     if choice not in ("kernel", "torch"):
         raise ValueError(f'{GRAD_H_CHOICE} must be "kernel" or "torch", got {choice!r}')
@@ -186,8 +186,7 @@ def _tf32_matmul(a: Tensor, b: Tensor) -> Tensor:
     whatever allow_tf32 says (the interpreter multiplies in float32): the backward pass's
     products over all steps for float16/bfloat16 inputs, whose weights and inputs TF32 holds
     exactly and whose float32 gradients it rounds to 10 mantissa bits, more than the 7 of
-    bfloat16 that cuDNN uses. In IEEE float32 these products cost 8 ms each at T = 784,
-    B = 64, H = 1024 on an H100 (421 GFLOP at about 50 TFLOPS; estimate)."""
+    bfloat16 that cuDNN uses, at several times IEEE float32's rate on tensor cores."""
     (rows, inner), columns = a.shape, b.shape[1]
     c = torch.empty(rows, columns, dtype=torch.float32, device=a.device)
     if c.numel() == 0 or inner == 0:
@@ -241,10 +240,9 @@ class _StepLauncher:
     looks the kernel up in its cache (compiling it the first time) and returns it; the later
     launches call that compiled kernel directly (`CompiledKernel[grid](*arguments)`, as the
     JIT launches it: every argument in signature order from Triton 3.3 on, the run-time ones
-    only before), with the tensors' addresses and the stream read once. The JIT's per-launch
-    work skipped is 13-20 us of host time for the step kernels on the development machine
-    (docs/TRITON.md, "Host time a step"). Under the interpreter every launch goes through the
-    JIT, which returns nothing to call."""
+    only before), with the tensors' addresses and the stream read once: the JIT's per-launch
+    work is several times a step kernel's GPU time (docs/TRITON.md, "Host time a step").
+    Under the interpreter every launch goes through the JIT, which returns nothing to call."""
 
     def __init__(self, kernel, grid, num_warps: int, **constexprs):
         # The constexprs, passed by name, must be the signature's last arguments: the compiled
@@ -381,8 +379,8 @@ class TritonLayerFunction(torch.autograd.Function):
         beta_c_c = beta_c.contiguous() if norm_cell else dummy_h
         slots_hh = kernel_hh[0].shape[0]
         slots_c = kernel_c[0].shape[0]
-        # The kernel indexes the [T, ...] tensors by step itself: views sliced here (output[t],
-        # ...) cost 1-3 us of host time each, a step (docs/TRITON.md, "Host time a step").
+        # The kernel indexes the [T, ...] tensors by step itself: a view sliced on the host
+        # at every step (output[t], ...) costs a dispatcher call each (docs/TRITON.md).
         # With statistics in the step a program takes every batch tile (TILES of them), else one.
         grid = (-(-hidden // tiles.block_h), tiles.tiles // constexprs["TILES"])
         launch = _StepLauncher(k.bnlstm_fwd_step_kernel, grid, STEP_NUM_WARPS, **constexprs)

@@ -1,7 +1,9 @@
 """Argument checks shared by every backend, run once at the public boundary.
 
 Each failure is a ValueError or TypeError whose message names the argument and says what
-was expected and what came, so no backend ever sees a malformed call.
+was expected and what came, so no backend ever sees a malformed call. Where torch.nn.LSTM
+raises another type for the same mistake, the error derives from both (ShapeError,
+DTypeError), so callers written for either catch it.
 """
 from __future__ import annotations
 
@@ -11,6 +13,16 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
+
+
+class ShapeError(ValueError, RuntimeError):
+    """A tensor of the wrong shape: a ValueError here, the RuntimeError torch.nn.LSTM and
+    torch.nn.LSTMCell raise for the same mistake."""
+
+
+class DTypeError(TypeError, ValueError):
+    """A tensor of the wrong dtype: a TypeError here, the ValueError torch.nn.LSTM raises
+    for the same mistake."""
 
 
 def check_positive_int(name: str, value, minimum: int = 1) -> int:
@@ -36,26 +48,34 @@ def check_float(name: str, value, low: float, high: float, low_open: bool = Fals
     return value
 
 
+def check_bool(name: str, value) -> bool:
+    """A flag must be a bool, as torch.nn.LSTM requires: bool("False") would be True."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} should be of type bool, got: {type(value).__name__} ({value!r})")
+    return value
+
+
 def check_input(
-    input, input_size: int, dtype: torch.dtype, device: torch.device
+    input, input_size: int, dtype: torch.dtype, device: torch.device, batch_first: bool = False
 ) -> None:
-    """input: [T, B, I] (or [B, T, I] batch-first), or [T, I] unbatched."""
+    """input: [T, B, I] (or [B, T, I] batch-first), or [T, I] unbatched. T must be >= 1;
+    B may be 0 (an empty batch, as torch.nn.LSTM allows)."""
     if not isinstance(input, Tensor):
         raise TypeError(
             f"input must be a torch.Tensor or a PackedSequence, got {type(input).__name__}"
         )
     if input.dim() not in (2, 3):
-        raise ValueError(
+        raise ShapeError(
             f"input must be 3-D [T, B, {input_size}] (batch-first [B, T, {input_size}]) or "
             f"2-D unbatched [T, {input_size}], got {input.dim()}-D shape {tuple(input.shape)}"
         )
     if input.shape[-1] != input_size:
-        raise ValueError(
+        raise ShapeError(
             f"input must have input_size={input_size} features in its last dimension, "
             f"got shape {tuple(input.shape)}"
         )
     if input.dtype != dtype:
-        raise TypeError(
+        raise DTypeError(
             f"input has dtype {input.dtype} but the module's parameters are {dtype}; "
             f"convert one of them (e.g. module.to({dtype}) or input.to({dtype}))"
         )
@@ -63,12 +83,17 @@ def check_input(
         raise ValueError(
             f"input is on {input.device} but the module's parameters are on {device}"
         )
-    if any(size == 0 for size in input.shape):
-        raise ValueError(f"input must not be empty, got shape {tuple(input.shape)}")
+    time_dim = 1 if batch_first and input.dim() == 3 else 0
+    if input.shape[time_dim] == 0:
+        raise ShapeError(
+            f"input must have at least one time step (dimension {time_dim}), got shape {tuple(input.shape)}"
+        )
 
 
-def check_hx(hx, expected_shape: Tuple[int, ...], input: Tensor) -> Tuple[Tensor, Tensor]:
-    """hx: (h_0, c_0), each of expected_shape, with the input's dtype and device."""
+def check_hx(hx, expected_shape: Tuple[int, ...], input: Tensor,
+             layout: str = "(num_layers * num_directions, batch, hidden_size)") -> Tuple[Tensor, Tensor]:
+    """hx: (h_0, c_0), each of expected_shape, with the input's dtype and device.
+    layout: what the dimensions of expected_shape are, for the message."""
     if not isinstance(hx, (tuple, list)) or len(hx) != 2:
         raise TypeError(
             f"hx must be a tuple (h_0, c_0) of two tensors of shape {expected_shape}, "
@@ -78,12 +103,11 @@ def check_hx(hx, expected_shape: Tuple[int, ...], input: Tensor) -> Tuple[Tensor
         if not isinstance(state, Tensor):
             raise TypeError(f"hx[{name}] must be a torch.Tensor, got {type(state).__name__}")
         if tuple(state.shape) != expected_shape:
-            raise ValueError(
-                f"hx[{name}] must have shape {expected_shape} "
-                f"(num_layers * num_directions, batch, hidden_size), got {tuple(state.shape)}"
+            raise ShapeError(
+                f"hx[{name}] must have shape {expected_shape} {layout}, got {tuple(state.shape)}"
             )
         if state.dtype != input.dtype:
-            raise TypeError(f"hx[{name}] must have dtype {input.dtype}, got {state.dtype}")
+            raise DTypeError(f"hx[{name}] must have dtype {input.dtype}, got {state.dtype}")
         if state.device != input.device:
             raise ValueError(f"hx[{name}] must be on {input.device}, got {state.device}")
     return hx[0], hx[1]
@@ -123,7 +147,8 @@ def check_lengths(
         )
     # Checking values reads them on the host: skipped while torch.compile traces (they are
     # data) and while a CUDA graph is being captured (no host synchronisation allowed).
-    if not torch.compiler.is_compiling() and not _capturing(lengths):
+    # An empty batch has no lengths to check (and min() of nothing fails).
+    if lengths.numel() and not torch.compiler.is_compiling() and not _capturing(lengths):
         _check_length_range([int(lengths.min()), int(lengths.max())], num_steps)
     return lengths.to(device=device, dtype=torch.int64)
 
@@ -140,12 +165,28 @@ def _check_length_range(values: List[int], num_steps: int) -> None:
         )
 
 
-def check_training_batch(batch: int, training: bool) -> None:
-    """Batch statistics of a single sequence are degenerate, as torch's BatchNorm says too."""
-    if training and batch < 2:
+def check_training_batch(batch: int, training: bool, variant) -> None:
+    """Batch statistics of a single sequence are degenerate, as torch's BatchNorm says too.
+    Only a variant (name or Variant) that normalizes something takes them: "none" trains on
+    any batch. An empty batch (0) takes none either and passes."""
+    from .variants import get_variant
+
+    variant = get_variant(variant)
+    if training and batch == 1 and variant.parts:
         raise ValueError(
             f"training needs a batch of at least 2 sequences to take batch statistics, got "
-            f"batch={batch}; call module.eval() for single-sequence inference"
+            f"batch={batch}; call module.eval() for single-sequence inference (variant={variant.name!r} "
+            "normalizes with batch statistics; variant='none' takes none)"
+        )
+
+
+def check_synchronized_batch(batch: int) -> None:
+    """A synchronized training step all-reduces with every other process, so each must run
+    it with at least one sequence (an empty batch would skip the exchange the others wait on)."""
+    if batch == 0:
+        raise ValueError(
+            "a training step with sync_statistics=True needs at least one sequence on every process "
+            "(the others wait for its statistics), got batch=0"
         )
 
 
@@ -168,11 +209,11 @@ def check_packed(packed, input_size: int) -> None:
     data, batch_sizes = packed.data, packed.batch_sizes
     if not isinstance(data, Tensor) or data.dim() != 2:
         shape = tuple(data.shape) if isinstance(data, Tensor) else type(data).__name__
-        raise ValueError(
+        raise ShapeError(
             f"PackedSequence data must be 2-D [sum of lengths, {input_size}], got {shape}"
         )
     if data.shape[1] != input_size:
-        raise ValueError(
+        raise ShapeError(
             f"PackedSequence data must have input_size={input_size} features, got shape "
             f"{tuple(data.shape)}"
         )

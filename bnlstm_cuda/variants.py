@@ -1,4 +1,4 @@
-"""Which parts of the LSTM a variant normalizes (see ../shared/PAPER.md).
+"""Which parts of the LSTM a variant normalizes (see docs/SEMANTICS.md).
 
 A variant is a small frozen record, so backends branch on its fields, never on its name.
 """

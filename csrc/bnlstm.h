@@ -1,4 +1,4 @@
-// Shared declarations of the BN-LSTM layer operators (../shared/PAPER.md).
+// Shared declarations of the BN-LSTM layer operators (docs/SEMANTICS.md).
 //
 // One operator pair runs one layer in one direction over a whole padded sequence:
 //   bnlstm::layer_forward   and   bnlstm::layer_backward

@@ -18,6 +18,7 @@
 #include <c10/core/impl/alloc_cpu.h>
 
 #include <cstdlib>
+#include <limits>
 #include <mutex>
 #include <vector>
 
@@ -74,10 +75,25 @@ class BufferPool {
 
   explicit BufferPool(size_t limit) : limit_(limit) {}
 
+  // Read at the pool's first use (the first CPU operator call that allocates, or the pool's
+  // statistics or release), where a bad value raises (a RuntimeError in Python); the pool is
+  // then not created, so every later use raises the same.
   static size_t limit_from_environment() {
     const char* value = std::getenv("BNLSTM_CPU_POOL_MB");
     if (value == nullptr || *value == '\0') return size_t(512) << 20;
-    return static_cast<size_t>(std::strtoull(value, nullptr, 10)) << 20;
+    // Digits only: strtoull would take "abc" as 0 and "-1" as the largest value.
+    constexpr size_t kMaxMegabytes = std::numeric_limits<size_t>::max() >> 20;
+    size_t megabytes = 0;
+    bool valid = true;
+    for (const char* digit = value; *digit != '\0' && valid; ++digit) {
+      valid = *digit >= '0' && *digit <= '9';
+      const size_t next = valid ? static_cast<size_t>(*digit - '0') : 0;
+      valid = valid && megabytes <= (kMaxMegabytes - next) / 10;
+      if (valid) megabytes = megabytes * 10 + next;
+    }
+    TORCH_CHECK(valid, "BNLSTM_CPU_POOL_MB must be a non-negative integer number of MB (at most ", kMaxMegabytes,
+                "; 0 turns the CPU buffer pool off), got \"", value, "\"");
+    return megabytes << 20;
   }
 
   // The smallest kept buffer of at least `bytes` (and at most twice that, so a small request

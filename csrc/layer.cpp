@@ -289,8 +289,8 @@ LayerBackwardResult layer_backward(
   const at::Tensor h_prev = output_ordered.narrow(0, 0, T - 1);
   // With many rows (T * B) on the CPU, each weight gradient is computed transposed (h^T dz
   // rather than dz^T h) and transposed back: with the long dimension as the reduction of a
-  // row-major A^T, MKL runs these products 10 to 20% faster here (2-core Xeon, T * B =
-  // 3200), which pays for the copy; a step or two (a cell) would pay only the copy.
+  // row-major A^T, MKL runs these products faster, which pays for the copy (docs/CPU.md); a
+  // step or two (a cell) would pay only the copy.
   const bool transposed = x.is_cpu() && T * B >= kTransposedWeightGradientRows;
   // dz^T h [rows, columns] summed over (dz, h) pairs of [N, rows] and [N, columns].
   const auto weight_gradient = [&](std::initializer_list<std::pair<at::Tensor, at::Tensor>> pairs, int64_t rows,

@@ -1,5 +1,5 @@
 // The per-step GEMMs multiply by the same W_hh at every step. MKL's packed GEMM packs W_hh
-// once per call instead of once per step (about 20% of a small step GEMM's time). The MKL
+// once per call instead of once per step (a fifth of a small step GEMM's time). The MKL
 // symbols are declared weak: where this torch build does not export them (other BLAS,
 // other platforms) they are null and every product goes through at::mm_out.
 #pragma once

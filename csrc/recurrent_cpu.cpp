@@ -1,6 +1,6 @@
 // The recurrent part of the BN-LSTM layer on the CPU: per step, one GEMM h_{t-1} W_hh^T and
 // one fused pass that takes the batch statistics, normalizes, applies the gates, updates
-// and normalizes the cell and writes h (../shared/PAPER.md):
+// and normalizes the cell and writes h (docs/SEMANTICS.md):
 //
 //   gates_t = BN(W_ih x_t; gamma_ih, 0) + BN(W_hh h_{t-1}; gamma_hh, 0) + bias
 //   c_t = sigmoid(f) * c_{t-1} + sigmoid(i) * tanh(g)
@@ -346,7 +346,7 @@ class RecurrentForwardCPU {
 // hidden units (or the whole layer). A call with less recurrent work than kMinParallelFlops
 // runs as one block: a decoder calling a cell once per step (B=16, H=128: 2 MFLOP a call)
 // leaves the other threads asleep between calls, and waking them costs more than they save
-// (100 such calls: 17.5 ms on one thread, 24 to 30 ms on two, 2-core Xeon).
+// (docs/CPU.md).
 constexpr int64_t kMinBlockUnits = 32;
 constexpr double kMinParallelFlops = 8e6;
 
@@ -355,9 +355,7 @@ constexpr int64_t kStreamingStoreMinBytes = int64_t(4) << 20;
 // The steps of a weight-gradient chunk (add_weight_gradients in recurrent_backward_impl): as
 // many as fill kWeightGradientChunkBytes per buffer (a few of them fit a core's L2 beside
 // the step's other data), but at least kWeightGradientChunkRows rows, or the accumulator's
-// read and write every chunk dominate the GEMMs (2-core Xeon: T=100, B=32, H=128 trains 8%
-// faster than with GEMMs after the recurrence with 8 steps a chunk, slower with 16;
-// B=64, H=256 as fast with 4 steps a chunk, 5% slower with 2).
+// read and write every chunk dominate the GEMMs (docs/CPU.md has the chunk sizes measured).
 constexpr int64_t kWeightGradientChunkBytes = int64_t(256) << 10;
 constexpr int64_t kWeightGradientChunkRows = 256;
 
@@ -775,8 +773,8 @@ void recurrent_backward_impl(const RecurrentBackwardArgs& args, RecurrentBackwar
     }
   };
   // grad_zh and grad_wx, where still asked for (grad_wx for grad_x), bypass the caches once
-  // they outgrow a core's L2 (2-core Xeon, T=100, measured when both were always written: 9%
-  // off the training step at B=64, H=256, 26 MB each; no change at B=32, H=128, 6.5 MB).
+  // they outgrow a core's L2: written through the caches they evict step data the recurrence
+  // still reads (docs/CPU.md).
   const bool stream_grads = T_ * B * 4 * H * int64_t(sizeof(T)) >= kStreamingStoreMinBytes;
   // Partial gradients of h_{t-1}, [2, blocks, B, H]: step t writes slot t % 2 while the
   // tasks of step t still read the previous step's slot.

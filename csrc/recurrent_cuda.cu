@@ -1,5 +1,5 @@
 // The recurrent part of the BN-LSTM layer on CUDA GPUs. Per step, one fused kernel
-// (../shared/PAPER.md):
+// (docs/SEMANTICS.md):
 //
 //   gates_t = BN(W_ih x_t; gamma_ih, 0) + BN(W_hh h_{t-1}; gamma_hh, 0) + bias
 //   c_t = sigmoid(f) * c_{t-1} + sigmoid(i) * tanh(g)

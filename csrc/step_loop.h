@@ -1,9 +1,8 @@
 // The steps of a recurrence, each split over blocks of hidden units, in one parallel region.
 //
 // A region per step (at::parallel_for inside the time loop) costs its threads a fork and a
-// join every step: about 1 us on its own and 3 us a step measured inside the recurrence
-// (2-core Xeon, B=32, H=128, where a step takes 30 us). Here the threads open one region for
-// the whole sequence and wait for each other between steps on a counter.
+// join every step, a tenth of a small step's time (docs/CPU.md). Instead the threads open one
+// region for the whole sequence and wait for each other between steps on a counter.
 #pragma once
 
 #include <ATen/Parallel.h>

@@ -1,4 +1,4 @@
-"""An independent float64 BN-LSTM, written from ../shared/PAPER.md for the tests alone.
+"""An independent float64 BN-LSTM, written from docs/SEMANTICS.md for the tests alone.
 
 It shares no code with the package: it reads the parameters by their documented
 state_dict names and walks every step sequence by sequence, gathering the active rows of

@@ -1,4 +1,4 @@
-"""Every backend against an independent float64 implementation of ../shared/PAPER.md, read
+"""Every backend against an independent float64 implementation of docs/SEMANTICS.md, read
 through the documented state_dict names: outputs, final states, running statistics and
 the gradient of the input, the initial states and every parameter, to 1e-10."""
 import pytest

@@ -55,3 +55,22 @@ def test_pool_can_be_turned_off():
     env = dict(os.environ, BNLSTM_CPU_POOL_MB="0")
     result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "{'cached_bytes': 0, 'reused': 0, 'allocated': 0}", result.stdout
+
+
+@pytest.mark.parametrize("value", ["abc", "-1", "99999999999999999999"])
+def test_bad_pool_size_is_refused_naming_the_variable(value):
+    """A BNLSTM_CPU_POOL_MB that is not a non-negative integer (strtoull would read "abc" as
+    0 and "-1" as the largest size) raises at the pool's first use, and at every later one."""
+    script = (
+        "import torch; from bnlstm_cuda import BNLSTM; from bnlstm_cuda.ops import cpu_buffer_pool_statistics\n"
+        "m = BNLSTM(24, 64, backend='cpu'); x = torch.randn(64, 32, 24)\n"
+        "for use in (lambda: m(x), cpu_buffer_pool_statistics):\n"
+        "    try:\n        use()\n    except RuntimeError as error:\n        print(str(error).splitlines()[0])\n"
+    )
+    env = dict(os.environ, BNLSTM_CPU_POOL_MB=value)
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
+    message = (
+        f'BNLSTM_CPU_POOL_MB must be a non-negative integer number of MB (at most {(sys.maxsize * 2 + 1) >> 20}; '
+        f'0 turns the CPU buffer pool off), got "{value}"'
+    )
+    assert result.stdout.splitlines() == [message, message], result.stdout

@@ -123,7 +123,7 @@ def test_cell_errors_are_clear():
         cell(x, mask=torch.ones(3, dtype=torch.bool))
     with pytest.raises(TypeError, match="mask must have dtype torch.bool, got torch.int64"):
         cell(x, mask=torch.ones(4, dtype=torch.int64))
-    with pytest.raises(ValueError, match=r"hx\[h_0\] must have shape \(4, 5\)"):
+    with pytest.raises(ValueError, match=r"hx\[h_0\] must have shape \(4, 5\) \(batch, hidden_size\), got \(4, 6\)"):
         cell(x, (torch.zeros(4, 6), torch.zeros(4, 5)))
     with pytest.raises(ValueError, match=r"input must be 2-D \[B, 3\]"):
         cell(torch.randn(2, 4, 3))

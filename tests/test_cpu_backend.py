@@ -226,16 +226,54 @@ def test_float32_hidden_unit_blocks(steps, batch, hidden_size, padded, threads):
             assert error < 1e-4, error
 
 
+COMPILE_FIRST = textwrap.dedent(
+    """
+    import torch, bnlstm_cuda
+    torch.manual_seed(0)
+    module = bnlstm_cuda.BNLSTM(4, 8, num_layers=2, max_length=5).train({training})
+    eager = bnlstm_cuda.BNLSTM(4, 8, num_layers=2, max_length=5).train({training})
+    eager.load_state_dict(module.state_dict())
+    x = torch.randn(5, 3, 4)
+    with torch.set_grad_enabled({training}):
+        out = torch.compile(module, fullgraph=True)(x)[0]  # the process's first call
+        want = eager(x)[0]
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-6)
+    if {training}:
+        out.sum().backward()
+        want.sum().backward()
+        for got, expected in zip(module.parameters(), eager.parameters()):
+            torch.testing.assert_close(got.grad, expected.grad, rtol=1e-4, atol=1e-5)
+        for name, buffer in eager.named_buffers():
+            torch.testing.assert_close(getattr(module, name), buffer)
+    print("compiled first call matches eager")
+    """
+)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_compile_as_the_first_call_in_a_fresh_process(training):
+    """torch.compile(fullgraph=True) of a module never called before: the backend's first
+    availability check (which builds or loads the extension under a lock) runs at trace time
+    (assume_constant_result) instead of being traced. A fresh process: this suite has
+    loaded the extension already."""
+    repo = Path(bnlstm_cuda.__file__).resolve().parents[1]
+    result = subprocess.run([sys.executable, "-c", COMPILE_FIRST.format(training=training)], capture_output=True,
+                            text=True, timeout=600, env=dict(os.environ, PYTHONPATH=str(repo)))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "compiled first call matches eager" in result.stdout
+
+
 @pytest.mark.parametrize("backend, compiled", [("cpu", True), ("auto", True), ("reference", False)])
 def test_running_statistics_fold_follows_the_backend(backend, compiled, monkeypatch):
     """Modules on the fused CPU backend fold their running statistics with the C++ operator,
     reference modules with the vectorised fold (whatever this process loaded before), and
     both agree."""
-    from bnlstm_cuda import ops
+    import dataclasses
 
     calls = []
-    compiled_fold = ops.update_running_stats_compiled
-    monkeypatch.setattr(ops, "update_running_stats_compiled", lambda *args: calls.append(args) or compiled_fold(*args))
+    compiled_fold = backends.CPU.fold
+    monkeypatch.setattr(backends, "CPU", dataclasses.replace(
+        backends.CPU, fold=lambda *args: calls.append(args) or compiled_fold(*args)))
     module = BNLSTM(4, 6, max_length=3, backend=backend, dtype=torch.float64)
     reference = BNLSTM(4, 6, max_length=3, backend="reference", dtype=torch.float64)
     reference.load_state_dict(module.state_dict())

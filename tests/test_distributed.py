@@ -14,7 +14,8 @@ from torch import nn
 
 import bnlstm_cuda
 from bnlstm_cuda import BNLSTM, BNLSTMCell
-from bnlstm_cuda.distributed import GlobalBatchStats, convert_sync_statistics
+from bnlstm_cuda.distributed import GlobalBatchStats
+from bnlstm_cuda.module_base import convert_sync_statistics
 from bnlstm_cuda.statistics import masked_batch_stats
 from distributed_worker import (
     INPUT, HIDDEN, PER_PROCESS_CASE, SYNC_CASES, WORLD, make_batch, make_cell, make_cell_inputs, make_model,
@@ -246,7 +247,7 @@ def test_synchronized_steps_fold_running_statistics_as_the_reference():
     the reference's fold, whether or not this process has loaded the fused operators (which
     round an ulp differently): otherwise a rank whose evaluation loaded them (examples/
     ddp_train.py evaluates on rank 0 only) drifted from the others by an ulp a step."""
-    from bnlstm_cuda import backends, ops
+    from bnlstm_cuda import backends, distributed, ops
     from bnlstm_cuda.statistics import update_running_stats
 
     if backends._cpu_problem() is not None:
@@ -254,9 +255,9 @@ def test_synchronized_steps_fold_running_statistics_as_the_reference():
     assert ops.is_loaded()
     cpu = torch.device("cpu")
     for name in ("auto", "cpu"):
-        assert backends.running_stats_fold(name, cpu) is ops.update_running_stats_compiled
-        assert backends.running_stats_fold(name, cpu, synchronized=True) is update_running_stats
-    assert backends.running_stats_fold("reference", cpu) is update_running_stats
+        assert backends.resolve(name, cpu).fold is ops.update_running_stats_compiled
+    assert distributed.synchronized_backend(None).fold is update_running_stats
+    assert backends.resolve("reference", cpu).fold is update_running_stats
 
 
 @pytest.fixture

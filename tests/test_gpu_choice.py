@@ -74,7 +74,7 @@ def test_auto_on_a_gpu_device_takes_the_table_choice(monkeypatch):
     monkeypatch.setattr(gpu_choice, "MEASURED", TABLE)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda index: H100)
-    real_resolve = backends.resolve_backend
+    real_resolve = backends.resolve
 
     def record(name, device, **shape):
         if name != "auto":
@@ -82,7 +82,7 @@ def test_auto_on_a_gpu_device_takes_the_table_choice(monkeypatch):
             return name
         return real_resolve(name, device, **shape)
 
-    monkeypatch.setattr(backends, "resolve_backend", record)
+    monkeypatch.setattr(backends, "resolve", record)
     assert real_resolve("auto", torch.device("cuda"), dtype=torch.bfloat16, batch=64, hidden_size=512) == "triton"
     assert real_resolve("auto", torch.device("cuda"), dtype=torch.bfloat16, batch=64, hidden_size=1024) == "cuda"
     assert real_resolve("auto", torch.device("cuda"), dtype=torch.float16, batch=64, hidden_size=1024) == "cuda"

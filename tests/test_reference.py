@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from bnlstm_cuda import LayerParams, bnlstm_layer_reference, get_variant
-from bnlstm_cuda.reference import active_mask, reverse_padded
+from bnlstm_cuda.layer_api import active_mask, reverse_padded
 from bnlstm_cuda.statistics import masked_batch_stats
 
 

@@ -29,8 +29,11 @@ def test_not_a_tensor(module):
 
 
 def test_empty_input(module):
-    with pytest.raises(ValueError, match="must not be empty"):
+    with pytest.raises(ValueError, match=r"at least one time step \(dimension 0\), got shape \(0, 2, 3\)"):
         module(torch.randn(0, 2, 3))
+    # An empty batch is no error, as in nn.LSTM (tests/test_drop_in.py).
+    out, (h_n, c_n) = module(torch.randn(5, 0, 3))
+    assert out.shape == (5, 0, 4) and h_n.shape == c_n.shape == (2, 0, 4)
 
 
 def test_dtype_mismatch(module):
@@ -84,6 +87,8 @@ def test_batch_of_one_in_training(module):
         module(torch.randn(5, 3))  # unbatched
     module.eval()
     assert module(torch.randn(5, 3))[0].shape == (5, 4)
+    # Nothing normalized, no statistics needed.
+    assert BNLSTM(3, 4, variant="none")(torch.randn(5, 3))[0].shape == (5, 4)
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,129 @@
+"""The contract between the modules and their backends: what a layer function takes and
+returns, and the helpers every implementation shares.
+
+A backend implements one layer in one direction as a `LayerFunction`: the reference loop
+(reference.py), the compiled operators (ops.py) and the Triton layer (triton_layer.py) all
+have this signature, take `LayerParams` and `RunningStats`, and return a `LayerResult`.
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict, NamedTuple, Optional, Protocol, Tuple
+
+import torch
+from torch import Tensor
+
+from .statistics import BatchStats, masked_batch_stats
+from .variants import Variant
+
+
+class LayerParams(NamedTuple):
+    """Parameters of one layer and direction (None where the variant has no such part)."""
+
+    weight_ih: Tensor  # [4H, I]
+    weight_hh: Tensor  # [4H, H]
+    bias: Optional[Tensor]  # [4H]
+    gamma_ih: Optional[Tensor]  # [4H]
+    gamma_hh: Optional[Tensor]  # [4H]
+    gamma_c: Optional[Tensor]  # [H]
+    beta_c: Optional[Tensor]  # [H]
+
+    def to(self, dtype: torch.dtype) -> "LayerParams":
+        # Tensor.to of a tensor already in `dtype` returns it, but still costs a dispatcher
+        # call: skipped, since seven of them are a noticeable part of a small cell call.
+        return LayerParams(*(p if p is None or p.dtype == dtype else p.to(dtype) for p in self))
+
+
+# part -> (running_mean [S, F], running_var [S, F]); S = max_length, or 1 for sequence-wise.
+RunningStats = Dict[str, Tuple[Tensor, Tensor]]
+
+
+class LayerResult(NamedTuple):
+    output: Tensor  # [T, B, H], zero at padded positions
+    h_n: Tensor  # [B, H], each sequence's state at its last valid step
+    c_n: Tensor  # [B, H]
+    # part -> BatchStats of each processed step ([T, F]; [1, F] for sequence-wise input
+    # statistics). Filled in training only: evaluation takes no batch statistics.
+    batch_stats: Dict[str, BatchStats]
+
+
+class LayerFunction(Protocol):
+    """One BN-LSTM layer in one direction over a padded batch.
+
+    x:       [T, B, I]
+    h0, c0:  [B, H]
+    params:  the layer-direction's parameters, in any floating dtype (computed in
+             compute_dtype(x.dtype))
+    running: running statistics, read in evaluation; training leaves them alone (the caller
+             folds LayerResult.batch_stats into them with its backend's fold)
+    lengths: [B] int64 on x's device, 1 <= lengths <= T, or None for all T
+    reverse: process each sequence from its own last element: step t reads position
+             lengths[b] - 1 - t
+    start_step: index of x's first time step: step t uses statistics slot
+             min(start_step + t, S - 1)
+    """
+
+    def __call__(self, x: Tensor, h0: Tensor, c0: Tensor, params: LayerParams, running: RunningStats, *,
+                 variant: Variant, training: bool, eps: float, lengths: Optional[Tensor] = None,
+                 reverse: bool = False, start_step: int = 0) -> LayerResult: ...
+
+
+# (running_mean, running_var, batch statistics, momentum, start_step): folds one part's
+# batch statistics into its running statistics in place (statistics.update_running_stats).
+RunningStatsFold = Callable[[Tensor, Tensor, BatchStats, float, int], None]
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 and float32 compute in their own dtype; half precision in float32."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def needs_backward(x: Tensor, h0: Tensor, c0: Tensor, params: LayerParams) -> bool:
+    """Whether autograd will differentiate this call: fused backends keep what their
+    backward pass reads only then."""
+    differentiable = (x, h0, c0) + tuple(p for p in params if p is not None)
+    return torch.is_grad_enabled() and any(t.requires_grad for t in differentiable)
+
+
+def active_mask(lengths: Optional[Tensor], num_steps: int, batch: int, device) -> Tensor:
+    """[T, B] bool: step t of sequence b is real (t < lengths[b]); all True without lengths."""
+    if lengths is None:
+        return torch.ones(num_steps, batch, dtype=torch.bool, device=device)
+    steps = torch.arange(num_steps, device=device).unsqueeze(1)
+    return steps < lengths.to(device).unsqueeze(0)
+
+
+def reverse_padded(x: Tensor, lengths: Optional[Tensor]) -> Tensor:
+    """Reverse each sequence within its own length; padded positions stay where they are.
+
+    x: [T, B, ...]; lengths: [B] or None (all of length T). Its own inverse.
+    """
+    if lengths is None:
+        return x.flip(0)
+    num_steps, batch = x.shape[0], x.shape[1]
+    steps = torch.arange(num_steps, device=x.device).unsqueeze(1)  # [T, 1]
+    lengths = lengths.to(x.device).unsqueeze(0)  # [1, B]
+    index = torch.where(steps < lengths, lengths - 1 - steps, steps)  # [T, B]
+    index = index.reshape(num_steps, batch, *([1] * (x.dim() - 2))).expand_as(x)
+    return x.gather(0, index)
+
+
+def step_batch_stats(variant: Variant, counts: Tensor, mean_ih: Tensor, var_ih: Tensor, mean_hh: Tensor,
+                     var_hh: Tensor, mean_c: Tensor, var_c: Tensor) -> Dict[str, BatchStats]:
+    """LayerResult.batch_stats from the statistics a fused backend returns for every step
+    (counts [T]: active sequences per step, in the statistics' dtype)."""
+    batch_stats = {}
+    if variant.input_statistics == "step":
+        batch_stats["ih"] = BatchStats(mean_ih, var_ih, counts)
+    elif variant.input_statistics == "sequence":
+        batch_stats["ih"] = BatchStats(mean_ih, var_ih, counts.sum().reshape(1))
+    if variant.normalize_recurrent:
+        batch_stats["hh"] = BatchStats(mean_hh, var_hh, counts)
+    if variant.normalize_cell:
+        batch_stats["c"] = BatchStats(mean_c, var_c, counts)
+    return batch_stats
+
+
+__all__ = [
+    "LayerFunction", "LayerParams", "LayerResult", "RunningStats", "RunningStatsFold", "active_mask",
+    "compute_dtype", "masked_batch_stats", "needs_backward", "reverse_padded", "step_batch_stats",
+]

@@ -1,0 +1,96 @@
+"""What `BNLSTM` and `BNLSTMCell` share: their options, state_dict checks, running
+statistics kept in float32, and the choice of what runs a forward pass (the backend,
+resolved once per device and dtype, or the synchronized reference layer) with the fold of
+its batch statistics that goes with it."""
+from __future__ import annotations
+
+from typing import Dict, Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from . import backends, distributed, parameters, validation
+from .backends import Backend
+from .statistics import BatchStats
+from .variants import get_variant
+
+
+class BNLSTMBase(nn.Module):
+    """Base of BNLSTM and BNLSTMCell (not a module of its own)."""
+
+    def _set_options(self, input_size, hidden_size, max_length, variant, momentum, eps, gamma_init, backend,
+                     sync_statistics, process_group) -> None:
+        options = validation.check_layer_options(input_size, hidden_size, max_length, variant, momentum, eps,
+                                                 gamma_init, backend, backends.BACKEND_NAMES)
+        for name, value in options.items():
+            setattr(self, name, value)
+        distributed.configure(self, sync_statistics, process_group)
+        # (backend name, device, dtype, GPU batch) -> the Backend resolved for them
+        self._resolved: Optional[Tuple[tuple, Backend]] = None
+
+    @property
+    def _variant(self):
+        return get_variant(self.variant)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        # Name the constructor argument that differs before torch lists every mismatched tensor.
+        own = {**dict(self.named_parameters(recurse=False)), **dict(self.named_buffers(recurse=False))}
+        error_msgs.extend(validation.state_dict_mismatches(state_dict, prefix, own, self.max_length))
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+
+    def _apply(self, fn, *args, **kwargs):
+        super()._apply(fn, *args, **kwargs)
+        parameters.keep_statistics_float32(self)
+        return self
+
+    def _pass_backend(self, x: Tensor, group) -> Backend:
+        """What runs this forward pass on x [T, B, I]: the reference layer with statistics of
+        `group`'s global batch (a synchronized training step), else this module's backend,
+        resolved once per backend name, device and dtype (and batch on a GPU, where "auto"
+        depends on it)."""
+        if group is not None:
+            return distributed.synchronized_backend(group)
+        batch = x.shape[1] if x.device.type == "cuda" else None
+        key = (self.backend, x.device, x.dtype, batch)
+        resolved = getattr(self, "_resolved", None)  # modules pickled before it existed lack it
+        if resolved is None or resolved[0] != key:
+            backend = backends.resolve(self.backend, x.device, dtype=x.dtype, batch=x.shape[1],
+                                       hidden_size=self.hidden_size)
+            resolved = self._resolved = (key, backend)
+        return resolved[1]
+
+    def _fold(self, backend: Backend, suffix: str, batch_stats: Dict[str, BatchStats], start_step: int) -> None:
+        """Fold one layer-direction's batch statistics into its running statistics, the way
+        the backend that computed them does."""
+        running = parameters.running_stats(self, suffix, self._variant)
+        for part, stats in batch_stats.items():
+            backend.fold(*running[part], stats, self.momentum, start_step)
+
+
+def convert_sync_statistics(module: nn.Module, process_group=None) -> nn.Module:
+    """Turn on synchronized statistics in every BNLSTM and BNLSTMCell inside `module`
+    (`module` itself included), in place, and return `module`.
+
+    The counterpart of torch.nn.SyncBatchNorm.convert_sync_batchnorm: training-mode batch
+    statistics become those of the global batch over `process_group` (None: the default
+    group, looked up at each forward pass). Parameters, buffers and state_dict keys are
+    unchanged, so an optimizer built before the conversion and checkpoints of either kind
+    still fit. Every converted module must have backend "auto" or "reference".
+    Call it before wrapping the model in DistributedDataParallel.
+    """
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
+    distributed.check_process_group(process_group)
+    targets = [m for m in module.modules() if isinstance(m, BNLSTMBase)]
+    # Check every target before changing any, so a refusal leaves the model as it was.
+    for target in targets:
+        if target.backend not in distributed.SYNC_BACKENDS:
+            raise ValueError(
+                f"cannot synchronize statistics of {type(target).__name__} with backend={target.backend!r}; "
+                f"use one of {list(distributed.SYNC_BACKENDS)} (synchronized training steps run the reference layer)"
+            )
+    for target in targets:
+        distributed.configure(target, True, process_group)
+    return module
