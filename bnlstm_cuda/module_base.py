@@ -45,6 +45,14 @@ class BNLSTMBase(nn.Module):
         parameters.keep_statistics_float32(self)
         return self
 
+    def __prepare_scriptable__(self):
+        # torch.jit.script calls this first: a clear refusal instead of a parse error deep in
+        # the forward pass (TorchScript cannot compile its Python, f-strings included).
+        raise RuntimeError(
+            f"{type(self).__name__} cannot be compiled with torch.jit.script; use torch.compile(model) "
+            "for speed or torch.export.export(model, (x,)) for a graph to deploy"
+        )
+
     def _pass_backend(self, x: Tensor, group) -> Backend:
         """What runs this forward pass on x [T, B, I]: the reference layer with statistics of
         `group`'s global batch (a synchronized training step), else this module's backend,

@@ -166,6 +166,12 @@ def _layer_backward_formula(ctx, grad_output, grad_h_n, grad_c_n, *_grad_statist
             "bnlstm::layer_forward ran with keep_reserve=False (inference), so it kept nothing "
             "for the backward pass; call it with keep_reserve=True to differentiate"
         )
+    if torch.is_grad_enabled():
+        # backward(create_graph=True): the backward operator has no derivative of its own.
+        raise RuntimeError(
+            "double backward (create_graph=True, e.g. a gradient penalty) is not supported by the "
+            "fused backends; use BNLSTM(..., backend=\"reference\"), whose plain PyTorch loop supports it"
+        )
     saved = ctx.saved_tensors
     (x, _lengths, _h0, _c0, _output, _weight_ih, weight_hh, gamma_ih, gamma_hh, gamma_c, beta_c,
      *_statistics_and_reserve) = saved

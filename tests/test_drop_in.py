@@ -392,3 +392,26 @@ def test_mismatched_checkpoints_are_still_refused():
         BNLSTM(3, 5, bias=False).load_state_dict(nn.LSTM(3, 5).state_dict())
     with pytest.raises(RuntimeError, match="torch.nn.LSTM with proj_size > 0 .* projections are not supported"):
         BNLSTM(3, 5).load_state_dict(nn.LSTM(3, 5, proj_size=2).state_dict(), strict=False)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_double_backward_works_or_names_the_reference(backend):
+    """A gradient penalty: the reference differentiates twice; the fused CPU backend says
+    clearly that it cannot and which backend can."""
+    torch.manual_seed(0)
+    module = BNLSTM(3, 4, max_length=5, backend=backend, dtype=torch.float64)
+    x = torch.randn(5, 3, 3, dtype=torch.float64, requires_grad=True)
+    out, _ = module(x)
+    if backend == "reference":
+        (grad_x,) = torch.autograd.grad(out.pow(2).sum(), x, create_graph=True)
+        grad_x.pow(2).sum().backward()
+        assert module.weight_ih_l0.grad is not None and module.weight_ih_l0.grad.abs().sum() > 0
+    else:
+        with pytest.raises(RuntimeError, match='double backward .* backend=\"reference\"'):
+            torch.autograd.grad(out.pow(2).sum(), x, create_graph=True)
+
+
+def test_torchscript_says_what_to_use_instead():
+    for module in (BNLSTM(3, 4), BNLSTMCell(3, 4)):
+        with pytest.raises(RuntimeError, match="cannot be compiled with torch.jit.script; use torch.compile"):
+            torch.jit.script(module)
