@@ -4,6 +4,7 @@ resolved once per device and dtype, or the synchronized reference layer) with th
 its batch statistics that goes with it."""
 from __future__ import annotations
 
+import warnings
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -75,6 +76,28 @@ class BNLSTMBase(nn.Module):
         running = parameters.running_stats(self, suffix, self._variant)
         for part, stats in batch_stats.items():
             backend.fold(*running[part], stats, self.momentum, start_step)
+            self._warn_if_not_finite(suffix, part, stats, start_step)
+
+    def _warn_if_not_finite(self, suffix: str, part: str, stats: BatchStats, start_step: int) -> None:
+        """Warn once per module when batch statistics held an inf or NaN (the fold skipped
+        them). Checked on CPU tensors only: on a GPU the check would wait for the device at
+        every training step (and cannot run inside a captured graph)."""
+        if (getattr(self, "_warned_not_finite", False) or stats.mean.device.type != "cpu"
+                or torch.compiler.is_compiling()):
+            return
+        finite = torch.isfinite(stats.mean).all(-1) & torch.isfinite(stats.var).all(-1)  # [N]
+        if bool(finite.all()):
+            return
+        self._warned_not_finite = True
+        first = int((~finite).nonzero()[0, 0])
+        where = "the sequence" if part == "ih" and self._variant.input_statistics == "sequence" else \
+            f"step {start_step + first}"
+        layer = suffix.replace("_l", "layer ", 1).replace("_reverse", " (reverse)") or "the cell"
+        warnings.warn(
+            f"{type(self).__name__} {layer}: the batch statistics of {where} ({part}) are not finite (an inf "
+            "or NaN in the batch); their running statistics were left as they were, not folded. "
+            "Warned once per module."
+        )
 
 
 def convert_sync_statistics(module: nn.Module, process_group=None) -> nn.Module:

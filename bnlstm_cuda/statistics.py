@@ -4,7 +4,7 @@ Conventions (docs/SEMANTICS.md, as torch.nn.BatchNorm): batch statistics use the
 variance; running statistics are updated with the unbiased one,
 `running = (1 - momentum) * running + momentum * batch`; time step t uses statistics slot
 `min(start_step + t, num_slots - 1)`; a step with fewer than 2 active sequences does not update
-them.
+them, nor does a batch statistic that is not finite.
 """
 from __future__ import annotations
 
@@ -63,19 +63,23 @@ def update_running_stats(
     stats: BatchStats with mean, var [N, F] (biased) and count [N]
     start_step: index of the first step (a chunk of a longer sequence starts later)
     Step t updates slot min(start_step + t, S-1) with the unbiased variance, unless
-    count[t] < 2. Vectorised (no host synchronisation): slots below S-1 see at most one
-    step; slot S-1 sees the K valid steps that reach it in order, which unrolls to
+    count[t] < 2; a feature whose batch mean or variance is not finite keeps its value.
+    Vectorised (no host synchronisation): slots below S-1 see at most one step; slot S-1
+    sees, feature by feature, the K valid steps that reach it in order, which unrolls to
     r_K = (1-m)^K r_0 + sum_k m (1-m)^(K-k) v_k.
     """
     num_slots = running_mean.shape[0]
     num_steps = stats.mean.shape[0]
     dtype = running_mean.dtype
     count = stats.count.to(dtype)
-    valid = (count >= 2).unsqueeze(-1)  # [N, 1]
     unbiased_var = stats.var.to(dtype) * (count / (count - 1).clamp(min=1)).unsqueeze(-1)
+    batch_mean = stats.mean.to(dtype)
+    # [N, F]: a step folds where it had 2 active rows and, feature by feature, where its
+    # statistics are finite (an inf or NaN would stay in the average for good).
+    valid = (count >= 2).unsqueeze(-1) & torch.isfinite(batch_mean) & torch.isfinite(unbiased_var)
     # Mean and variance go through the same arithmetic: one stacked pass, [2, S | N, F].
     running = torch.stack((running_mean, running_var))
-    batch = torch.stack((stats.mean.to(dtype), unbiased_var))
+    batch = torch.stack((batch_mean, unbiased_var))
 
     # Steps that own a slot of their own: slots start_step .. start_step + head - 1.
     head = max(0, min(num_steps, num_slots - 1 - start_step))
@@ -84,12 +88,12 @@ def update_running_stats(
         blended = (1 - momentum) * running[:, slots] + momentum * batch[:, :head]
         running[:, slots] = torch.where(valid[:head], blended, running[:, slots])
 
-    tail_valid = valid[head:]  # [K, 1] steps sharing the last slot
+    tail_valid = valid[head:]  # [K, F] steps sharing the last slot
     if tail_valid.numel() > 0:
         steps = tail_valid.to(dtype)
-        later = steps.flip(0).cumsum(0).flip(0) - steps  # valid steps after each one
-        weights = steps * momentum * (1 - momentum) ** later  # [K, 1]
-        decay = (1 - momentum) ** steps.sum()
+        later = steps.flip(0).cumsum(0).flip(0) - steps  # valid steps after each one, per feature
+        weights = steps * momentum * (1 - momentum) ** later  # [K, F]
+        decay = (1 - momentum) ** steps.sum(0)  # [F]
         # where, not a product with the zero weight: a skipped step may hold NaN.
         batch_tail = torch.where(tail_valid, batch[:, head:], torch.zeros((), dtype=dtype))
         running[:, -1] = decay * running[:, -1] + (weights * batch_tail).sum(1)

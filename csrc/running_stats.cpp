@@ -6,13 +6,14 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 
 namespace bnlstm {
 namespace {
 
 // Step t of mean, var [N, F] (biased) with count[t] active rows updates slot
 // min(start_step + t, S - 1) of running_mean, running_var [S, F] in order, with the unbiased
-// variance, unless count[t] < 2.
+// variance, unless count[t] < 2; a feature whose mean or variance is not finite is skipped.
 void update_running_stats_cpu(at::Tensor running_mean, at::Tensor running_var, const at::Tensor& mean,
                               const at::Tensor& var, const at::Tensor& count, double momentum,
                               int64_t start_step) {
@@ -48,8 +49,12 @@ void update_running_stats_cpu(at::Tensor running_mean, at::Tensor running_var, c
       const scalar_t* step_mean = m + t * features;
       const scalar_t* step_var = v + t * features;
       for (int64_t f = 0; f < features; ++f) {
+        const scalar_t unbiased = step_var[f] * unbias;
+        // A non-finite statistic (an inf or NaN in the batch) would stay in the average
+        // for good: that feature keeps its running value.
+        if (!std::isfinite(step_mean[f]) || !std::isfinite(unbiased)) continue;
         slot_mean[f] = keep * slot_mean[f] + take * step_mean[f];
-        slot_var[f] = keep * slot_var[f] + take * (step_var[f] * unbias);
+        slot_var[f] = keep * slot_var[f] + take * unbiased;
       }
     }
   });

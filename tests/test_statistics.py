@@ -46,13 +46,21 @@ UPDATES = {"vectorised": update_running_stats, "compiled": update_running_stats_
 @pytest.mark.parametrize("num_slots, num_steps", [(1, 1), (1, 5), (3, 2), (3, 3), (3, 8)])
 @pytest.mark.parametrize("start_step", [0, 1, 4])
 @pytest.mark.parametrize("update", UPDATES)
-def test_update_equals_sequential_rule(num_slots, num_steps, start_step, update):
+@pytest.mark.parametrize("poisoned", [False, True], ids=["finite", "inf-nan"])
+def test_update_equals_sequential_rule(num_slots, num_steps, start_step, update, poisoned):
+    """The sequential rule, feature by feature: steps with fewer than 2 rows, and features
+    whose batch mean or variance is not finite, leave the running value alone."""
     momentum = 0.3
     stats = BatchStats(
         torch.randn(num_steps, 6, dtype=torch.float64),
         torch.rand(num_steps, 6, dtype=torch.float64),
         torch.tensor([5.0, 1.0, 3.0, 0.0, 2.0, 4.0, 1.0, 7.0], dtype=torch.float64)[:num_steps],
     )
+    if poisoned:
+        stats.mean[0, 1] = float("nan")
+        stats.var[-1, 2] = float("inf")
+        stats.var[num_steps // 2, 4] = float("nan")
+        stats.mean[num_steps // 2, 5] = float("-inf")
     running_mean = torch.randn(num_slots, 6, dtype=torch.float64)
     running_var = torch.rand(num_slots, 6, dtype=torch.float64)
     expected_mean, expected_var = running_mean.clone(), running_var.clone()
@@ -61,8 +69,12 @@ def test_update_equals_sequential_rule(num_slots, num_steps, start_step, update)
         if n < 2:
             continue
         slot = min(start_step + t, num_slots - 1)
-        expected_mean[slot] = (1 - momentum) * expected_mean[slot] + momentum * stats.mean[t]
-        expected_var[slot] = (1 - momentum) * expected_var[slot] + momentum * stats.var[t] * n / (n - 1)
+        for f in range(6):
+            mean, var = stats.mean[t, f], stats.var[t, f] * n / (n - 1)
+            if not (torch.isfinite(mean) and torch.isfinite(var)):
+                continue
+            expected_mean[slot, f] = (1 - momentum) * expected_mean[slot, f] + momentum * mean
+            expected_var[slot, f] = (1 - momentum) * expected_var[slot, f] + momentum * var
     UPDATES[update](running_mean, running_var, stats, momentum, start_step)
     torch.testing.assert_close(running_mean, expected_mean, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(running_var, expected_var, rtol=1e-12, atol=1e-12)
@@ -167,3 +179,33 @@ def test_calibration_needs_batches():
         BNLSTM(3, 4).calibrate([])
     with pytest.raises(TypeError, match="calibration batch"):
         BNLSTM(3, 4).calibrate([1.0])
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("bad", [9.97e36, float("nan")], ids=["fill-value", "nan"])
+def test_one_bad_batch_does_not_poison_evaluation(backend, bad):
+    """One value of a netCDF fill value (or a NaN) in one training batch: its non-finite batch
+    statistics are not folded (one warning naming the layer and step), the running statistics
+    stay finite, and after clean batches evaluation depends on every step's input."""
+    torch.manual_seed(0)
+    module = BNLSTM(3, 5, max_length=6, backend=backend)
+    x = torch.randn(6, 4, 3)
+    x[2, 1, 0] = bad
+    with pytest.warns(UserWarning, match="layer 0: the batch statistics of step 2 .* not finite"):
+        module(x)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per module
+        module(x)
+        for _ in range(5):
+            module(torch.randn(6, 4, 3))
+    for name, buffer in module.named_buffers():
+        assert torch.isfinite(buffer).all(), name
+    module.eval()
+    clean = torch.randn(6, 2, 3)
+    out = module(clean)[0]
+    assert torch.isfinite(out).all()
+    changed = clean.clone()
+    changed[2] += 1.0
+    assert not torch.allclose(module(changed)[0][2], out[2])  # step 2's input still counts
