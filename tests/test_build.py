@@ -312,16 +312,21 @@ def make_read_only(root):
         os.chmod(directory, 0o555)
 
 
+def run_on_read_only_mount(cache, directory):
+    """SCRIPT in a subprocess with the cache read-only (and writes under it refused)."""
+    make_read_only(cache)
+    try:
+        return run_python(READ_ONLY_CACHE + SCRIPT, cache, timeout=300)
+    finally:
+        cache.chmod(0o755)
+        directory.chmod(0o755)
+
+
 def test_complete_cache_on_a_read_only_mount_loads(cache_copy):
     """A complete build loads without creating, changing or locking anything in the cache
     (a container image, a shared read-only volume)."""
     cache, directory = cache_copy
-    make_read_only(cache)
-    try:
-        result = run_python(READ_ONLY_CACHE + SCRIPT, cache, timeout=300)
-    finally:
-        cache.chmod(0o755)
-        directory.chmod(0o755)
+    result = run_on_read_only_mount(cache, directory)
     assert result.returncode == 0, result.stderr
     assert "shape (5, 2, 4)" in result.stdout
     assert "refused" not in result.stderr
@@ -333,12 +338,7 @@ def test_incomplete_cache_on_a_read_only_mount_says_what_to_set(cache_copy):
     an error that says what to set."""
     cache, directory = cache_copy
     (directory / build.COMPLETE_STAMP).unlink()
-    make_read_only(cache)
-    try:
-        result = run_python(READ_ONLY_CACHE + SCRIPT, cache, timeout=300)
-    finally:
-        cache.chmod(0o755)
-        directory.chmod(0o755)
+    result = run_on_read_only_mount(cache, directory)
     assert result.returncode != 0
     assert f"cannot use the build cache {directory}: " in result.stderr
     assert "set BNLSTM_CACHE_DIR to a writable directory" in result.stderr
