@@ -3,7 +3,7 @@ statistics are folded.
 
 Each backend is one record (`Backend`): its name, its layer function (a
 `layer_api.LayerFunction`), the fold of its batch statistics into the running statistics,
-and, through `problem`, why it cannot run on a device. A module resolves its backend once
+and, through `unavailable`, why it cannot run on a device. A module resolves its backend once
 per device, dtype and backend name (`resolve`) and keeps the record; the fold travels with
 the layer that ran, so the two always match.
 
@@ -168,12 +168,13 @@ def resolve(name: str, device: torch.device, *, dtype: Optional[torch.dtype] = N
     if name == "reference":
         return REFERENCE
     if name in ("cpu", "cuda"):
+        backend = CPU if name == "cpu" else CUDA
         if device.type != name:
             raise ValueError(f'backend="{name}" runs on {name.upper()} tensors; the input is on {device}')
-        reason = _cpu_problem() if name == "cpu" else _cuda_problem()
+        reason = backend.unavailable(device)
         if reason is not None:
             raise RuntimeError(f'backend="{name}" is unavailable: {reason}')
-        return CPU if name == "cpu" else CUDA
+        return backend
     if name == "triton":
         from . import triton_layer  # imports triton only when asked for
 

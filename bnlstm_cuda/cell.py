@@ -132,7 +132,7 @@ class BNLSTMCell(BNLSTMBase):
 
         backend = self._pass_backend(x, group)
         result = backend.layer(
-            x, h0, c0, parameters.layer_params(self, ""), parameters.running_stats(self, "", self._variant),
+            x, h0, c0, parameters.layer_params(self, ""), self._running_stats(""),
             variant=self._variant, training=self.training, eps=self.eps, lengths=lengths, start_step=step,
         )
         if self.training:

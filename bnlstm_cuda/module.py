@@ -139,7 +139,7 @@ class BNLSTM(BNLSTMBase):
     def reset_running_stats(self) -> None:
         """Running means to 0 and variances to 1."""
         for suffix, _ in self._layer_directions():
-            for mean, var in parameters.running_stats(self, suffix, self._variant).values():
+            for mean, var in self._running_stats(suffix).values():
                 nn.init.zeros_(mean)
                 nn.init.ones_(var)
 
@@ -245,9 +245,6 @@ class BNLSTM(BNLSTMBase):
             state_dict[prefix + "bias" + suffix] = values[0] + values[1]
             converted += 1
         return has_weights and not has_own_only and (converted > 0 or not self.bias)
-
-    def _running_stats(self, suffix: str):
-        return parameters.running_stats(self, suffix, self._variant)
 
     def _forward(self, input, hx, lengths, *, batch_statistics: bool, dropout: float, start_step: int = 0,
                  group=None):

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from . import backends, distributed, parameters, validation
 from .backends import Backend
+from .layer_api import RunningStats
 from .statistics import BatchStats
 from .variants import get_variant
 
@@ -70,10 +71,14 @@ class BNLSTMBase(nn.Module):
             resolved = self._resolved = (key, backend)
         return resolved[1]
 
+    def _running_stats(self, suffix: str) -> RunningStats:
+        """The running statistics of one layer-direction (suffix "" for the cell)."""
+        return parameters.running_stats(self, suffix, self._variant)
+
     def _fold(self, backend: Backend, suffix: str, batch_stats: Dict[str, BatchStats], start_step: int) -> None:
         """Fold one layer-direction's batch statistics into its running statistics, the way
         the backend that computed them does."""
-        running = parameters.running_stats(self, suffix, self._variant)
+        running = self._running_stats(suffix)
         for part, stats in batch_stats.items():
             backend.fold(*running[part], stats, self.momentum, start_step)
             self._warn_if_not_finite(suffix, part, stats, start_step)

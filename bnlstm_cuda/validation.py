@@ -14,6 +14,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
+from .variants import get_variant
+
 
 class ShapeError(ValueError, RuntimeError):
     """A tensor of the wrong shape: a ValueError here, the RuntimeError torch.nn.LSTM and
@@ -169,8 +171,6 @@ def check_training_batch(batch: int, training: bool, variant) -> None:
     """Batch statistics of a single sequence are degenerate, as torch's BatchNorm says too.
     Only a variant (name or Variant) that normalizes something takes them: "none" trains on
     any batch. An empty batch (0) takes none either and passes."""
-    from .variants import get_variant
-
     variant = get_variant(variant)
     if training and batch == 1 and variant.parts:
         raise ValueError(
@@ -323,8 +323,6 @@ def state_dict_mismatches(
 def check_layer_options(input_size, hidden_size, max_length, variant, momentum, eps, gamma_init, backend,
                         backend_names: Sequence[str]) -> dict:
     """The constructor options BNLSTM and BNLSTMCell share, checked: name -> value."""
-    from .variants import get_variant
-
     return {
         "input_size": check_positive_int("input_size", input_size),
         "hidden_size": check_positive_int("hidden_size", hidden_size),
