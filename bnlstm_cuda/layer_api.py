@@ -69,7 +69,10 @@ class LayerFunction(Protocol):
 
 # (running_mean, running_var, batch statistics, momentum, start_step): folds one part's
 # batch statistics into its running statistics in place (statistics.update_running_stats).
-RunningStatsFold = Callable[[Tensor, Tensor, BatchStats, float, int], None]
+# A fold that walks the statistics anyway returns the first step whose statistics held an
+# inf or NaN (an int64 scalar tensor, -1 for none), so the module can warn without a second
+# scan; one that does not know returns None.
+RunningStatsFold = Callable[[Tensor, Tensor, BatchStats, float, int], Optional[Tensor]]
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:

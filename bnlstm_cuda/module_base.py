@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from . import backends, distributed, parameters, validation
 from .backends import Backend
-from .layer_api import RunningStats
+from .layer_api import LayerParams, RunningStats
 from .statistics import BatchStats
 from .variants import get_variant
 
@@ -57,11 +57,15 @@ class BNLSTMBase(nn.Module):
 
     def _pass_backend(self, x: Tensor, group) -> Backend:
         """What runs this forward pass on x [T, B, I]: the reference layer with statistics of
-        `group`'s global batch (a synchronized training step), else this module's backend,
-        resolved once per backend name, device and dtype (and batch on a GPU, where "auto"
-        depends on it)."""
+        `group`'s global batch (a synchronized training step); the reference layer while
+        torch.export traces (torch.onnx.export(..., dynamo=True) included), so the exported
+        graph holds standard operators only, whatever the backend; else this module's
+        backend, resolved once per backend name, device and dtype (and batch on a GPU,
+        where "auto" depends on it). torch.compile keeps the module's backend."""
         if group is not None:
             return distributed.synchronized_backend(group)
+        if torch.compiler.is_exporting():
+            return backends.REFERENCE
         batch = x.shape[1] if x.device.type == "cuda" else None
         key = (self.backend, x.device, x.dtype, batch)
         resolved = getattr(self, "_resolved", None)  # modules pickled before it existed lack it
@@ -70,6 +74,33 @@ class BNLSTMBase(nn.Module):
                                        hidden_size=self.hidden_size)
             resolved = self._resolved = (key, backend)
         return resolved[1]
+
+    def _autocast_dtype(self, input, weight: Tensor) -> Optional[torch.dtype]:
+        """The dtype torch.autocast multiplies in for this pass, or None where it does not
+        apply: autocast must be enabled for the input's device type with a half-precision
+        dtype, and input and parameters must be of a dtype autocast casts (float32, float16,
+        bfloat16; it leaves float64 alone, as this module does)."""
+        if not isinstance(input, Tensor):
+            return None
+        device_type = input.device.type
+        if not (torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)):
+            return None
+        dtype = torch.get_autocast_dtype(device_type)
+        eligible = validation.AUTOCAST_DTYPES
+        if dtype not in (torch.float16, torch.bfloat16) or input.dtype not in eligible or weight.dtype not in eligible:
+            return None
+        return dtype
+
+    def _layer_params(self, suffix: str, autocast_dtype: Optional[torch.dtype]) -> LayerParams:
+        """One layer-direction's parameters; under autocast the weights (the matrix products'
+        operands) in its dtype, as autocast gives them to a Linear, while bias, gammas and
+        beta stay as they are for the normalization and cell math in float32. The cast is
+        recorded by autograd: the gradients reach the parameters in their own dtype."""
+        params = parameters.layer_params(self, suffix)
+        if autocast_dtype is None:
+            return params
+        return params._replace(weight_ih=params.weight_ih.to(autocast_dtype),
+                               weight_hh=params.weight_hh.to(autocast_dtype))
 
     def _running_stats(self, suffix: str) -> RunningStats:
         """The running statistics of one layer-direction (suffix "" for the cell)."""
@@ -80,21 +111,26 @@ class BNLSTMBase(nn.Module):
         the backend that computed them does."""
         running = self._running_stats(suffix)
         for part, stats in batch_stats.items():
-            backend.fold(*running[part], stats, self.momentum, start_step)
-            self._warn_if_not_finite(suffix, part, stats, start_step)
+            skipped = backend.fold(*running[part], stats, self.momentum, start_step)
+            self._warn_if_not_finite(suffix, part, stats, start_step, skipped)
 
-    def _warn_if_not_finite(self, suffix: str, part: str, stats: BatchStats, start_step: int) -> None:
+    def _warn_if_not_finite(self, suffix: str, part: str, stats: BatchStats, start_step: int,
+                            skipped: Optional[Tensor]) -> None:
         """Warn once per module when batch statistics held an inf or NaN (the fold skipped
-        them). Checked on CPU tensors only: on a GPU the check would wait for the device at
-        every training step (and cannot run inside a captured graph)."""
+        them). skipped: the first such step as the fold found it (-1: none), or None, when
+        the fold does not say. Checked on CPU tensors only: on a GPU the check would wait for
+        the device at every training step (and cannot run inside a captured graph)."""
         if (getattr(self, "_warned_not_finite", False) or stats.mean.device.type != "cpu"
                 or torch.compiler.is_compiling()):
             return
-        finite = torch.isfinite(stats.mean).all(-1) & torch.isfinite(stats.var).all(-1)  # [N]
-        if bool(finite.all()):
+        if skipped is not None:
+            first = int(skipped)
+        else:
+            finite = torch.isfinite(stats.mean).all(-1) & torch.isfinite(stats.var).all(-1)  # [N]
+            first = -1 if bool(finite.all()) else int((~finite).nonzero()[0, 0])
+        if first < 0:
             return
         self._warned_not_finite = True
-        first = int((~finite).nonzero()[0, 0])
         where = "the sequence" if part == "ih" and self._variant.input_statistics == "sequence" else \
             f"step {start_step + first}"
         layer = suffix.replace("_l", "layer ", 1).replace("_reverse", " (reverse)") or "the cell"

@@ -8,9 +8,8 @@ autograd formula through `torch.library`, so they work under autograd, pass
 """
 from __future__ import annotations
 
-import contextlib
 import threading
-from typing import Optional
+from typing import List, NamedTuple, Optional
 
 import torch
 from torch import Tensor
@@ -61,13 +60,15 @@ def is_loaded() -> bool:
 
 
 def update_running_stats_compiled(running_mean: Tensor, running_var: Tensor, stats: BatchStats,
-                                  momentum: float, start_step: int = 0) -> None:
+                                  momentum: float, start_step: int = 0) -> Tensor:
     """statistics.update_running_stats for CPU tensors as one C++ operator
     (csrc/running_stats.cpp), the fold walked step by step: equal to rounding, and some 15
-    times faster than the twenty small tensor operations of the vectorised fold."""
+    times faster than the twenty small tensor operations of the vectorised fold. Returns the
+    first step whose statistics held an inf or NaN (an int64 scalar; -1: none), which the
+    walk finds for free."""
     ensure_loaded()
-    torch.ops.bnlstm.update_running_stats(running_mean, running_var, stats.mean, stats.var, stats.count,
-                                          momentum, start_step)
+    return torch.ops.bnlstm.update_running_stats(running_mean, running_var, stats.mean, stats.var, stats.count,
+                                                 momentum, start_step)
 
 
 def cpu_buffer_pool_statistics() -> dict:
@@ -98,69 +99,82 @@ def _register_python_parts() -> None:
     torch.library.register_fake("bnlstm::layer_backward")(_layer_backward_fake)
     torch.library.register_fake("bnlstm::update_running_stats")(_update_running_stats_fake)
     torch.library.register_autograd(
-        "bnlstm::layer_forward", _layer_backward_formula, setup_context=_setup_context
+        "bnlstm::layer_forward", _registered_backward, setup_context=_registered_setup_context
     )
 
 
-def _layer_forward_fake(x, h0, c0, lengths, weight_ih, weight_hh, bias, gamma_ih, gamma_hh, gamma_c,
-                        beta_c, running_mean_ih, running_var_ih, running_mean_hh, running_var_hh,
-                        running_mean_c, running_var_c, input_statistics, normalize_recurrent,
-                        normalize_cell, training, eps, reverse, keep_reserve, start_step=0,
-                        operand_dtype=None):
-    steps, batch, _ = x.shape
-    hidden = weight_hh.shape[1]
+class ForwardArguments(NamedTuple):
+    """`bnlstm::layer_forward`'s arguments by name (csrc/ops.cpp)."""
+
+    x: Tensor
+    h0: Tensor
+    c0: Tensor
+    lengths: Optional[Tensor]
+    params: List[Tensor]  # LayerParams' order; an empty tensor for an absent part
+    running: List[Tensor]  # STATISTICS' order; empty tensors where not read
+    input_statistics: int
+    normalize_recurrent: bool
+    normalize_cell: bool
+    training: bool
+    eps: float
+    reverse: bool
+    keep_reserve: bool
+    start_step: int = 0
+    operand_dtype: Optional[torch.dtype] = None
+
+
+# The order of the operators' statistics lists (`running`, and `statistics` out).
+STATISTICS = ("mean_ih", "var_ih", "mean_hh", "var_hh", "mean_c", "var_c")
+
+
+def _layer_forward_fake(*arguments):
+    a = ForwardArguments(*arguments)
+    steps, batch, _ = a.x.shape
+    hidden = a.params[1].shape[1]
     gates = 4 * hidden
-    input_rows = {0: 0, 1: steps, 2: 1}[input_statistics]
-    recurrent_rows = steps if normalize_recurrent else 0
-    cell_rows = steps if normalize_cell else 0
-    projection_shape = (steps, batch, gates) if keep_reserve and input_statistics else (0,)
-    reserve_shape = (steps, batch, reserve_width(hidden, normalize_recurrent)) if keep_reserve else (0,)
-    new = x.new_empty
-    return (
-        new(steps, batch, hidden), new(batch, hidden), new(batch, hidden),
-        new(input_rows, gates), new(input_rows, gates),
-        new(recurrent_rows, gates), new(recurrent_rows, gates),
-        new(cell_rows, hidden), new(cell_rows, hidden),
-        new(projection_shape), new(reserve_shape),
-    )
+    input_rows = {0: 0, 1: steps, 2: 1}[a.input_statistics]
+    recurrent_rows = steps if a.normalize_recurrent else 0
+    cell_rows = steps if a.normalize_cell else 0
+    projection_shape = (steps, batch, gates) if a.keep_reserve and a.input_statistics else (0,)
+    reserve_shape = (steps, batch, reserve_width(hidden, a.normalize_recurrent)) if a.keep_reserve else (0,)
+    new = a.x.new_empty
+    statistics = [new(input_rows, gates), new(input_rows, gates), new(recurrent_rows, gates),
+                  new(recurrent_rows, gates), new(cell_rows, hidden), new(cell_rows, hidden)]
+    return (new(steps, batch, hidden), new(batch, hidden), new(batch, hidden), statistics,
+            new(projection_shape), new(reserve_shape))
 
 
-def _layer_backward_fake(grad_output, grad_h_n, grad_c_n, x, lengths, h0, c0, output, weight_ih,
-                         weight_hh, gamma_ih, gamma_hh, gamma_c, beta_c, mean_ih, var_ih, var_hh, mean_c,
-                         var_c, projection, reserve, input_statistics, normalize_recurrent,
-                         normalize_cell, training, eps, reverse, input_grad=True, operand_dtype=None):
-    hidden = weight_hh.shape[1]
+def _layer_backward_fake(grad_output, grad_h_n, grad_c_n, x, lengths, h0, c0, output, params, statistics,
+                         projection, reserve, input_statistics, normalize_recurrent, normalize_cell, training,
+                         eps, reverse, input_grad=True, operand_dtype=None):
+    weight_ih, weight_hh, bias, gamma_ih, gamma_hh, gamma_c, beta_c = params
     new = x.new_empty
-    sized = lambda condition, size: new(size) if condition else new(0)
-    return (
-        torch.empty_like(x) if input_grad else new(0), torch.empty_like(grad_h_n), torch.empty_like(grad_c_n),
-        torch.empty_like(weight_ih), torch.empty_like(weight_hh), new(4 * hidden),
-        sized(input_statistics != 0, 4 * hidden), sized(normalize_recurrent, 4 * hidden),
-        sized(normalize_cell, hidden), sized(normalize_cell, hidden),
-    )
+    like_if = lambda condition, tensor: torch.empty_like(tensor) if condition else new(0)
+    grad_params = [torch.empty_like(weight_ih), torch.empty_like(weight_hh), like_if(bias.numel(), bias),
+                   like_if(input_statistics != 0, gamma_ih), like_if(normalize_recurrent, gamma_hh),
+                   like_if(normalize_cell, gamma_c), like_if(normalize_cell, beta_c)]
+    return (torch.empty_like(x) if input_grad else new(0), torch.empty_like(grad_h_n), torch.empty_like(grad_c_n),
+            grad_params)
 
 
 def _update_running_stats_fake(running_mean, running_var, mean, var, count, momentum, start_step=0):
-    return None  # updates its first two arguments in place
+    # Updates its first two arguments in place; returns the first non-finite step.
+    return mean.new_empty((), dtype=torch.int64)
 
 
-def _setup_context(ctx, inputs, output):
-    (x, h0, c0, lengths, weight_ih, weight_hh, bias, gamma_ih, gamma_hh, gamma_c, beta_c) = inputs[:11]
-    # inputs[11:17]: running statistics; after the flags: start_step, operand_dtype
-    input_statistics, normalize_recurrent, normalize_cell, training, eps, reverse, keep_reserve = inputs[17:24]
-    ctx.operand_dtype = inputs[25] if len(inputs) > 25 else None  # the backward's GEMMs too
-    out, _, _, mean_ih, var_ih, _mean_hh, var_hh, mean_c, var_c, projection, reserve = output
-    ctx.mark_non_differentiable(*output[3:])
+def _save_for_backward(ctx, a: ForwardArguments, statistics, output, projection, reserve) -> None:
     # No zero gradients for the statistics and the (large) reserve: they are not used.
     ctx.set_materialize_grads(False)
-    ctx.keep_reserve = keep_reserve
-    ctx.flags = (input_statistics, normalize_recurrent, normalize_cell, training, eps, reverse)
-    ctx.has_bias = bias is not None
-    ctx.save_for_backward(x, lengths, h0, c0, out, weight_ih, weight_hh, gamma_ih, gamma_hh, gamma_c,
-                          beta_c, mean_ih, var_ih, var_hh, mean_c, var_c, projection, reserve)
+    ctx.keep_reserve = a.keep_reserve
+    ctx.flags = (a.input_statistics, a.normalize_recurrent, a.normalize_cell, a.training, a.eps, a.reverse)
+    ctx.operand_dtype = a.operand_dtype  # the backward's GEMMs too
+    ctx.lengths = a.lengths  # an int64 tensor or None: nothing autograd tracks
+    ctx.parameter_count = len(a.params)
+    ctx.save_for_backward(a.x, a.h0, a.c0, output, projection, reserve, *a.params, *statistics)
 
 
-def _layer_backward_formula(ctx, grad_output, grad_h_n, grad_c_n, *_grad_statistics):
+def _layer_gradients(ctx, grad_output, grad_h_n, grad_c_n):
+    """(grad_x or None, grad_h0, grad_c0, [grad of each parameter, None where absent])."""
     if not ctx.keep_reserve:
         raise RuntimeError(
             "bnlstm::layer_forward ran with keep_reserve=False (inference), so it kept nothing "
@@ -172,47 +186,67 @@ def _layer_backward_formula(ctx, grad_output, grad_h_n, grad_c_n, *_grad_statist
             "double backward (create_graph=True, e.g. a gradient penalty) is not supported by the "
             "fused backends; use BNLSTM(..., backend=\"reference\"), whose plain PyTorch loop supports it"
         )
-    saved = ctx.saved_tensors
-    (x, _lengths, _h0, _c0, _output, _weight_ih, weight_hh, gamma_ih, gamma_hh, gamma_c, beta_c,
-     *_statistics_and_reserve) = saved
-    batch, hidden = x.shape[1], weight_hh.shape[1]
+    x, h0, c0, output, projection, reserve, *rest = ctx.saved_tensors
+    params, statistics = rest[:ctx.parameter_count], rest[ctx.parameter_count:]
+    batch, hidden = x.shape[1], params[1].shape[1]
     zeros = lambda *shape: x.new_zeros(shape)
     grad_output = zeros(*x.shape[:2], hidden) if grad_output is None else grad_output
     grad_h_n = zeros(batch, hidden) if grad_h_n is None else grad_h_n
     grad_c_n = zeros(batch, hidden) if grad_c_n is None else grad_c_n
     input_grad = ctx.needs_input_grad[0]
-    (grad_x, grad_h0, grad_c0, grad_weight_ih, grad_weight_hh, grad_bias, grad_gamma_ih,
-     grad_gamma_hh, grad_gamma_c, grad_beta_c) = torch.ops.bnlstm.layer_backward(
-        grad_output, grad_h_n, grad_c_n, *saved, *ctx.flags, input_grad, ctx.operand_dtype,
+    grad_x, grad_h0, grad_c0, grad_params = torch.ops.bnlstm.layer_backward(
+        grad_output, grad_h_n, grad_c_n, x, ctx.lengths, h0, c0, output, params, statistics, projection,
+        reserve, *ctx.flags, input_grad, ctx.operand_dtype,
     )
-    present = lambda tensor, grad: grad if tensor is not None else None
-    return (
-        grad_x if input_grad else None, grad_h0, grad_c0, None, grad_weight_ih, grad_weight_hh,
-        grad_bias if ctx.has_bias else None,
-        present(gamma_ih, grad_gamma_ih), present(gamma_hh, grad_gamma_hh),
-        present(gamma_c, grad_gamma_c), present(beta_c, grad_beta_c),
-        None, None, None, None, None, None,  # running statistics
-        None, None, None, None, None, None, None, None,  # flags, start_step
-        None,  # operand_dtype
-    )
+    grad_params = [grad if param.numel() else None for param, grad in zip(params, grad_params)]
+    return grad_x if input_grad else None, grad_h0, grad_c0, grad_params
+
+
+# torch.library's autograd: the operator's own argument structure, Tensor lists included
+# (each list's gradient is a list).
+def _registered_setup_context(ctx, inputs, output):
+    output_tensor, _h_n, _c_n, statistics, projection, reserve = output
+    ctx.mark_non_differentiable(*statistics, projection, reserve)
+    _save_for_backward(ctx, ForwardArguments(*inputs), statistics, output_tensor, projection, reserve)
+
+
+def _registered_backward(ctx, grad_output, grad_h_n, grad_c_n, *_grad_statistics_and_reserve):
+    grad_x, grad_h0, grad_c0, grad_params = _layer_gradients(ctx, grad_output, grad_h_n, grad_c_n)
+    # One entry per argument the call passed (the dispatcher drops those at their defaults).
+    flags = len(ctx.needs_input_grad) - 6
+    return (grad_x, grad_h0, grad_c0, None, grad_params, [None] * len(STATISTICS)) + (None,) * flags
 
 
 class _LayerFunction(torch.autograd.Function):
-    """Eager autograd for `bnlstm::layer_forward`: the formula registered with torch.library
-    above (setup context and backward are the same functions), without its wrapper's
-    per-call cost: that wrapper re-fills the schema's defaults on every call
-    (inspect.signature), tens of microseconds for this many arguments (docs/CPU.md). Its
-    forward calls the operator below the Autograd key: with grad mode off the registered
-    autograd kernel would only pass the call on, after the same re-filling. torch.compile
-    traces the operator itself."""
+    """Eager autograd for `bnlstm::layer_forward`, the formula torch.library has for it
+    (_layer_gradients), without its wrapper's per-call cost: that wrapper re-fills the
+    schema's defaults and flattens the tensor lists on every call (docs/CPU.md). An
+    autograd.Function tracks only tensors passed directly, so the parameters come as
+    separate arguments: apply(x, h0, c0, lengths, *params, running, *flags). Its forward
+    calls the operator below the Autograd key, and returns the statistics unpacked.
+    torch.compile traces the operator itself."""
 
     @staticmethod
-    def forward(*args):
+    def forward(x, h0, c0, lengths, *rest):
+        count = len(LayerParams._fields)
+        arguments = ForwardArguments(x, h0, c0, lengths, list(rest[:count]), *rest[count:])
         with torch._C._AutoDispatchBelowAutograd():
-            return torch.ops.bnlstm.layer_forward(*args)
+            output, h_n, c_n, statistics, projection, reserve = torch.ops.bnlstm.layer_forward(*arguments)
+        return (output, h_n, c_n, *statistics, projection, reserve)
 
-    setup_context = staticmethod(_setup_context)
-    backward = staticmethod(_layer_backward_formula)
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        count = len(LayerParams._fields)
+        arguments = ForwardArguments(*inputs[:4], list(inputs[4:4 + count]), *inputs[4 + count:])
+        statistics, projection, reserve = output[3:9], output[9], output[10]
+        ctx.mark_non_differentiable(*output[3:])
+        _save_for_backward(ctx, arguments, statistics, output[0], projection, reserve)
+
+    @staticmethod
+    def backward(ctx, grad_output, grad_h_n, grad_c_n, *_grad_statistics_and_reserve):
+        grad_x, grad_h0, grad_c0, grad_params = _layer_gradients(ctx, grad_output, grad_h_n, grad_c_n)
+        non_tensors = len(ForwardArguments._fields) - 5  # running and the flags
+        return (grad_x, grad_h0, grad_c0, None, *grad_params) + (None,) * non_tensors
 
 
 def bnlstm_layer_fused(
@@ -241,34 +275,35 @@ def bnlstm_layer_fused(
         x, h0, c0 = x.to(dtype), h0.to(dtype), c0.to(dtype)
     params = params.to(dtype)
     steps, batch = x.shape[0], x.shape[1]
-    if lengths is None:
-        lengths = torch.full((batch,), steps, dtype=torch.int64, device=x.device)
     keep_reserve = needs_backward(x, h0, c0, params)
-    no_stats = (None, None)
-    running_ih = running.get("ih", no_stats) if not training else no_stats
-    running_hh = running.get("hh", no_stats) if not training else no_stats
-    running_c = running.get("c", no_stats) if not training else no_stats
-    layer = torch.ops.bnlstm.layer_forward
-    dispatch = contextlib.nullcontext()
-    if not torch.compiler.is_compiling():
-        if keep_reserve:
-            layer = _LayerFunction.apply
-        else:
-            # Nothing needs a gradient: call the kernel below the Autograd key, skipping the
-            # Python autograd kernel torch.library registered for it, which would only
-            # redispatch after re-filling the schema's defaults.
-            dispatch = torch._C._AutoDispatchBelowAutograd()
-    with dispatch:
-        (output, h_n, c_n, mean_ih, var_ih, mean_hh, var_hh, mean_c, var_c, _projection, _reserve) = layer(
-            x, h0, c0, lengths, *params, *running_ih, *running_hh, *running_c,
-            INPUT_STATISTICS[variant.input_statistics], variant.normalize_recurrent,
-            variant.normalize_cell, training, eps, reverse, keep_reserve, start_step,
-            out_dtype if out_dtype != dtype else None,  # half precision: the GEMM's operand dtype
-        )
+    absent = x.new_empty(0)  # stands for a part the layer does not have, or statistics not read
+    parameter_list = [absent if p is None else p for p in params]
+    running_list = [absent] * len(STATISTICS)
+    if not training:
+        for index, part in enumerate(("ih", "hh", "c")):
+            if part in running:
+                running_list[2 * index:2 * index + 2] = running[part]
+    flags = (INPUT_STATISTICS[variant.input_statistics], variant.normalize_recurrent, variant.normalize_cell,
+             training, eps, reverse, keep_reserve, start_step,
+             out_dtype if out_dtype != dtype else None)  # half precision: the GEMM's operand dtype
+    if torch.compiler.is_compiling():
+        output, h_n, c_n, statistics, _projection, _reserve = torch.ops.bnlstm.layer_forward(
+            x, h0, c0, lengths, parameter_list, running_list, *flags)
+    elif keep_reserve:
+        output, h_n, c_n, *statistics = _LayerFunction.apply(x, h0, c0, lengths, *parameter_list, running_list,
+                                                             *flags)[:9]
+    else:
+        # Nothing needs a gradient: call the kernel below the Autograd key, skipping the
+        # Python autograd kernel torch.library registered for it, which would only
+        # redispatch after re-filling the schema's defaults.
+        with torch._C._AutoDispatchBelowAutograd():
+            output, h_n, c_n, statistics, _projection, _reserve = torch.ops.bnlstm.layer_forward(
+                x, h0, c0, lengths, parameter_list, running_list, *flags)
     batch_stats = {}
     if training:
-        counts = active_mask(lengths, steps, batch, x.device).sum(1).to(dtype)  # [T]
-        batch_stats = step_batch_stats(variant, counts, mean_ih, var_ih, mean_hh, var_hh, mean_c, var_c)
+        counts = (x.new_full((steps,), batch) if lengths is None
+                  else active_mask(lengths, steps, batch, x.device).sum(1).to(dtype))  # [T]
+        batch_stats = step_batch_stats(variant, counts, *statistics)
     if out_dtype != dtype:
         output, h_n, c_n = output.to(out_dtype), h_n.to(out_dtype), c_n.to(out_dtype)
     return LayerResult(output, h_n, c_n, batch_stats)

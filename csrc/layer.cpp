@@ -47,18 +47,41 @@ struct Prepared {
   at::Tensor counts;  // [T] int64, active sequences per step
 };
 
-Prepared prepare(const at::Tensor& x, const at::Tensor& lengths, bool reverse) {
+Prepared prepare(const at::Tensor& x, const at::Tensor& lengths, bool all_full, bool reverse) {
   const int64_t T = x.size(0);
   Prepared p;
   p.active = at::arange(T, lengths.options()).unsqueeze(1) < lengths.unsqueeze(0);
   p.weight = p.active.unsqueeze(2).to(x.scalar_type());
   // Padding may hold anything (NaN too); zeroed, it cannot reach a statistic or a gradient.
-  // A CPU batch without padding skips the copy (asking a GPU would synchronise the host).
+  // A batch without padding skips the copy (on a GPU only when the caller said so: asking
+  // the lengths would synchronise the host).
   const at::Tensor ordered = reverse ? reverse_padded(x, lengths) : x;
   p.counts = p.active.sum(1);
-  const bool unpadded = x.is_cpu() && (T == 0 || p.counts.min().item<int64_t>() == x.size(1));
+  const bool unpadded =
+      all_full || (x.is_cpu() && (T == 0 || p.counts.min().item<int64_t>() == x.size(1)));
   p.x = unpadded ? ordered : at::where(p.active.unsqueeze(2), ordered, at::zeros({}, x.options()));
   return p;
+}
+
+// The lengths argument, or every sequence at full length T where it is None.
+at::Tensor lengths_or_full(const OptTensor& lengths, const at::Tensor& x) {
+  return lengths.has_value() ? *lengths : at::full({x.size(1)}, x.size(0), x.options().dtype(at::kLong));
+}
+
+// An entry of a schema tensor list: nullopt for the empty tensor that stands for "absent".
+OptTensor present(const at::Tensor& t) { return t.defined() && t.numel() > 0 ? OptTensor(t) : c10::nullopt; }
+
+void check_lengths(const OptTensor& lengths, const at::Tensor& x) {
+  if (!lengths.has_value()) return;
+  const int64_t B = x.size(1);
+  TORCH_CHECK(lengths->dim() == 1 && lengths->size(0) == B && lengths->scalar_type() == at::kLong &&
+                  lengths->device() == x.device(),
+              "lengths must be int64 [", B, "] on ", x.device(), ", got ", lengths->scalar_type(), " ",
+              lengths->sizes(), " on ", lengths->device());
+}
+
+void check_list_size(at::TensorList list, size_t size, const char* name, const char* order) {
+  TORCH_CHECK(list.size() == size, name, " must hold ", size, " tensors (", order, "), got ", list.size());
 }
 
 // LayerFlags::operand_dtype from the operators' optional argument.
@@ -71,46 +94,68 @@ at::ScalarType checked_operand_dtype(const c10::optional<at::ScalarType>& operan
 
 }  // namespace
 
-LayerForwardResult layer_forward(
-    RecurrentForwardFn recurrent, MatmulFn matmul, const at::Tensor& x, const at::Tensor& h0, const at::Tensor& c0,
-    const at::Tensor& lengths, const at::Tensor& weight_ih, const at::Tensor& weight_hh,
-    const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& gamma_ih,
-    const c10::optional<at::Tensor>& gamma_hh, const c10::optional<at::Tensor>& gamma_c,
-    const c10::optional<at::Tensor>& beta_c, const c10::optional<at::Tensor>& running_mean_ih,
-    const c10::optional<at::Tensor>& running_var_ih, const c10::optional<at::Tensor>& running_mean_hh,
-    const c10::optional<at::Tensor>& running_var_hh, const c10::optional<at::Tensor>& running_mean_c,
-    const c10::optional<at::Tensor>& running_var_c, int64_t input_statistics, bool normalize_recurrent,
-    bool normalize_cell, bool training, double eps, bool reverse, bool keep_reserve, int64_t start_step,
-    c10::optional<at::ScalarType> operand_dtype) {
-  TORCH_CHECK(x.dim() == 3, "x must be [T, B, I], got ", x.sizes());
+LayerParameters unpack_parameters(at::TensorList params) {
+  check_list_size(params, 7, "params", "weight_ih, weight_hh, bias, gamma_ih, gamma_hh, gamma_c, beta_c");
+  return {params[0], params[1], present(params[2]), present(params[3]),
+          present(params[4]), present(params[5]), present(params[6])};
+}
+
+RunningStatistics unpack_running(at::TensorList running) {
+  check_list_size(running, 6, "running", "mean_ih, var_ih, mean_hh, var_hh, mean_c, var_c");
+  return {present(running[0]), present(running[1]), present(running[2]),
+          present(running[3]), present(running[4]), present(running[5])};
+}
+
+StepStatistics unpack_statistics(at::TensorList statistics) {
+  check_list_size(statistics, 6, "statistics", "mean_ih, var_ih, mean_hh, var_hh, mean_c, var_c");
+  return {statistics[0], statistics[1], statistics[2], statistics[3], statistics[4], statistics[5]};
+}
+
+std::vector<at::Tensor> pack_statistics(StepStatistics s) {
+  return {std::move(s.mean_ih), std::move(s.var_ih), std::move(s.mean_hh),
+          std::move(s.var_hh),  std::move(s.mean_c), std::move(s.var_c)};
+}
+
+LayerFlags unpack_flags(int64_t input_statistics, bool normalize_recurrent, bool normalize_cell, bool training,
+                        double eps, int64_t start_step, c10::optional<at::ScalarType> operand_dtype) {
   TORCH_CHECK(input_statistics >= kInputNone && input_statistics <= kInputSequence,
               "input_statistics must be 0 (none), 1 (step) or 2 (sequence), got ", input_statistics);
-  const int64_t T = x.size(0), B = x.size(1), I = x.size(2), H = weight_hh.size(-1), G = 4 * H;
   TORCH_CHECK(start_step >= 0, "start_step must be >= 0, got ", start_step);
-  const LayerFlags flags{input_statistics, normalize_recurrent, normalize_cell, training, eps, start_step,
-                         checked_operand_dtype(operand_dtype)};
-  const bool normalize_input = input_statistics != kInputNone;
-  check_tensor(h0, "h0", {B, H}, x);
-  check_tensor(c0, "c0", {B, H}, x);
-  check_tensor(weight_ih, "weight_ih", {G, I}, x);
-  check_tensor(weight_hh, "weight_hh", {G, H}, x);
-  TORCH_CHECK(lengths.dim() == 1 && lengths.size(0) == B && lengths.scalar_type() == at::kLong &&
-                  lengths.device() == x.device(),
-              "lengths must be int64 [", B, "] on ", x.device(), ", got ", lengths.scalar_type(), " ",
-              lengths.sizes(), " on ", lengths.device());
-  if (bias.has_value()) check_tensor(*bias, "bias", {G}, x);
-  check_optional(gamma_ih, normalize_input, "gamma_ih", {G}, x);
-  check_optional(gamma_hh, normalize_recurrent, "gamma_hh", {G}, x);
-  check_optional(gamma_c, normalize_cell, "gamma_c", {H}, x);
-  check_optional(beta_c, normalize_cell, "beta_c", {H}, x);
-  check_running(running_mean_ih, normalize_input && !training, "running_mean_ih", G, x);
-  check_running(running_var_ih, normalize_input && !training, "running_var_ih", G, x);
-  check_running(running_mean_hh, normalize_recurrent && !training, "running_mean_hh", G, x);
-  check_running(running_var_hh, normalize_recurrent && !training, "running_var_hh", G, x);
-  check_running(running_mean_c, normalize_cell && !training, "running_mean_c", H, x);
-  check_running(running_var_c, normalize_cell && !training, "running_var_c", H, x);
+  return {input_statistics, normalize_recurrent, normalize_cell, training, eps, start_step,
+          checked_operand_dtype(operand_dtype)};
+}
 
-  const Prepared p = prepare(x, lengths, reverse);
+LayerForwardResult layer_forward(RecurrentForwardFn recurrent, MatmulFn matmul, const LayerForwardInputs& in) {
+  const at::Tensor& x = in.x;
+  const LayerFlags& flags = in.flags;
+  const LayerParameters& w = in.params;
+  const RunningStatistics& running = in.running;
+  TORCH_CHECK(x.dim() == 3, "x must be [T, B, I], got ", x.sizes());
+  TORCH_CHECK(w.weight_hh.dim() == 2, "weight_hh must be [4H, H], got ", w.weight_hh.sizes());
+  const int64_t T = x.size(0), B = x.size(1), I = x.size(2), H = w.weight_hh.size(-1), G = 4 * H;
+  const int64_t input_statistics = flags.input_statistics;
+  const bool normalize_recurrent = flags.normalize_recurrent, normalize_cell = flags.normalize_cell;
+  const bool training = flags.training;
+  const bool normalize_input = input_statistics != kInputNone;
+  check_tensor(in.h0, "h0", {B, H}, x);
+  check_tensor(in.c0, "c0", {B, H}, x);
+  check_tensor(w.weight_ih, "weight_ih", {G, I}, x);
+  check_tensor(w.weight_hh, "weight_hh", {G, H}, x);
+  check_lengths(in.lengths, x);
+  if (w.bias.has_value()) check_tensor(*w.bias, "bias", {G}, x);
+  check_optional(w.gamma_ih, normalize_input, "gamma_ih", {G}, x);
+  check_optional(w.gamma_hh, normalize_recurrent, "gamma_hh", {G}, x);
+  check_optional(w.gamma_c, normalize_cell, "gamma_c", {H}, x);
+  check_optional(w.beta_c, normalize_cell, "beta_c", {H}, x);
+  check_running(running.mean_ih, normalize_input && !training, "running_mean_ih", G, x);
+  check_running(running.var_ih, normalize_input && !training, "running_var_ih", G, x);
+  check_running(running.mean_hh, normalize_recurrent && !training, "running_mean_hh", G, x);
+  check_running(running.var_hh, normalize_recurrent && !training, "running_var_hh", G, x);
+  check_running(running.mean_c, normalize_cell && !training, "running_mean_c", H, x);
+  check_running(running.var_c, normalize_cell && !training, "running_var_c", H, x);
+
+  const at::Tensor lengths = lengths_or_full(in.lengths, x);
+  const Prepared p = prepare(x, lengths, !in.lengths.has_value(), in.reverse);
   // Every output is a tensor of its own (the schema promises no aliasing), so unused ones
   // are fresh empty tensors, never one shared.
   const auto empty_g = [&x, G] { return at::empty({0, G}, x.options()); };
@@ -121,16 +166,16 @@ LayerForwardResult layer_forward(
   // The input projection of all steps: one GEMM. The step kernels normalize it.
   args.input_projection = pooled_empty({T, B, G}, x.options());
   at::Tensor projection_rows = args.input_projection.view({T * B, G});
-  matmul(projection_rows, p.x.reshape({T * B, I}), weight_ih.t(), /*accumulate=*/false, flags);
+  matmul(projection_rows, p.x.reshape({T * B, I}), w.weight_ih.t(), /*accumulate=*/false, flags);
   args.active = p.active.contiguous();
   args.counts = p.counts.contiguous();
-  args.weight_hh = weight_hh.contiguous();
-  if (bias.has_value()) args.bias = bias->contiguous();
-  if (normalize_input) args.gamma_ih = gamma_ih->contiguous();
-  if (normalize_recurrent) args.gamma_hh = gamma_hh->contiguous();
+  args.weight_hh = w.weight_hh.contiguous();
+  if (w.bias.has_value()) args.bias = w.bias->contiguous();
+  if (normalize_input) args.gamma_ih = w.gamma_ih->contiguous();
+  if (normalize_recurrent) args.gamma_hh = w.gamma_hh->contiguous();
   if (normalize_cell) {
-    args.gamma_c = gamma_c->contiguous();
-    args.beta_c = beta_c->contiguous();
+    args.gamma_c = w.gamma_c->contiguous();
+    args.beta_c = w.beta_c->contiguous();
   }
 
   RecurrentForwardOutputs out;
@@ -140,8 +185,8 @@ LayerForwardResult layer_forward(
     out.mean_ih = at::empty({T, G}, x.options());
     out.var_ih = at::empty({T, G}, x.options());
     if (!training) {
-      args.input_mean = as_input(running_mean_ih);
-      args.input_var = as_input(running_var_ih);
+      args.input_mean = as_input(running.mean_ih);
+      args.input_var = as_input(running.var_ih);
     }
   } else if (input_statistics == kInputSequence) {
     // Sequence-wise statistics need every step before the first one runs.
@@ -150,92 +195,100 @@ LayerForwardResult layer_forward(
       std::tie(out.mean_ih, out.var_ih) =
           masked_moments(args.input_projection.view({1, T * B, G}), weight, weight.sum(1));
     } else {
-      out.mean_ih = as_input(running_mean_ih).narrow(0, 0, 1).clone();
-      out.var_ih = as_input(running_var_ih).narrow(0, 0, 1).clone();
+      out.mean_ih = as_input(running.mean_ih).narrow(0, 0, 1).clone();
+      out.var_ih = as_input(running.var_ih).narrow(0, 0, 1).clone();
     }
     args.input_mean = out.mean_ih.contiguous();
     args.input_var = out.var_ih.contiguous();
   }
   if (!training && normalize_recurrent) {
-    args.running_mean_hh = as_input(running_mean_hh);
-    args.running_var_hh = as_input(running_var_hh);
+    args.running_mean_hh = as_input(running.mean_hh);
+    args.running_var_hh = as_input(running.var_hh);
   }
   if (!training && normalize_cell) {
-    args.running_mean_c = as_input(running_mean_c);
-    args.running_var_c = as_input(running_var_c);
+    args.running_mean_c = as_input(running.mean_c);
+    args.running_var_c = as_input(running.var_c);
   }
   out.output = at::empty({T, B, H}, x.options());
-  out.h = h0.contiguous().clone();
-  out.c = c0.contiguous().clone();
+  out.h = in.h0.contiguous().clone();
+  out.c = in.c0.contiguous().clone();
   out.mean_hh = normalize_recurrent ? at::empty({T, G}, x.options()) : empty_g();
   out.var_hh = normalize_recurrent ? at::empty({T, G}, x.options()) : empty_g();
   out.mean_c = normalize_cell ? at::empty({T, H}, x.options()) : empty_h();
   out.var_c = normalize_cell ? at::empty({T, H}, x.options()) : empty_h();
   const ReserveLayout layout(H, flags);
-  if (keep_reserve) out.reserve = pooled_empty({T, B, layout.width}, x.options());
+  if (in.keep_reserve) out.reserve = pooled_empty({T, B, layout.width}, x.options());
   recurrent(args, out, flags);
 
-  at::Tensor output = reverse ? reverse_padded(out.output, lengths) : out.output;
-  at::Tensor reserve = keep_reserve ? out.reserve : at::empty({0}, x.options());
+  at::Tensor output = in.reverse ? reverse_padded(out.output, lengths) : out.output;
+  at::Tensor reserve = in.keep_reserve ? out.reserve : at::empty({0}, x.options());
   // The backward pass recomputes the normalized input from the projection.
-  at::Tensor projection = keep_reserve && normalize_input ? args.input_projection : at::empty({0}, x.options());
-  return {output, out.h, out.c, out.mean_ih, out.var_ih, out.mean_hh, out.var_hh, out.mean_c, out.var_c,
-          projection, reserve};
+  at::Tensor projection = in.keep_reserve && normalize_input ? args.input_projection : at::empty({0}, x.options());
+  return {output, out.h, out.c,
+          pack_statistics({out.mean_ih, out.var_ih, out.mean_hh, out.var_hh, out.mean_c, out.var_c}), projection,
+          reserve};
 }
 
-LayerBackwardResult layer_backward(
-    RecurrentBackwardFn recurrent, MatmulFn matmul, bool weights_in_recurrence, const at::Tensor& grad_output,
-    const at::Tensor& grad_h_n, const at::Tensor& grad_c_n, const at::Tensor& x, const at::Tensor& lengths,
-    const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& output, const at::Tensor& weight_ih,
-    const at::Tensor& weight_hh,
-    const OptTensor& gamma_ih, const OptTensor& gamma_hh, const OptTensor& gamma_c, const OptTensor& beta_c,
-    const at::Tensor& mean_ih, const at::Tensor& var_ih, const at::Tensor& var_hh, const at::Tensor& mean_c,
-    const at::Tensor& var_c, const at::Tensor& projection, const at::Tensor& reserve, int64_t input_statistics,
-    bool normalize_recurrent, bool normalize_cell, bool training, double eps, bool reverse, bool input_grad,
-    c10::optional<at::ScalarType> operand_dtype) {
-  const int64_t T = x.size(0), B = x.size(1), I = x.size(2), H = weight_hh.size(-1), G = 4 * H;
-  // The backward pass reads the statistics each step used, never a slot: start_step is moot.
-  const LayerFlags flags{input_statistics, normalize_recurrent, normalize_cell, training, eps, 0,
-                         checked_operand_dtype(operand_dtype)};
+LayerBackwardResult layer_backward(RecurrentBackwardFn recurrent, MatmulFn matmul, bool weights_in_recurrence,
+                                   const LayerBackwardInputs& in) {
+  const at::Tensor& x = in.x;
+  // The backward pass reads the statistics each step used, never a slot: flags.start_step is 0.
+  const LayerFlags& flags = in.flags;
+  const LayerParameters& w = in.params;
+  const StepStatistics& stats = in.statistics;
+  const at::Tensor &h0 = in.h0, &c0 = in.c0, &output = in.output, &projection = in.projection;
+  const at::Tensor& reserve = in.reserve;
+  const int64_t T = x.size(0), B = x.size(1), I = x.size(2), H = w.weight_hh.size(-1), G = 4 * H;
+  const int64_t input_statistics = flags.input_statistics;
+  const bool normalize_recurrent = flags.normalize_recurrent, normalize_cell = flags.normalize_cell;
+  const bool training = flags.training, reverse = in.reverse;
   const bool normalize_input = input_statistics != kInputNone;
   const ReserveLayout layout(H, flags);
   TORCH_CHECK(reserve.dim() == 3 && reserve.size(0) == T && reserve.size(1) == B && reserve.size(2) == layout.width,
               "reserve must be [", T, ", ", B, ", ", layout.width,
               "] from layer_forward(keep_reserve=True) with the same flags, got ", reserve.sizes());
-  check_tensor(grad_output, "grad_output", {T, B, H}, x);
-  check_tensor(grad_h_n, "grad_h_n", {B, H}, x);
-  check_tensor(grad_c_n, "grad_c_n", {B, H}, x);
+  check_tensor(in.grad_output, "grad_output", {T, B, H}, x);
+  check_tensor(in.grad_h_n, "grad_h_n", {B, H}, x);
+  check_tensor(in.grad_c_n, "grad_c_n", {B, H}, x);
+  check_lengths(in.lengths, x);
   check_tensor(h0, "h0", {B, H}, x);
   check_tensor(c0, "c0", {B, H}, x);
   check_tensor(output, "output", {T, B, H}, x);
   if (normalize_input) check_tensor(projection, "projection", {T, B, G}, x);
+  check_tensor(w.weight_ih, "weight_ih", {G, I}, x);
+  check_tensor(w.weight_hh, "weight_hh", {G, H}, x);
+  check_optional(w.gamma_ih, normalize_input, "gamma_ih", {G}, x);
+  check_optional(w.gamma_hh, normalize_recurrent, "gamma_hh", {G}, x);
+  check_optional(w.gamma_c, normalize_cell, "gamma_c", {H}, x);
+  check_optional(w.beta_c, normalize_cell, "beta_c", {H}, x);
 
-  const Prepared p = prepare(x, lengths, reverse);
+  const at::Tensor lengths = lengths_or_full(in.lengths, x);
+  const Prepared p = prepare(x, lengths, !in.lengths.has_value(), reverse);
   const bool step_input = input_statistics == kInputStep;
   RecurrentBackwardArgs args;
-  args.grad_output = (reverse ? reverse_padded(grad_output, lengths) : grad_output).contiguous();
+  args.grad_output = (reverse ? reverse_padded(in.grad_output, lengths) : in.grad_output).contiguous();
   args.active = p.active.contiguous();
   args.counts = p.counts.contiguous();
-  args.weight_hh = weight_hh.contiguous();
-  if (normalize_input) args.gamma_ih = gamma_ih->contiguous();
-  if (normalize_recurrent) args.gamma_hh = gamma_hh->contiguous();
+  args.weight_hh = w.weight_hh.contiguous();
+  if (normalize_input) args.gamma_ih = w.gamma_ih->contiguous();
+  if (normalize_recurrent) args.gamma_hh = w.gamma_hh->contiguous();
   if (normalize_cell) {
-    args.gamma_c = gamma_c->contiguous();
-    args.beta_c = beta_c->contiguous();
+    args.gamma_c = w.gamma_c->contiguous();
+    args.beta_c = w.beta_c->contiguous();
   }
   args.c0 = c0.contiguous();
   if (normalize_input) args.projection = projection.contiguous();
-  args.mean_ih = mean_ih.contiguous();
-  args.var_ih = var_ih.contiguous();
-  args.mean_c = mean_c.contiguous();
-  args.var_hh = var_hh.contiguous();
-  args.var_c = var_c.contiguous();
+  args.mean_ih = stats.mean_ih.contiguous();
+  args.var_ih = stats.var_ih.contiguous();
+  args.mean_c = stats.mean_c.contiguous();
+  args.var_hh = stats.var_hh.contiguous();
+  args.var_c = stats.var_c.contiguous();
   args.reserve = reserve.contiguous();
 
   RecurrentBackwardOutputs out;
   const auto empty = [&x] { return at::empty({0}, x.options()); };
-  out.grad_h = grad_h_n.contiguous().clone();
-  out.grad_c = grad_c_n.contiguous().clone();
+  out.grad_h = in.grad_h_n.contiguous().clone();
+  out.grad_c = in.grad_c_n.contiguous().clone();
   // h_{t-1} is h_0 at the first step and the previous step's output after it (padded rows
   // differ, but their gradient is zero).
   const at::Tensor output_ordered = (reverse ? reverse_padded(output, lengths) : output).contiguous();
@@ -256,7 +309,7 @@ LayerBackwardResult layer_backward(
   // grad_wx for grad_weight_ih and grad_x, grad_gates for sequence-wise statistics (and where
   // one of the others is it). Otherwise the device kernel keeps each step's in scratch of its own.
   const bool need_zh = !kernel_weight_hh;
-  const bool need_wx = input_grad || !kernel_weight_ih;
+  const bool need_wx = in.input_grad || !kernel_weight_ih;
   const bool keep_grad_gates = input_statistics == kInputSequence || (!normalize_recurrent && need_zh) ||
                                (input_statistics == kInputNone && need_wx);
   out.grad_gates = keep_grad_gates ? pooled_empty({T, B, G}, x.options()) : at::Tensor();
@@ -273,9 +326,9 @@ LayerBackwardResult layer_backward(
   if (input_statistics == kInputSequence) {
     // Sequence-wise statistics: the batch-norm backward needs sums over every step, which
     // the kernel accumulated as grad_bias = sum(dy) and grad_gamma_ih = sum(dy * xhat).
-    const at::Tensor rstd = (var_ih + eps).rsqrt();  // [1, 4H]
-    const at::Tensor xhat = (projection - mean_ih) * rstd;
-    const at::Tensor scale = rstd * *gamma_ih;
+    const at::Tensor rstd = (stats.var_ih + flags.eps).rsqrt();  // [1, 4H]
+    const at::Tensor xhat = (projection - stats.mean_ih) * rstd;
+    const at::Tensor scale = rstd * *w.gamma_ih;
     if (training) {
       const at::Tensor count = p.counts.sum().clamp_min(1).to(x.scalar_type());
       grad_wx = (out.grad_gates - out.grad_bias / count - xhat * (out.grad_gamma_ih / count)) * p.weight * scale;
@@ -320,13 +373,15 @@ LayerBackwardResult layer_backward(
     grad_weight_ih = weight_gradient({{grad_wx.reshape({T * B, G}), p.x.reshape({T * B, I})}}, G, I);
   }
   at::Tensor grad_x = at::empty({0}, x.options());
-  if (input_grad) {
+  if (in.input_grad) {
     at::Tensor grad_x_ordered = at::empty({T, B, I}, x.options());
-    matmul(grad_x_ordered.view({T * B, I}), grad_wx.reshape({T * B, G}), weight_ih, /*accumulate=*/false, flags);
+    matmul(grad_x_ordered.view({T * B, I}), grad_wx.reshape({T * B, G}), w.weight_ih, /*accumulate=*/false, flags);
     grad_x = reverse ? reverse_padded(grad_x_ordered, lengths) : grad_x_ordered;
   }
-  return {grad_x, out.grad_h, out.grad_c, grad_weight_ih, grad_weight_hh, out.grad_bias,
-          out.grad_gamma_ih, out.grad_gamma_hh, out.grad_gamma_c, out.grad_beta_c};
+  at::Tensor grad_bias = w.bias.has_value() ? out.grad_bias : empty();
+  return {grad_x, out.grad_h, out.grad_c,
+          {grad_weight_ih, grad_weight_hh, grad_bias, out.grad_gamma_ih, out.grad_gamma_hh, out.grad_gamma_c,
+           out.grad_beta_c}};
 }
 
 // The CPU backward accumulates the weight gradients itself (recurrent_cpu.cpp). The CUDA

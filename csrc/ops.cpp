@@ -11,9 +11,15 @@
 #include "buffer_pool.h"
 
 TORCH_LIBRARY(bnlstm, m) {
-  // One layer, one direction, over a padded batch x [T, B, I] with lengths [B] (int64).
-  // Running statistics are read only in evaluation (training=False). The statistics used
-  // at each step are returned (batch statistics in training, for the running update).
+  // One layer, one direction, over a padded batch x [T, B, I] with lengths [B] (int64; None:
+  // every sequence has all T steps).
+  // params: the layer-direction's parameters in bnlstm_cuda.layer_api.LayerParams' order
+  //   (weight_ih, weight_hh, bias, gamma_ih, gamma_hh, gamma_c, beta_c); an empty tensor
+  //   stands for a part the layer does not have.
+  // running: running statistics (mean_ih, var_ih, mean_hh, var_hh, mean_c, var_c), [S, F]
+  //   each, read only in evaluation (training=False); empty tensors where not read.
+  // statistics: the statistics used at each step, in the same order (batch statistics in
+  //   training, for the running update); [0, F] for parts the variant does not normalize.
   // keep_reserve=False (inference) returns an empty projection and reserve. start_step is the
   // index of x's first step: step t uses statistics slot min(start_step + t, S - 1).
   // operand_dtype (float16 or bfloat16, for inputs that were in it and are computed in
@@ -22,31 +28,28 @@ TORCH_LIBRARY(bnlstm, m) {
   // float32 GEMMs (the input projection; in layer_backward every GEMM) in TF32, which holds
   // float16 and bfloat16 values exactly. The CPU computes in the compute dtype.
   m.def(
-      "layer_forward(Tensor x, Tensor h0, Tensor c0, Tensor lengths, Tensor weight_ih, Tensor weight_hh, "
-      "Tensor? bias, Tensor? gamma_ih, Tensor? gamma_hh, Tensor? gamma_c, Tensor? beta_c, "
-      "Tensor? running_mean_ih, Tensor? running_var_ih, Tensor? running_mean_hh, Tensor? running_var_hh, "
-      "Tensor? running_mean_c, Tensor? running_var_c, int input_statistics, bool normalize_recurrent, "
-      "bool normalize_cell, bool training, float eps, bool reverse, bool keep_reserve, int start_step=0, ScalarType? operand_dtype=None) -> "
-      "(Tensor output, Tensor h_n, Tensor c_n, Tensor mean_ih, Tensor var_ih, Tensor mean_hh, Tensor var_hh, "
-      "Tensor mean_c, Tensor var_c, Tensor projection, Tensor reserve)");
+      "layer_forward(Tensor x, Tensor h0, Tensor c0, Tensor? lengths, Tensor[] params, Tensor[] running, "
+      "int input_statistics, bool normalize_recurrent, bool normalize_cell, bool training, float eps, "
+      "bool reverse, bool keep_reserve, int start_step=0, ScalarType? operand_dtype=None) -> "
+      "(Tensor output, Tensor h_n, Tensor c_n, Tensor[] statistics, Tensor projection, Tensor reserve)");
   // Gradients of layer_forward's inputs, from its inputs, output, statistics, projection
-  // and reserve. input_grad=False skips grad_x (returned empty): a model's input layer
-  // rarely needs it, and it is one of the three large GEMMs of the backward pass.
+  // and reserve; grad_params in params' order, empty for absent parts. input_grad=False
+  // skips grad_x (returned empty): a model's input layer rarely needs it, and it is one of
+  // the three large GEMMs of the backward pass.
   m.def(
-      "layer_backward(Tensor grad_output, Tensor grad_h_n, Tensor grad_c_n, Tensor x, Tensor lengths, "
-      "Tensor h0, Tensor c0, Tensor output, Tensor weight_ih, Tensor weight_hh, Tensor? gamma_ih, "
-      "Tensor? gamma_hh, Tensor? gamma_c, Tensor? beta_c, Tensor mean_ih, Tensor var_ih, Tensor var_hh, "
-      "Tensor mean_c, Tensor var_c, Tensor projection, Tensor reserve, int input_statistics, "
-      "bool normalize_recurrent, bool normalize_cell, bool training, float eps, bool reverse, "
-      "bool input_grad=True, ScalarType? operand_dtype=None) -> "
-      "(Tensor grad_x, Tensor grad_h0, Tensor grad_c0, Tensor grad_weight_ih, Tensor grad_weight_hh, "
-      "Tensor grad_bias, Tensor grad_gamma_ih, Tensor grad_gamma_hh, Tensor grad_gamma_c, Tensor grad_beta_c)");
+      "layer_backward(Tensor grad_output, Tensor grad_h_n, Tensor grad_c_n, Tensor x, Tensor? lengths, "
+      "Tensor h0, Tensor c0, Tensor output, Tensor[] params, Tensor[] statistics, Tensor projection, "
+      "Tensor reserve, int input_statistics, bool normalize_recurrent, bool normalize_cell, bool training, "
+      "float eps, bool reverse, bool input_grad=True, ScalarType? operand_dtype=None) -> "
+      "(Tensor grad_x, Tensor grad_h0, Tensor grad_c0, Tensor[] grad_params)");
   // Fold per-step batch statistics (mean, biased var [N, F], active rows count [N]) into
   // running statistics [S, F] in place: step t updates slot min(start_step + t, S - 1)
-  // with momentum and the unbiased variance, unless count[t] < 2 (statistics.py).
+  // with momentum and the unbiased variance, unless count[t] < 2 (statistics.py); a feature
+  // whose statistics are not finite keeps its running value. Returns the first step that
+  // had one (int64 scalar; -1: none).
   m.def(
       "update_running_stats(Tensor(a!) running_mean, Tensor(b!) running_var, Tensor mean, Tensor var, "
-      "Tensor count, float momentum, int start_step=0) -> ()");
+      "Tensor count, float momentum, int start_step=0) -> Tensor");
   // The CPU buffer pool (buffer_pool.h): its statistics (bytes kept unused, buffers reused,
   // buffers allocated), and a release of every buffer it keeps (returns the bytes freed).
   m.def("cpu_buffer_pool_statistics() -> int[]", [] { return bnlstm::BufferPool::instance().statistics(); });

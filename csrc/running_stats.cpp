@@ -14,7 +14,9 @@ namespace {
 // Step t of mean, var [N, F] (biased) with count[t] active rows updates slot
 // min(start_step + t, S - 1) of running_mean, running_var [S, F] in order, with the unbiased
 // variance, unless count[t] < 2; a feature whose mean or variance is not finite is skipped.
-void update_running_stats_cpu(at::Tensor running_mean, at::Tensor running_var, const at::Tensor& mean,
+// Returns the first step t that had such a feature (-1: none), so the caller can warn
+// without scanning the statistics again.
+at::Tensor update_running_stats_cpu(at::Tensor running_mean, at::Tensor running_var, const at::Tensor& mean,
                               const at::Tensor& var, const at::Tensor& count, double momentum,
                               int64_t start_step) {
   TORCH_CHECK(running_mean.dim() == 2 && running_mean.size(0) >= 1,
@@ -33,6 +35,7 @@ void update_running_stats_cpu(at::Tensor running_mean, at::Tensor running_var, c
   const auto as_running = [&](const at::Tensor& t) { return t.to(running_mean.scalar_type()).contiguous(); };
   const at::Tensor batch_mean = as_running(mean), batch_var = as_running(var);
   const at::Tensor counts = count.to(at::kDouble).contiguous();
+  int64_t first_skipped = -1;
   AT_DISPATCH_FLOATING_TYPES(running_mean.scalar_type(), "bnlstm_update_running_stats", [&] {
     scalar_t* rm = running_mean.data_ptr<scalar_t>();
     scalar_t* rv = running_var.data_ptr<scalar_t>();
@@ -52,12 +55,16 @@ void update_running_stats_cpu(at::Tensor running_mean, at::Tensor running_var, c
         const scalar_t unbiased = step_var[f] * unbias;
         // A non-finite statistic (an inf or NaN in the batch) would stay in the average
         // for good: that feature keeps its running value.
-        if (!std::isfinite(step_mean[f]) || !std::isfinite(unbiased)) continue;
+        if (!std::isfinite(step_mean[f]) || !std::isfinite(unbiased)) {
+          if (first_skipped < 0) first_skipped = t;
+          continue;
+        }
         slot_mean[f] = keep * slot_mean[f] + take * step_mean[f];
         slot_var[f] = keep * slot_var[f] + take * unbiased;
       }
     }
   });
+  return at::scalar_tensor(first_skipped, at::kLong);
 }
 
 }  // namespace

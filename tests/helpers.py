@@ -140,29 +140,47 @@ def assert_layer_matches_reference(fn, variant, lengths=None, *, tol, device="cp
 
 def op_arguments(variant, training, reverse, keep_reserve=True, T=4, B=3, I=2, H=5, S=3, dtype=torch.float64,
                  device="cpu"):
-    """Arguments of bnlstm::layer_forward for a small random problem on `device`."""
-    from bnlstm_cuda.ops import INPUT_STATISTICS
+    """Arguments of bnlstm::layer_forward (ops.ForwardArguments, start_step and
+    operand_dtype at their defaults) for a small random problem on `device`."""
+    from bnlstm_cuda.ops import INPUT_STATISTICS, ForwardArguments
 
     v = bnlstm_cuda.get_variant(variant)
     r = lambda *shape: torch.randn(*shape, dtype=dtype, device=device)
     grad = lambda t: t.requires_grad_(keep_reserve)
+    absent = lambda: torch.empty(0, dtype=dtype, device=device)
     G = 4 * H
-    optional = lambda present, tensor: tensor if present else None
+    optional = lambda present, tensor: tensor if present else absent()
     S_ih = 1 if v.input_statistics == "sequence" else S
     running = lambda present, rows, features: (
-        (r(rows, features), torch.rand(rows, features, dtype=dtype, device=device) + 0.5)
-        if present and not training else (None, None)
+        [r(rows, features), torch.rand(rows, features, dtype=dtype, device=device) + 0.5]
+        if present and not training else [absent(), absent()]
     )
-    return (
+    return ForwardArguments(
         grad(r(T, B, I)), grad(r(B, H)), grad(r(B, H)), torch.tensor([T, 2, 1][:B], device=device),
-        grad(r(G, I)), grad(r(G, H)), grad(r(G)),
-        optional(v.input_statistics, grad(r(G))), optional(v.normalize_recurrent, grad(r(G))),
-        optional(v.normalize_cell, grad(r(H))), optional(v.normalize_cell, grad(r(H))),
-        *running(v.input_statistics, S_ih, G), *running(v.normalize_recurrent, S, G),
-        *running(v.normalize_cell, S, H),
+        [grad(r(G, I)), grad(r(G, H)), grad(r(G)),
+         optional(v.input_statistics, grad(r(G))), optional(v.normalize_recurrent, grad(r(G))),
+         optional(v.normalize_cell, grad(r(H))), optional(v.normalize_cell, grad(r(H)))],
+        [*running(v.input_statistics, S_ih, G), *running(v.normalize_recurrent, S, G),
+         *running(v.normalize_cell, S, H)],
         INPUT_STATISTICS[v.input_statistics], v.normalize_recurrent, v.normalize_cell, training, 1e-5,
         reverse, keep_reserve,
     )
+
+
+def op_backward_arguments(args, input_grad=True, operand_dtype=None):
+    """Arguments of bnlstm::layer_backward after layer_forward(*args) (run here without
+    grad), with random output gradients; the forward's result comes second."""
+    with torch.no_grad():
+        result = torch.ops.bnlstm.layer_forward(*args)
+    output, h_n, c_n, statistics, projection, reserve = result
+    detached = lambda t: t.detach()
+    backward = (
+        torch.randn_like(output), torch.randn_like(h_n), torch.randn_like(c_n), args.x.detach(), args.lengths,
+        args.h0.detach(), args.c0.detach(), output, [detached(p) for p in args.params], statistics, projection,
+        reserve, args.input_statistics, args.normalize_recurrent, args.normalize_cell, args.training, args.eps,
+        args.reverse, input_grad, operand_dtype,
+    )
+    return backward, result
 
 
 def float32_errors(variant, backend, *, hidden_size, batch, lengths, device="cpu"):

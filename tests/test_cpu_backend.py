@@ -12,7 +12,7 @@ import torch
 import bnlstm_cuda
 from bnlstm_cuda import BNLSTM, LayerParams, backends, get_variant
 from bnlstm_cuda.ops import bnlstm_layer_fused, ensure_loaded
-from helpers import float32_error_ratios, make_module, op_arguments, scalar_loss
+from helpers import float32_error_ratios, make_module, op_arguments, op_backward_arguments, scalar_loss
 
 VARIANTS = ["cooijmans", "laurent_step", "laurent_sequence", "none"]
 
@@ -29,37 +29,43 @@ def test_opcheck_layer_forward(variant, training):
     torch.library.opcheck(torch.ops.bnlstm.layer_forward.default, args)
     inference = op_arguments(variant, training, reverse=False, keep_reserve=False)
     torch.library.opcheck(torch.ops.bnlstm.layer_forward.default, inference)
-    # The trailing arguments given (start_step, operand_dtype): what half-precision
-    # inputs pass; the CPU computes in the compute dtype whatever it says.
-    torch.library.opcheck(torch.ops.bnlstm.layer_forward.default, (*args, 1, torch.bfloat16))
+    # start_step and operand_dtype given: what half-precision inputs pass; the CPU computes
+    # in the compute dtype whatever it says. No lengths: every sequence is full.
+    torch.library.opcheck(torch.ops.bnlstm.layer_forward.default,
+                          args._replace(lengths=None, start_step=1, operand_dtype=torch.bfloat16))
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_opcheck_layer_backward(variant, training):
     args = op_arguments(variant, training, reverse=True)
-    (x, h0, c0, lengths, weight_ih, weight_hh, _, gamma_ih, gamma_hh, gamma_c, beta_c, *_rest) = args
-    flags = args[-7:-1]
-    with torch.no_grad():
-        out = torch.ops.bnlstm.layer_forward(*args)
-    output, h_n, c_n, mean_ih, var_ih, _, var_hh, mean_c, var_c, projection, reserve = out
-    detached = lambda t: None if t is None else t.detach()
-    backward_args = (
-        torch.randn_like(output), torch.randn_like(h_n), torch.randn_like(c_n), x.detach(), lengths,
-        h0.detach(), c0.detach(), output, weight_ih.detach(), weight_hh.detach(),
-        *(detached(g) for g in (gamma_ih, gamma_hh, gamma_c, beta_c)),
-        mean_ih, var_ih, var_hh, mean_c, var_c, projection, reserve, *flags,
-    )
+    backward_args, _ = op_backward_arguments(args)
     torch.library.opcheck(torch.ops.bnlstm.layer_backward.default, backward_args)
     # input_grad=False: grad_x is skipped (empty), every other gradient is the same.
-    torch.library.opcheck(torch.ops.bnlstm.layer_backward.default, backward_args + (False,))
+    without_input_args, _ = op_backward_arguments(args, input_grad=False)
+    torch.library.opcheck(torch.ops.bnlstm.layer_backward.default, without_input_args)
     # operand_dtype, as half-precision inputs pass it: nothing changes on the CPU.
-    torch.library.opcheck(torch.ops.bnlstm.layer_backward.default, backward_args + (True, torch.float16))
+    torch.library.opcheck(torch.ops.bnlstm.layer_backward.default, backward_args[:-1] + (torch.float16,))
     full = torch.ops.bnlstm.layer_backward(*backward_args)
-    without_input = torch.ops.bnlstm.layer_backward(*backward_args, False)
-    assert full[0].shape == x.shape and without_input[0].numel() == 0
-    for expected, got in zip(full[1:], without_input[1:]):
+    without_input = torch.ops.bnlstm.layer_backward(*backward_args[:-2], False, None)
+    assert full[0].shape == args.x.shape and without_input[0].numel() == 0
+    for expected, got in zip((*full[1:3], *full[3]), (*without_input[1:3], *without_input[3])):
         assert torch.equal(got, expected)
+
+
+def test_op_lengths_none_means_full_sequences():
+    """lengths=None gives what lengths of T for every sequence give, forward and backward."""
+    args = op_arguments("cooijmans", True, reverse=True)
+    full = args._replace(lengths=torch.full_like(args.lengths, args.x.shape[0]))
+    backward_full, forward_full = op_backward_arguments(full)
+    backward_none, forward_none = op_backward_arguments(full._replace(lengths=None))
+    flat = lambda result: [t for part in result for t in (part if isinstance(part, list) else [part])]
+    for got, expected in zip(flat(forward_none), flat(forward_full)):
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    backward_none = (*backward_full[:4], None, *backward_full[5:])
+    for got, expected in zip(flat(torch.ops.bnlstm.layer_backward(*backward_none)),
+                             flat(torch.ops.bnlstm.layer_backward(*backward_full))):
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
 
 
 def test_small_calls_run_as_one_block(threads):
@@ -90,7 +96,9 @@ def test_input_without_grad_gives_the_same_parameter_gradients():
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
 def test_gradcheck_fused_layer(variant, training, reverse):
-    (x, h0, c0, lengths, *params) = op_arguments(variant, training, reverse)[:11]
+    args = op_arguments(variant, training, reverse)
+    x, h0, c0, lengths = args.x, args.h0, args.c0, args.lengths
+    params = [p if p.numel() else None for p in args.params]
     v = get_variant(variant)
     running = {}
     if not training:
@@ -312,33 +320,36 @@ def test_half_precision_inputs_are_computed_in_float32():
 
 
 def test_op_boundary_checks_name_the_argument():
-    args = list(op_arguments("cooijmans", True, False))
-    args[3] = args[3].int()
+    args = op_arguments("cooijmans", True, False)
     with pytest.raises(RuntimeError, match=r"lengths must be int64 \[3\]"):
-        torch.ops.bnlstm.layer_forward(*args)
-    args = list(op_arguments("cooijmans", True, False))
-    args[1] = torch.randn(2, 5, dtype=torch.float64)
+        torch.ops.bnlstm.layer_forward(*args._replace(lengths=args.lengths.int()))
     with pytest.raises(RuntimeError, match=r"h0 must have shape \[3, 5\], got \[2, 5\]"):
-        torch.ops.bnlstm.layer_forward(*args)
-    args = list(op_arguments("cooijmans", False, False))
-    args[13] = None  # running_mean_hh in evaluation
+        torch.ops.bnlstm.layer_forward(*args._replace(h0=torch.randn(2, 5, dtype=torch.float64)))
+    with pytest.raises(RuntimeError, match=r"params must hold 7 tensors \(weight_ih, .*\), got 6"):
+        torch.ops.bnlstm.layer_forward(*args._replace(params=args.params[:6]))
+    without_gamma_hh = list(args.params)
+    without_gamma_hh[4] = torch.empty(0, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="gamma_hh is required by this variant"):
+        torch.ops.bnlstm.layer_forward(*args._replace(params=without_gamma_hh))
+    evaluation = op_arguments("cooijmans", False, False)
+    running = list(evaluation.running)
+    running[2] = torch.empty(0, dtype=torch.float64)  # running mean_hh in evaluation
     with pytest.raises(RuntimeError, match="running_mean_hh is required in evaluation"):
-        torch.ops.bnlstm.layer_forward(*args)
-    args = list(op_arguments("cooijmans", True, False))
+        torch.ops.bnlstm.layer_forward(*evaluation._replace(running=running))
+    with pytest.raises(RuntimeError, match=r"running must hold 6 tensors"):
+        torch.ops.bnlstm.layer_forward(*evaluation._replace(running=running[:4]))
     with pytest.raises(RuntimeError, match="operand_dtype must be None, float16 or bfloat16, got Float"):
-        torch.ops.bnlstm.layer_forward(*args, 0, torch.float32)
-    with torch.no_grad():
-        output, h_n, c_n, mean_ih, var_ih, _, var_hh, mean_c, var_c, projection, reserve = (
-            torch.ops.bnlstm.layer_forward(*args))
-    backward_args = (output, h_n, c_n, args[0], args[3], args[1], args[2], output, args[4], args[5], *args[7:11],
-                     mean_ih, var_ih, var_hh, mean_c, var_c, projection, reserve, *args[-7:-1], True)
+        torch.ops.bnlstm.layer_forward(*args._replace(operand_dtype=torch.float32))
+    backward_args, _ = op_backward_arguments(args)
     with pytest.raises(RuntimeError, match="operand_dtype must be None, float16 or bfloat16, got Double"):
-        torch.ops.bnlstm.layer_backward(*backward_args, torch.float64)
+        torch.ops.bnlstm.layer_backward(*backward_args[:-1], torch.float64)
+    with pytest.raises(RuntimeError, match=r"statistics must hold 6 tensors"):
+        torch.ops.bnlstm.layer_backward(*backward_args[:9], backward_args[9][:5], *backward_args[10:])
 
 
 def test_backward_without_reserve_says_why():
     args = op_arguments("cooijmans", True, False, keep_reserve=False)
-    args[0].requires_grad_(True)  # x: the output needs a gradient it cannot get
+    args.x.requires_grad_(True)  # x: the output needs a gradient it cannot get
     out = torch.ops.bnlstm.layer_forward(*args)[0]
     with pytest.raises(RuntimeError, match="keep_reserve=False"):
         out.sum().backward()

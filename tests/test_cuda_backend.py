@@ -189,19 +189,20 @@ def run_op_step_by_step(args, round_to):
     `round_to` and widened again before each call, operands otherwise in float32: what the
     tensor-core GEMM computes for the whole sequence, up to the order of its sums. Returns
     the full call's first nine results (output, h_n, c_n and the statistics)."""
-    args = list(args)
-    x, h, c, lengths = args[0], args[1], args[2], args[3]
-    args[5] = args[5].to(round_to).float()
+    x, h, c, lengths = args.x, args.h0, args.c0, args.lengths
+    params = list(args.params)
+    params[1] = params[1].to(round_to).float()
     per_step = []
     for t in range(x.shape[0]):
         active = lengths > t
-        args[0:4] = x[t:t + 1], h.to(round_to).float(), c, active.long()
-        result = torch.ops.bnlstm.layer_forward(*args, t, None)
+        step = args._replace(x=x[t:t + 1], h0=h.to(round_to).float(), c0=c, lengths=active.long(), params=params,
+                             start_step=t, operand_dtype=None)
+        result = torch.ops.bnlstm.layer_forward(*step)
         # Padded rows keep their state unrounded (the call above returns the rounded copy).
         h, c = torch.where(active[:, None], result[1], h), result[2]
         per_step.append(result)
-    cat = lambda i: torch.cat([result[i] for result in per_step])
-    return (cat(0), h, c, *(cat(i) for i in range(3, 9)))
+    return (torch.cat([result[0] for result in per_step]), h, c,
+            *(torch.cat([result[3][i] for result in per_step]) for i in range(6)))
 
 
 @pytest.mark.parametrize("operands", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
@@ -222,21 +223,24 @@ def test_tensor_core_gemm_rounds_h_and_weights(operands, variant, training, B, H
     "Matches": the root-mean-square difference of every result is at most 5% of the unrounded
     float32 call's (measured: at most 0.25%); not elementwise, since a float32 difference in
     the order of the sums can flip how an h value rounds, which then moves its whole row."""
-    args = list(helpers.op_arguments(variant, training, reverse=False, T=4, B=B, I=6, H=H, dtype=torch.float32,
-                                     device=DEVICE))
-    args[5] = (args[5] * H ** -0.5).detach()  # W_hh at the usual scale: gates of order 1, not saturated
+    args = helpers.op_arguments(variant, training, reverse=False, T=4, B=B, I=6, H=H, dtype=torch.float32,
+                                device=DEVICE)
+    params = list(args.params)
+    params[1] = (params[1] * H ** -0.5).detach()  # W_hh at the usual scale: gates of order 1, not saturated
     # x and W_ih as half-precision inputs bring them: the TF32 input projection is then exact,
     # the same in the step-by-step calls without operand_dtype.
-    args[0], args[4] = (args[i].detach().to(operands).float() for i in (0, 4))
-    args[3] = torch.randint(1, 5, (B,), device=DEVICE)
-    args[3][0] = 4  # every step has an active row
+    params[0] = params[0].detach().to(operands).float()
+    lengths = torch.randint(1, 5, (B,), device=DEVICE)
+    lengths[0] = 4  # every step has an active row
+    args = args._replace(x=args.x.detach().to(operands).float(), lengths=lengths, params=params)
     with torch.no_grad():
-        got = torch.ops.bnlstm.layer_forward(*args, 0, operands)
+        got = torch.ops.bnlstm.layer_forward(*args._replace(operand_dtype=operands))
         want = run_op_step_by_step(args, operands)
-        unrounded = torch.ops.bnlstm.layer_forward(*args, 0, None)
+        unrounded = torch.ops.bnlstm.layer_forward(*args)
     rms = lambda d: d.pow(2).mean().sqrt().item() if d.numel() else 0.0
     names = ("output", "h_n", "c_n", "mean_ih", "var_ih", "mean_hh", "var_hh", "mean_c", "var_c")
-    for name, g, w, u in zip(names, got, want, unrounded):
+    flat = lambda result: (*result[:3], *result[3])
+    for name, g, w, u in zip(names, flat(got), want, flat(unrounded)):
         w = w[:g.shape[0]]  # sequence-wise input statistics: one row, the same at every step
         assert g.shape == w.shape, name
         assert rms(g - w) <= 0.05 * rms(u - w) + 1e-6, (name, rms(g - w), rms(u - w))
@@ -254,39 +258,39 @@ def test_half_precision_gemms_in_tf32(operands, variant):
     within TF32's rounding (2^-11) where one is a float32 state or gradient. Every GEMM layout
     the host code uses (transposed views, accumulation) goes through here."""
     T, B, I, H = 5, 3, 6, 20
-    args = list(helpers.op_arguments(variant, True, reverse=False, T=T, B=B, I=I, H=H, dtype=torch.float32,
-                                     device=DEVICE))
-    args[3] = torch.tensor([5, 3, 4], device=DEVICE)
+    args = helpers.op_arguments(variant, True, reverse=False, T=T, B=B, I=I, H=H, dtype=torch.float32,
+                                device=DEVICE)
     rounded = lambda t: t.detach().to(operands).float()
-    args[0], args[4] = rounded(args[0]), rounded(args[4])  # x, W_ih: values half-precision inputs bring
-    args[5] = rounded(args[5]) * 0.25  # W_hh at about the usual scale (a power of two keeps it exact)
-    active = (torch.arange(T, device=DEVICE)[:, None] < args[3][None, :]).double()[..., None]
-    exact_projection = torch.einsum("tbi,gi->tbg", args[0].double(), args[4].double()) * active
+    params = [p.detach() for p in args.params]
+    params[0] = rounded(params[0])  # x, W_ih: values half-precision inputs bring
+    params[1] = rounded(params[1]) * 0.25  # W_hh at about the usual scale (a power of two keeps it exact)
+    args = args._replace(x=rounded(args.x), h0=args.h0.detach(), c0=args.c0.detach(),
+                         lengths=torch.tensor([5, 3, 4], device=DEVICE), params=params)
+    active = (torch.arange(T, device=DEVICE)[:, None] < args.lengths[None, :]).double()[..., None]
+    exact_projection = torch.einsum("tbi,gi->tbg", args.x.double(), params[0].double()) * active
     rms = lambda d: d.double().pow(2).mean().sqrt().item()
     previous = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False  # operand_dtype=None: IEEE float32 products
     try:
+        backward_args, forward = helpers.op_backward_arguments(args._replace(operand_dtype=operands))
         with torch.no_grad():
-            forward = torch.ops.bnlstm.layer_forward(*args, 0, operands)
-            unrounded = list(args)
-            unrounded[0] = args[0] + 1e-3 * torch.randn_like(args[0])  # x no longer half-precision values
-            projection_of_unrounded = torch.ops.bnlstm.layer_forward(*unrounded, 0, operands)[9]
-        output, h_n, c_n, mean_ih, var_ih, _, var_hh, mean_c, var_c, projection, reserve = forward
+            unrounded_x = args.x + 1e-3 * torch.randn_like(args.x)  # x no longer half-precision values
+            projection_of_unrounded = torch.ops.bnlstm.layer_forward(
+                *args._replace(x=unrounded_x, operand_dtype=operands))[4]
+        projection = forward[4]
         if variant != "none":  # the projection is kept for the backward pass where it is normalized
             torch.testing.assert_close(projection.double(), exact_projection, rtol=1e-6, atol=1e-5)
-            exact = torch.einsum("tbi,gi->tbg", unrounded[0].double(), args[4].double()) * active
+            exact = torch.einsum("tbi,gi->tbg", unrounded_x.double(), params[0].double()) * active
             error = rms(projection_of_unrounded - exact) / rms(exact)
             assert 2e-5 < error < 2e-3, error  # TF32's rounding of x, visible
-        backward_args = (torch.randn_like(output), torch.randn_like(h_n), torch.randn_like(c_n), args[0], args[3],
-                         args[1].detach(), args[2].detach(), output, args[4], args[5],
-                         *(None if g is None else g.detach() for g in args[7:11]),
-                         mean_ih, var_ih, var_hh, mean_c, var_c, projection, reserve, *args[-7:-1], True)
-        tf32 = torch.ops.bnlstm.layer_backward(*backward_args, operands)
-        ieee = torch.ops.bnlstm.layer_backward(*backward_args, None)
+        tf32 = torch.ops.bnlstm.layer_backward(*backward_args[:-1], operands)
+        ieee = torch.ops.bnlstm.layer_backward(*backward_args[:-1], None)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = previous
     names = ("grad_x", "grad_h0", "grad_c0", "grad_weight_ih", "grad_weight_hh", "grad_bias", "grad_gamma_ih",
              "grad_gamma_hh", "grad_gamma_c", "grad_beta_c")
+    flat = lambda result: (*result[:3], *result[3])
+    tf32, ieee = flat(tf32), flat(ieee)
     for name, got, want in zip(names, tf32, ieee):
         assert got.shape == want.shape, name
         if want.numel():
@@ -310,20 +314,10 @@ def test_opcheck_cuda_ops(variant, training):
     torch.library.opcheck(torch.ops.bnlstm.layer_forward.default, args)
     torch.library.opcheck(torch.ops.bnlstm.layer_forward.default,
                           op_arguments(variant, training, reverse=False, keep_reserve=False))
-    (x, h0, c0, lengths, weight_ih, weight_hh, _, gamma_ih, gamma_hh, gamma_c, beta_c, *_rest) = args
-    with torch.no_grad():
-        output, h_n, c_n, mean_ih, var_ih, _, var_hh, mean_c, var_c, projection, reserve = (
-            torch.ops.bnlstm.layer_forward(*args))
-    detached = lambda t: None if t is None else t.detach()
-    backward_args = (
-        torch.randn_like(output), torch.randn_like(h_n), torch.randn_like(c_n), x.detach(), lengths,
-        h0.detach(), c0.detach(), output, weight_ih.detach(), weight_hh.detach(),
-        *(detached(g) for g in (gamma_ih, gamma_hh, gamma_c, beta_c)),
-        mean_ih, var_ih, var_hh, mean_c, var_c, projection, reserve, *args[-7:-1],
-    )
+    backward_args, _ = helpers.op_backward_arguments(args)
     torch.library.opcheck(torch.ops.bnlstm.layer_backward.default, backward_args)
     # With operand_dtype, as half-precision inputs call it: the GEMMs in TF32.
-    torch.library.opcheck(torch.ops.bnlstm.layer_backward.default, backward_args + (True, torch.bfloat16))
+    torch.library.opcheck(torch.ops.bnlstm.layer_backward.default, backward_args[:-1] + (torch.bfloat16,))
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -332,7 +326,9 @@ def test_opcheck_cuda_ops(variant, training):
 @pytest.mark.cuda
 @requires_gpu
 def test_gradcheck_cuda_op(variant, training):
-    (x, h0, c0, lengths, *params) = op_arguments(variant, training, reverse=True)[:11]
+    args = op_arguments(variant, training, reverse=True)
+    x, h0, c0, lengths = args.x, args.h0, args.c0, args.lengths
+    params = [p if p.numel() else None for p in args.params]
     v = get_variant(variant)
     _, running = random_layer(variant, H=5)[3:]
     inputs = [t for t in (x, h0, c0, *params) if t is not None]

@@ -6,6 +6,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <tuple>
+#include <vector>
 
 #include "expect.h"
 
@@ -14,14 +15,9 @@ namespace {
 using bnlstm_test::expect;
 using bnlstm_test::failures;
 
-using ForwardOp = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
-                             at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
-    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-    const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&,
-    const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&,
-    const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&,
-    const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&, int64_t, bool, bool, bool, double, bool,
-    bool, int64_t, c10::optional<at::ScalarType>);
+using ForwardOp = std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>, at::Tensor, at::Tensor>(
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&, at::TensorList,
+    at::TensorList, int64_t, bool, bool, bool, double, bool, bool, int64_t, c10::optional<at::ScalarType>);
 
 }  // namespace
 
@@ -33,12 +29,14 @@ int main() {
   const at::Tensor w_ih = at::randn({4 * H, I}, options), w_hh = at::randn({4 * H, H}, options);
   const at::Tensor bias = at::randn({4 * H}, options);
   const at::Tensor lengths = at::tensor({6, 2, 4}, at::kLong);
-  const c10::optional<at::Tensor> none;
+  const at::Tensor absent = at::empty({0}, options);
 
   auto op = c10::Dispatcher::singleton().findSchemaOrThrow("bnlstm::layer_forward", "").typed<ForwardOp>();
-  const auto out = op.call(x, h0, c0, lengths, w_ih, w_hh, bias, none, none, none, none, none, none, none, none, none,
-                           none, /*input_statistics=*/0, false, false, /*training=*/true, 1e-5, false, true,
-                           /*start_step=*/0, /*operand_dtype=*/c10::nullopt);
+  const std::vector<at::Tensor> params{w_ih, w_hh, bias, absent, absent, absent, absent};
+  const std::vector<at::Tensor> running(6, absent);
+  const auto out = op.call(x, h0, c0, lengths, params, running, /*input_statistics=*/0, false, false,
+                           /*training=*/true, 1e-5, /*reverse=*/false, /*keep_reserve=*/true, /*start_step=*/0,
+                           /*operand_dtype=*/c10::nullopt);
   const at::Tensor output = std::get<0>(out), h_n = std::get<1>(out);
 
   // The plain LSTM, sequence by sequence, with ATen.
@@ -54,7 +52,7 @@ int main() {
     for (int64_t t = length; t < T; ++t) expect(output[t][b].abs().max().item<double>() == 0.0, "padded output is 0");
     expect(at::allclose(h_n[b], h, 1e-10, 1e-10), "h_n is the state at the last valid step");
   }
-  expect(std::get<10>(out).size(0) == T && std::get<10>(out).size(1) == B, "reserve kept for backward");
+  expect(std::get<5>(out).size(0) == T && std::get<5>(out).size(1) == B, "reserve kept for backward");
 
   if (failures == 0) std::printf("test_layer_cpu: all checks passed\n");
   return failures == 0 ? EXIT_SUCCESS : EXIT_FAILURE;
