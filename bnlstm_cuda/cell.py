@@ -32,7 +32,8 @@ class BNLSTMCell(BNLSTMBase):
         mask: [B] bool, the rows still active. Inactive rows do not enter the batch
             statistics and keep their state, as padded steps do in the layer.
 
-    Outputs: ``(h_1, c_1)``, each [B, H] ([H] unbatched). A batch of no rows (B = 0) gives
+    Outputs: ``(h_1, c_1)``, each [B, H] ([H] unbatched); in the autocast dtype under
+    torch.autocast, as BNLSTM's. A batch of no rows (B = 0) gives
     empty outputs and leaves the running statistics alone.
 
     State dict: the layer's names without the layer suffix: ``weight_ih`` [4H, I],
@@ -97,6 +98,7 @@ class BNLSTMCell(BNLSTMBase):
 
     def forward(self, input, hx: Optional[Tuple[Tensor, Tensor]] = None, step: int = 0,
                 mask: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+        self._refuse_torchscript_onnx()
         weight = self.weight_ih
         if not isinstance(input, Tensor):
             raise TypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
@@ -107,7 +109,12 @@ class BNLSTMCell(BNLSTMBase):
             )
         unbatched = input.dim() == 1
         x = input.reshape(1, 1, -1) if unbatched else input.unsqueeze(0)  # [T=1, B, I]
-        validation.check_input(x, self.input_size, weight.dtype, weight.device)
+        # Under torch.autocast: input, state and weights in its dtype, as in BNLSTM.
+        autocast_dtype = self._autocast_dtype(input, weight)
+        validation.check_input(x, self.input_size, None if autocast_dtype is not None else weight.dtype,
+                               weight.device)
+        if autocast_dtype is not None:
+            x = x.to(autocast_dtype)
         validation.check_positive_int("step", step, minimum=0)
         batch = x.shape[1]
         group = distributed.statistics_group(self, self.training)
@@ -123,7 +130,9 @@ class BNLSTMCell(BNLSTMBase):
                 shape, layout = (self.hidden_size,), "(hidden_size,) for unbatched input"
             else:
                 shape, layout = (batch, self.hidden_size), "(batch, hidden_size)"
-            h0, c0 = validation.check_hx(hx, shape, input, layout)
+            h0, c0 = validation.check_hx(hx, shape, x, layout, autocast=autocast_dtype is not None)
+            if autocast_dtype is not None:
+                h0, c0 = h0.to(autocast_dtype), c0.to(autocast_dtype)
             h0, c0 = h0.reshape(batch, self.hidden_size), c0.reshape(batch, self.hidden_size)
         if batch == 0:
             # No row, no statistics: the backends need not run, and nothing is folded.
@@ -131,10 +140,19 @@ class BNLSTMCell(BNLSTMBase):
             return h0 + anchor, c0 + anchor
 
         backend = self._pass_backend(x, group)
-        result = backend.layer(
-            x, h0, c0, parameters.layer_params(self, ""), self._running_stats(""),
-            variant=self._variant, training=self.training, eps=self.eps, lengths=lengths, start_step=step,
-        )
+        if autocast_dtype is None:
+            result = backend.layer(
+                x, h0, c0, parameters.layer_params(self, ""), self._running_stats(""),
+                variant=self._variant, training=self.training, eps=self.eps, lengths=lengths, start_step=step,
+            )
+        else:
+            # Off inside, so statistics and cell math stay in float32 (see BNLSTM._forward).
+            with torch.autocast(x.device.type, enabled=False):
+                result = backend.layer(
+                    x, h0, c0, self._layer_params("", autocast_dtype), self._running_stats(""),
+                    variant=self._variant, training=self.training, eps=self.eps, lengths=lengths,
+                    start_step=step,
+                )
         if self.training:
             self._fold(backend, "", result.batch_stats, step)
         h_1, c_1 = result.h_n, result.c_n

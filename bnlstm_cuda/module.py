@@ -42,7 +42,9 @@ class BNLSTM(BNLSTMBase):
         eps: added to the variance before the square root.
         gamma_init: initial value of every gamma (the paper's 0.1).
         backend: ``"auto"`` (the fused backend for the input's device), ``"reference"``
-            (the plain PyTorch loop), ``"cpu"``, ``"cuda"`` or ``"triton"``.
+            (the plain PyTorch loop), ``"cpu"``, ``"cuda"`` or ``"triton"``. While
+            torch.export traces (torch.onnx.export(..., dynamo=True) too), the reference
+            loop runs whatever the backend, so the exported graph needs no extension.
         sync_statistics: in training, normalize with the batch statistics of the global
             batch over ``process_group`` (torch.distributed), the SyncBatchNorm of this
             layer; needs backend "auto" or "reference". See bnlstm_cuda.distributed.
@@ -60,7 +62,10 @@ class BNLSTM(BNLSTMBase):
             min(start_step + t, max_length - 1). Unidirectional layers only.
 
     Outputs: ``output, (h_n, c_n)`` shaped as :class:`torch.nn.LSTM`'s; h_n and c_n hold
-    each sequence's state at its last valid step. A batch of no sequences (B = 0) gives
+    each sequence's state at its last valid step. Under torch.autocast (float16 or
+    bfloat16, for the input's device type) input, state and weight matrices are cast to its
+    dtype, statistics and cell math run in float32, and the outputs come in its dtype
+    (docs/SEMANTICS.md, "Under torch.autocast"). A batch of no sequences (B = 0) gives
     empty outputs and leaves the running statistics alone.
 
     State dict, for layer k and direction suffix "" or "_reverse":
@@ -179,6 +184,7 @@ class BNLSTM(BNLSTMBase):
     # Forward ----------------------------------------------------------------------------
 
     def forward(self, input, hx: Optional[Tuple[Tensor, Tensor]] = None, lengths=None, start_step: int = 0):
+        self._refuse_torchscript_onnx()
         group = distributed.statistics_group(self, self.training)
         output, state, batch_stats, backend = self._forward(
             input, hx, lengths,
@@ -263,18 +269,24 @@ class BNLSTM(BNLSTMBase):
             )
         weight = self.weight_ih_l0
         packed = isinstance(input, PackedSequence)
+        # Under torch.autocast: the input, state and weights in its dtype (float32 compute
+        # inside the backends), whatever dtype each came in.
+        autocast_dtype = self._autocast_dtype(input.data if packed else input, weight)
+        expected_dtype = None if autocast_dtype is not None else weight.dtype
         if packed:
             if lengths is not None:
                 raise ValueError("lengths must be None when input is a PackedSequence (it carries its own)")
             validation.check_packed(input, self.input_size)
             x, lengths = pad_packed_sequence(input)  # [T, B, I] in the caller's batch order
-            validation.check_input(x, self.input_size, weight.dtype, weight.device)
+            validation.check_input(x, self.input_size, expected_dtype, weight.device)
         else:
-            validation.check_input(input, self.input_size, weight.dtype, weight.device, self.batch_first)
+            validation.check_input(input, self.input_size, expected_dtype, weight.device, self.batch_first)
             if input.dim() == 2:
                 x = input.unsqueeze(1)
             else:
                 x = input.transpose(0, 1) if self.batch_first else input
+        if autocast_dtype is not None:
+            x = x.to(autocast_dtype)
         unbatched = not packed and input.dim() == 2
         num_steps, batch = x.shape[0], x.shape[1]
         if group is None:
@@ -299,7 +311,9 @@ class BNLSTM(BNLSTMBase):
             else:
                 shape = (num_states, batch, self.hidden_size)
                 layout = "(num_layers * num_directions, batch, hidden_size)"
-            h0, c0 = validation.check_hx(hx, shape, x, layout)
+            h0, c0 = validation.check_hx(hx, shape, x, layout, autocast=autocast_dtype is not None)
+            if autocast_dtype is not None:
+                h0, c0 = h0.to(autocast_dtype), c0.to(autocast_dtype)
             if unbatched:
                 h0, c0 = h0.unsqueeze(1), c0.unsqueeze(1)
 
@@ -310,8 +324,15 @@ class BNLSTM(BNLSTMBase):
             h_n, c_n, batch_stats, backend = h0 + anchor, c0 + anchor, {}, None
         else:
             backend = self._pass_backend(x, group)
-            output, h_n, c_n, batch_stats = self._run_layers(backend, x, h0, c0, lengths, batch_statistics,
-                                                             dropout, start_step)
+            if autocast_dtype is None:
+                output, h_n, c_n, batch_stats = self._run_layers(backend, x, h0, c0, lengths, batch_statistics,
+                                                                 dropout, start_step)
+            else:
+                # Off inside: the backends keep statistics and cell math in float32, which
+                # autocast would otherwise turn to its dtype at every matrix product.
+                with torch.autocast(x.device.type, enabled=False):
+                    output, h_n, c_n, batch_stats = self._run_layers(backend, x, h0, c0, lengths, batch_statistics,
+                                                                     dropout, start_step, autocast_dtype)
         if group is not None:
             output = output[:num_steps]  # [T, B, H]: drop the steps added for other processes
 
@@ -324,15 +345,16 @@ class BNLSTM(BNLSTMBase):
         return output, (h_n, c_n), batch_stats, backend
 
     def _run_layers(self, backend: Backend, x, h0, c0, lengths, batch_statistics: bool, dropout: float,
-                    start_step: int):
-        """x: [T, B, I]; h0, c0: [num_layers * num_directions, B, H]."""
+                    start_step: int, autocast_dtype: Optional[torch.dtype] = None):
+        """x: [T, B, I]; h0, c0: [num_layers * num_directions, B, H]; autocast_dtype: the
+        dtype of the weights under torch.autocast (None: as they are)."""
         layer_fn = backend.layer
         h_n, c_n, outputs = [], [], []
         batch_stats: ForwardStats = {}
         for index, (suffix, _) in enumerate(self._layer_directions()):
             direction = index % self.num_directions
             result = layer_fn(
-                x, h0[index], c0[index], parameters.layer_params(self, suffix), self._running_stats(suffix),
+                x, h0[index], c0[index], self._layer_params(suffix, autocast_dtype), self._running_stats(suffix),
                 variant=self._variant, training=batch_statistics, eps=self.eps,
                 lengths=lengths, reverse=direction == 1, start_step=start_step,
             )

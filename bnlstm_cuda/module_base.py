@@ -55,6 +55,17 @@ class BNLSTMBase(nn.Module):
             "for speed or torch.export.export(model, (x,)) for a graph to deploy"
         )
 
+    def _refuse_torchscript_onnx(self) -> None:
+        """The TorchScript-based ONNX exporter (torch.onnx.export(..., dynamo=False)) traces
+        with torch.jit.trace, which passes the integer arguments as tensors and would make
+        each a required input of the ONNX graph: refused with the exporter that works."""
+        if torch.jit.is_tracing() and torch.onnx.is_in_onnx_export():
+            raise RuntimeError(
+                f"{type(self).__name__} does not support the TorchScript-based ONNX exporter "
+                "(torch.onnx.export(..., dynamo=False)); use torch.onnx.export(model, (x,), dynamo=True), "
+                "which traces the module with torch.export"
+            )
+
     def _pass_backend(self, x: Tensor, group) -> Backend:
         """What runs this forward pass on x [T, B, I]: the reference layer with statistics of
         `group`'s global batch (a synchronized training step); the reference layer while

@@ -17,6 +17,10 @@ from torch import Tensor
 from .variants import get_variant
 
 
+# The floating dtypes torch.autocast casts (it leaves float64 alone).
+AUTOCAST_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
 class ShapeError(ValueError, RuntimeError):
     """A tensor of the wrong shape: a ValueError here, the RuntimeError torch.nn.LSTM and
     torch.nn.LSTMCell raise for the same mistake."""
@@ -58,10 +62,11 @@ def check_bool(name: str, value) -> bool:
 
 
 def check_input(
-    input, input_size: int, dtype: torch.dtype, device: torch.device, batch_first: bool = False
+    input, input_size: int, dtype: Optional[torch.dtype], device: torch.device, batch_first: bool = False
 ) -> None:
     """input: [T, B, I] (or [B, T, I] batch-first), or [T, I] unbatched. T must be >= 1;
-    B may be 0 (an empty batch, as torch.nn.LSTM allows)."""
+    B may be 0 (an empty batch, as torch.nn.LSTM allows). dtype: the parameters' dtype,
+    which the input must have; None under torch.autocast, which casts both."""
     if not isinstance(input, Tensor):
         raise TypeError(
             f"input must be a torch.Tensor or a PackedSequence, got {type(input).__name__}"
@@ -76,10 +81,14 @@ def check_input(
             f"input must have input_size={input_size} features in its last dimension, "
             f"got shape {tuple(input.shape)}"
         )
-    if input.dtype != dtype:
+    if dtype is not None and input.dtype != dtype:
+        hint = ""
+        if input.dtype in (torch.float16, torch.bfloat16) and dtype in AUTOCAST_DTYPES:
+            hint = (f", or run the module under torch.autocast({input.device.type!r}, dtype={input.dtype}) "
+                    "as the layer that made the input ran")
         raise DTypeError(
             f"input has dtype {input.dtype} but the module's parameters are {dtype}; "
-            f"convert one of them (e.g. module.to({dtype}) or input.to({dtype}))"
+            f"convert one of them (e.g. module.to({input.dtype}) or input.to({dtype})){hint}"
         )
     if input.device != device:
         raise ValueError(
@@ -93,8 +102,10 @@ def check_input(
 
 
 def check_hx(hx, expected_shape: Tuple[int, ...], input: Tensor,
-             layout: str = "(num_layers * num_directions, batch, hidden_size)") -> Tuple[Tensor, Tensor]:
-    """hx: (h_0, c_0), each of expected_shape, with the input's dtype and device.
+             layout: str = "(num_layers * num_directions, batch, hidden_size)",
+             autocast: bool = False) -> Tuple[Tensor, Tensor]:
+    """hx: (h_0, c_0), each of expected_shape, with the input's dtype and device (under
+    torch.autocast, `autocast`: any dtype autocast casts, as the caller casts them).
     layout: what the dimensions of expected_shape are, for the message."""
     if not isinstance(hx, (tuple, list)) or len(hx) != 2:
         raise TypeError(
@@ -108,7 +119,12 @@ def check_hx(hx, expected_shape: Tuple[int, ...], input: Tensor,
             raise ShapeError(
                 f"hx[{name}] must have shape {expected_shape} {layout}, got {tuple(state.shape)}"
             )
-        if state.dtype != input.dtype:
+        if autocast and state.dtype not in AUTOCAST_DTYPES:
+            raise DTypeError(
+                f"hx[{name}] must have dtype torch.float32, torch.float16 or torch.bfloat16 under "
+                f"torch.autocast (it is cast to {input.dtype}), got {state.dtype}"
+            )
+        if not autocast and state.dtype != input.dtype:
             raise DTypeError(f"hx[{name}] must have dtype {input.dtype}, got {state.dtype}")
         if state.device != input.device:
             raise ValueError(f"hx[{name}] must be on {input.device}, got {state.device}")
