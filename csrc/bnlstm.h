@@ -133,8 +133,8 @@ struct RecurrentBackwardOutputs {
   at::Tensor grad_gamma_ih;   // [4H] sum of grad_gates * xhat, if the input is normalized
   at::Tensor grad_gamma_hh;   // [4H] or undefined
   at::Tensor grad_gamma_c, grad_beta_c;  // [H] or undefined
-  // Defined (zero on entry) where the host asks the device kernel to accumulate the weight
-  // gradients during the recurrence, from each step's gradients while they are in cache:
+  // Defined (uninitialised on entry: the kernel writes every element) where the host asks the
+  // device kernel to accumulate the weight gradients during the recurrence, from each step's gradients while they are in cache:
   // grad_weight_hh = sum_t grad_zh_t^T h_{t-1} always, grad_weight_ih = sum_t grad_wx_t^T x_t
   // unless the input statistics are sequence-wise. grad_zh and grad_wx are then undefined
   // unless the host still needs them (grad_wx for grad_x); the kernel stores what is defined.

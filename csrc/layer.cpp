@@ -19,11 +19,13 @@ namespace {
 constexpr int64_t kTransposedWeightGradientRows = 512;
 
 // Reverse each sequence of x [T, B, ...] within its own length; padded steps stay put.
-at::Tensor reverse_padded(const at::Tensor& x, const at::Tensor& lengths) {
+// Without lengths every sequence is full and the reversal is a flip.
+at::Tensor reverse_padded(const at::Tensor& x, const OptTensor& lengths) {
+  if (!lengths.has_value()) return x.flip(0);
   const int64_t T = x.size(0), B = x.size(1);
-  const at::Tensor steps = at::arange(T, lengths.options()).unsqueeze(1);  // [T, 1]
-  const at::Tensor last = lengths.unsqueeze(0) - 1;                        // [1, B]
-  at::Tensor index = at::where(steps <= last, last - steps, steps);       // [T, B]
+  const at::Tensor steps = at::arange(T, lengths->options()).unsqueeze(1);  // [T, 1]
+  const at::Tensor last = lengths->unsqueeze(0) - 1;                        // [1, B]
+  at::Tensor index = at::where(steps <= last, last - steps, steps);        // [T, B]
   std::vector<int64_t> shape{T, B};
   shape.resize(x.dim(), 1);
   return x.gather(0, index.view(shape).expand_as(x));
@@ -43,29 +45,29 @@ std::tuple<at::Tensor, at::Tensor> masked_moments(const at::Tensor& z, const at:
 struct Prepared {
   at::Tensor x;       // [T, B, I] in processing order, zero at padded steps
   at::Tensor active;  // [T, B] bool
-  at::Tensor weight;  // [T, B, 1] active as the input's dtype
   at::Tensor counts;  // [T] int64, active sequences per step
+
+  // [T, B, 1]: active as the input's dtype, for the sums of sequence-wise statistics.
+  at::Tensor weight() const { return active.unsqueeze(2).to(x.scalar_type()); }
 };
 
-Prepared prepare(const at::Tensor& x, const at::Tensor& lengths, bool all_full, bool reverse) {
-  const int64_t T = x.size(0);
+Prepared prepare(const at::Tensor& x, const OptTensor& lengths, bool reverse) {
+  const int64_t T = x.size(0), B = x.size(1);
   Prepared p;
-  p.active = at::arange(T, lengths.options()).unsqueeze(1) < lengths.unsqueeze(0);
-  p.weight = p.active.unsqueeze(2).to(x.scalar_type());
-  // Padding may hold anything (NaN too); zeroed, it cannot reach a statistic or a gradient.
-  // A batch without padding skips the copy (on a GPU only when the caller said so: asking
-  // the lengths would synchronise the host).
   const at::Tensor ordered = reverse ? reverse_padded(x, lengths) : x;
+  if (!lengths.has_value()) {  // every sequence full: no mask to compute, no padding to zero
+    p.active = at::ones({T, B}, x.options().dtype(at::kBool));
+    p.counts = at::full({T}, B, x.options().dtype(at::kLong));
+    p.x = ordered;
+    return p;
+  }
+  p.active = at::arange(T, lengths->options()).unsqueeze(1) < lengths->unsqueeze(0);
   p.counts = p.active.sum(1);
-  const bool unpadded =
-      all_full || (x.is_cpu() && (T == 0 || p.counts.min().item<int64_t>() == x.size(1)));
+  // Padding may hold anything (NaN too); zeroed, it cannot reach a statistic or a gradient.
+  // A CPU batch without padding skips the copy (asking a GPU would synchronise the host).
+  const bool unpadded = x.is_cpu() && (T == 0 || p.counts.min().item<int64_t>() == B);
   p.x = unpadded ? ordered : at::where(p.active.unsqueeze(2), ordered, at::zeros({}, x.options()));
   return p;
-}
-
-// The lengths argument, or every sequence at full length T where it is None.
-at::Tensor lengths_or_full(const OptTensor& lengths, const at::Tensor& x) {
-  return lengths.has_value() ? *lengths : at::full({x.size(1)}, x.size(0), x.options().dtype(at::kLong));
 }
 
 // An entry of a schema tensor list: nullopt for the empty tensor that stands for "absent".
@@ -154,8 +156,8 @@ LayerForwardResult layer_forward(RecurrentForwardFn recurrent, MatmulFn matmul, 
   check_running(running.mean_c, normalize_cell && !training, "running_mean_c", H, x);
   check_running(running.var_c, normalize_cell && !training, "running_var_c", H, x);
 
-  const at::Tensor lengths = lengths_or_full(in.lengths, x);
-  const Prepared p = prepare(x, lengths, !in.lengths.has_value(), in.reverse);
+  const OptTensor& lengths = in.lengths;
+  const Prepared p = prepare(x, lengths, in.reverse);
   // Every output is a tensor of its own (the schema promises no aliasing), so unused ones
   // are fresh empty tensors, never one shared.
   const auto empty_g = [&x, G] { return at::empty({0, G}, x.options()); };
@@ -191,7 +193,7 @@ LayerForwardResult layer_forward(RecurrentForwardFn recurrent, MatmulFn matmul, 
   } else if (input_statistics == kInputSequence) {
     // Sequence-wise statistics need every step before the first one runs.
     if (training) {
-      const at::Tensor weight = p.weight.view({1, T * B, 1});
+      const at::Tensor weight = p.weight().view({1, T * B, 1});
       std::tie(out.mean_ih, out.var_ih) =
           masked_moments(args.input_projection.view({1, T * B, G}), weight, weight.sum(1));
     } else {
@@ -262,8 +264,8 @@ LayerBackwardResult layer_backward(RecurrentBackwardFn recurrent, MatmulFn matmu
   check_optional(w.gamma_c, normalize_cell, "gamma_c", {H}, x);
   check_optional(w.beta_c, normalize_cell, "beta_c", {H}, x);
 
-  const at::Tensor lengths = lengths_or_full(in.lengths, x);
-  const Prepared p = prepare(x, lengths, !in.lengths.has_value(), reverse);
+  const OptTensor& lengths = in.lengths;
+  const Prepared p = prepare(x, lengths, reverse);
   const bool step_input = input_statistics == kInputStep;
   RecurrentBackwardArgs args;
   args.grad_output = (reverse ? reverse_padded(in.grad_output, lengths) : in.grad_output).contiguous();
@@ -297,12 +299,12 @@ LayerBackwardResult layer_backward(RecurrentBackwardFn recurrent, MatmulFn matmu
   const bool kernel_weight_hh = weights_in_recurrence;
   const bool kernel_weight_ih = weights_in_recurrence && input_statistics != kInputSequence;
   if (kernel_weight_hh) {
-    out.grad_weight_hh = at::zeros({G, H}, x.options());
+    out.grad_weight_hh = at::empty({G, H}, x.options());
     args.h0 = h0.contiguous();
     args.output = output_ordered;
   }
   if (kernel_weight_ih) {
-    out.grad_weight_ih = at::zeros({G, I}, x.options());
+    out.grad_weight_ih = at::empty({G, I}, x.options());
     args.x = p.x.contiguous();
   }
   // The [T, B, 4H] gradients the host reads after the recurrence: grad_zh for grad_weight_hh,
@@ -331,7 +333,7 @@ LayerBackwardResult layer_backward(RecurrentBackwardFn recurrent, MatmulFn matmu
     const at::Tensor scale = rstd * *w.gamma_ih;
     if (training) {
       const at::Tensor count = p.counts.sum().clamp_min(1).to(x.scalar_type());
-      grad_wx = (out.grad_gates - out.grad_bias / count - xhat * (out.grad_gamma_ih / count)) * p.weight * scale;
+      grad_wx = (out.grad_gates - out.grad_bias / count - xhat * (out.grad_gamma_ih / count)) * p.weight() * scale;
     } else {
       grad_wx = out.grad_gates * scale;
     }

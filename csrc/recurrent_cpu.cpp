@@ -456,6 +456,22 @@ void add_into(T* dst, const T* src, int64_t size) {
   });
 }
 
+// dst[r, c] = src[c, r] for r < rows, c < cols (row strides in elements), tile by tile so
+// both sides stay in L1: a strided copy_ of a transposed view walks one side a column at a
+// time, a cache line per element.
+template <typename T>
+void transpose_into(T* dst, int64_t dst_stride, const T* src, int64_t src_stride, int64_t rows, int64_t cols) {
+  constexpr int64_t kTile = 16;
+  for (int64_t r0 = 0; r0 < rows; r0 += kTile) {
+    for (int64_t c0 = 0; c0 < cols; c0 += kTile) {
+      const int64_t r1 = std::min(rows, r0 + kTile), c1 = std::min(cols, c0 + kTile);
+      for (int64_t r = r0; r < r1; ++r) {
+        for (int64_t c = c0; c < c1; ++c) dst[r * dst_stride + c] = src[c * src_stride + r];
+      }
+    }
+  }
+}
+
 template <typename T>
 class RecurrentBackwardCPU {
  public:
@@ -839,11 +855,19 @@ void recurrent_backward_impl(const RecurrentBackwardArgs& args, RecurrentBackwar
     if (weights_hh && t % chunk == 0) add_weight_gradients(k, t, std::min(chunk, T_ - t));
   });
   if (T_ > 0) gather_grad_h(0, 0, H);  // the gradient of h_0
-  for (int64_t k = 0; k < blocks; ++k) {  // the blocks' rows into the weight gradients
+  // The blocks' rows, transposed, into the weight gradients: every row of every gate.
+  const int64_t I = weights_ih ? out.grad_weight_ih.size(1) : 0;
+  for (int64_t k = 0; k < blocks; ++k) {
     const int64_t j0 = bounds[k], J = bounds[k + 1] - j0;
     for (int64_t g = 0; g < 4; ++g) {
-      if (weights_hh) out.grad_weight_hh.narrow(0, g * H + j0, J).copy_(weight_hh_rows[k].narrow(1, g * J, J).t());
-      if (weights_ih) out.grad_weight_ih.narrow(0, g * H + j0, J).copy_(weight_ih_rows[k].narrow(1, g * J, J).t());
+      if (weights_hh) {
+        transpose_into(out.grad_weight_hh.data_ptr<T>() + (g * H + j0) * H, H,
+                       weight_hh_rows[k].data_ptr<T>() + g * J, 4 * J, J, H);
+      }
+      if (weights_ih) {
+        transpose_into(out.grad_weight_ih.data_ptr<T>() + (g * H + j0) * I, I,
+                       weight_ih_rows[k].data_ptr<T>() + g * J, 4 * J, J, I);
+      }
     }
   }
 }
