@@ -94,8 +94,9 @@ def update_running_stats(
         later = steps.flip(0).cumsum(0).flip(0) - steps  # valid steps after each one, per feature
         weights = steps * momentum * (1 - momentum) ** later  # [K, F]
         decay = (1 - momentum) ** steps.sum(0)  # [F]
-        # where, not a product with the zero weight: a skipped step may hold NaN.
-        batch_tail = torch.where(tail_valid, batch[:, head:], torch.zeros((), dtype=dtype))
+        # masked_fill, not a product with the zero weight: a skipped step may hold NaN. A
+        # Python zero, not a CPU tensor: a CUDA graph capture refuses host-to-device copies.
+        batch_tail = batch[:, head:].masked_fill(~tail_valid, 0.0)
         running[:, -1] = decay * running[:, -1] + (weights * batch_tail).sum(1)
     running_mean.copy_(running[0])
     running_var.copy_(running[1])

@@ -53,8 +53,8 @@ def _tool(name: str) -> Optional[str]:
 def _signature(fn, operand: str, constexprs: Dict[str, object]) -> Dict[str, str]:
     """Triton signature of `fn`: pointer element types by argument name (operand dtype for
     x's projection and the parameters, int8 for masks, fp32 running statistics, the
-    compute dtype elsewhere: fp64 for fp64 operands, else fp32), fp32 for eps (a Python
-    float, as the JIT types it), i32 for other scalars."""
+    compute dtype elsewhere: fp64 for fp64 operands, else fp32), fp64 for eps (as the
+    kernels annotate it), i32 for other scalars."""
     compute = "fp64" if operand == "fp64" else "fp32"
     signature = {}
     for name in fn.arg_names:
@@ -70,7 +70,7 @@ def _signature(fn, operand: str, constexprs: Dict[str, object]) -> Dict[str, str
             else:
                 signature[name] = f"*{compute}"
         elif name in FLOAT_SCALARS:
-            signature[name] = "fp32"
+            signature[name] = "fp64"
         else:
             signature[name] = "i32"
     return signature

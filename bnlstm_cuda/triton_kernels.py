@@ -125,7 +125,7 @@ def bnlstm_input_bn_kernel(
     gamma_ptr,   # [F]
     bias_ptr,    # [F] (unused without HAS_BIAS)
     out_ptr,     # [N, R, F] compute dtype: gamma * (wx - mean) * rstd + bias (if APPLY)
-    R, F, start_step, num_slots, eps,
+    R, F, start_step, num_slots, eps: tl.float64,
     COMPUTE_STATS: tl.constexpr, APPLY: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_F: tl.constexpr,
 ):
@@ -141,6 +141,7 @@ def bnlstm_input_bn_kernel(
     features = tl.program_id(1) * BLOCK_F + tl.arange(0, BLOCK_F)
     f_ok = features < F
     compute = mean_ptr.dtype.element_ty
+    eps = tl.full([], eps, compute)  # annotated float64: the JIT types a plain Python float fp32
     wx_ptr += n * R * F
     active_ptr += n * R
     out_ptr += n * R * F
@@ -224,7 +225,7 @@ def bnlstm_fwd_step_kernel(
     mean_hh_ptr, var_hh_ptr,   # [*, 4H] compute dtype, row stat_row: written (TRAINING) or read
     mean_c_ptr, var_c_ptr,     # [*, H] likewise
     reserve_ptr,  # [T, B, RES_W] compute dtype: the reserve (see reserve_offsets), if KEEP or in-step statistics
-    step, stat_row, B, H, RES_W, ZH_OFF, GATES_OFF, CNEW_OFF, eps,
+    step, stat_row, B, H, RES_W, ZH_OFF, GATES_OFF, CNEW_OFF, eps: tl.float64,
     NORM_REC: tl.constexpr, NORM_CELL: tl.constexpr, TRAINING: tl.constexpr, KEEP: tl.constexpr,
     TILES: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr, H_OPERAND: tl.constexpr,
@@ -247,6 +248,7 @@ def bnlstm_fwd_step_kernel(
     view per tensor and step (docs/TRITON.md, "Host time a step").
     """
     compute = c_ptr.dtype.element_ty
+    eps = tl.full([], eps, compute)  # annotated float64: the JIT types a plain Python float fp32
     step_rows = step.to(tl.int64) * B  # first row of step `step` in the [T, B, *] tensors
     out_ptr += step_rows * H
     xin_ptr += step_rows * (4 * H)
@@ -463,7 +465,7 @@ def bnlstm_bwd_step_kernel(
     grad_zh_ptr,     # [T, B, 4H] out: gradient of W_hh h_{t-1}, if NORM_REC
     grad_wx_ptr,     # [T, B, 4H] out: gradient of W_ih x_t, if STEP_INPUT
     sums_ptr,        # [T, 14H] out: sum over rows of dy | dy zhat | dy xhat (4H each) | dcell | dcell c_hat (H each)
-    step, T, IH_ROWS, B, H, RES_W, ZH_OFF, GATES_OFF, CNEW_OFF, eps,
+    step, T, IH_ROWS, B, H, RES_W, ZH_OFF, GATES_OFF, CNEW_OFF, eps: tl.float64,
     NORM_INPUT: tl.constexpr, STEP_INPUT: tl.constexpr, NORM_REC: tl.constexpr, NORM_CELL: tl.constexpr,
     TRAINING: tl.constexpr, TILES: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
     FUSED_GRAD_H: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -483,6 +485,7 @@ def bnlstm_bwd_step_kernel(
     in the forward step.
     """
     compute = grad_c_ptr.dtype.element_ty
+    eps = tl.full([], eps, compute)  # annotated float64: the JIT types a plain Python float fp32
     cols = tl.program_id(0) * BLOCK_H + tl.arange(0, BLOCK_H)
     col_ok = cols < H
     G = 4 * H

@@ -220,9 +220,13 @@ def test_tensor_core_gemm_rounds_h_and_weights(operands, variant, training, B, H
     GEMM multiplies h_{t-1} and W_hh rounded to that dtype, accumulating in float32: the whole
     sequence matches the same operator run step by step on rounded operands in float32, over
     ragged row and K tiles, both load widths, padding and evaluation slots.
-    "Matches": the root-mean-square difference of every result is at most 5% of the unrounded
-    float32 call's (measured: at most 0.25%); not elementwise, since a float32 difference in
-    the order of the sums can flip how an h value rounds, which then moves its whole row."""
+    "Matches": the root-mean-square difference of every result is at most a fraction of the
+    unrounded float32 call's, not elementwise: a float32 difference in the order of the sums
+    (the tensor cores' accumulation against the step-by-step GEMM's) can flip how an h value
+    rounds, which then moves its whole row. The fraction is 5% for bfloat16 and 25% for
+    float16, whose rounding grid is 8 times finer, so the same float32 differences cross it 8
+    times as often while the unrounded call's difference shrinks with the grid
+    (docs/CUDA.md has the measured fractions)."""
     args = helpers.op_arguments(variant, training, reverse=False, T=4, B=B, I=6, H=H, dtype=torch.float32,
                                 device=DEVICE)
     params = list(args.params)
@@ -238,12 +242,13 @@ def test_tensor_core_gemm_rounds_h_and_weights(operands, variant, training, B, H
         want = run_op_step_by_step(args, operands)
         unrounded = torch.ops.bnlstm.layer_forward(*args)
     rms = lambda d: d.pow(2).mean().sqrt().item() if d.numel() else 0.0
+    fraction = 0.25 if operands == torch.float16 else 0.05
     names = ("output", "h_n", "c_n", "mean_ih", "var_ih", "mean_hh", "var_hh", "mean_c", "var_c")
     flat = lambda result: (*result[:3], *result[3])
     for name, g, w, u in zip(names, flat(got), want, flat(unrounded)):
         w = w[:g.shape[0]]  # sequence-wise input statistics: one row, the same at every step
         assert g.shape == w.shape, name
-        assert rms(g - w) <= 0.05 * rms(u - w) + 1e-6, (name, rms(g - w), rms(u - w))
+        assert rms(g - w) <= fraction * rms(u - w) + 1e-6, (name, rms(g - w), rms(u - w))
     assert rms(unrounded[0] - want[0]) > 1e-5  # the rounding is visible in the output
 
 

@@ -128,7 +128,10 @@ def test_compile_check_covers_the_launches(step_launchers, dtype):
 def test_gradient_of_h_switch(monkeypatch):
     """BNLSTM_TRITON_GRAD_H chooses where half-precision inputs take grad_zh @ W_hh (float32 and
     float64 always go to torch); the choice of the forward pass holds for its backward; a bad
-    value is refused, naming the variable."""
+    value is refused, naming the variable. Both choices give the same gradients: up to float32
+    rounding under the interpreter, which multiplies in float32 either way; on a GPU up to
+    TF32's (2^-11, relative to the gradient's scale), since the kernel's product is TF32 and
+    torch's addmm IEEE float32, and a B = 3 batch norm amplifies the difference a few times."""
     half, single = torch.zeros(1, dtype=torch.bfloat16), torch.zeros(1)
     assert triton_layer._fused_grad_h(half) and not triton_layer._fused_grad_h(single)
     monkeypatch.setenv("BNLSTM_TRITON_GRAD_H", "torch")
@@ -151,8 +154,9 @@ def test_gradient_of_h_switch(monkeypatch):
         monkeypatch.setenv("BNLSTM_TRITON_GRAD_H", "cublas")  # refused, were the backward pass to read it
         result.output.float().sum().backward()
         grads[choice] = [t.grad.float() for t in inputs]
+    relative = 8 * 2.0 ** -11 if ON_GPU else 1e-4
     for name, kernel, torch_ in zip(("x", "h0", "c0"), grads["kernel"], grads["torch"]):
-        torch.testing.assert_close(kernel, torch_, rtol=1e-4, atol=1e-4 * torch_.abs().max().item(),
+        torch.testing.assert_close(kernel, torch_, rtol=relative, atol=relative * torch_.abs().max().item(),
                                    msg=lambda m: f"grad {name}: {m}")
 
 
@@ -229,8 +233,11 @@ def test_narrow_dtypes_against_float64(monkeypatch, dtype):
     if dtype == torch.float16 and not math.isfinite(plain[1]):
         # Plain float16 cannot differentiate a batch norm here ((var + eps)^-1.5 overflows
         # 65504); the kernels keep statistics in float32 and round only the matrix operands,
-        # so their gradient must stay within a few float16 ulps of its scale.
-        assert errors[1] <= 4 * 2.0 ** -10 * grad_scale, (errors, grad_scale)
+        # so their gradient must stay within a few float16 ulps of its scale. On a GPU the
+        # backward's products also round the float32 gradients to TF32, whose 10 mantissa
+        # bits are float16's: twice the roundings, twice the budget.
+        ulps = 8 if ON_GPU else 4
+        assert errors[1] <= ulps * 2.0 ** -10 * grad_scale, (errors, grad_scale)
     else:
         assert errors[1] <= 2 * plain[1] + 1e-6, (errors, plain)
     assert narrow["triton"](x.to(dtype))[0].dtype == dtype
