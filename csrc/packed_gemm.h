@@ -2,12 +2,19 @@
 // once per call instead of once per step (a fifth of a small step GEMM's time). The MKL
 // symbols are declared weak: where this torch build does not export them (other BLAS,
 // other platforms) they are null and every product goes through at::mm_out.
+//
+// At a few rows (small batches) even MKL's packed call spends more time deciding and
+// copying than multiplying, so up to kSmallGemmRows rows a register-blocked kernel of its
+// own runs instead (SmallGemm), on the vector code this library is built for.
 #pragma once
 
 #include <ATen/ATen.h>
 #include <ATen/core/LegacyTypeDispatch.h>
+#include <ATen/cpu/vec/vec.h>
 
+#include <algorithm>
 #include <cstddef>
+#include <memory>
 #include <type_traits>
 
 extern "C" {
@@ -23,6 +30,120 @@ void cblas_sgemm_compute(int layout, int transa, int transb, int m, int n, int k
 
 namespace bnlstm {
 
+// The most rows SmallGemm takes; more go to MKL or at::mm.
+constexpr int64_t kSmallGemmRows = 32;
+
+// out [M, N] = a [M, K] @ op(weight) for few rows M. op(weight) is packed once into panels
+// of kPanel columns ([K, kPanel] each, zero past N), so a step streams each panel once per 4
+// rows of a; 4 rows x 2 vectors of accumulators stay in registers through the K loop.
+template <typename T>
+class SmallGemm {
+  using V = at::vec::Vectorized<T>;
+
+ public:
+  static constexpr int64_t kPanel = 2 * V::size();
+
+  SmallGemm(const at::Tensor& weight, bool transpose, int64_t rows)
+      : m_(rows), n_(transpose ? weight.size(0) : weight.size(1)), k_(transpose ? weight.size(1) : weight.size(0)),
+        panels_((n_ + kPanel - 1) / kPanel) {
+    packed_ = at::zeros({panels_ * k_ * kPanel}, weight.options());
+    T* packed = packed_.data_ptr<T>();
+    const T* w = weight.data_ptr<T>();
+    const int64_t row_stride = weight.stride(0);
+    // Read along weight's rows: W^T's columns are weight's rows.
+    for (int64_t p = 0; p < panels_; ++p) {
+      const int64_t columns = std::min(kPanel, n_ - p * kPanel);
+      T* dst = packed + p * k_ * kPanel;
+      if (transpose) {
+        for (int64_t j = 0; j < columns; ++j) {
+          const T* src = w + (p * kPanel + j) * row_stride;
+          for (int64_t k = 0; k < k_; ++k) dst[k * kPanel + j] = src[k];
+        }
+      } else {
+        for (int64_t k = 0; k < k_; ++k) std::copy_n(w + k * row_stride + p * kPanel, columns, dst + k * kPanel);
+      }
+    }
+  }
+
+  void run(const T* a, T* out, int64_t ldc) const {
+    const T* packed = packed_.data_ptr<T>();
+    for (int64_t p = 0; p < panels_; ++p) {
+      const T* panel = packed + p * k_ * kPanel;
+      const int64_t columns = std::min(kPanel, n_ - p * kPanel);
+      T* out_panel = out + p * kPanel;
+      int64_t r = 0;
+      for (; r + 4 <= m_; r += 4) block<4>(a + r * k_, panel, out_panel + r * ldc, ldc, columns);
+      switch (m_ - r) {
+        case 3: block<3>(a + r * k_, panel, out_panel + r * ldc, ldc, columns); break;
+        case 2: block<2>(a + r * k_, panel, out_panel + r * ldc, ldc, columns); break;
+        case 1: block<1>(a + r * k_, panel, out_panel + r * ldc, ldc, columns); break;
+        default: break;
+      }
+    }
+  }
+
+ private:
+  // kRows rows of a times one panel. Accumulators are named, not an array: GCC keeps named
+  // vectors in registers but spills an array of them.
+  template <int kRows>
+  void block(const T* a, const T* panel, T* out, int64_t ldc, int64_t columns) const {
+    V c00(T(0)), c01(T(0)), c10(T(0)), c11(T(0)), c20(T(0)), c21(T(0)), c30(T(0)), c31(T(0));
+    for (int64_t k = 0; k < k_; ++k) {
+      const V b0 = V::loadu(panel + k * kPanel), b1 = V::loadu(panel + k * kPanel + V::size());
+      const V a0(a[k]);
+      c00 = at::vec::fmadd(a0, b0, c00);
+      c01 = at::vec::fmadd(a0, b1, c01);
+      if constexpr (kRows > 1) {
+        const V a1(a[k_ + k]);
+        c10 = at::vec::fmadd(a1, b0, c10);
+        c11 = at::vec::fmadd(a1, b1, c11);
+      }
+      if constexpr (kRows > 2) {
+        const V a2(a[2 * k_ + k]);
+        c20 = at::vec::fmadd(a2, b0, c20);
+        c21 = at::vec::fmadd(a2, b1, c21);
+      }
+      if constexpr (kRows > 3) {
+        const V a3(a[3 * k_ + k]);
+        c30 = at::vec::fmadd(a3, b0, c30);
+        c31 = at::vec::fmadd(a3, b1, c31);
+      }
+    }
+    store(c00, c01, out, columns);
+    if constexpr (kRows > 1) store(c10, c11, out + ldc, columns);
+    if constexpr (kRows > 2) store(c20, c21, out + 2 * ldc, columns);
+    if constexpr (kRows > 3) store(c30, c31, out + 3 * ldc, columns);
+  }
+
+  static void store(const V& low, const V& high, T* out, int64_t columns) {
+    constexpr int64_t width = V::size();
+    if (columns >= 2 * width) {
+      low.store(out);
+      high.store(out + width);
+    } else if (columns > width) {
+      low.store(out);
+      high.store(out + width, static_cast<int>(columns - width));
+    } else {
+      low.store(out, static_cast<int>(columns));
+    }
+  }
+
+  at::Tensor packed_;
+  int64_t m_, n_, k_, panels_;
+};
+
+// Whether SmallGemm runs for `rows` rows of this dtype: on real vector code only (the
+// default capability's at::vec is plain arrays, slower than MKL's own dispatch).
+inline bool small_gemm_applies(at::ScalarType dtype, int64_t rows) {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  return rows > 0 && rows <= kSmallGemmRows && (dtype == at::kFloat || dtype == at::kDouble);
+#else
+  (void)dtype;
+  (void)rows;
+  return false;
+#endif
+}
+
 // out [M, N] = a [M, K] @ op(weight), op(weight) [K, N] packed once at construction.
 class StepGemm {
  public:
@@ -33,6 +154,14 @@ class StepGemm {
         k_(transpose ? weight.size(1) : weight.size(0)) {
     TORCH_CHECK(weight.dim() == 2 && weight.stride(1) == 1, "StepGemm: weight rows must be contiguous, got strides ",
                 weight.strides());
+    if (small_gemm_applies(weight.scalar_type(), m_)) {
+      if (weight.scalar_type() == at::kFloat) {
+        small_float_ = std::make_shared<SmallGemm<float>>(weight, transpose, m_);
+      } else {
+        small_double_ = std::make_shared<SmallGemm<double>>(weight, transpose, m_);
+      }
+      return;
+    }
     const bool mkl = cblas_sgemm_pack_get_size != nullptr && cblas_sgemm_pack != nullptr &&
                      cblas_sgemm_compute != nullptr;
     if (mkl && weight.scalar_type() == at::kFloat && weight.is_cpu() && m_ > 0) {
@@ -48,6 +177,17 @@ class StepGemm {
   template <typename T>
   void run(const T* a, T* out, int64_t out_stride = -1) const {
     const int64_t ldc = out_stride < 0 ? n_ : out_stride;
+    if constexpr (std::is_same<T, float>::value) {
+      if (small_float_) {
+        small_float_->run(a, out, ldc);
+        return;
+      }
+    } else if constexpr (std::is_same<T, double>::value) {
+      if (small_double_) {
+        small_double_->run(a, out, ldc);
+        return;
+      }
+    }
     if constexpr (std::is_same<T, float>::value) {
       if (packed_.defined()) {
         cblas_sgemm_compute(kCblasRowMajor, kCblasNoTrans, kCblasPacked, m_, n_, k_, a, k_,
@@ -66,6 +206,8 @@ class StepGemm {
 
  private:
   at::Tensor weight_, packed_;
+  std::shared_ptr<SmallGemm<float>> small_float_;
+  std::shared_ptr<SmallGemm<double>> small_double_;
   bool transpose_;
   int64_t m_, n_, k_;
 };

@@ -1,0 +1,41 @@
+"""The CPU backend's step GEMMs at small batches (csrc/packed_gemm.h): up to 32 rows its
+own register-blocked kernel (SmallGemm; AVX2 and AVX-512 builds), beyond that MKL or
+at::mm. Every row remainder of its 4-row blocks, partial column panels and both sides of
+the 32-row switch, forward and backward, in float64 against the reference to rounding,
+with one hidden-unit block and with two (each block multiplies by its own rows of W_hh)."""
+import pytest
+import torch
+
+from bnlstm_cuda.ops import bnlstm_layer_fused, ensure_loaded
+from helpers import assert_layer_matches_reference
+
+TOL = dict(rtol=1e-10, atol=1e-10)
+# 4 * H columns: 52 in one block; H = 150 in two blocks of units rounded to the vector
+# width: at least one block's 4J columns leave a partial panel.
+ONE_BLOCK_H, TWO_BLOCKS_H = 13, 150
+
+
+@pytest.fixture(scope="module", autouse=True)
+def extension():
+    ensure_loaded()
+
+
+@pytest.mark.parametrize("batch", [1, 2, 3, 4, 5, 31, 32, 33])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_rows_of_one_block(batch, training, threads):
+    threads(1)
+    assert torch.ops.bnlstm.cpu_hidden_blocks(4, batch, ONE_BLOCK_H) == 1
+    lengths = torch.full((batch,), 4)
+    lengths[-1] = 1  # padded rows multiply too, and must not leak into the statistics
+    assert_layer_matches_reference(bnlstm_layer_fused, "cooijmans", lengths, tol=TOL, T=4, B=batch, I=5,
+                                   H=ONE_BLOCK_H, training=training)
+
+
+# B = 5: a remainder row. 12 steps: longer sequences of so few rows amplify rounding
+# past the tolerance.
+@pytest.mark.parametrize("batch", [5, 9, 32])
+def test_rows_of_two_blocks(batch, threads):
+    threads(2)
+    assert torch.ops.bnlstm.cpu_hidden_blocks(12, batch, TWO_BLOCKS_H) == 2
+    assert_layer_matches_reference(bnlstm_layer_fused, "cooijmans", None, tol=TOL, T=12, B=batch, I=5,
+                                   H=TWO_BLOCKS_H, training=True, reverse=True)
