@@ -5,13 +5,15 @@
 #
 # Stages, each in its own time box so that one that hangs or fails leaves time for the
 # rest: the machine (GPU, torch, triton), the CUDA extension built for this GPU, the CUDA
-# backend's GPU suite (tests/test_cuda_backend.py), the GPU benchmark sweep beside cuDNN's
-# nn.LSTM, and the Triton suite on CUDA tensors (tests/test_triton_backend.py). Logs and results land in
+# backend's GPU suite (tests/test_cuda_backend.py and tests/test_backend_behaviours.py for
+# backend="cuda"), the GPU benchmark sweep beside cuDNN's nn.LSTM, and the Triton suite on CUDA
+# tensors (tests/test_triton_backend.py and tests/test_backend_behaviours.py for
+# backend="triton"). Logs and results land in
 # $OUT (the device tool's folder; benchmarks/results/gpu-check elsewhere): at most 8 files,
 # which is what the device tool brings back. The last lines printed are the summary.
 #
-# Time boxes (seconds) can be changed from the environment: BUILD_S, TESTS_S (each suite),
-# BENCH_S. Their default total, 570 s, fits the 600 s a call may run; stages that end early
+# Time boxes (seconds) can be changed from the environment: BUILD_S, TESTS_S (the CUDA
+# suite), BENCH_S, TRITON_S (the Triton suite). Their default total, 570 s, fits the 600 s a call may run; stages that end early
 # leave the rest unused. The benchmark comes before the Triton suite: if time runs out, the
 # figures the issues' targets are stated on are already written.
 set -uo pipefail
@@ -52,16 +54,19 @@ export TORCH_CUDA_ARCH_LIST
 stage build "${BUILD_S:-130}" "$py" -m bnlstm_cuda.build --cuda
 # Two processes: the tensor-core GEMM of half-precision inputs (version 2) first ran on a GPU
 # here; should it fault, the sticky CUDA error must not fail the version 1 tests after it.
+# "cuda" selects every test of test_cuda_backend.py (its file name) and backend="cuda" in
+# test_backend_behaviours.py (whose test names avoid backend names).
 v2_tests="tensor_core or half_precision or bf16 or fp16"
+cuda_files="tests/test_cuda_backend.py tests/test_backend_behaviours.py"
 stage tests_cuda "${TESTS_S:-110}" bash -c "
-    '$py' -m pytest -q -rs -p no:cacheprovider tests/test_cuda_backend.py -k 'not ($v2_tests)'; v1=\$?
+    '$py' -m pytest -q -rs -p no:cacheprovider $cuda_files -k 'cuda and not ($v2_tests)'; v1=\$?
     echo '== the tensor-core GEMM (version 2), in its own process'
-    '$py' -m pytest -q -rs -p no:cacheprovider tests/test_cuda_backend.py -k '$v2_tests'; v2=\$?
+    '$py' -m pytest -q -rs -p no:cacheprovider $cuda_files -k 'cuda and ($v2_tests)'; v2=\$?
     exit \$(( v1 || v2 ))"
 # Short repetitions: the eager reference at T = 784 takes about a second a call.
 # --budget: no configuration starts after that many seconds, so the files are written
 # before the time box ends (the sweep's first four configurations are the issues' targets).
-bench_s="${BENCH_S:-190}"
+bench_s="${BENCH_S:-170}"
 # First a bf16 training step through version 2 in a process of its own: if it fails, the
 # sweep runs with version 1 (BNLSTM_CUDA_RECURRENT_GEMM=cublas) rather than lose every
 # figure to a sticky CUDA error; the log says which.
@@ -71,18 +76,25 @@ stage benchmark "$bench_s" bash -c "
         export BNLSTM_CUDA_RECURRENT_GEMM=cublas
     fi
     '$py' -m benchmarks.run --sweep gpu --min-runs 5 --min-time 0.2 --budget $((bench_s * 2 / 3)) --results-dir '$out'"
-# Three processes at once: compiling the kernels for each variant, dtype and mode (about a
+# Six processes at once: compiling the kernels for each variant, dtype and mode (about a
 # second each, one at a time in a process) dominates this suite, and the machine has 16 cores.
 # Each ends itself 15 s before the stage's box, so that their logs, one after another, still
-# reach tests_triton.log.
-triton_s="${TESTS_S:-110}"
-triton_shards=("layer_matches_reference" "module or narrow or gradient_of_h" \
-               "not (layer_matches_reference or module or narrow or gradient_of_h)")
+# reach tests_triton.log. A shard is "file|-k expression"; "triton" selects backend="triton"
+# in test_backend_behaviours.py (whose test names avoid backend names).
+triton_s="${TRITON_S:-130}"
+layer_level="layer_matches_reference or odd_sizes or start_step or streaming"
+many_calls="gradcheck or float32"
+triton_shards=("tests/test_backend_behaviours.py|triton and layer_matches_reference" \
+               "tests/test_backend_behaviours.py|triton and (odd_sizes or start_step or streaming)" \
+               "tests/test_backend_behaviours.py|triton and ($many_calls)" \
+               "tests/test_backend_behaviours.py|triton and not ($layer_level or $many_calls)" \
+               "tests/test_triton_backend.py|narrow or gradient_of_h" \
+               "tests/test_triton_backend.py|not (narrow or gradient_of_h)")
 stage tests_triton "$triton_s" bash -c "
     dir=\$(mktemp -d); status=0; i=0
     for shard in $(printf "'%s' " "${triton_shards[@]}"); do
         timeout --kill-after=5 $((triton_s - 15)) '$py' -m pytest -q -rs -p no:cacheprovider \\
-            tests/test_triton_backend.py -k \"\$shard\" >\"\$dir/\$i.log\" 2>&1 &
+            \"\${shard%%|*}\" -k \"\${shard#*|}\" >\"\$dir/\$i.log\" 2>&1 &
         i=\$((i + 1))
     done
     # The largest exit status: 124 when a shard ran out of time, which the summary reports.

@@ -8,7 +8,8 @@ requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs 
 
 # Without a GPU, Triton kernels can only run in Triton's interpreter, which must be chosen
 # before triton is first imported (it decorates its own library functions then) and stay set
-# while kernels run: tests/test_triton_backend.py runs the Triton backend that way.
+# while kernels run: tests/test_triton_backend.py and tests/test_backend_behaviours.py run the
+# Triton backend that way (helpers.prepare_triton).
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 

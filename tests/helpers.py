@@ -6,6 +6,31 @@ import torch
 import bnlstm_cuda
 
 
+def prepare_triton():
+    """Where the Triton backend's tests run, and why they cannot (None: they can): ("cuda",
+    None) with a visible GPU and TRITON_INTERPRET unset (compiled kernels), ("cpu", None) in
+    Triton's interpreter. Without a GPU, conftest.py sets TRITON_INTERPRET=1 before triton is
+    imported (Triton reads it then, and when each kernel is decorated); kernels decorated
+    without it are imported again here. Imports triton only when it can be used."""
+    import importlib
+
+    from bnlstm_cuda import triton_layer
+
+    on_gpu = torch.cuda.is_available() and not triton_layer.interpreter_requested()
+    device = "cuda" if on_gpu else "cpu"
+    if not on_gpu and not triton_layer.interpreter_requested():
+        return device, ("without a GPU the Triton kernels run in Triton's interpreter: TRITON_INTERPRET=1 is not "
+                        "set (tests/conftest.py sets it when no GPU is visible)")
+    try:
+        import triton  # noqa: F401
+        import bnlstm_cuda.triton_kernels as triton_kernels
+    except ImportError as error:
+        return device, f"triton cannot be imported ({error})"
+    if not on_gpu and not triton_layer._kernels_interpreted():
+        importlib.reload(triton_kernels)
+    return device, None
+
+
 def randomize_bn_parameters(module, generator=None):
     """Give every gamma, beta and bias a random value and every running statistic a random
     plausible one, so no comparison passes by the accident of an initial value."""

@@ -3,10 +3,12 @@ machines without a GPU: they compile as C++ against csrc/tests/cuda_emulation.h 
 std::thread per CUDA thread, a std::barrier for __syncthreads) into a library whose CPU
 registration binds layer.cpp's host code to recurrent_forward_cuda / recurrent_backward_cuda
 instead of the CPU kernels. Then the tests that exercise the `"cpu"` backend run against it:
-opcheck, gradcheck in float64, float32 against the float64 reference, torch.compile, and
-every variant against the independent float64 implementation of the paper; and the
-layer-level tests of tests/test_cuda_backend.py (odd sizes: T = 63, B = 300, H = 2048), on
-CPU tensors. BNLSTM_EMULATION_ONLY_CUDA_TESTS=1 runs only those.
+those of tests/test_backend_behaviours.py for backend="cpu" (every variant against the
+independent float64 implementation of the paper, the layer against the reference, gradcheck
+in float64, start_step, odd sizes: T = 63, B = 300, H = 2048, float32 against the float64
+reference), opcheck and torch.compile of tests/test_cpu_backend.py, and the half-precision
+tests of tests/test_cuda_backend.py, on CPU tensors. BNLSTM_EMULATION_ONLY_CUDA_TESTS=1 runs
+only tests/test_cuda_backend.py and the layer-level tests of tests/test_backend_behaviours.py.
 
     python tests/run_cuda_emulation.py [extra pytest arguments]
 
@@ -50,18 +52,20 @@ def main(argv):
     ops._registered = True
     import pytest
 
-    selection = [
-        str(ROOT / "tests" / "test_cpu_backend.py"), str(ROOT / "tests" / "test_against_paper.py"),
-        # (not hidden_unit_blocks: those check the CPU kernels' split over threads)
-        # (not the CPU's half-precision test: the CUDA kernels round the recurrent GEMM's
-        # operands to the input's dtype; test_cuda_backend.py has their half-precision tests)
-        "-k", "(opcheck or gradcheck or float32 or compile or half or (paper and cpu) or layer_matches or odd_sizes "
-              "or start_step_uses) and not hidden_unit_blocks and not half_precision_inputs_are_computed_in_float32",
-    ]
-    os.environ["BNLSTM_CUDA_EMULATION"] = "1"  # tests/test_cuda_backend.py: layer tests on CPU tensors
-    selection += [str(ROOT / "tests" / "test_cuda_backend.py")]
+    tests = ROOT / "tests"
+    files = [str(tests / name)
+             for name in ("test_backend_behaviours.py", "test_cpu_backend.py", "test_cuda_backend.py")]
+    # -k applies to every file: file names pick the file (test_backend_behaviours.py's test
+    # names avoid backend names, so "cpu" there picks backend="cpu").
+    # (test_cpu_backend.py: not hidden_unit_blocks, which check the CPU kernels' split over
+    # threads, nor the CPU's half-precision test: the CUDA kernels round the recurrent GEMM's
+    # operands to the input's dtype; test_cuda_backend.py has their half-precision tests.)
+    selection = [*files, "-k", "(backend_behaviours and cpu) or (cpu_backend and (opcheck or compile or paper) "
+                               "and not hidden_unit_blocks) or (cuda_backend and half)"]
     if os.environ.get("BNLSTM_EMULATION_ONLY_CUDA_TESTS") == "1":
-        selection = [str(ROOT / "tests" / "test_cuda_backend.py")]
+        selection = [*files[::2], "-k", "cuda_backend or (backend_behaviours and cpu and (layer_matches or odd_sizes "
+                                        "or start_step))"]
+    os.environ["BNLSTM_CUDA_EMULATION"] = "1"  # tests/test_cuda_backend.py: its tests on CPU tensors
     return pytest.main(["-q", "-p", "no:cacheprovider", *selection, *argv])
 
 

@@ -12,10 +12,10 @@ from bnlstm_cuda import BNLSTM
 from helpers import scalar_loss
 
 BACKENDS = ["reference", "cpu"]
-# float64: the backends agree to test_against_paper's 1e-10 (relative to each tensor's
-# largest magnitude). float32 and bfloat16 (computed in float32): the backends round
-# differently (fused step kernel, blocked GEMMs), and normalizations over 2 or 3 active
-# sequences amplify that. The bound is the float32 accuracy rule, against float64 from the
+# float64: the backends agree to the paper tests' 1e-10 (test_backend_behaviours.py;
+# relative to each tensor's largest magnitude). float32 and bfloat16 (computed in float32):
+# the backends round differently (fused step kernel, blocked GEMMs), and normalizations
+# over 2 or 3 active sequences amplify that. The bound is the float32 accuracy rule, against float64 from the
 # same checkpoint: over all compared tensors of INPUT_DRAWS inputs (both modes), the
 # geometric mean of the CPU backend's error over the float32 reference's is at most 2. One
 # tensor's ratio is noise with a heavy tail (80 random draws of one input, AMD EPYC, AVX2:

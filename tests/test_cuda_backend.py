@@ -1,9 +1,9 @@
-"""The CUDA kernels (csrc/recurrent_cuda.cu) behind bnlstm::layer_forward / layer_backward:
-against the float64 reference (layer level: outputs, final states, batch statistics and every
-gradient; module level: also running statistics, against tests/paper_reference.py), every
-variant, training and evaluation, padded batches, both directions, start_step, odd sizes
-(T = 1 and 63, B = 3 and 300, H = 200 and 2048), float32 against float64, float16 and
-bfloat16, opcheck and gradcheck of the CUDA op, and a training step captured in a CUDA graph.
+"""The CUDA kernels (csrc/recurrent_cuda.cu) behind bnlstm::layer_forward / layer_backward,
+what is theirs alone: float16 and bfloat16 inputs (the tensor-core GEMM of the step kernel,
+the other GEMMs in TF32), opcheck of the CUDA ops, and B = 256, H = 2048 in float32. What every
+backend must do (the paper, the layer against the reference, gradcheck, start_step, odd sizes,
+float32 against float64, a training step captured in a CUDA graph) is
+tests/test_backend_behaviours.py, for backend="cuda" too.
 
 Everything but the last two tests needs a CUDA GPU and is skipped, visibly, without one. Those
 two (backend errors, `python -m bnlstm_cuda.build --cuda` on a torch without CUDA) run
@@ -14,34 +14,25 @@ import os
 import pytest
 import torch
 
-from bnlstm_cuda import BNLSTM, LayerParams, backends, get_variant
+from bnlstm_cuda import BNLSTM, LayerParams, backends
 from bnlstm_cuda.ops import bnlstm_layer_fused
 from bnlstm_cuda.reference import bnlstm_layer_reference
 import helpers
-from helpers import assert_matches_paper, make_module, run_layer, scalar_loss
+from helpers import run_layer
 
 VARIANTS = ["cooijmans", "laurent_step", "laurent_sequence", "none"]
 requires_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-# tests/run_cuda_emulation.py runs the layer-level tests below on CPU tensors against the
-# kernels compiled for the CPU (csrc/tests/cuda_emulation.h), where no GPU is at hand.
+# tests/run_cuda_emulation.py runs the tests marked requires_gpu_or_emulation on CPU tensors
+# against the kernels compiled for the CPU (csrc/tests/cuda_emulation.h), where no GPU is at hand.
 EMULATED = os.environ.get("BNLSTM_CUDA_EMULATION") == "1"
 DEVICE = "cpu" if EMULATED else "cuda"
 requires_gpu_or_emulation = pytest.mark.skipif(not EMULATED and not torch.cuda.is_available(),
                                                reason="needs a CUDA GPU (or tests/run_cuda_emulation.py)")
-# float64 on both sides: the kernels must agree with the reference to rounding; 1e-9 rather
-# than 1e-10 because small batches with random gammas amplify rounding differences of the
-# (differently ordered) reductions.
-TOL = dict(rtol=1e-9, atol=1e-9)
 
 
 def random_layer(variant, **kwargs):
     """helpers.random_layer on the device under test."""
     return helpers.random_layer(variant, device=DEVICE, **kwargs)
-
-
-def assert_layers_match(variant, lengths=None, tol=TOL, **kwargs):
-    """The CUDA op against the reference, both in float64 on the device under test."""
-    helpers.assert_layer_matches_reference(bnlstm_layer_fused, variant, lengths, tol=tol, device=DEVICE, **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -52,106 +43,6 @@ def cuda_extension():
         pytest.skip("needs a CUDA GPU")
     problem = backends._cuda_problem()
     assert problem is None, problem
-
-
-@pytest.mark.parametrize("variant", VARIANTS)
-@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-@pytest.mark.parametrize("direction", ["forward", "forward-lengths", "reverse-lengths"])
-@pytest.mark.usefixtures("cuda_extension")
-@requires_gpu_or_emulation
-def test_layer_matches_reference(variant, training, direction):
-    lengths = None if direction == "forward" else torch.tensor([5, 2, 4])
-    assert_layers_match(variant, lengths, training=training, reverse=direction.startswith("reverse"))
-
-
-# (T, B, H, lengths): one step; 63 steps; H not a multiple of any block's units; a batch of
-# 300 rows (many passes of every row lane, more than 256); H = 2048 (many blocks).
-SHAPES = {
-    "T1-B3-H200": (1, 3, 200, None),
-    "T63-B3-H20": (63, 3, 20, [63, 17, 1]),
-    "T4-B300-H37": (4, 300, 37, "random"),
-    "T3-B5-H2048": (3, 5, 2048, [3, 1, 2, 3, 2]),
-}
-
-
-@pytest.mark.parametrize("shape", list(SHAPES), ids=list(SHAPES))
-@pytest.mark.parametrize("variant", ["cooijmans", "laurent_step", "laurent_sequence"])
-@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-@pytest.mark.usefixtures("cuda_extension")
-@requires_gpu_or_emulation
-def test_odd_sizes(shape, variant, training):
-    T, B, H, lengths = SHAPES[shape]
-    if lengths == "random":
-        lengths = torch.randint(1, T + 1, (B,))
-    elif lengths is not None:
-        lengths = torch.tensor(lengths)
-    assert_layers_match(variant, lengths, T=T, B=B, H=H, I=11, training=training, reverse=True)
-
-
-@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-@pytest.mark.usefixtures("cuda_extension")
-@requires_gpu_or_emulation
-def test_start_step_uses_later_slots(training):
-    """start_step = 2 with S = 3 slots: the steps read slot 2 in evaluation."""
-    assert_layers_match("cooijmans", torch.tensor([5, 1, 3]), training=training, start_step=2)
-    assert_layers_match("laurent_step", torch.tensor([5, 1, 3]), training=training, start_step=2)
-
-
-@pytest.mark.parametrize("variant", VARIANTS)
-@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-@pytest.mark.usefixtures("cuda_extension")
-@pytest.mark.cuda
-@requires_gpu
-def test_module_matches_paper(variant, training):
-    """Two bidirectional layers through BNLSTM(backend="cuda") against the independent float64
-    implementation of the paper (on the CPU): outputs, final states, running statistics after
-    the call, and the gradient of the input, h_0, c_0 and every parameter."""
-    module = make_module(variant, input_size=3, hidden_size=20, num_layers=2, bidirectional=True,
-                         max_length=3, backend="cuda")
-    x = torch.randn(5, 3, 3, dtype=torch.float64)
-    h0 = torch.randn(4, 3, 20, dtype=torch.float64)
-    c0 = torch.randn(4, 3, 20, dtype=torch.float64)
-    expected_module = make_module(variant, input_size=3, hidden_size=20, num_layers=2, bidirectional=True,
-                                  max_length=3, backend="reference")
-    expected_module.load_state_dict(module.state_dict())
-    lengths = torch.tensor([5, 2, 4])
-    expected = assert_matches_paper(expected_module, x, h0, c0, lengths=lengths, training=training, tol=1e-9)
-    module.cuda().train(training)
-    xs = [t.cuda().requires_grad_(True) for t in (x, h0, c0)]
-    out, (h_n, c_n) = module(xs[0], (xs[1], xs[2]), lengths=lengths)
-    scalar_loss(out, h_n, c_n).backward()
-    for name, got, want in zip(("output", "h_n", "c_n"), (out, h_n, c_n), expected):
-        torch.testing.assert_close(got.cpu(), want, **TOL, msg=lambda m: f"{name}: {m}")
-    for name, buffer in expected_module.named_buffers():
-        torch.testing.assert_close(getattr(module, name).cpu(), buffer, **TOL, msg=lambda m: f"{name}: {m}")
-    for name, parameter in expected_module.named_parameters():
-        got = dict(module.named_parameters())[name].grad
-        torch.testing.assert_close(got.cpu(), parameter.grad, **TOL, msg=lambda m: f"grad {name}: {m}")
-
-
-@pytest.mark.usefixtures("cuda_extension")
-@pytest.mark.cuda
-@requires_gpu
-@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
-def test_layer_on_a_device_that_is_not_current():
-    """The host code and kernels run under a guard for the tensors' device, not the current one."""
-    assert torch.cuda.current_device() == 0
-    helpers.assert_layer_matches_reference(bnlstm_layer_fused, "cooijmans", torch.tensor([5, 2, 4]), tol=TOL,
-                                           device="cuda:1", training=True)
-
-
-@pytest.mark.parametrize("variant", VARIANTS)
-@pytest.mark.usefixtures("cuda_extension")
-@pytest.mark.cuda
-@requires_gpu
-def test_float32_against_float64_reference(variant):
-    """The float32 kernels' error against the float64 reference is at most about twice that of
-    the float32 reference (plain PyTorch on the GPU in float32; TF32 off on both), as a
-    geometric mean over random problems (helpers.float32_error_ratios)."""
-    torch.backends.cuda.matmul.allow_tf32 = False
-    ratios = helpers.float32_error_ratios(variant, "cuda", hidden_size=200, batch=70,
-                                          lengths=torch.randint(1, 13, (70,)), device="cuda")
-    assert max(ratios) <= 2, ratios
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
@@ -323,41 +214,6 @@ def test_opcheck_cuda_ops(variant, training):
     torch.library.opcheck(torch.ops.bnlstm.layer_backward.default, backward_args)
     # With operand_dtype, as half-precision inputs call it: the GEMMs in TF32.
     torch.library.opcheck(torch.ops.bnlstm.layer_backward.default, backward_args[:-1] + (torch.bfloat16,))
-
-
-@pytest.mark.parametrize("variant", VARIANTS)
-@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-@pytest.mark.usefixtures("cuda_extension")
-@pytest.mark.cuda
-@requires_gpu
-def test_gradcheck_cuda_op(variant, training):
-    args = op_arguments(variant, training, reverse=True)
-    x, h0, c0, lengths = args.x, args.h0, args.c0, args.lengths
-    params = [p if p.numel() else None for p in args.params]
-    v = get_variant(variant)
-    _, running = random_layer(variant, H=5)[3:]
-    inputs = [t for t in (x, h0, c0, *params) if t is not None]
-    layout = [t is not None for t in params]
-
-    def layer(x, h0, c0, *present):
-        it = iter(present)
-        full = LayerParams(*(next(it) if keep else None for keep in layout))
-        result = bnlstm_layer_fused(x, h0, c0, full, running, variant=v, training=training, eps=1e-5,
-                                    lengths=lengths, reverse=True)
-        return result.output, result.h_n, result.c_n
-
-    assert torch.autograd.gradcheck(layer, tuple(inputs))
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.usefixtures("cuda_extension")
-@pytest.mark.cuda
-@requires_gpu
-def test_training_step_in_a_cuda_graph_matches_eager(dtype):
-    """Forward and backward of a training step captured in a CUDA graph (no host
-    synchronisation inside the operators) give what eager execution gives; bf16 runs the
-    tensor-core GEMM inside the step kernel (version 2), float32 the cuBLAS one."""
-    helpers.assert_graph_step_matches_eager("cuda", dtype)
 
 
 @pytest.mark.usefixtures("cuda_extension")

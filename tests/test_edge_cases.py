@@ -133,7 +133,7 @@ def test_sequences_ten_times_longer_than_max_length(backend, variant):
     """Training on T = 10 * max_length folds 28 steps into the last slot, in order; evaluation
     of such sequences reads the last slot from step max_length - 1 on. (Backpropagating
     through 30 steps of three normalizations amplifies float64 rounding past the 1e-10 that
-    test_against_paper uses at T = 5: 1e-8.)"""
+    test_backend_behaviours.py's paper tests use at T = 5: 1e-8.)"""
     module = make_module(variant, input_size=3, hidden_size=4, bidirectional=True, max_length=3, backend=backend)
     lengths = [30, 12, 30]
     assert_matches_paper(module, torch.randn(30, 3, 3, dtype=torch.float64), lengths=lengths, training=True,

@@ -30,9 +30,9 @@ SETTINGS = dict(
 )
 VARIANTS = ["cooijmans", "laurent_step", "laurent_sequence", "none"]
 # Both backends compute in float64 with different summation orders (blocked GEMMs, fused
-# reductions). 500 explored examples agreed to 1e-12; the bound is test_against_paper's,
-# with room for a batch variance near 0, where a normalization amplifies rounding by up
-# to gamma / sqrt(eps).
+# reductions). 500 explored examples agreed to 1e-12; the bound is the paper tests'
+# (test_backend_behaviours.py), with room for a batch variance near 0, where a
+# normalization amplifies rounding by up to gamma / sqrt(eps).
 TOL = dict(rtol=1e-10, atol=1e-10)
 
 

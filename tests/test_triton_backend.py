@@ -1,40 +1,32 @@
-"""The Triton backend against the float64 reference and tests/paper_reference.py: outputs,
-final states, batch and running statistics and every gradient, for every variant, training
-and evaluation, padded batches, both directions, start_step, several batch tiles, and
-float32/float16/bfloat16 accuracy.
+"""The Triton backend's own parts against the float64 reference: several batch tiles, the
+backward step kernel's gradient of h and its switch, the constexpr sets `build --triton`
+compiles, float32/float16/bfloat16 against float64, the TF32 GEMM, inference without a
+reserve, and the step launcher. What every backend must do (the paper, the layer against the
+reference, start_step and streaming, odd sizes, a training step captured in a CUDA graph) is
+tests/test_backend_behaviours.py, for backend="triton" too.
 
 Where a GPU is visible the kernels are compiled and run on CUDA tensors (the GPU suite of
-the Triton backend, with a training step captured in a CUDA graph); elsewhere they run in
-Triton's interpreter (TRITON_INTERPRET=1) on CPU tensors. Shapes are tiny on purpose: the
-interpreter runs each program instance in Python.
+the Triton backend); elsewhere they run in Triton's interpreter (TRITON_INTERPRET=1) on CPU
+tensors. Shapes are tiny on purpose: the interpreter runs each program instance in Python.
 """
-import importlib
 import math
 
 import pytest
 import torch
 
 from bnlstm_cuda import triton_layer
+import helpers
 
-# On a GPU (and TRITON_INTERPRET unset) the compiled kernels run on CUDA tensors. Without
-# one, conftest.py sets TRITON_INTERPRET=1 before triton is imported (Triton reads it then,
-# and when each kernel is decorated); should the kernel module have been imported without
-# it, import it again.
-ON_GPU = torch.cuda.is_available() and not triton_layer.interpreter_requested()
-DEVICE = "cuda" if ON_GPU else "cpu"
-if not ON_GPU and not triton_layer.interpreter_requested():
-    pytest.skip("without a GPU these tests run the Triton kernels in Triton's interpreter: TRITON_INTERPRET=1 "
-                "is not set (tests/conftest.py sets it when no GPU is visible)", allow_module_level=True)
-triton = pytest.importorskip("triton")
-import bnlstm_cuda.triton_kernels as triton_kernels  # noqa: E402
-
-if not ON_GPU and not triton_layer._kernels_interpreted():
-    importlib.reload(triton_kernels)
+# helpers.prepare_triton: compiled kernels on a GPU, the interpreter elsewhere.
+DEVICE, _why_not = helpers.prepare_triton()
+if _why_not is not None:
+    pytest.skip(_why_not, allow_module_level=True)
+ON_GPU = DEVICE == "cuda"
+import triton  # noqa: E402
 
 from bnlstm_cuda import BNLSTM, backends, get_variant, reference  # noqa: E402
 from bnlstm_cuda.reference import bnlstm_layer_reference  # noqa: E402
-import helpers  # noqa: E402
-from helpers import assert_matches_paper, make_module, random_layer  # noqa: E402
+from helpers import random_layer  # noqa: E402
 
 VARIANTS = ["cooijmans", "laurent_step", "laurent_sequence", "none"]
 # float64 throughout: the kernels compute in float64 too, so they must agree with the
@@ -50,14 +42,6 @@ pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarn
 def assert_layers_match(variant, lengths=None, tol=TOL, **kwargs):
     helpers.assert_layer_matches_reference(triton_layer.bnlstm_layer_triton, variant, lengths, tol=tol,
                                            device=DEVICE, **kwargs)
-
-
-@pytest.mark.parametrize("variant", VARIANTS)
-@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-@pytest.mark.parametrize("direction", ["forward", "forward-lengths", "reverse-lengths"])
-def test_layer_matches_reference(variant, training, direction):
-    lengths = None if direction == "forward" else torch.tensor([5, 2, 4])
-    assert_layers_match(variant, lengths, training=training, reverse=direction.startswith("reverse"))
 
 
 @pytest.mark.parametrize("variant", ["cooijmans", "laurent_sequence"])
@@ -158,40 +142,6 @@ def test_gradient_of_h_switch(monkeypatch):
     for name, kernel, torch_ in zip(("x", "h0", "c0"), grads["kernel"], grads["torch"]):
         torch.testing.assert_close(kernel, torch_, rtol=relative, atol=relative * torch_.abs().max().item(),
                                    msg=lambda m: f"grad {name}: {m}")
-
-
-@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-def test_start_step_uses_later_slots(training):
-    """start_step = 2 with S = 3 slots: steps read slots 2, 2, 2, ... in evaluation."""
-    assert_layers_match("cooijmans", torch.tensor([5, 1, 3]), training=training, start_step=2)
-
-
-@pytest.mark.parametrize("variant", VARIANTS)
-@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-def test_module_matches_paper(variant, training):
-    """Two bidirectional layers through BNLSTM(backend="triton") against the independent
-    float64 implementation of the paper: outputs, final states, running statistics after
-    the call, and the gradient of the input, h_0, c_0 and every parameter."""
-    module = make_module(variant, input_size=3, hidden_size=20, num_layers=2, bidirectional=True,
-                         max_length=3, backend="triton").to(DEVICE)
-    x = torch.randn(5, 3, 3, dtype=torch.float64)
-    h0 = torch.randn(4, 3, 20, dtype=torch.float64)
-    c0 = torch.randn(4, 3, 20, dtype=torch.float64)
-    assert_matches_paper(module, x, h0, c0, lengths=torch.tensor([5, 2, 4]), training=training, tol=1e-9)
-
-
-def test_streaming_updates_running_statistics_as_the_reference():
-    """A training chunk at start_step = 2 updates the slots that the reference updates."""
-    modules = {
-        backend: make_module("cooijmans", input_size=3, hidden_size=20, max_length=3, backend=backend).to(DEVICE)
-        for backend in ("reference", "triton")
-    }
-    modules["triton"].load_state_dict(modules["reference"].state_dict())
-    x = torch.randn(4, 3, 3, dtype=torch.float64, device=DEVICE)
-    results = {name: module(x, lengths=[4, 2, 3], start_step=2) for name, module in modules.items()}
-    torch.testing.assert_close(results["triton"][0], results["reference"][0], **TOL)
-    for name, buffer in modules["reference"].named_buffers():
-        torch.testing.assert_close(getattr(modules["triton"], name), buffer, **TOL, msg=lambda m: f"{name}: {m}")
 
 
 def _error_against_float64(module, wide, x, lengths):
@@ -377,19 +327,3 @@ def test_device_and_dtype_errors_name_what_is_wrong(monkeypatch):
                                          training=True, eps=1e-5)
     assert "triton" in backends.BACKEND_NAMES
     assert BNLSTM(3, 4, backend="triton").backend == "triton"
-
-
-@pytest.mark.cuda
-@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
-def test_layer_on_a_device_that_is_not_current():
-    """Triton launches on the current device: the layer makes it the tensors' own."""
-    assert torch.cuda.current_device() == 0
-    helpers.assert_layer_matches_reference(triton_layer.bnlstm_layer_triton, "cooijmans", torch.tensor([5, 2, 4]),
-                                           tol=TOL, device="cuda:1", training=True)
-
-
-@pytest.mark.cuda
-def test_training_step_in_a_cuda_graph_matches_eager():
-    """Forward and backward of a training step captured in a CUDA graph (no host
-    synchronisation in the Triton layer) give what eager execution gives."""
-    helpers.assert_graph_step_matches_eager("triton")
