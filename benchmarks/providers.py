@@ -90,16 +90,16 @@ def _cuda_with_cublas_gemm(config: Config, device: torch.device) -> nn.Module:
     return _WithEnvironment(_bnlstm("cuda", config, device), "BNLSTM_CUDA_RECURRENT_GEMM", "cublas")
 
 
-def _triton_with_torch_grad_h(config: Config, device: torch.device) -> nn.Module:
-    # The backward pass's grad_zh @ W_hh by torch between launches, not in the step kernel;
-    # for float32 inputs the same path as bnlstm:triton.
-    return _WithEnvironment(_bnlstm("triton", config, device), "BNLSTM_TRITON_GRAD_H", "torch")
+def _triton_with_kernel_grad_h(config: Config, device: torch.device) -> nn.Module:
+    # The backward pass's grad_zh @ W_hh inside the step kernel, not by torch between
+    # launches; for float32 inputs the same path as bnlstm:triton.
+    return _WithEnvironment(_bnlstm("triton", config, device), "BNLSTM_TRITON_GRAD_H", "kernel")
 
 
 def providers(device: torch.device, compile: bool = False,
               backends: Optional[Sequence[str]] = None) -> List[Provider]:
     """Every backend of the package available on `device`, the CUDA backend with its version 1
-    recurrent GEMM and the Triton backend with torch's per-step backward GEMM (to compare each
+    recurrent GEMM and the Triton backend with its per-step backward GEMM in the kernel (to compare each
     pair), torch.compile of the reference if asked, and
     torch.nn.LSTM (cuDNN on a GPU) as the bar, last.
 
@@ -111,7 +111,7 @@ def providers(device: torch.device, compile: bool = False,
     if "cuda" in available:
         found.append(Provider("bnlstm:cuda+cublas-gemm", _cuda_with_cublas_gemm))
     if "triton" in available:
-        found.append(Provider("bnlstm:triton+torch-grad-h", _triton_with_torch_grad_h))
+        found.append(Provider("bnlstm:triton+kernel-grad-h", _triton_with_kernel_grad_h))
     if compile:
         found.append(Provider("bnlstm:reference+compile", _compiled_reference))
     if backends is not None:

@@ -111,7 +111,8 @@ def kernel_configurations() -> List[dict]:
             shape = f"B={BATCH} H={hidden} {dtype}"
             half = dtype in ("bf16", "fp16")
             # float32 products: IEEE unless torch allows TF32 (off by default); the backward's
-            # grad_zh W_hh of half inputs: in the kernel, TF32 (triton_layer._fused_grad_h).
+            # grad_zh W_hh of half inputs: the kernel's own, TF32 (BNLSTM_TRITON_GRAD_H=kernel;
+            # triton_layer._fused_grad_h), the variant whose registers and spills matter.
             forward = lambda training: forward_step_constexprs(cooijmans, _torch_dtype(dtype), BATCH, hidden,
                                                                training=training, keep=training, precision="ieee",
                                                                upcast=False)
@@ -167,8 +168,8 @@ def layer_combinations() -> List[dict]:
              ("bf16", 100, 512, ("ieee",))]
     for dtype, batch, hidden, precisions in cases:
         half = dtype in ("bf16", "fp16")
-        # grad_zh W_hh in the kernel: half inputs (or not, BNLSTM_TRITON_GRAD_H=torch); the
-        # suite forces it for fp64; fp32 never.
+        # grad_zh W_hh in the kernel: half inputs with BNLSTM_TRITON_GRAD_H=kernel (or not,
+        # the default); the suite forces it for fp64; fp32 never.
         fused_choices = (False,) if dtype == "fp32" else (True, False)
         for name in VARIANTS:
             variant = get_variant(name)

@@ -6,9 +6,9 @@
     input batch norm + bias         bnlstm_input_bn_kernel, all steps     [T, B, 4H]
     per step t                      bnlstm_fwd_step_kernel               (T launches)
 
-Backward: per step (last to first) bnlstm_bwd_step_kernel, which for half-precision inputs
-also computes the gradient of h_t from step t + 1's grad_zh @ W_hh (_fused_grad_h; for the
-other dtypes torch does, between launches); then the weight and input gradients as GEMMs
+Backward: per step (last to first) bnlstm_bwd_step_kernel, with the gradient of h_t from
+step t + 1's grad_zh @ W_hh by torch between launches (or, for half-precision inputs where
+asked, inside the kernel: _fused_grad_h); then the weight and input gradients as GEMMs
 over all steps, and the bias, gamma and beta gradients as sums of per-step column sums.
 
 Runs on CUDA tensors, and on CPU tensors under Triton's interpreter (TRITON_INTERPRET=1 set
@@ -170,12 +170,13 @@ def _fused_grad_h(x: Tensor) -> bool:
     """Whether the backward step kernel computes the gradient of h_t itself, grad_zh_{t+1} @ W_hh
     with tl.dot (K = 4H, TF32 on a GPU) before its other loops, rather than torch between
     launches: for float16/bfloat16 inputs (under the interpreter too, which multiplies in
-    float32), unless the environment variable BNLSTM_TRITON_GRAD_H is "torch" when the forward
-    pass runs (for the benchmark to compare the two; docs/TRITON.md). With a float32 W_hh the
-    product's tiles make the kernel spill several times more than with a half-precision one
+    float32) when the environment variable BNLSTM_TRITON_GRAD_H is "kernel" as the forward
+    pass runs. The default, "torch", is the faster of the two in every training step measured
+    on a GPU (docs/TRITON.md); the benchmark compares them. With a float32 W_hh the product's
+    tiles make the kernel spill several times more than with a half-precision one
     (benchmarks/results/triton_resource_usage.txt, docs/TRITON.md), so float32 and float64
-    inputs keep torch's GEMM (cuBLAS, allow_tf32 as torch's)."""
-    choice = os.environ.get(GRAD_H_CHOICE, "kernel")
+    inputs always take torch's GEMM (cuBLAS, allow_tf32 as torch's)."""
+    choice = os.environ.get(GRAD_H_CHOICE, "torch")
     if choice not in ("kernel", "torch"):
         raise ValueError(f'{GRAD_H_CHOICE} must be "kernel" or "torch", got {choice!r}')
     return choice == "kernel" and x.dtype in (torch.float16, torch.bfloat16)

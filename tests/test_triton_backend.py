@@ -110,14 +110,15 @@ def test_compile_check_covers_the_launches(step_launchers, dtype):
 
 
 def test_gradient_of_h_switch(monkeypatch):
-    """BNLSTM_TRITON_GRAD_H chooses where half-precision inputs take grad_zh @ W_hh (float32 and
-    float64 always go to torch); the choice of the forward pass holds for its backward; a bad
+    """BNLSTM_TRITON_GRAD_H chooses where half-precision inputs take grad_zh @ W_hh (default
+    "torch"; float32 and float64 always go to torch); the choice of the forward pass holds for its backward; a bad
     value is refused, naming the variable. Both choices give the same gradients: up to float32
     rounding under the interpreter, which multiplies in float32 either way; on a GPU up to
     TF32's (2^-11, relative to the gradient's scale), since the kernel's product is TF32 and
     torch's addmm IEEE float32, and a B = 3 batch norm amplifies the difference a few times."""
     half, single = torch.zeros(1, dtype=torch.bfloat16), torch.zeros(1)
-    assert triton_layer._fused_grad_h(half) and not triton_layer._fused_grad_h(single)
+    monkeypatch.delenv("BNLSTM_TRITON_GRAD_H", raising=False)
+    assert not triton_layer._fused_grad_h(half) and not triton_layer._fused_grad_h(single)
     monkeypatch.setenv("BNLSTM_TRITON_GRAD_H", "torch")
     assert not triton_layer._fused_grad_h(half)
     monkeypatch.setenv("BNLSTM_TRITON_GRAD_H", "kernel")
