@@ -245,7 +245,8 @@ def test_training_step_captured_in_a_graph_matches_eager(backend, dtype):
     """Forward and backward of a training step captured in a CUDA graph (no host
     synchronisation inside the layer) give what eager execution gives. bf16 takes the
     half-precision paths: the CUDA kernels' tensor-core GEMM inside the step kernel
-    (version 2), the Triton backward step kernel's own gradient of h."""
+    (version 2), the Triton kernels' half-precision operands and TF32 GEMMs over all steps
+    (the per-step gradient of h by torch between launches, BNLSTM_TRITON_GRAD_H's default)."""
     requires_gpu(backend)
     helpers.assert_graph_step_matches_eager(backend.name, dtype)
 
