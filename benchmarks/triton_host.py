@@ -23,6 +23,8 @@ import types
 import torch
 
 from bnlstm_cuda import triton_kernels, triton_layer
+from bnlstm_cuda.layer_api import LayerParams
+from bnlstm_cuda.ops import run_layer
 from bnlstm_cuda.variants import get_variant
 
 
@@ -59,14 +61,14 @@ def host_seconds(steps: int, variant: str, repeats: int, batch: int = 2, size: i
         p.requires_grad_()
     x = torch.randn(steps, batch, size, requires_grad=True)
     h0, c0 = torch.zeros(batch, size), torch.zeros(batch, size)
-    active = torch.ones(steps, batch, dtype=torch.bool)
-    config = triton_layer._Config(get_variant(variant), True, 1e-5, False, 0, True)
 
     def forward():
-        return triton_layer.TritonLayerFunction.apply(x, h0, c0, *params, active, {}, config)
+        # The Triton operators themselves (bnlstm_layer_triton would refuse CPU tensors).
+        return run_layer(triton_layer.OPERATORS, x, h0, c0, LayerParams(*params), {}, variant=get_variant(variant),
+                         training=True, eps=1e-5)
 
     def forward_backward():
-        forward()[0].sum().backward()
+        forward().output.sum().backward()
 
     best = {}
     for name, call in (("forward", forward), ("forward+backward", forward_backward)):

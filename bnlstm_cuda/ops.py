@@ -1,15 +1,18 @@
-"""The compiled layer operators: loading, fake kernels, autograd, and the layer function.
+"""The layer operators: loading, fake kernels, autograd, and the layer function.
 
 The schemas `bnlstm::layer_forward` and `bnlstm::layer_backward` are declared in
-csrc/ops.cpp and implemented per device in C++. Here they get fake (meta) kernels and an
-autograd formula through `torch.library`, so they work under autograd, pass
-`torch.library.opcheck` and trace under `torch.compile(fullgraph=True)`.
-`bnlstm_layer_fused` has the signature of `reference.bnlstm_layer_reference`.
+csrc/ops.cpp and implemented per device in C++; the Triton backend implements the same two
+schemas as `bnlstm_triton::layer_forward` and `layer_backward` (triton_layer.py). Here both
+pairs get the same fake (meta) kernels and autograd formula through `torch.library`, so they
+work under autograd, pass `torch.library.opcheck` and trace under
+`torch.compile(fullgraph=True)` and `torch.export`. `run_layer` calls a pair with the
+signature of `reference.bnlstm_layer_reference`; `bnlstm_layer_fused` is it for the C++ pair.
 """
 from __future__ import annotations
 
+import functools
 import threading
-from typing import List, NamedTuple, Optional
+from typing import Callable, List, NamedTuple, Optional
 
 import torch
 from torch import Tensor
@@ -25,6 +28,29 @@ INPUT_STATISTICS = {None: 0, "step": 1, "sequence": 2}
 _lock = threading.Lock()
 _registered = False
 _failure: Optional[Exception] = None  # a failed build is not retried on every call
+
+
+# The operators' schemas as csrc/ops.cpp declares them (tests/test_cpu_backend.py compares
+# them with the loaded extension's); the Triton backend registers its operators with them.
+FORWARD_SCHEMA = (
+    "(Tensor x, Tensor h0, Tensor c0, Tensor? lengths, Tensor[] params, Tensor[] running, int input_statistics, "
+    "bool normalize_recurrent, bool normalize_cell, bool training, float eps, bool reverse, bool keep_reserve, "
+    "int start_step=0, ScalarType? operand_dtype=None) -> "
+    "(Tensor output, Tensor h_n, Tensor c_n, Tensor[] statistics, Tensor projection, Tensor reserve)")
+BACKWARD_SCHEMA = (
+    "(Tensor grad_output, Tensor grad_h_n, Tensor grad_c_n, Tensor x, Tensor? lengths, Tensor h0, Tensor c0, "
+    "Tensor output, Tensor[] params, Tensor[] statistics, Tensor projection, Tensor reserve, "
+    "int input_statistics, bool normalize_recurrent, bool normalize_cell, bool training, float eps, "
+    "bool reverse, bool input_grad=True, ScalarType? operand_dtype=None) -> "
+    "(Tensor grad_x, Tensor grad_h0, Tensor grad_c0, Tensor[] grad_params)")
+
+
+class LayerOperators(NamedTuple):
+    """A backend's pair of operators: `forward` with FORWARD_SCHEMA, `backward` (its
+    gradients) with BACKWARD_SCHEMA."""
+
+    forward: Callable
+    backward: Callable
 
 
 def reserve_width(hidden: int, normalize_recurrent: bool) -> int:
@@ -95,12 +121,30 @@ def release_cpu_buffers() -> int:
 
 
 def _register_python_parts() -> None:
-    torch.library.register_fake("bnlstm::layer_forward")(_layer_forward_fake)
-    torch.library.register_fake("bnlstm::layer_backward")(_layer_backward_fake)
+    register_layer_operators("bnlstm::layer_forward", "bnlstm::layer_backward", compiled_operators)
     torch.library.register_fake("bnlstm::update_running_stats")(_update_running_stats_fake)
-    torch.library.register_autograd(
-        "bnlstm::layer_forward", _registered_backward, setup_context=_registered_setup_context
-    )
+
+
+def register_layer_operators(forward: str, backward: str, operators: Callable[[], LayerOperators]) -> None:
+    """Fake kernels and the autograd formula for a pair of operators with FORWARD_SCHEMA and
+    BACKWARD_SCHEMA, named "namespace::name" (`operators`: the pair, looked up when a
+    backward pass runs)."""
+    torch.library.register_fake(forward)(_layer_forward_fake)
+    torch.library.register_fake(backward)(_layer_backward_fake)
+    torch.library.register_autograd(forward, _registered_backward,
+                                    setup_context=functools.partial(_registered_setup_context, operators))
+
+
+_compiled_operators: Optional[LayerOperators] = None
+
+
+def compiled_operators() -> LayerOperators:
+    """The C++ pair (csrc/ops.cpp), built or loaded on first use."""
+    global _compiled_operators
+    if _compiled_operators is None:
+        ensure_loaded()
+        _compiled_operators = LayerOperators(torch.ops.bnlstm.layer_forward, torch.ops.bnlstm.layer_backward)
+    return _compiled_operators
 
 
 class ForwardArguments(NamedTuple):
@@ -162,9 +206,11 @@ def _update_running_stats_fake(running_mean, running_var, mean, var, count, mome
     return mean.new_empty((), dtype=torch.int64)
 
 
-def _save_for_backward(ctx, a: ForwardArguments, statistics, output, projection, reserve) -> None:
+def _save_for_backward(ctx, operators: LayerOperators, a: ForwardArguments, statistics, output, projection,
+                       reserve) -> None:
     # No zero gradients for the statistics and the (large) reserve: they are not used.
     ctx.set_materialize_grads(False)
+    ctx.backward_operator = operators.backward
     ctx.keep_reserve = a.keep_reserve
     ctx.flags = (a.input_statistics, a.normalize_recurrent, a.normalize_cell, a.training, a.eps, a.reverse)
     ctx.operand_dtype = a.operand_dtype  # the backward's GEMMs too
@@ -173,8 +219,9 @@ def _save_for_backward(ctx, a: ForwardArguments, statistics, output, projection,
     ctx.save_for_backward(a.x, a.h0, a.c0, output, projection, reserve, *a.params, *statistics)
 
 
-def _layer_gradients(ctx, grad_output, grad_h_n, grad_c_n):
-    """(grad_x or None, grad_h0, grad_c0, [grad of each parameter, None where absent])."""
+def _layer_gradients(ctx, grad_output, grad_h_n, grad_c_n, input_grad: bool):
+    """(grad_x or None, grad_h0, grad_c0, [grad of each parameter, None where absent]);
+    input_grad: whether x needs its gradient."""
     if not ctx.keep_reserve:
         raise RuntimeError(
             "bnlstm::layer_forward ran with keep_reserve=False (inference), so it kept nothing "
@@ -193,8 +240,7 @@ def _layer_gradients(ctx, grad_output, grad_h_n, grad_c_n):
     grad_output = zeros(*x.shape[:2], hidden) if grad_output is None else grad_output
     grad_h_n = zeros(batch, hidden) if grad_h_n is None else grad_h_n
     grad_c_n = zeros(batch, hidden) if grad_c_n is None else grad_c_n
-    input_grad = ctx.needs_input_grad[0]
-    grad_x, grad_h0, grad_c0, grad_params = torch.ops.bnlstm.layer_backward(
+    grad_x, grad_h0, grad_c0, grad_params = ctx.backward_operator(
         grad_output, grad_h_n, grad_c_n, x, ctx.lengths, h0, c0, output, params, statistics, projection,
         reserve, *ctx.flags, input_grad, ctx.operand_dtype,
     )
@@ -204,14 +250,15 @@ def _layer_gradients(ctx, grad_output, grad_h_n, grad_c_n):
 
 # torch.library's autograd: the operator's own argument structure, Tensor lists included
 # (each list's gradient is a list).
-def _registered_setup_context(ctx, inputs, output):
+def _registered_setup_context(operators, ctx, inputs, output):
     output_tensor, _h_n, _c_n, statistics, projection, reserve = output
     ctx.mark_non_differentiable(*statistics, projection, reserve)
-    _save_for_backward(ctx, ForwardArguments(*inputs), statistics, output_tensor, projection, reserve)
+    _save_for_backward(ctx, operators(), ForwardArguments(*inputs), statistics, output_tensor, projection, reserve)
 
 
 def _registered_backward(ctx, grad_output, grad_h_n, grad_c_n, *_grad_statistics_and_reserve):
-    grad_x, grad_h0, grad_c0, grad_params = _layer_gradients(ctx, grad_output, grad_h_n, grad_c_n)
+    grad_x, grad_h0, grad_c0, grad_params = _layer_gradients(ctx, grad_output, grad_h_n, grad_c_n,
+                                                             ctx.needs_input_grad[0])
     # One entry per argument the call passed (the dispatcher drops those at their defaults).
     flags = len(ctx.needs_input_grad) - 6
     return (grad_x, grad_h0, grad_c0, None, grad_params, [None] * len(STATISTICS)) + (None,) * flags
@@ -222,34 +269,37 @@ class _LayerFunction(torch.autograd.Function):
     (_layer_gradients), without its wrapper's per-call cost: that wrapper re-fills the
     schema's defaults and flattens the tensor lists on every call (docs/CPU.md). An
     autograd.Function tracks only tensors passed directly, so the parameters come as
-    separate arguments: apply(x, h0, c0, lengths, *params, running, *flags). Its forward
-    calls the operator below the Autograd key, and returns the statistics unpacked.
-    torch.compile traces the operator itself."""
+    separate arguments: apply(operators, x, h0, c0, lengths, *params, running, *flags). Its
+    forward calls the forward operator below the Autograd key, and returns the statistics
+    unpacked. torch.compile traces the operator itself."""
 
     @staticmethod
-    def forward(x, h0, c0, lengths, *rest):
+    def forward(operators, x, h0, c0, lengths, *rest):
         count = len(LayerParams._fields)
         arguments = ForwardArguments(x, h0, c0, lengths, list(rest[:count]), *rest[count:])
         with torch._C._AutoDispatchBelowAutograd():
-            output, h_n, c_n, statistics, projection, reserve = torch.ops.bnlstm.layer_forward(*arguments)
+            output, h_n, c_n, statistics, projection, reserve = operators.forward(*arguments)
         return (output, h_n, c_n, *statistics, projection, reserve)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         count = len(LayerParams._fields)
+        operators, inputs = inputs[0], inputs[1:]
         arguments = ForwardArguments(*inputs[:4], list(inputs[4:4 + count]), *inputs[4 + count:])
         statistics, projection, reserve = output[3:9], output[9], output[10]
         ctx.mark_non_differentiable(*output[3:])
-        _save_for_backward(ctx, arguments, statistics, output[0], projection, reserve)
+        _save_for_backward(ctx, operators, arguments, statistics, output[0], projection, reserve)
 
     @staticmethod
     def backward(ctx, grad_output, grad_h_n, grad_c_n, *_grad_statistics_and_reserve):
-        grad_x, grad_h0, grad_c0, grad_params = _layer_gradients(ctx, grad_output, grad_h_n, grad_c_n)
+        grad_x, grad_h0, grad_c0, grad_params = _layer_gradients(ctx, grad_output, grad_h_n, grad_c_n,
+                                                                 ctx.needs_input_grad[1])  # [0]: operators
         non_tensors = len(ForwardArguments._fields) - 5  # running and the flags
-        return (grad_x, grad_h0, grad_c0, None, *grad_params) + (None,) * non_tensors
+        return (None, grad_x, grad_h0, grad_c0, None, *grad_params) + (None,) * non_tensors
 
 
-def bnlstm_layer_fused(
+def run_layer(
+    operators: LayerOperators,
     x: Tensor,
     h0: Tensor,
     c0: Tensor,
@@ -263,12 +313,9 @@ def bnlstm_layer_fused(
     reverse: bool = False,
     start_step: int = 0,
 ) -> LayerResult:
-    """One layer-direction through `bnlstm::layer_forward`; arguments and result as
-    `reference.bnlstm_layer_reference`. Half-precision inputs are computed in float32; the
-    CUDA kernels multiply the recurrent GEMM's operands in the input's dtype (fp32
-    accumulation), as cuDNN and the Triton backend do, and the other GEMMs, forward and
-    backward, in TF32."""
-    ensure_loaded()
+    """One layer-direction through `operators`; the other arguments and the result as
+    `reference.bnlstm_layer_reference`. Half-precision inputs reach the operators in float32
+    with their dtype as `operand_dtype`, in which the operators multiply (fp32 accumulation)."""
     out_dtype = x.dtype
     dtype = compute_dtype(x.dtype)
     if out_dtype != dtype:
@@ -287,17 +334,17 @@ def bnlstm_layer_fused(
              training, eps, reverse, keep_reserve, start_step,
              out_dtype if out_dtype != dtype else None)  # half precision: the GEMM's operand dtype
     if torch.compiler.is_compiling():
-        output, h_n, c_n, statistics, _projection, _reserve = torch.ops.bnlstm.layer_forward(
+        output, h_n, c_n, statistics, _projection, _reserve = operators.forward(
             x, h0, c0, lengths, parameter_list, running_list, *flags)
     elif keep_reserve:
-        output, h_n, c_n, *statistics = _LayerFunction.apply(x, h0, c0, lengths, *parameter_list, running_list,
-                                                             *flags)[:9]
+        output, h_n, c_n, *statistics = _LayerFunction.apply(operators, x, h0, c0, lengths, *parameter_list,
+                                                             running_list, *flags)[:9]
     else:
         # Nothing needs a gradient: call the kernel below the Autograd key, skipping the
         # Python autograd kernel torch.library registered for it, which would only
         # redispatch after re-filling the schema's defaults.
         with torch._C._AutoDispatchBelowAutograd():
-            output, h_n, c_n, statistics, _projection, _reserve = torch.ops.bnlstm.layer_forward(
+            output, h_n, c_n, statistics, _projection, _reserve = operators.forward(
                 x, h0, c0, lengths, parameter_list, running_list, *flags)
     batch_stats = {}
     if training:
@@ -307,3 +354,12 @@ def bnlstm_layer_fused(
     if out_dtype != dtype:
         output, h_n, c_n = output.to(out_dtype), h_n.to(out_dtype), c_n.to(out_dtype)
     return LayerResult(output, h_n, c_n, batch_stats)
+
+
+def bnlstm_layer_fused(x: Tensor, h0: Tensor, c0: Tensor, params: LayerParams, running: RunningStats,
+                       **options) -> LayerResult:
+    """One layer-direction through the C++ operators (`run_layer`'s arguments but the first).
+    The CUDA kernels multiply the recurrent GEMM's operands in a half-precision input's
+    dtype, as cuDNN and the Triton backend do, and the other GEMMs, forward and backward, in
+    TF32."""
+    return run_layer(compiled_operators(), x, h0, c0, params, running, **options)

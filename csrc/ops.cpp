@@ -27,6 +27,8 @@ TORCH_LIBRARY(bnlstm, m) {
   // float32 as cuDNN does: the recurrent GEMM's operands h_{t-1} and W_hh rounded to it, the
   // float32 GEMMs (the input projection; in layer_backward every GEMM) in TF32, which holds
   // float16 and bfloat16 values exactly. The CPU computes in the compute dtype.
+  // bnlstm_cuda/ops.py states both layer schemas again, for the Triton backend's operators
+  // (tests/test_cpu_backend.py checks that they agree).
   m.def(
       "layer_forward(Tensor x, Tensor h0, Tensor c0, Tensor? lengths, Tensor[] params, Tensor[] running, "
       "int input_statistics, bool normalize_recurrent, bool normalize_cell, bool training, float eps, "

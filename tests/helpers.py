@@ -192,11 +192,12 @@ def op_arguments(variant, training, reverse, keep_reserve=True, T=4, B=3, I=2, H
     )
 
 
-def op_backward_arguments(args, input_grad=True, operand_dtype=None):
+def op_backward_arguments(args, input_grad=True, operand_dtype=None, forward=None):
     """Arguments of bnlstm::layer_backward after layer_forward(*args) (run here without
-    grad), with random output gradients; the forward's result comes second."""
+    grad; `forward`: another operator with its schema), with random output gradients; the
+    forward's result comes second."""
     with torch.no_grad():
-        result = torch.ops.bnlstm.layer_forward(*args)
+        result = (forward or torch.ops.bnlstm.layer_forward)(*args)
     output, h_n, c_n, statistics, projection, reserve = result
     detached = lambda t: t.detach()
     backward = (

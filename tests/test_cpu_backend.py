@@ -24,6 +24,16 @@ def extension():
     ensure_loaded()
 
 
+def test_python_states_the_declared_schemas():
+    """ops.FORWARD_SCHEMA and BACKWARD_SCHEMA, with which the Triton operators are
+    registered, are the schemas csrc/ops.cpp declares."""
+    from bnlstm_cuda.ops import BACKWARD_SCHEMA, FORWARD_SCHEMA
+
+    for name, schema in (("layer_forward", FORWARD_SCHEMA), ("layer_backward", BACKWARD_SCHEMA)):
+        declared = getattr(torch.ops.bnlstm, name).default._schema
+        assert str(declared) == str(torch._C.parse_schema(f"bnlstm::{name}{schema}"))
+
+
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_opcheck_layer_forward(variant, training):

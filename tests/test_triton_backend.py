@@ -111,8 +111,8 @@ def test_compile_check_covers_the_launches(step_launchers, dtype):
 
 def test_gradient_of_h_switch(monkeypatch):
     """BNLSTM_TRITON_GRAD_H chooses where half-precision inputs take grad_zh @ W_hh (default
-    "torch"; float32 and float64 always go to torch); the choice of the forward pass holds for its backward; a bad
-    value is refused, naming the variable. Both choices give the same gradients: up to float32
+    "torch"; float32 and float64 always go to torch), read by the forward pass (which refuses a bad value, naming
+    the variable, before any work) and by the backward operator as it runs. Both choices give the same gradients: up to float32
     rounding under the interpreter, which multiplies in float32 either way; on a GPU up to
     TF32's (2^-11, relative to the gradient's scale), since the kernel's product is TF32 and
     torch's addmm IEEE float32, and a B = 3 batch norm amplifies the difference a few times."""
@@ -136,9 +136,14 @@ def test_gradient_of_h_switch(monkeypatch):
         inputs = [t.detach().clone().requires_grad_() for t in (x, h0, c0)]
         result = triton_layer.bnlstm_layer_triton(*inputs, params, running, variant=get_variant("cooijmans"),
                                                   training=True, eps=1e-5)
-        monkeypatch.setenv("BNLSTM_TRITON_GRAD_H", "cublas")  # refused, were the backward pass to read it
         result.output.float().sum().backward()
         grads[choice] = [t.grad.float() for t in inputs]
+    # The backward operator reads the variable as it runs.
+    result = triton_layer.bnlstm_layer_triton(*inputs, params, running, variant=get_variant("cooijmans"),
+                                              training=True, eps=1e-5)
+    monkeypatch.setenv("BNLSTM_TRITON_GRAD_H", "cublas")
+    with pytest.raises(ValueError, match="BNLSTM_TRITON_GRAD_H must be"):
+        result.output.float().sum().backward()
     relative = 8 * 2.0 ** -11 if ON_GPU else 1e-4
     for name, kernel, torch_ in zip(("x", "h0", "c0"), grads["kernel"], grads["torch"]):
         torch.testing.assert_close(kernel, torch_, rtol=relative, atol=relative * torch_.abs().max().item(),
@@ -228,6 +233,95 @@ def test_forward_without_gradients_matches(training):
         want = bnlstm_layer_reference(x, h0, c0, params, running, **kwargs)
     for name in ("output", "h_n", "c_n"):
         torch.testing.assert_close(getattr(got, name), getattr(want, name), **TOL, msg=lambda m: f"{name}: {m}")
+
+
+# The registered operators --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_opcheck(variant, training):
+    """bnlstm_triton::layer_forward and layer_backward against their fakes and the autograd
+    formula they share with the C++ operators (schema, fake tensors, autograd registration,
+    AOT dispatch): with and without a kept reserve, reversed with lengths, half-precision
+    operands."""
+    forward, backward = torch.ops.bnlstm_triton.layer_forward.default, torch.ops.bnlstm_triton.layer_backward.default
+    args = helpers.op_arguments(variant, training, reverse=True, device=DEVICE)
+    torch.library.opcheck(forward, args)
+    torch.library.opcheck(forward, helpers.op_arguments(variant, training, reverse=False, keep_reserve=False,
+                                                        device=DEVICE))
+    backward_args, _ = helpers.op_backward_arguments(args, forward=forward)
+    torch.library.opcheck(backward, backward_args)
+    without_input_args, _ = helpers.op_backward_arguments(args, input_grad=False, forward=forward)
+    torch.library.opcheck(backward, without_input_args)
+    half = helpers.op_arguments(variant, training, reverse=False, dtype=torch.float32, device=DEVICE)
+    half = half._replace(lengths=None, start_step=1, operand_dtype=torch.bfloat16)
+    torch.library.opcheck(forward, half)
+    torch.library.opcheck(backward, helpers.op_backward_arguments(half, operand_dtype=torch.bfloat16,
+                                                                  forward=forward)[0])
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_operators_match_the_cpu_operators(variant):
+    """Given the same arguments, bnlstm_triton's operators return what bnlstm's CPU operators
+    do, to float64 rounding: outputs, statistics, the projection and every gradient; and
+    reserves of the same shape (the Triton reserve keeps W_hh h_{t-1} unnormalized)."""
+    if DEVICE != "cpu":
+        pytest.skip("the C++ CPU operators take CPU tensors; this compares them under the interpreter")
+    if "cpu" not in backends.available_backends("cpu"):
+        pytest.skip("the CPU extension is unavailable here")
+    for training in (True, False):
+        args = helpers.op_arguments(variant, training, reverse=True, S=5)
+        backward_triton, forward_triton = helpers.op_backward_arguments(
+            args, forward=torch.ops.bnlstm_triton.layer_forward)
+        backward_cpu, forward_cpu = helpers.op_backward_arguments(args)
+        flat = lambda result: [t for part in result for t in (part if isinstance(part, list) else [part])]
+        *got, got_reserve = flat(forward_triton)
+        *want, want_reserve = flat(forward_cpu)
+        assert got_reserve.shape == want_reserve.shape
+        for index, (g, w) in enumerate(zip(got, want)):
+            torch.testing.assert_close(g, w, **TOL, msg=lambda m: f"forward result {index}: {m}")
+        # The same output gradients into each backward, each with its own forward's results.
+        backward_triton = backward_cpu[:7] + backward_triton[7:]
+        got = flat(torch.ops.bnlstm_triton.layer_backward(*backward_triton))
+        want = flat(torch.ops.bnlstm.layer_backward(*backward_cpu))
+        for index, (g, w) in enumerate(zip(got, want)):
+            torch.testing.assert_close(g, w, **TOL, msg=lambda m: f"gradient {index}: {m}")
+
+
+def test_torch_compile_and_export_see_the_operator():
+    """torch.compile(fullgraph=True) of a training step keeps bnlstm_triton::layer_forward in
+    the graph and differentiates it with the registered formula; torch.export of the layer
+    function records the operator; both agree with eager."""
+    module = helpers.make_module(input_size=3, hidden_size=5, backend="triton", device=DEVICE)
+    x = torch.randn(4, 3, 3, dtype=torch.float64, device=DEVICE)
+    traced = []
+
+    def recording_backend(graph_module, example_inputs):
+        traced.append(str(graph_module.graph))
+        return graph_module.forward
+
+    compiled = torch.compile(module, backend=recording_backend, fullgraph=True)
+    x_eager, x_compiled = x.clone().requires_grad_(), x.clone().requires_grad_()
+    module.eval()
+    want = module(x_eager)[0]
+    got = compiled(x_compiled)[0]
+    assert "bnlstm_triton.layer_forward" in traced[0]
+    torch.testing.assert_close(got, want, **TOL)
+    want.sum().backward()
+    got.sum().backward()
+    torch.testing.assert_close(x_compiled.grad, x_eager.grad, **TOL)
+
+    x1, h0, c0, params, running = random_layer("cooijmans", device=DEVICE)
+
+    class Layer(torch.nn.Module):
+        def forward(self, x):
+            return triton_layer.bnlstm_layer_triton(x, h0, c0, params, running, variant=get_variant("cooijmans"),
+                                                    training=False, eps=1e-5).output
+
+    program = torch.export.export(Layer(), (x1,))
+    assert "bnlstm_triton.layer_forward" in str(program.graph)
+    torch.testing.assert_close(program.module()(x1), Layer()(x1), **TOL)
 
 
 def test_step_launcher_calls_the_compiled_kernel_after_the_first_launch(monkeypatch):
