@@ -76,7 +76,7 @@ class SmallGemm {
       switch (m_ - r) {
         case 3: block<3>(a + r * k_, panel, out_panel + r * ldc, ldc, columns); break;
         case 2: block<2>(a + r * k_, panel, out_panel + r * ldc, ldc, columns); break;
-        case 1: block<1>(a + r * k_, panel, out_panel + r * ldc, ldc, columns); break;
+        case 1: single_row(a + r * k_, panel, out_panel + r * ldc, columns); break;
         default: break;
       }
     }
@@ -113,6 +113,34 @@ class SmallGemm {
     if constexpr (kRows > 1) store(c10, c11, out + ldc, columns);
     if constexpr (kRows > 2) store(c20, c21, out + 2 * ldc, columns);
     if constexpr (kRows > 3) store(c30, c31, out + 3 * ldc, columns);
+  }
+
+  // One row times one panel. With a single row the two accumulators of block<1> would make
+  // each step's FMA wait for the previous one's result (a latency-bound GEMV, as a B=1
+  // serving call runs); four slices of K in eight accumulators keep the FMA units busy,
+  // and the slices are summed at the end.
+  void single_row(const T* a, const T* panel, T* out, int64_t columns) const {
+    constexpr int64_t width = V::size();
+    V c0(T(0)), c1(T(0)), c2(T(0)), c3(T(0)), c4(T(0)), c5(T(0)), c6(T(0)), c7(T(0));
+    int64_t k = 0;
+    for (; k + 4 <= k_; k += 4) {
+      const T* b = panel + k * kPanel;
+      const V a0(a[k]), a1(a[k + 1]), a2(a[k + 2]), a3(a[k + 3]);
+      c0 = at::vec::fmadd(a0, V::loadu(b), c0);
+      c1 = at::vec::fmadd(a0, V::loadu(b + width), c1);
+      c2 = at::vec::fmadd(a1, V::loadu(b + kPanel), c2);
+      c3 = at::vec::fmadd(a1, V::loadu(b + kPanel + width), c3);
+      c4 = at::vec::fmadd(a2, V::loadu(b + 2 * kPanel), c4);
+      c5 = at::vec::fmadd(a2, V::loadu(b + 2 * kPanel + width), c5);
+      c6 = at::vec::fmadd(a3, V::loadu(b + 3 * kPanel), c6);
+      c7 = at::vec::fmadd(a3, V::loadu(b + 3 * kPanel + width), c7);
+    }
+    for (; k < k_; ++k) {
+      const V a0(a[k]);
+      c0 = at::vec::fmadd(a0, V::loadu(panel + k * kPanel), c0);
+      c1 = at::vec::fmadd(a0, V::loadu(panel + k * kPanel + width), c1);
+    }
+    store((c0 + c2) + (c4 + c6), (c1 + c3) + (c5 + c7), out, columns);
   }
 
   static void store(const V& low, const V& high, T* out, int64_t columns) {
