@@ -131,7 +131,7 @@ class BNLSTMBase(nn.Module):
         them). skipped: the first such step as the fold found it (-1: none), or None, when
         the fold does not say. Checked on CPU tensors only: on a GPU the check would wait for
         the device at every training step (and cannot run inside a captured graph)."""
-        if (getattr(self, "_warned_not_finite", False) or stats.mean.device.type != "cpu"
+        if (self.__dict__.get("_warned_not_finite", False) or stats.mean.device.type != "cpu"
                 or torch.compiler.is_compiling()):
             return
         if skipped is not None:

@@ -265,30 +265,25 @@ def _registered_backward(ctx, grad_output, grad_h_n, grad_c_n, *_grad_statistics
 
 
 class _LayerFunction(torch.autograd.Function):
-    """Eager autograd for `bnlstm::layer_forward`, the formula torch.library has for it
+    """Eager autograd for a pair of layer operators, the formula torch.library has for them
     (_layer_gradients), without its wrapper's per-call cost: that wrapper re-fills the
     schema's defaults and flattens the tensor lists on every call (docs/CPU.md). An
     autograd.Function tracks only tensors passed directly, so the parameters come as
     separate arguments: apply(operators, x, h0, c0, lengths, *params, running, *flags). Its
     forward calls the forward operator below the Autograd key, and returns the statistics
-    unpacked. torch.compile traces the operator itself."""
+    unpacked. The forward takes ctx itself: a separate setup_context makes every apply bind
+    its arguments to forward's signature with inspect. torch.compile traces the operator
+    itself."""
 
     @staticmethod
-    def forward(operators, x, h0, c0, lengths, *rest):
+    def forward(ctx, operators, x, h0, c0, lengths, *rest):
         count = len(LayerParams._fields)
         arguments = ForwardArguments(x, h0, c0, lengths, list(rest[:count]), *rest[count:])
         with torch._C._AutoDispatchBelowAutograd():
             output, h_n, c_n, statistics, projection, reserve = operators.forward(*arguments)
+        ctx.mark_non_differentiable(*statistics, projection, reserve)
+        _save_for_backward(ctx, operators, arguments, statistics, output, projection, reserve)
         return (output, h_n, c_n, *statistics, projection, reserve)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        count = len(LayerParams._fields)
-        operators, inputs = inputs[0], inputs[1:]
-        arguments = ForwardArguments(*inputs[:4], list(inputs[4:4 + count]), *inputs[4 + count:])
-        statistics, projection, reserve = output[3:9], output[9], output[10]
-        ctx.mark_non_differentiable(*output[3:])
-        _save_for_backward(ctx, operators, arguments, statistics, output[0], projection, reserve)
 
     @staticmethod
     def backward(ctx, grad_output, grad_h_n, grad_c_n, *_grad_statistics_and_reserve):
