@@ -174,6 +174,19 @@ struct ColumnStats {
   }
 };
 
+// One block's per-step buffers of the forward pass, allocated once a call and reused at
+// every step (a step at B=1 is a few microseconds; a dozen allocations a step showed in
+// its profile). A part that is not normalized keeps ColumnStats' identity values: the
+// flags, and with them what each step writes, are the same at every step of a call.
+template <typename T>
+struct ForwardScratch {
+  ColumnStats<T> in, rec, cell;
+  std::vector<T> bias, cell_beta, c_new, out_gate;
+  ForwardScratch(int64_t batch, int64_t units)
+      : in(4 * units), rec(4 * units), cell(units), bias(4 * units, T(0)), cell_beta(units, T(0)),
+        c_new(batch * units), out_gate(batch * units) {}
+};
+
 template <typename T>
 class RecurrentForwardCPU {
  public:
@@ -195,14 +208,16 @@ class RecurrentForwardCPU {
   // One step over hidden units [j0, j1), given zh = this block's columns of W_hh h_{t-1}
   // ([B, 4J], gate-major: column g * J + j is gate g of unit j0 + j). kKeep: store what the
   // backward pass reads.
+  // scratch: this block's, ForwardScratch(B, j1 - j0).
   template <bool kKeep>
-  void run(const StepForward<T>& s, const T* zh, int64_t j0, int64_t j1) const {
+  void run(const StepForward<T>& s, const T* zh, int64_t j0, int64_t j1, ForwardScratch<T>& scratch) const {
     const int64_t H = hidden_, G = 4 * hidden_, B = batch_, W = layout_.width, J = j1 - j0;
     const T eps = T(flags_.eps);
     const bool normalize_input = flags_.input_statistics != kInputNone;
     const bool given_input = normalize_input && !(flags_.training && flags_.input_statistics == kInputStep);
-    ColumnStats<T> in(4 * J), rec(4 * J);
-    std::vector<T> bias(4 * J, T(0));
+    ColumnStats<T>& in = scratch.in;
+    ColumnStats<T>& rec = scratch.rec;
+    std::vector<T>& bias = scratch.bias;
     for (int64_t g = 0; g < 4; ++g) {
       const int64_t k0 = g * H + j0;
       if (normalize_input) {
@@ -224,8 +239,8 @@ class RecurrentForwardCPU {
     // is written in the same pass as the gates; in training the batch's, over every row's
     // new cell, so h takes a second pass.
     const bool one_pass = !flags_.training;
-    ColumnStats<T> cell(J);
-    std::vector<T> cell_beta(J, T(0));
+    ColumnStats<T>& cell = scratch.cell;
+    std::vector<T>& cell_beta = scratch.cell_beta;
     const auto cell_statistics = [&](const T* c_new) {
       if (!flags_.normalize_cell) return;
       const int64_t row = std::min(s.step, slots_c_ - 1) * H + j0;
@@ -258,7 +273,8 @@ class RecurrentForwardCPU {
     // small against the mean (few active sequences), where scale is large.
     // Gates and the new cell for every row (padded rows too: their values stay finite and
     // the backward pass multiplies them by zero).
-    std::vector<T> c_new(one_pass ? 0 : B * J), out_gate(one_pass || kKeep ? 0 : B * J);
+    std::vector<T>& c_new = scratch.c_new;
+    std::vector<T>& out_gate = scratch.out_gate;
     for (int64_t b = 0; b < B; ++b) {
       T* rs = kKeep ? s.reserve + b * W : nullptr;
       if (s.next_wx != nullptr) {
@@ -384,11 +400,13 @@ void recurrent_forward_impl(const RecurrentForwardArgs& args, RecurrentForwardOu
   const int64_t blocks = static_cast<int64_t>(bounds.size()) - 1;
   std::vector<StepGemm> gemms;  // block k: h [B, H] @ (its rows of W_hh)^T -> [B, 4J]
   std::vector<at::Tensor> zh;   // block k's [B, 4J]
+  std::vector<ForwardScratch<T>> scratch;
   const at::Tensor weight_by_gate = args.weight_hh.view({4, H, H});
   for (int64_t k = 0; k < blocks; ++k) {
     const int64_t J = bounds[k + 1] - bounds[k];
     gemms.emplace_back(weight_by_gate.narrow(1, bounds[k], J).reshape({4 * J, H}).contiguous(), /*transpose=*/true, B);
     zh.push_back(at::empty({B, 4 * J}, args.input_projection.options()));
+    scratch.emplace_back(B, J);
   }
   // h_{t-1} and h_t in two buffers: a block that finishes early must not overwrite columns
   // of h_{t-1} another block's GEMM is still reading.
@@ -412,9 +430,9 @@ void recurrent_forward_impl(const RecurrentForwardArgs& args, RecurrentForwardOu
     T* block_zh = zh[k].data_ptr<T>();
     gemms[k].run(step.h_prev, block_zh);
     if (keep) {
-      kernel.template run<true>(step, block_zh, bounds[k], bounds[k + 1]);
+      kernel.template run<true>(step, block_zh, bounds[k], bounds[k + 1], scratch[k]);
     } else {
-      kernel.template run<false>(step, block_zh, bounds[k], bounds[k + 1]);
+      kernel.template run<false>(step, block_zh, bounds[k], bounds[k + 1], scratch[k]);
     }
   });
   if (T_ % 2 == 1) out.h.copy_(h_buffers[1]);
@@ -472,6 +490,21 @@ void transpose_into(T* dst, int64_t dst_stride, const T* src, int64_t src_stride
   }
 }
 
+// One block's per-step buffers of the backward pass, allocated once a call (as
+// ForwardScratch): per-column constants, which each step overwrites where its flags use
+// them, and column sums, which each step zeroes first.
+template <typename T>
+struct BackwardScratch {
+  std::vector<T> cell_rstd, cell_scale, cell_mean, cell_beta, sum_seen, sum_seen_c_hat;
+  std::vector<T> in_mean, in_rstd, in_scale, rec_scale, sum_dy, sum_dy_zhat, sum_dy_xhat;
+  std::vector<T> c_hat, grad_seen;
+  BackwardScratch(int64_t batch, int64_t units)
+      : cell_rstd(units, T(1)), cell_scale(units, T(1)), cell_mean(units, T(0)), cell_beta(units, T(0)),
+        sum_seen(units), sum_seen_c_hat(units), in_mean(4 * units, T(0)), in_rstd(4 * units, T(1)),
+        in_scale(4 * units, T(1)), rec_scale(4 * units, T(1)), sum_dy(4 * units), sum_dy_zhat(4 * units),
+        sum_dy_xhat(4 * units), c_hat(batch * units), grad_seen(batch * units) {}
+};
+
 template <typename T>
 class RecurrentBackwardCPU {
  public:
@@ -497,7 +530,9 @@ class RecurrentBackwardCPU {
   // the gate gradients, the gradient of its columns of W_hh h_{t-1} (the operand of its share
   // of grad_zh W_hh; dy when the recurrence is not normalized) and of W_ih x_t (written with
   // step-wise input statistics; dy without input normalization).
-  void run(const StepBackward<T>& s, int64_t j0, int64_t j1, T* dy, T* dz, T* dwx) const {
+  // scratch: this block's, BackwardScratch(B, j1 - j0).
+  void run(const StepBackward<T>& s, int64_t j0, int64_t j1, T* dy, T* dz, T* dwx,
+           BackwardScratch<T>& scratch) const {
     const int64_t H = hidden_, G = 4 * hidden_, B = batch_, W = layout_.width, J = j1 - j0;
     const T eps = T(flags_.eps);
     const Vec<T> one(T(1)), zero(T(0));
@@ -509,7 +544,10 @@ class RecurrentBackwardCPU {
     const Vec<T> inv_count(T(1) / T(std::max<int64_t>(s.count, 1)));
 
     // Per-column constants: u indexes gate g's column of hidden unit j0 + j as g * J + j.
-    std::vector<T> cell_rstd(J, T(1)), cell_scale(J, T(1)), cell_mean(J, T(0)), cell_beta(J, T(0));
+    std::vector<T>& cell_rstd = scratch.cell_rstd;
+    std::vector<T>& cell_scale = scratch.cell_scale;
+    std::vector<T>& cell_mean = scratch.cell_mean;
+    std::vector<T>& cell_beta = scratch.cell_beta;
     if (cell_bn) {
       for_each_vec<T>(J, [&](int64_t j, auto n) {
         const Vec<T> rstd = (Vec<T>::loadu(s.var_c + j0 + j, n) + Vec<T>(eps)).rsqrt();
@@ -519,7 +557,10 @@ class RecurrentBackwardCPU {
       std::copy_n(s.mean_c + j0, J, cell_mean.data());
       std::copy_n(beta_c_ + j0, J, cell_beta.data());
     }
-    std::vector<T> in_mean(4 * J, T(0)), in_rstd(4 * J, T(1)), in_scale(4 * J, T(1)), rec_scale(4 * J, T(1));
+    std::vector<T>& in_mean = scratch.in_mean;
+    std::vector<T>& in_rstd = scratch.in_rstd;
+    std::vector<T>& in_scale = scratch.in_scale;
+    std::vector<T>& rec_scale = scratch.rec_scale;
     for (int64_t g = 0; g < 4; ++g) {
       const int64_t k0 = g * H + j0;
       for_each_vec<T>(J, [&](int64_t j, auto n) {
@@ -543,7 +584,10 @@ class RecurrentBackwardCPU {
       if (s.grad_gates != nullptr) value.store(s.grad_gates + b * G + g * H + j0 + j, n);
     };
     // Column sums of each gate's gradient dy, of dy * zhat and of dy * xhat.
-    std::vector<T> sum_dy(4 * J, T(0)), sum_dy_zhat(4 * J, T(0)), sum_dy_xhat(4 * J, T(0));
+    std::vector<T>& sum_dy = scratch.sum_dy;
+    std::vector<T>& sum_dy_zhat = scratch.sum_dy_zhat;
+    std::vector<T>& sum_dy_xhat = scratch.sum_dy_xhat;
+    for (std::vector<T>* sums : {&sum_dy, &sum_dy_zhat, &sum_dy_xhat}) std::fill(sums->begin(), sums->end(), T(0));
     const auto xhat_at = [&](int64_t b, int64_t g, int64_t j, auto n) {
       return (Vec<T>::loadu(s.wx + b * G + g * H + j0 + j, n) - Vec<T>::loadu(in_mean.data() + g * J + j, n)) *
              Vec<T>::loadu(in_rstd.data() + g * J + j, n);
@@ -562,8 +606,12 @@ class RecurrentBackwardCPU {
 
     // Pass 1: the normalized cell and its tanh, recomputed from c_t and the step's
     // statistics; the output gate's gradient; the gradient reaching the normalized cell.
-    std::vector<T> c_hat(cell_bn ? B * J : 0), grad_seen(B * J);
-    std::vector<T> sum_seen(J, T(0)), sum_seen_c_hat(J, T(0));
+    std::vector<T>& c_hat = scratch.c_hat;
+    std::vector<T>& grad_seen = scratch.grad_seen;
+    std::vector<T>& sum_seen = scratch.sum_seen;
+    std::vector<T>& sum_seen_c_hat = scratch.sum_seen_c_hat;
+    std::fill(sum_seen.begin(), sum_seen.end(), T(0));
+    std::fill(sum_seen_c_hat.begin(), sum_seen_c_hat.end(), T(0));
     for (int64_t b = 0; b < B; ++b) {
       const T* rs = s.reserve + b * W;
       const bool active = s.active[b];
@@ -760,8 +808,10 @@ void recurrent_backward_impl(const RecurrentBackwardArgs& args, RecurrentBackwar
   // Block k's buffers of `chunk` steps (step t in slot t % chunk), each [chunk, B, 4J]: dy,
   // dz (normalized recurrence), dwx (step-wise input); its weight-gradient rows, gate-major.
   std::vector<at::Tensor> dy_ring, dz_ring, dwx_ring, weight_hh_rows, weight_ih_rows;
+  std::vector<BackwardScratch<T>> scratch;
   for (int64_t k = 0; k < blocks; ++k) {
     const int64_t J = bounds[k + 1] - bounds[k];
+    scratch.emplace_back(B, J);
     gemms.emplace_back(weight_by_gate.narrow(1, bounds[k], J).reshape({4 * J, H}).contiguous(), /*transpose=*/false, B);
     // dy needs the whole ring only where it is dz or dwx.
     const bool dy_kept = !flags.normalize_recurrent || flags.input_statistics == kInputNone;
@@ -850,7 +900,7 @@ void recurrent_backward_impl(const RecurrentBackwardArgs& args, RecurrentBackwar
     const int64_t slot = (t % chunk) * B * 4 * J;
     const auto in_ring = [&](const at::Tensor& ring) { return ring.data_ptr<T>() + (ring.size(0) == 1 ? 0 : slot); };
     T* dz = in_ring(dz_ring[k]);
-    kernel.run(step, j0, bounds[k + 1], in_ring(dy_ring[k]), dz, in_ring(dwx_ring[k]));
+    kernel.run(step, j0, bounds[k + 1], in_ring(dy_ring[k]), dz, in_ring(dwx_ring[k]), scratch[k]);
     gemms[k].run(dz, partial_slots[t % 2] + k * B * H);
     if (weights_hh && t % chunk == 0) add_weight_gradients(k, t, std::min(chunk, T_ - t));
   });
