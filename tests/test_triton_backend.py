@@ -1,7 +1,8 @@
 """The Triton backend's own parts against the float64 reference: several batch tiles, the
 backward step kernel's gradient of h and its switch, the constexpr sets `build --triton`
 compiles, float32/float16/bfloat16 against float64, the TF32 GEMM, inference without a
-reserve, and the step launcher. What every backend must do (the paper, the layer against the
+reserve, the registered operators (opcheck, the same results as the CPU operators,
+torch.compile and torch.export), and the step launcher. What every backend must do (the paper, the layer against the
 reference, start_step and streaming, odd sizes, a training step captured in a CUDA graph) is
 tests/test_backend_behaviours.py, for backend="triton" too.
 
