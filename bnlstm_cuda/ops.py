@@ -224,8 +224,8 @@ def _layer_gradients(ctx, grad_output, grad_h_n, grad_c_n, input_grad: bool):
     input_grad: whether x needs its gradient."""
     if not ctx.keep_reserve:
         raise RuntimeError(
-            "bnlstm::layer_forward ran with keep_reserve=False (inference), so it kept nothing "
-            "for the backward pass; call it with keep_reserve=True to differentiate"
+            "the layer's forward operator ran with keep_reserve=False (inference), so it kept "
+            "nothing for the backward pass; call it with keep_reserve=True to differentiate"
         )
     if torch.is_grad_enabled():
         # backward(create_graph=True): the backward operator has no derivative of its own.
