@@ -100,7 +100,8 @@ def _triton_problem(device: torch.device) -> Optional[str]:
         triton_layer.check_device(device)
     except ImportError as error:
         return f"triton cannot be imported ({error})"
-    except ValueError as error:
+    except (RuntimeError, ValueError) as error:
+        # RuntimeError: triton_layer._kernels found no triton package.
         return str(error)
     return None
 

@@ -87,3 +87,17 @@ def test_auto_on_a_gpu_device_takes_the_table_choice(monkeypatch):
     assert real_resolve("auto", torch.device("cuda"), dtype=torch.bfloat16, batch=64, hidden_size=1024) == "cuda"
     assert real_resolve("auto", torch.device("cuda"), dtype=torch.float16, batch=64, hidden_size=1024) == "cuda"
     assert chosen == ["triton", "cuda", "cuda"]
+
+
+def test_triton_without_the_triton_package_is_unavailable_not_an_error(monkeypatch):
+    """Where triton cannot be imported, the Triton backend reports why it cannot run (so
+    "auto" on a GPU passes it over) instead of raising from the availability check."""
+    from bnlstm_cuda import backends, triton_layer
+
+    def no_triton():
+        raise RuntimeError('backend="triton" needs the triton package (pip install triton): no module named triton')
+
+    monkeypatch.setattr(triton_layer, "_kernels", no_triton)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert "needs the triton package" in backends.TRITON.unavailable(torch.device("cuda"))
+
