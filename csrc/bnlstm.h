@@ -118,6 +118,7 @@ struct RecurrentBackwardArgs {  // see ReserveLayout for what the backward pass 
   at::Tensor h0;              // [B, H] initial hidden state
   at::Tensor output;          // [T, B, H] in processing order: h_t of the active rows
   at::Tensor x;               // [T, B, I] in processing order, zero at padded steps
+  at::Tensor weight_ih;       // [4H, I], where the host asks for grad_x too
 };
 
 // Outputs of the backward recurrence; accumulators start at zero.
@@ -140,6 +141,9 @@ struct RecurrentBackwardOutputs {
   // unless the host still needs them (grad_wx for grad_x); the kernel stores what is defined.
   at::Tensor grad_weight_hh;  // [4H, H]
   at::Tensor grad_weight_ih;  // [4H, I]
+  // [T, B, I] in processing order, grad_wx_t W_ih, from the same steps' gradients as
+  // grad_weight_ih (then grad_wx need not be stored), where the host asks for it.
+  at::Tensor grad_x;
 };
 
 // Device parts, one set per backend.

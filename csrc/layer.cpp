@@ -310,8 +310,14 @@ LayerBackwardResult layer_backward(RecurrentBackwardFn recurrent, MatmulFn matmu
   // The [T, B, 4H] gradients the host reads after the recurrence: grad_zh for grad_weight_hh,
   // grad_wx for grad_weight_ih and grad_x, grad_gates for sequence-wise statistics (and where
   // one of the others is it). Otherwise the device kernel keeps each step's in scratch of its own.
+  // A kernel that accumulates grad_weight_ih gives grad_x from the same steps' gradients.
+  const bool kernel_grad_x = kernel_weight_ih && in.input_grad;
+  if (kernel_grad_x) {
+    out.grad_x = at::empty({T, B, I}, x.options());
+    args.weight_ih = w.weight_ih.contiguous();
+  }
   const bool need_zh = !kernel_weight_hh;
-  const bool need_wx = in.input_grad || !kernel_weight_ih;
+  const bool need_wx = (in.input_grad && !kernel_grad_x) || !kernel_weight_ih;
   const bool keep_grad_gates = input_statistics == kInputSequence || (!normalize_recurrent && need_zh) ||
                                (input_statistics == kInputNone && need_wx);
   out.grad_gates = keep_grad_gates ? pooled_empty({T, B, G}, x.options()) : at::Tensor();
@@ -376,8 +382,11 @@ LayerBackwardResult layer_backward(RecurrentBackwardFn recurrent, MatmulFn matmu
   }
   at::Tensor grad_x = at::empty({0}, x.options());
   if (in.input_grad) {
-    at::Tensor grad_x_ordered = at::empty({T, B, I}, x.options());
-    matmul(grad_x_ordered.view({T * B, I}), grad_wx.reshape({T * B, G}), w.weight_ih, /*accumulate=*/false, flags);
+    at::Tensor grad_x_ordered = out.grad_x;
+    if (!kernel_grad_x) {
+      grad_x_ordered = at::empty({T, B, I}, x.options());
+      matmul(grad_x_ordered.view({T * B, I}), grad_wx.reshape({T * B, G}), w.weight_ih, /*accumulate=*/false, flags);
+    }
     grad_x = reverse ? reverse_padded(grad_x_ordered, lengths) : grad_x_ordered;
   }
   at::Tensor grad_bias = w.bias.has_value() ? out.grad_bias : empty();

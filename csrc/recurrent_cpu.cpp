@@ -804,6 +804,14 @@ void recurrent_backward_impl(const RecurrentBackwardArgs& args, RecurrentBackwar
                                                std::max({int64_t(1), kWeightGradientChunkBytes / (B * row_bytes),
                                                          (kWeightGradientChunkRows + B - 1) / B}));
   const at::TensorOptions options = out.grad_h.options();
+  // grad_x from the same chunks as grad_weight_ih: block k's dwx [rows, 4J] times its rows of
+  // W_ih [4J, I]. With several blocks each adds a partial of every row, so each writes
+  // partials of its own, summed after the recurrence.
+  const bool input_grad = out.grad_x.defined();
+  const int64_t input_size = input_grad ? args.weight_ih.size(1) : 0;
+  std::vector<at::Tensor> weight_ih_by_block;
+  const at::Tensor grad_x_partials =
+      input_grad && blocks > 1 ? at::empty({blocks, T_ * B, input_size}, options) : at::Tensor();
   std::vector<StepGemm> gemms;  // block k: dz [B, 4J] @ (its rows of W_hh) [4J, H] -> [B, H]
   // Block k's buffers of `chunk` steps (step t in slot t % chunk), each [chunk, B, 4J]: dy,
   // dz (normalized recurrence), dwx (step-wise input); its weight-gradient rows, gate-major.
@@ -821,6 +829,10 @@ void recurrent_backward_impl(const RecurrentBackwardArgs& args, RecurrentBackwar
     // Transposed, [H, 4J] and [I, 4J]: MKL runs h^T dz faster than dz^T h (layer.cpp).
     if (weights_hh) weight_hh_rows.push_back(at::zeros({H, 4 * J}, options));
     if (weights_ih) weight_ih_rows.push_back(at::zeros({args.x.size(2), 4 * J}, options));
+    if (input_grad) {
+      weight_ih_by_block.push_back(
+          args.weight_ih.view({4, H, input_size}).narrow(1, bounds[k], J).reshape({4 * J, input_size}).contiguous());
+    }
   }
   // Block k's share of the weight gradients from steps [t0, t0 + n) (its slots 0 to n - 1).
   const auto add_weight_gradients = [&](int64_t k, int64_t t0, int64_t n) {
@@ -833,9 +845,12 @@ void recurrent_backward_impl(const RecurrentBackwardArgs& args, RecurrentBackwar
     } else {
       weight_hh_rows[k].addmm_(args.output.view({-1, H}).narrow(0, (t0 - 1) * B, rows).t(), dz);
     }
-    if (weights_ih) {
-      const at::Tensor dwx = dwx_ring[k].view({chunk * B, columns}).narrow(0, 0, rows);
-      weight_ih_rows[k].addmm_(args.x.view({-1, args.x.size(2)}).narrow(0, t0 * B, rows).t(), dwx);
+    const at::Tensor dwx = dwx_ring[k].view({chunk * B, columns}).narrow(0, 0, rows);
+    if (weights_ih) weight_ih_rows[k].addmm_(args.x.view({-1, args.x.size(2)}).narrow(0, t0 * B, rows).t(), dwx);
+    if (input_grad) {
+      at::Tensor rows_of_grad_x =
+          (blocks == 1 ? out.grad_x.view({T_ * B, input_size}) : grad_x_partials[k]).narrow(0, t0 * B, rows);
+      at::mm_out(rows_of_grad_x, dwx, weight_ih_by_block[k]);
     }
   };
   // grad_zh and grad_wx, where still asked for (grad_wx for grad_x), bypass the caches once
@@ -905,6 +920,10 @@ void recurrent_backward_impl(const RecurrentBackwardArgs& args, RecurrentBackwar
     if (weights_hh && t % chunk == 0) add_weight_gradients(k, t, std::min(chunk, T_ - t));
   });
   if (T_ > 0) gather_grad_h(0, 0, H);  // the gradient of h_0
+  if (input_grad && blocks > 1) {
+    at::Tensor grad_x_rows = out.grad_x.view({T_ * B, input_size});
+    at::sum_out(grad_x_rows, grad_x_partials, at::IntArrayRef{0});
+  }
   // The blocks' rows, transposed, into the weight gradients: every row of every gate.
   const int64_t I = weights_ih ? out.grad_weight_ih.size(1) : 0;
   for (int64_t k = 0; k < blocks; ++k) {
