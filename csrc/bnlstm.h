@@ -138,7 +138,8 @@ struct RecurrentBackwardOutputs {
   // device kernel to accumulate the weight gradients during the recurrence, from each step's gradients while they are in cache:
   // grad_weight_hh = sum_t grad_zh_t^T h_{t-1} always, grad_weight_ih = sum_t grad_wx_t^T x_t
   // unless the input statistics are sequence-wise. grad_zh and grad_wx are then undefined
-  // unless the host still needs them (grad_wx for grad_x); the kernel stores what is defined.
+  // unless the host still needs them (grad_wx where grad_weight_ih is the host's); the kernel
+  // stores what is defined.
   at::Tensor grad_weight_hh;  // [4H, H]
   at::Tensor grad_weight_ih;  // [4H, I]
   // [T, B, I] in processing order, grad_wx_t W_ih, from the same steps' gradients as
