@@ -167,8 +167,25 @@ class ForwardArguments(NamedTuple):
     operand_dtype: Optional[torch.dtype] = None
 
 
-# The order of the operators' statistics lists (`running`, and `statistics` out).
+# The order of the operators' statistics lists (`running`, and `statistics` out): a
+# (mean, var) pair for each part of STATISTICS_PARTS.
 STATISTICS = ("mean_ih", "var_ih", "mean_hh", "var_hh", "mean_c", "var_c")
+STATISTICS_PARTS = ("ih", "hh", "c")
+
+
+def running_list(running: RunningStats, absent: Tensor) -> List[Tensor]:
+    """The operators' `running` list of RunningStats, `absent` for the parts it lacks."""
+    listed = [absent] * len(STATISTICS)
+    for index, part in enumerate(STATISTICS_PARTS):
+        if part in running:
+            listed[2 * index:2 * index + 2] = running[part]
+    return listed
+
+
+def running_dict(listed: List[Tensor]) -> RunningStats:
+    """running_list's inverse: RunningStats of the parts given (non-empty) in the list."""
+    return {part: (listed[2 * index], listed[2 * index + 1]) for index, part in enumerate(STATISTICS_PARTS)
+            if listed[2 * index].numel()}
 
 
 def _layer_forward_fake(*arguments):
@@ -320,27 +337,23 @@ def run_layer(
     keep_reserve = needs_backward(x, h0, c0, params)
     absent = x.new_empty(0)  # stands for a part the layer does not have, or statistics not read
     parameter_list = [absent if p is None else p for p in params]
-    running_list = [absent] * len(STATISTICS)
-    if not training:
-        for index, part in enumerate(("ih", "hh", "c")):
-            if part in running:
-                running_list[2 * index:2 * index + 2] = running[part]
+    running_given = running_list(running if not training else {}, absent)
     flags = (INPUT_STATISTICS[variant.input_statistics], variant.normalize_recurrent, variant.normalize_cell,
              training, eps, reverse, keep_reserve, start_step,
              out_dtype if out_dtype != dtype else None)  # half precision: the GEMM's operand dtype
     if torch.compiler.is_compiling():
         output, h_n, c_n, statistics, _projection, _reserve = operators.forward(
-            x, h0, c0, lengths, parameter_list, running_list, *flags)
+            x, h0, c0, lengths, parameter_list, running_given, *flags)
     elif keep_reserve:
         output, h_n, c_n, *statistics = _LayerFunction.apply(operators, x, h0, c0, lengths, *parameter_list,
-                                                             running_list, *flags)[:9]
+                                                             running_given, *flags)[:9]
     else:
         # Nothing needs a gradient: call the kernel below the Autograd key, skipping the
         # Python autograd kernel torch.library registered for it, which would only
         # redispatch after re-filling the schema's defaults.
         with torch._C._AutoDispatchBelowAutograd():
             output, h_n, c_n, statistics, _projection, _reserve = operators.forward(
-                x, h0, c0, lengths, parameter_list, running_list, *flags)
+                x, h0, c0, lengths, parameter_list, running_given, *flags)
     batch_stats = {}
     if training:
         counts = (x.new_full((steps,), batch) if lengths is None

@@ -35,7 +35,7 @@ from torch import Tensor
 
 from .layer_api import LayerParams, LayerResult, RunningStats, active_mask, compute_dtype, reverse_padded
 from .ops import (BACKWARD_SCHEMA, FORWARD_SCHEMA, INPUT_STATISTICS, LayerOperators, register_layer_operators,
-                  run_layer)
+                  run_layer, running_dict)
 from .variants import Variant
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -568,17 +568,12 @@ def layer_forward(x: Tensor, h0: Tensor, c0: Tensor, lengths: Optional[Tensor], 
     steps, batch, _ = x.shape
     active = active_mask(lengths, steps, batch, x.device)
     operand = _operand_cast(operand_dtype)
-    stats_of = {}
-    if not training:
-        for index, part in enumerate(("ih", "hh", "c")):
-            if running[2 * index].numel():
-                stats_of[part] = (running[2 * index], running[2 * index + 1])
     config = _Config(_variant(input_statistics, normalize_recurrent, normalize_cell), training, float(eps),
                      int(start_step), keep_reserve)
     with _on_device(x.device):
         output, h_n, c_n, statistics, projection, reserve = _forward_pass(
             operand(_processing_order(x, lengths, reverse, active)), operand(h0), operand(c0),
-            *(operand(p) for p in params), active, stats_of, config)
+            *(operand(p) for p in params), active, running_dict(running) if not training else {}, config)
     if reverse:
         output = reverse_padded(output, lengths)
     keeps_projection = keep_reserve and input_statistics != INPUT_STATISTICS[None]
@@ -608,8 +603,8 @@ def layer_backward(grad_output: Tensor, grad_h_n: Tensor, grad_c_n: Tensor, x: T
             operand(params[1]), *(operand(p) for p in params[3:]), active, projection, in_order(output), reserve,
             statistics, config, _fused_grad_h(x_ordered), input_grad)
     if input_grad:
-        # Padded positions take no part: their gradient is zero.
-        grad_x = in_order(torch.where(active.unsqueeze(-1), grad_x, torch.zeros((), dtype=x.dtype, device=x.device)))
+        # Padded positions take no part (the forward pass zeroed them): their gradient is zero.
+        grad_x = in_order(_processing_order(grad_x, lengths, False, active))
     # One tensor each (several are views of one buffer), empty for the parts the layer lacks.
     grad_params = [grad.clone() if param.numel() else x.new_empty(0) for param, grad in zip(params, grad_params)]
     return grad_x if input_grad else x.new_empty(0), grad_h0, grad_c0, grad_params
