@@ -29,7 +29,7 @@ from . import ops
 from .layer_api import LayerFunction, RunningStatsFold
 from .ops import bnlstm_layer_fused, ensure_loaded
 from .reference import bnlstm_layer_reference
-from .statistics import update_running_stats
+from .statistics import update_running_stats_parts
 
 BACKEND_NAMES = ("auto", "reference", "cpu", "cuda", "triton")
 
@@ -124,14 +124,14 @@ def _triton_layer(*args, **kwargs):
     return triton_layer.bnlstm_layer_triton(*args, **kwargs)
 
 
-REFERENCE = Backend("reference", bnlstm_layer_reference, update_running_stats, _always_available)
+REFERENCE = Backend("reference", bnlstm_layer_reference, update_running_stats_parts, _always_available)
 # The compiled operators: one library, the dispatcher picks the device's kernels. Beside the
 # CPU kernels the fold is a C++ operator too (the vectorised fold's small tensor operations
 # are a few percent of a small layer's training step); it rounds an ulp differently from
 # the reference's fold, which is why the fold belongs to the backend that ran.
-CPU = Backend("cpu", bnlstm_layer_fused, ops.update_running_stats_compiled, _cpu_unavailable)
-CUDA = Backend("cuda", bnlstm_layer_fused, update_running_stats, _cuda_unavailable)
-TRITON = Backend("triton", _triton_layer, update_running_stats, _triton_problem)
+CPU = Backend("cpu", bnlstm_layer_fused, ops.update_running_stats_parts_compiled, _cpu_unavailable)
+CUDA = Backend("cuda", bnlstm_layer_fused, update_running_stats_parts, _cuda_unavailable)
+TRITON = Backend("triton", _triton_layer, update_running_stats_parts, _triton_problem)
 REGISTRY: Dict[str, Backend] = {backend.name: backend for backend in (REFERENCE, CPU, CUDA, TRITON)}
 
 

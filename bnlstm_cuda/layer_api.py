@@ -67,12 +67,13 @@ class LayerFunction(Protocol):
                  reverse: bool = False, start_step: int = 0) -> LayerResult: ...
 
 
-# (running_mean, running_var, batch statistics, momentum, start_step): folds one part's
-# batch statistics into its running statistics in place (statistics.update_running_stats).
-# A fold that walks the statistics anyway returns the first step whose statistics held an
-# inf or NaN (an int64 scalar tensor, -1 for none), so the module can warn without a second
-# scan; one that does not know returns None.
-RunningStatsFold = Callable[[Tensor, Tensor, BatchStats, float, int], Optional[Tensor]]
+# (running statistics, batch statistics by part, momentum, start_step): folds every part of
+# one layer-direction's batch statistics into its running statistics in place
+# (statistics.update_running_stats_parts). A fold that walks the statistics anyway returns,
+# for each part in the batch statistics' order, the first step whose statistics held an inf
+# or NaN (an int64 tensor, -1 for none), so the module can warn without a second scan; one
+# that does not know returns None.
+RunningStatsFold = Callable[[RunningStats, Dict[str, BatchStats], float, int], Optional[Tensor]]
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -120,27 +120,31 @@ class BNLSTMBase(nn.Module):
     def _fold(self, backend: Backend, suffix: str, batch_stats: Dict[str, BatchStats], start_step: int) -> None:
         """Fold one layer-direction's batch statistics into its running statistics, the way
         the backend that computed them does."""
-        running = self._running_stats(suffix)
-        for part, stats in batch_stats.items():
-            skipped = backend.fold(*running[part], stats, self.momentum, start_step)
-            self._warn_if_not_finite(suffix, part, stats, start_step, skipped)
+        if not batch_stats:  # variant "none"
+            return
+        skipped = backend.fold(self._running_stats(suffix), batch_stats, self.momentum, start_step)
+        self._warn_if_not_finite(suffix, batch_stats, start_step, skipped)
 
-    def _warn_if_not_finite(self, suffix: str, part: str, stats: BatchStats, start_step: int,
+    def _warn_if_not_finite(self, suffix: str, batch_stats: Dict[str, BatchStats], start_step: int,
                             skipped: Optional[Tensor]) -> None:
         """Warn once per module when batch statistics held an inf or NaN (the fold skipped
-        them). skipped: the first such step as the fold found it (-1: none), or None, when
-        the fold does not say. Checked on CPU tensors only: on a GPU the check would wait for
-        the device at every training step (and cannot run inside a captured graph)."""
-        if (self.__dict__.get("_warned_not_finite", False) or stats.mean.device.type != "cpu"
-                or torch.compiler.is_compiling()):
+        them). skipped: each part's first such step as the fold found it (-1: none), or None,
+        when the fold does not say. Checked on CPU tensors only: on a GPU the check would wait
+        for the device at every training step (and cannot run inside a captured graph)."""
+        if (self.__dict__.get("_warned_not_finite", False) or not batch_stats
+                or next(iter(batch_stats.values())).mean.device.type != "cpu" or torch.compiler.is_compiling()):
             return
         if skipped is not None:
-            first = int(skipped)
+            firsts = skipped.tolist()
         else:
-            finite = torch.isfinite(stats.mean).all(-1) & torch.isfinite(stats.var).all(-1)  # [N]
-            first = -1 if bool(finite.all()) else int((~finite).nonzero()[0, 0])
-        if first < 0:
+            firsts = []
+            for stats in batch_stats.values():
+                finite = torch.isfinite(stats.mean).all(-1) & torch.isfinite(stats.var).all(-1)  # [N]
+                firsts.append(-1 if bool(finite.all()) else int((~finite).nonzero()[0, 0]))
+        found = [(part, first) for part, first in zip(batch_stats, firsts) if first >= 0]
+        if not found:
             return
+        part, first = found[0]
         self._warned_not_finite = True
         where = "the sequence" if part == "ih" and self._variant.input_statistics == "sequence" else \
             f"step {start_step + first}"

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import functools
 import threading
-from typing import Callable, List, NamedTuple, Optional
+from typing import Callable, Dict, List, NamedTuple, Optional
 
 import torch
 from torch import Tensor
@@ -97,6 +97,21 @@ def update_running_stats_compiled(running_mean: Tensor, running_var: Tensor, sta
                                                  momentum, start_step)
 
 
+def update_running_stats_parts_compiled(running: RunningStats, batch_stats: Dict[str, BatchStats], momentum: float,
+                                        start_step: int = 0) -> Tensor:
+    """statistics.update_running_stats_parts as one C++ operator call for every part (a call
+    per part costs more than the fold). Returns each part's first step whose statistics held
+    an inf or NaN, in batch_stats' order ([parts] int64; -1: none)."""
+    if not batch_stats:  # variant "none": no part, and an operator call needs a tensor
+        return torch.empty(0, dtype=torch.int64)
+    ensure_loaded()
+    pairs = [running[part] for part in batch_stats]
+    stats = batch_stats.values()
+    return torch.ops.bnlstm.update_running_stats_parts(
+        [mean for mean, _ in pairs], [var for _, var in pairs], [s.mean for s in stats], [s.var for s in stats],
+        [s.count for s in stats], momentum, start_step)
+
+
 def cpu_buffer_pool_statistics() -> dict:
     """The CPU buffer pool of the fused operators (csrc/buffer_pool.h): bytes it keeps
     unused now, buffers it handed out again, buffers it had to allocate."""
@@ -123,6 +138,7 @@ def release_cpu_buffers() -> int:
 def _register_python_parts() -> None:
     register_layer_operators("bnlstm::layer_forward", "bnlstm::layer_backward", compiled_operators)
     torch.library.register_fake("bnlstm::update_running_stats")(_update_running_stats_fake)
+    torch.library.register_fake("bnlstm::update_running_stats_parts")(_update_running_stats_parts_fake)
 
 
 def register_layer_operators(forward: str, backward: str, operators: Callable[[], LayerOperators]) -> None:
@@ -221,6 +237,11 @@ def _layer_backward_fake(grad_output, grad_h_n, grad_c_n, x, lengths, h0, c0, ou
 def _update_running_stats_fake(running_mean, running_var, mean, var, count, momentum, start_step=0):
     # Updates its first two arguments in place; returns the first non-finite step.
     return mean.new_empty((), dtype=torch.int64)
+
+
+def _update_running_stats_parts_fake(running_means, running_vars, means, vars, counts, momentum, start_step=0):
+    # Updates its first two lists in place; returns each part's first non-finite step.
+    return torch.empty(len(means), dtype=torch.int64)
 
 
 def _save_for_backward(ctx, operators: LayerOperators, a: ForwardArguments, statistics, output, projection,

@@ -78,8 +78,9 @@ def layer_params(module: nn.Module, suffix: str) -> LayerParams:
 
 
 def running_stats(module: nn.Module, suffix: str, variant: Variant) -> RunningStats:
+    buffers = module._buffers  # registered buffers, without nn.Module.__getattr__'s search
     return {
-        part: (getattr(module, f"running_mean_{part}{suffix}"), getattr(module, f"running_var_{part}{suffix}"))
+        part: (buffers[f"running_mean_{part}{suffix}"], buffers[f"running_var_{part}{suffix}"])
         for part in variant.parts
     }
 

@@ -8,7 +8,7 @@ them, nor does a batch statistic that is not finite.
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Dict, NamedTuple, Tuple
 
 import torch
 from torch import Tensor
@@ -100,3 +100,11 @@ def update_running_stats(
         running[:, -1] = decay * running[:, -1] + (weights * batch_tail).sum(1)
     running_mean.copy_(running[0])
     running_var.copy_(running[1])
+
+
+def update_running_stats_parts(running: Dict[str, Tuple[Tensor, Tensor]], batch_stats: Dict[str, BatchStats],
+                               momentum: float, start_step: int = 0) -> None:
+    """update_running_stats for every part of one layer-direction: running maps a part
+    ("ih", "hh", "c") to its (running_mean, running_var), batch_stats to its statistics."""
+    for part, stats in batch_stats.items():
+        update_running_stats(*running[part], stats, momentum, start_step)

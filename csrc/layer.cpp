@@ -18,17 +18,32 @@ namespace {
 // transposed (see layer_backward).
 constexpr int64_t kTransposedWeightGradientRows = 512;
 
-// Reverse each sequence of x [T, B, ...] within its own length; padded steps stay put.
-// Without lengths every sequence is full and the reversal is a flip.
-at::Tensor reverse_padded(const at::Tensor& x, const OptTensor& lengths) {
-  if (!lengths.has_value()) return x.flip(0);
-  const int64_t T = x.size(0), B = x.size(1);
+// Reverse each sequence of x [T, B, ...] within its own length into `out` (x's shape), and
+// return it; padded steps stay put. Without lengths every sequence is full and the reversal
+// is a flip. Copies that stay inside an operator go to pooled buffers (reversed_copy).
+at::Tensor reverse_padded(const at::Tensor& x, const OptTensor& lengths, at::Tensor out) {
+  const int64_t T = x.size(0);
+  if (!lengths.has_value()) {
+    return at::index_select_out(out, x, 0, at::arange(T - 1, -1, -1, x.options().dtype(at::kLong)));
+  }
+  const int64_t B = x.size(1);
   const at::Tensor steps = at::arange(T, lengths->options()).unsqueeze(1);  // [T, 1]
   const at::Tensor last = lengths->unsqueeze(0) - 1;                        // [1, B]
   at::Tensor index = at::where(steps <= last, last - steps, steps);        // [T, B]
   std::vector<int64_t> shape{T, B};
   shape.resize(x.dim(), 1);
-  return x.gather(0, index.view(shape).expand_as(x));
+  return at::gather_out(out, x, 0, index.view(shape).expand_as(x));
+}
+
+// x in processing order as a copy only the operator sees: a pooled buffer spares the page
+// faults of a fresh one (buffer_pool.h).
+at::Tensor reversed_copy(const at::Tensor& x, const OptTensor& lengths) {
+  return reverse_padded(x, lengths, pooled_empty(x.sizes(), x.options()));
+}
+
+// x reversed into a tensor of its own, for outputs the caller keeps.
+at::Tensor reversed_output(const at::Tensor& x, const OptTensor& lengths) {
+  return reverse_padded(x, lengths, at::empty(x.sizes(), x.options()));
 }
 
 // Mean and biased variance over dim 1 of z [N, M, F], counting rows where weight [N, M, 1]
@@ -54,7 +69,7 @@ struct Prepared {
 Prepared prepare(const at::Tensor& x, const OptTensor& lengths, bool reverse) {
   const int64_t T = x.size(0), B = x.size(1);
   Prepared p;
-  const at::Tensor ordered = reverse ? reverse_padded(x, lengths) : x;
+  const at::Tensor ordered = reverse ? reversed_copy(x, lengths) : x;
   if (!lengths.has_value()) {  // every sequence full: no mask to compute, no padding to zero
     p.active = at::ones({T, B}, x.options().dtype(at::kBool));
     p.counts = at::full({T}, B, x.options().dtype(at::kLong));
@@ -211,7 +226,8 @@ LayerForwardResult layer_forward(RecurrentForwardFn recurrent, MatmulFn matmul, 
     args.running_mean_c = as_input(running.mean_c);
     args.running_var_c = as_input(running.var_c);
   }
-  out.output = at::empty({T, B, H}, x.options());
+  // Reversed, the output in processing order is reversed again before it leaves.
+  out.output = in.reverse ? pooled_empty({T, B, H}, x.options()) : at::empty({T, B, H}, x.options());
   out.h = in.h0.contiguous().clone();
   out.c = in.c0.contiguous().clone();
   out.mean_hh = normalize_recurrent ? at::empty({T, G}, x.options()) : empty_g();
@@ -222,7 +238,7 @@ LayerForwardResult layer_forward(RecurrentForwardFn recurrent, MatmulFn matmul, 
   if (in.keep_reserve) out.reserve = pooled_empty({T, B, layout.width}, x.options());
   recurrent(args, out, flags);
 
-  at::Tensor output = in.reverse ? reverse_padded(out.output, lengths) : out.output;
+  at::Tensor output = in.reverse ? reversed_output(out.output, lengths) : out.output;
   at::Tensor reserve = in.keep_reserve ? out.reserve : at::empty({0}, x.options());
   // The backward pass recomputes the normalized input from the projection.
   at::Tensor projection = in.keep_reserve && normalize_input ? args.input_projection : at::empty({0}, x.options());
@@ -268,7 +284,7 @@ LayerBackwardResult layer_backward(RecurrentBackwardFn recurrent, MatmulFn matmu
   const Prepared p = prepare(x, lengths, reverse);
   const bool step_input = input_statistics == kInputStep;
   RecurrentBackwardArgs args;
-  args.grad_output = (reverse ? reverse_padded(in.grad_output, lengths) : in.grad_output).contiguous();
+  args.grad_output = (reverse ? reversed_copy(in.grad_output, lengths) : in.grad_output).contiguous();
   args.active = p.active.contiguous();
   args.counts = p.counts.contiguous();
   args.weight_hh = w.weight_hh.contiguous();
@@ -293,7 +309,7 @@ LayerBackwardResult layer_backward(RecurrentBackwardFn recurrent, MatmulFn matmu
   out.grad_c = in.grad_c_n.contiguous().clone();
   // h_{t-1} is h_0 at the first step and the previous step's output after it (padded rows
   // differ, but their gradient is zero).
-  const at::Tensor output_ordered = (reverse ? reverse_padded(output, lengths) : output).contiguous();
+  const at::Tensor output_ordered = (reverse ? reversed_copy(output, lengths) : output).contiguous();
   // Which weight gradients the device kernel accumulates during the recurrence (all but
   // grad_weight_ih with sequence-wise statistics, whose grad_wx needs sums over all steps).
   const bool kernel_weight_hh = weights_in_recurrence;
@@ -312,8 +328,12 @@ LayerBackwardResult layer_backward(RecurrentBackwardFn recurrent, MatmulFn matmu
   // one of the others is it). Otherwise the device kernel keeps each step's in scratch of its own.
   // A kernel that accumulates grad_weight_ih gives grad_x from the same steps' gradients.
   const bool kernel_grad_x = kernel_weight_ih && in.input_grad;
+  // grad_x in processing order; reversed, it is reversed again before it leaves.
+  const auto ordered_grad_x = [&] {
+    return reverse ? pooled_empty({T, B, I}, x.options()) : at::empty({T, B, I}, x.options());
+  };
   if (kernel_grad_x) {
-    out.grad_x = at::empty({T, B, I}, x.options());
+    out.grad_x = ordered_grad_x();
     args.weight_ih = w.weight_ih.contiguous();
   }
   const bool need_zh = !kernel_weight_hh;
@@ -384,10 +404,10 @@ LayerBackwardResult layer_backward(RecurrentBackwardFn recurrent, MatmulFn matmu
   if (in.input_grad) {
     at::Tensor grad_x_ordered = out.grad_x;
     if (!kernel_grad_x) {
-      grad_x_ordered = at::empty({T, B, I}, x.options());
+      grad_x_ordered = ordered_grad_x();
       matmul(grad_x_ordered.view({T * B, I}), grad_wx.reshape({T * B, G}), w.weight_ih, /*accumulate=*/false, flags);
     }
-    grad_x = reverse ? reverse_padded(grad_x_ordered, lengths) : grad_x_ordered;
+    grad_x = reverse ? reversed_output(grad_x_ordered, lengths) : grad_x_ordered;
   }
   at::Tensor grad_bias = w.bias.has_value() ? out.grad_bias : empty();
   return {grad_x, out.grad_h, out.grad_c,

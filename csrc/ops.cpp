@@ -52,6 +52,11 @@ TORCH_LIBRARY(bnlstm, m) {
   m.def(
       "update_running_stats(Tensor(a!) running_mean, Tensor(b!) running_var, Tensor mean, Tensor var, "
       "Tensor count, float momentum, int start_step=0) -> Tensor");
+  // The same for every normalized part of a layer-direction in one call (the i-th entries of
+  // the lists are one part); returns each part's first non-finite step, [parts] int64.
+  m.def(
+      "update_running_stats_parts(Tensor(a!)[] running_means, Tensor(b!)[] running_vars, Tensor[] means, "
+      "Tensor[] vars, Tensor[] counts, float momentum, int start_step=0) -> Tensor");
   // The CPU buffer pool (buffer_pool.h): its statistics (bytes kept unused, buffers reused,
   // buffers allocated), and a release of every buffer it keeps (returns the bytes freed).
   m.def("cpu_buffer_pool_statistics() -> int[]", [] { return bnlstm::BufferPool::instance().statistics(); });

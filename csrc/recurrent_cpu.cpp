@@ -17,6 +17,7 @@
 // the shares), and every few steps its rows of the weight gradients from the step gradients
 // still in its cache. All steps run in one parallel region (step_loop.h).
 #include "bnlstm.h"
+#include "buffer_pool.h"
 #include "packed_gemm.h"
 #include "step_loop.h"
 #include "vec_math.h"
@@ -805,13 +806,13 @@ void recurrent_backward_impl(const RecurrentBackwardArgs& args, RecurrentBackwar
                                                          (kWeightGradientChunkRows + B - 1) / B}));
   const at::TensorOptions options = out.grad_h.options();
   // grad_x from the same chunks as grad_weight_ih: block k's dwx [rows, 4J] times its rows of
-  // W_ih [4J, I]. With several blocks each adds a partial of every row, so each writes
-  // partials of its own, summed after the recurrence.
+  // W_ih [4J, I]. With several blocks each adds a partial of every row: block 0 writes
+  // grad_x, every other block a partial of its own, added to grad_x after the recurrence.
   const bool input_grad = out.grad_x.defined();
   const int64_t input_size = input_grad ? args.weight_ih.size(1) : 0;
   std::vector<at::Tensor> weight_ih_by_block;
   const at::Tensor grad_x_partials =
-      input_grad && blocks > 1 ? at::empty({blocks, T_ * B, input_size}, options) : at::Tensor();
+      input_grad && blocks > 1 ? pooled_empty({blocks - 1, T_ * B, input_size}, options) : at::Tensor();
   std::vector<StepGemm> gemms;  // block k: dz [B, 4J] @ (its rows of W_hh) [4J, H] -> [B, H]
   // Block k's buffers of `chunk` steps (step t in slot t % chunk), each [chunk, B, 4J]: dy,
   // dz (normalized recurrence), dwx (step-wise input); its weight-gradient rows, gate-major.
@@ -849,7 +850,7 @@ void recurrent_backward_impl(const RecurrentBackwardArgs& args, RecurrentBackwar
     if (weights_ih) weight_ih_rows[k].addmm_(args.x.view({-1, args.x.size(2)}).narrow(0, t0 * B, rows).t(), dwx);
     if (input_grad) {
       at::Tensor rows_of_grad_x =
-          (blocks == 1 ? out.grad_x.view({T_ * B, input_size}) : grad_x_partials[k]).narrow(0, t0 * B, rows);
+          (k == 0 ? out.grad_x.view({T_ * B, input_size}) : grad_x_partials[k - 1]).narrow(0, t0 * B, rows);
       at::mm_out(rows_of_grad_x, dwx, weight_ih_by_block[k]);
     }
   };
@@ -920,9 +921,9 @@ void recurrent_backward_impl(const RecurrentBackwardArgs& args, RecurrentBackwar
     if (weights_hh && t % chunk == 0) add_weight_gradients(k, t, std::min(chunk, T_ - t));
   });
   if (T_ > 0) gather_grad_h(0, 0, H);  // the gradient of h_0
-  if (input_grad && blocks > 1) {
+  if (input_grad) {
     at::Tensor grad_x_rows = out.grad_x.view({T_ * B, input_size});
-    at::sum_out(grad_x_rows, grad_x_partials, at::IntArrayRef{0});
+    for (int64_t k = 1; k < blocks; ++k) grad_x_rows.add_(grad_x_partials[k - 1]);
   }
   // The blocks' rows, transposed, into the weight gradients: every row of every gate.
   const int64_t I = weights_ih ? out.grad_weight_ih.size(1) : 0;

@@ -16,9 +16,8 @@ namespace {
 // variance, unless count[t] < 2; a feature whose mean or variance is not finite is skipped.
 // Returns the first step t that had such a feature (-1: none), so the caller can warn
 // without scanning the statistics again.
-at::Tensor update_running_stats_cpu(at::Tensor running_mean, at::Tensor running_var, const at::Tensor& mean,
-                              const at::Tensor& var, const at::Tensor& count, double momentum,
-                              int64_t start_step) {
+int64_t fold_running_stats(const at::Tensor& running_mean, const at::Tensor& running_var, const at::Tensor& mean,
+                           const at::Tensor& var, const at::Tensor& count, double momentum, int64_t start_step) {
   TORCH_CHECK(running_mean.dim() == 2 && running_mean.size(0) >= 1,
               "running_mean must be [S >= 1, F], got ", running_mean.sizes());
   const int64_t slots = running_mean.size(0), features = running_mean.size(1);
@@ -64,11 +63,40 @@ at::Tensor update_running_stats_cpu(at::Tensor running_mean, at::Tensor running_
       }
     }
   });
-  return at::scalar_tensor(first_skipped, at::kLong);
+  return first_skipped;
+}
+
+at::Tensor update_running_stats_cpu(at::Tensor running_mean, at::Tensor running_var, const at::Tensor& mean,
+                                    const at::Tensor& var, const at::Tensor& count, double momentum,
+                                    int64_t start_step) {
+  return at::scalar_tensor(fold_running_stats(running_mean, running_var, mean, var, count, momentum, start_step),
+                           at::kLong);
+}
+
+// update_running_stats_cpu for each part: one operator call for a layer-direction instead of
+// one per part (each call costs the dispatcher and Python more than the fold itself).
+at::Tensor update_running_stats_parts_cpu(at::TensorList running_means, at::TensorList running_vars,
+                                          at::TensorList means, at::TensorList vars, at::TensorList counts,
+                                          double momentum, int64_t start_step) {
+  const size_t parts = running_means.size();
+  TORCH_CHECK(running_vars.size() == parts && means.size() == parts && vars.size() == parts && counts.size() == parts,
+              "running_means, running_vars, means, vars and counts must be lists of the same length (one entry per "
+              "part), got ", parts, ", ", running_vars.size(), ", ", means.size(), ", ", vars.size(), " and ",
+              counts.size());
+  at::Tensor skipped = at::empty({static_cast<int64_t>(parts)}, at::kLong);
+  int64_t* first = skipped.data_ptr<int64_t>();
+  for (size_t i = 0; i < parts; ++i) {
+    first[i] = fold_running_stats(running_means[i], running_vars[i], means[i], vars[i], counts[i], momentum,
+                                  start_step);
+  }
+  return skipped;
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(bnlstm, CPU, m) { m.impl("update_running_stats", update_running_stats_cpu); }
+TORCH_LIBRARY_IMPL(bnlstm, CPU, m) {
+  m.impl("update_running_stats", update_running_stats_cpu);
+  m.impl("update_running_stats_parts", update_running_stats_parts_cpu);
+}
 
 }  // namespace bnlstm

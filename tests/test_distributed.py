@@ -248,16 +248,16 @@ def test_synchronized_steps_fold_running_statistics_as_the_reference():
     round an ulp differently): otherwise a rank whose evaluation loaded them (examples/
     ddp_train.py evaluates on rank 0 only) drifted from the others by an ulp a step."""
     from bnlstm_cuda import backends, distributed, ops
-    from bnlstm_cuda.statistics import update_running_stats
+    from bnlstm_cuda.statistics import update_running_stats_parts
 
     if backends._cpu_problem() is not None:
         pytest.skip("needs the CPU extension")
     assert ops.is_loaded()
     cpu = torch.device("cpu")
     for name in ("auto", "cpu"):
-        assert backends.resolve(name, cpu).fold is ops.update_running_stats_compiled
-    assert distributed.synchronized_backend(None).fold is update_running_stats
-    assert backends.resolve("reference", cpu).fold is update_running_stats
+        assert backends.resolve(name, cpu).fold is ops.update_running_stats_parts_compiled
+    assert distributed.synchronized_backend(None).fold is update_running_stats_parts
+    assert backends.resolve("reference", cpu).fold is update_running_stats_parts
 
 
 @pytest.fixture

@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from bnlstm_cuda import BNLSTM, BatchStats, update_running_stats
-from bnlstm_cuda.ops import ensure_loaded, update_running_stats_compiled
+from bnlstm_cuda.ops import ensure_loaded, update_running_stats_compiled, update_running_stats_parts_compiled
+from bnlstm_cuda.statistics import update_running_stats_parts
 from helpers import make_module
 
 
@@ -116,6 +117,79 @@ def test_compiled_update_names_bad_shapes():
     with pytest.raises(RuntimeError, match=r"mean must be \[N, 4\]"):
         torch.ops.bnlstm.update_running_stats(torch.zeros(3, 4), torch.ones(3, 4), torch.zeros(5, 3),
                                               torch.ones(5, 3), torch.ones(5), 0.1, 0)
+
+
+def layer_direction_statistics(poisoned_part=None):
+    """Running and batch statistics of one cooijmans layer-direction with sequence-wise input
+    statistics (G = 8, H = 2, 4 slots, 6 steps): parts of different widths and step counts.
+    poisoned_part: a part whose steps 3 and 5 hold a NaN and an inf."""
+    counts = torch.tensor([4.0, 4.0, 1.0, 3.0, 2.0, 0.0], dtype=torch.float64)
+    shapes = {"ih": (1, 8), "hh": (6, 8), "c": (6, 2)}
+    batch = {}
+    for part, (steps, features) in shapes.items():
+        mean = torch.randn(steps, features, dtype=torch.float64)
+        var = torch.rand(steps, features, dtype=torch.float64)
+        if part == poisoned_part:
+            mean[3, 1] = float("nan")
+            var[5 if steps > 5 else 0, 0] = float("inf")
+        batch[part] = BatchStats(mean, var, counts.sum().reshape(1) if part == "ih" else counts)
+    running = {part: (torch.randn(4, f, dtype=torch.float64), torch.rand(4, f, dtype=torch.float64))
+               for part, (_, f) in shapes.items()}
+    return running, batch
+
+
+@pytest.mark.parametrize("start_step", [0, 2])
+def test_one_call_folds_every_part_as_one_call_per_part(start_step):
+    """update_running_stats_parts (the C++ operator and the loop over the vectorised fold)
+    equals the fold part by part, and the operator reports each part's first non-finite step."""
+    running, batch = layer_direction_statistics(poisoned_part="hh")
+    expected = {part: tuple(t.clone() for t in pair) for part, pair in running.items()}
+    vectorised = {part: tuple(t.clone() for t in pair) for part, pair in running.items()}
+    for part, stats in batch.items():
+        update_running_stats(*expected[part], stats, 0.2, start_step)
+    skipped = update_running_stats_parts_compiled(running, batch, 0.2, start_step)
+    assert update_running_stats_parts(vectorised, batch, 0.2, start_step) is None
+    for part in batch:
+        for got, other, want in zip(running[part], vectorised[part], expected[part]):
+            torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+            torch.testing.assert_close(other, want, rtol=0, atol=0)
+    assert skipped.dtype == torch.int64 and skipped.tolist() == [-1, 3, -1]  # step 5 has no count
+
+
+@pytest.mark.parametrize("fold", [update_running_stats_parts_compiled, update_running_stats_parts])
+def test_folding_no_part_is_a_no_op(fold):
+    """Variant "none" normalizes nothing: its layer-directions have no statistics to fold."""
+    skipped = fold({}, {}, 0.1, 0)
+    assert skipped is None or skipped.tolist() == []
+
+
+def test_opcheck_update_running_stats_parts():
+    ensure_loaded()
+    running, batch = layer_direction_statistics()
+    stats = list(batch.values())
+    args = ([m for m, _ in running.values()], [v for _, v in running.values()], [s.mean for s in stats],
+            [s.var for s in stats], [s.count for s in stats], 0.1, 1)
+    torch.library.opcheck(torch.ops.bnlstm.update_running_stats_parts.default, args)
+
+
+def test_update_running_stats_parts_names_lists_of_different_lengths():
+    ensure_loaded()
+    tensors = [torch.zeros(3, 4)]
+    with pytest.raises(RuntimeError, match="lists of the same length .* got 1, 1, 1, 1 and 2"):
+        torch.ops.bnlstm.update_running_stats_parts(tensors, tensors, tensors, tensors, [torch.ones(3)] * 2, 0.1, 0)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_warning_names_the_part_whose_statistics_are_not_finite(backend):
+    """Whether the fold reports the non-finite steps (the C++ one) or the module scans for
+    them (the vectorised one), the warning names the part and the step: here the cell's
+    statistics, at step start_step + 3."""
+    from bnlstm_cuda import backends
+
+    module = BNLSTM(3, 2, max_length=4, backend=backend, dtype=torch.float64)
+    _, batch = layer_direction_statistics(poisoned_part="c")
+    with pytest.warns(UserWarning, match=r"layer 0: the batch statistics of step 5 \(c\) are not finite"):
+        module._fold(backends.REGISTRY[backend], "_l0", batch, start_step=2)
 
 
 @pytest.mark.parametrize("update", UPDATES)
