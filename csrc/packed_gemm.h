@@ -46,19 +46,16 @@ class SmallGemm {
   SmallGemm(const at::Tensor& weight, bool transpose, int64_t rows)
       : m_(rows), n_(transpose ? weight.size(0) : weight.size(1)), k_(transpose ? weight.size(1) : weight.size(0)),
         panels_((n_ + kPanel - 1) / kPanel) {
-    packed_ = at::zeros({panels_ * k_ * kPanel}, weight.options());
+    packed_ = at::empty({panels_ * k_ * kPanel}, weight.options());
     T* packed = packed_.data_ptr<T>();
     const T* w = weight.data_ptr<T>();
     const int64_t row_stride = weight.stride(0);
-    // Read along weight's rows: W^T's columns are weight's rows.
     for (int64_t p = 0; p < panels_; ++p) {
       const int64_t columns = std::min(kPanel, n_ - p * kPanel);
       T* dst = packed + p * k_ * kPanel;
+      if (columns < kPanel) std::fill_n(dst, k_ * kPanel, T(0));
       if (transpose) {
-        for (int64_t j = 0; j < columns; ++j) {
-          const T* src = w + (p * kPanel + j) * row_stride;
-          for (int64_t k = 0; k < k_; ++k) dst[k * kPanel + j] = src[k];
-        }
+        transpose_panel(w + p * kPanel * row_stride, row_stride, columns, dst);
       } else {
         for (int64_t k = 0; k < k_; ++k) std::copy_n(w + k * row_stride + p * kPanel, columns, dst + k * kPanel);
       }
@@ -83,6 +80,23 @@ class SmallGemm {
   }
 
  private:
+  // dst [K, kPanel] = the transpose of src [columns, K] (rows row_stride apart): W^T's columns
+  // are weight's rows. Whole 16 x 16 tiles go through the vector transpose (a call packs
+  // 4H x H values, a scalar loop over them costs a small call more than its first steps).
+  void transpose_panel(const T* src, int64_t row_stride, int64_t columns, T* dst) const {
+    constexpr int64_t kTile = 16;
+    const int64_t whole_columns = columns - columns % kTile, whole_k = k_ - k_ % kTile;
+    for (int64_t j = 0; j < whole_columns; j += kTile) {
+      for (int64_t k = 0; k < whole_k; k += kTile) {
+        at::vec::transpose_mxn<T, kTile, kTile>(src + j * row_stride + k, row_stride, dst + k * kPanel + j, kPanel);
+      }
+    }
+    for (int64_t j = 0; j < columns; ++j) {
+      const int64_t k_done = j < whole_columns ? whole_k : 0;  // the tiles' part of row j
+      for (int64_t k = k_done; k < k_; ++k) dst[k * kPanel + j] = src[j * row_stride + k];
+    }
+  }
+
   // kRows rows of a times one panel. Accumulators are named, not an array: GCC keeps named
   // vectors in registers but spills an array of them.
   template <int kRows>

@@ -6,6 +6,7 @@ with one hidden-unit block and with two (each block multiplies by its own rows o
 import pytest
 import torch
 
+from bnlstm_cuda import BNLSTM
 from bnlstm_cuda.ops import bnlstm_layer_fused, ensure_loaded
 from helpers import assert_layer_matches_reference
 
@@ -39,3 +40,23 @@ def test_rows_of_two_blocks(batch, threads):
     assert torch.ops.bnlstm.cpu_hidden_blocks(12, batch, TWO_BLOCKS_H) == 2
     assert_layer_matches_reference(bnlstm_layer_fused, "cooijmans", None, tol=TOL, T=12, B=batch, I=5,
                                    H=TWO_BLOCKS_H, training=True, reverse=True)
+
+
+# float32 packs W_hh^T for the forward's step GEMM in 16 x 16 tiles through the vector
+# transpose (float64's panels are narrower than a tile): H = 16 and 48 fill whole tiles, H = 21
+# leaves part of each panel's rows and columns to the scalar loop.
+@pytest.mark.parametrize("hidden_size", [16, 21, 48])
+@pytest.mark.parametrize("batch", [1, 3, 8])
+def test_float32_transposed_weight_tiles(hidden_size, batch, threads):
+    """variant="none" is nn.LSTM: the float32 layer against nn.LSTM in float64, to float32
+    rounding (a misplaced weight would be off by the weight's size)."""
+    threads(1)
+    torch.manual_seed(hidden_size + batch)
+    lstm = torch.nn.LSTM(5, hidden_size, dtype=torch.float64)
+    module = BNLSTM(5, hidden_size, variant="none", backend="cpu")
+    module.load_state_dict({name: value.float() for name, value in lstm.state_dict().items()})
+    x = torch.randn(6, batch, 5, dtype=torch.float64)
+    want, (want_h, want_c) = lstm(x)
+    got, (got_h, got_c) = module(x.float())
+    for name, value, expected in (("output", got, want), ("h_n", got_h, want_h), ("c_n", got_c, want_c)):
+        torch.testing.assert_close(value.double(), expected, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
