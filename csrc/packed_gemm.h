@@ -30,6 +30,25 @@ void cblas_sgemm_compute(int layout, int transa, int transb, int m, int n, int k
 
 namespace bnlstm {
 
+// dst[r, c] = src[c, r] for r < rows, c < cols (row strides in elements). Whole 16 x 16
+// tiles go through at::vec's vector transpose, which keeps both sides in L1 (a strided
+// copy_ of a transposed view walks one side a column at a time, a cache line per element)
+// and moves a vector at a time; the edges go element by element.
+template <typename T>
+void transpose_into(T* dst, int64_t dst_stride, const T* src, int64_t src_stride, int64_t rows, int64_t cols) {
+  constexpr int64_t kTile = 16;
+  const int64_t whole_rows = rows - rows % kTile, whole_cols = cols - cols % kTile;
+  for (int64_t r = 0; r < whole_rows; r += kTile) {
+    for (int64_t c = 0; c < whole_cols; c += kTile) {
+      at::vec::transpose_mxn<T, kTile, kTile>(src + c * src_stride + r, src_stride, dst + r * dst_stride + c,
+                                              dst_stride);
+    }
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t c = r < whole_rows ? whole_cols : 0; c < cols; ++c) dst[r * dst_stride + c] = src[c * src_stride + r];
+  }
+}
+
 // The most rows SmallGemm takes; more go to MKL or at::mm.
 constexpr int64_t kSmallGemmRows = 32;
 
@@ -54,8 +73,8 @@ class SmallGemm {
       const int64_t columns = std::min(kPanel, n_ - p * kPanel);
       T* dst = packed + p * k_ * kPanel;
       if (columns < kPanel) std::fill_n(dst, k_ * kPanel, T(0));
-      if (transpose) {
-        transpose_panel(w + p * kPanel * row_stride, row_stride, columns, dst);
+      if (transpose) {  // W^T's columns are weight's rows
+        transpose_into(dst, kPanel, w + p * kPanel * row_stride, row_stride, k_, columns);
       } else {
         for (int64_t k = 0; k < k_; ++k) std::copy_n(w + k * row_stride + p * kPanel, columns, dst + k * kPanel);
       }
@@ -80,23 +99,6 @@ class SmallGemm {
   }
 
  private:
-  // dst [K, kPanel] = the transpose of src [columns, K] (rows row_stride apart): W^T's columns
-  // are weight's rows. Whole 16 x 16 tiles go through the vector transpose (a call packs
-  // 4H x H values, a scalar loop over them costs a small call more than its first steps).
-  void transpose_panel(const T* src, int64_t row_stride, int64_t columns, T* dst) const {
-    constexpr int64_t kTile = 16;
-    const int64_t whole_columns = columns - columns % kTile, whole_k = k_ - k_ % kTile;
-    for (int64_t j = 0; j < whole_columns; j += kTile) {
-      for (int64_t k = 0; k < whole_k; k += kTile) {
-        at::vec::transpose_mxn<T, kTile, kTile>(src + j * row_stride + k, row_stride, dst + k * kPanel + j, kPanel);
-      }
-    }
-    for (int64_t j = 0; j < columns; ++j) {
-      const int64_t k_done = j < whole_columns ? whole_k : 0;  // the tiles' part of row j
-      for (int64_t k = k_done; k < k_; ++k) dst[k * kPanel + j] = src[j * row_stride + k];
-    }
-  }
-
   // kRows rows of a times one panel. Accumulators are named, not an array: GCC keeps named
   // vectors in registers but spills an array of them.
   template <int kRows>

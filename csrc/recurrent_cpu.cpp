@@ -475,22 +475,6 @@ void add_into(T* dst, const T* src, int64_t size) {
   });
 }
 
-// dst[r, c] = src[c, r] for r < rows, c < cols (row strides in elements), tile by tile so
-// both sides stay in L1: a strided copy_ of a transposed view walks one side a column at a
-// time, a cache line per element.
-template <typename T>
-void transpose_into(T* dst, int64_t dst_stride, const T* src, int64_t src_stride, int64_t rows, int64_t cols) {
-  constexpr int64_t kTile = 16;
-  for (int64_t r0 = 0; r0 < rows; r0 += kTile) {
-    for (int64_t c0 = 0; c0 < cols; c0 += kTile) {
-      const int64_t r1 = std::min(rows, r0 + kTile), c1 = std::min(cols, c0 + kTile);
-      for (int64_t r = r0; r < r1; ++r) {
-        for (int64_t c = c0; c < c1; ++c) dst[r * dst_stride + c] = src[c * src_stride + r];
-      }
-    }
-  }
-}
-
 // One block's per-step buffers of the backward pass, allocated once a call (as
 // ForwardScratch): per-column constants, which each step overwrites where its flags use
 // them, and column sums, which each step zeroes first.
