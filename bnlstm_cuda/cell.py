@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Optional, Tuple
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from . import distributed, parameters, validation
 from .module_base import BNLSTMBase
@@ -39,7 +39,10 @@ class BNLSTMCell(BNLSTMBase):
     State dict: the layer's names without the layer suffix: ``weight_ih`` [4H, I],
     ``weight_hh`` [4H, H], ``bias`` [4H], ``gamma_ih``, ``gamma_hh`` [4H], ``gamma_c``,
     ``beta_c`` [H], ``running_mean_*`` / ``running_var_*`` [max_length, F]. Weights move to
-    and from a BNLSTM with :meth:`from_layer` and :meth:`BNLSTM.load_cell`.
+    and from a BNLSTM with :meth:`from_layer` and :meth:`BNLSTM.load_cell`. A
+    ``torch.nn.LSTMCell`` checkpoint loads as it is, as an nn.LSTM's does into BNLSTM
+    (``bias = bias_ih + bias_hh``; the BN entries keep their values and are not reported
+    missing); :meth:`from_lstm_cell` builds a cell from one.
     """
 
     def __init__(
@@ -79,6 +82,25 @@ class BNLSTMCell(BNLSTMBase):
             f"max_length={self.max_length}, variant={self.variant!r}, momentum={self.momentum}, "
             f"eps={self.eps}, backend={self.backend!r}"
         ) + (", sync_statistics=True" if self.sync_statistics else "")
+
+    def _state_suffixes(self):
+        return [""]
+
+    @classmethod
+    def from_lstm_cell(cls, lstm_cell: nn.LSTMCell, **kwargs) -> "BNLSTMCell":
+        """A BNLSTMCell with the sizes and weights of `lstm_cell` (bias = bias_ih + bias_hh).
+
+        kwargs go to the constructor (max_length, variant, ...); the BN parameters take
+        their initial values. With variant="none" the result computes what `lstm_cell` does.
+        """
+        if not isinstance(lstm_cell, nn.LSTMCell):
+            raise TypeError(f"lstm_cell must be a torch.nn.LSTMCell, got {type(lstm_cell).__name__}")
+        reference = lstm_cell.weight_ih
+        kwargs.setdefault("device", reference.device)
+        kwargs.setdefault("dtype", reference.dtype)
+        cell = cls(lstm_cell.input_size, lstm_cell.hidden_size, lstm_cell.bias, **kwargs)
+        cell.load_state_dict(lstm_cell.state_dict())
+        return cell
 
     @classmethod
     def from_layer(cls, layer_module, layer: int = 0, reverse: bool = False, **kwargs) -> "BNLSTMCell":

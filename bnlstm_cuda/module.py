@@ -202,55 +202,17 @@ class BNLSTM(BNLSTMBase):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
-        # A torch.nn.LSTM checkpoint loads as it is: its bias pairs become bias, and the BN
-        # entries it cannot hold keep their values instead of counting as missing.
         if any(key.startswith(prefix + "weight_hr_l") for key in state_dict):
             error_msgs.append(
                 "the checkpoint is of a torch.nn.LSTM with proj_size > 0 (it holds weight_hr_l*), "
                 "but BNLSTM supports proj_size=0 only: projections are not supported (its weight_hh_l* "
                 "have proj_size columns, not hidden_size)"
             )
-        from_lstm = self._convert_lstm_checkpoint(state_dict, prefix)
-        first_new = len(missing_keys)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
-        if from_lstm:
-            normalization = self._normalization_keys(prefix)
-            missing_keys[first_new:] = [key for key in missing_keys[first_new:] if key not in normalization]
 
-    def _normalization_keys(self, prefix: str) -> set:
-        """state_dict keys of every gamma, beta and running statistic: what nn.LSTM lacks."""
-        return {
-            prefix + attribute
-            for suffix, _ in self._layer_directions()
-            for name, attribute in parameters.state_names(self, suffix, self._variant).items()
-            if name not in ("weight_ih", "weight_hh", "bias")
-        }
-
-    def _convert_lstm_checkpoint(self, state_dict, prefix: str) -> bool:
-        """Replace each nn.LSTM pair bias_ih_l{k}{sfx}, bias_hh_l{k}{sfx} (both present, same
-        shape, and no bias_l{k}{sfx}) by their sum bias_l{k}{sfx}, in state_dict. True when
-        the checkpoint is recognizably nn.LSTM's: it holds this module's weights, none of
-        BNLSTM's own other names, and (where this module has biases) nn.LSTM's bias pairs."""
-        layer_directions = [suffix for suffix, _ in self._layer_directions()]
-        own_only = self._normalization_keys(prefix) | {prefix + "bias" + suffix for suffix in layer_directions}
-        has_own_only = any(key in state_dict for key in own_only)
-        has_weights = any(prefix + f"weight_{kind}{suffix}" in state_dict
-                          for suffix in layer_directions for kind in ("ih", "hh"))
-        converted = 0
-        for suffix in layer_directions:
-            if not self.bias or prefix + "bias" + suffix in state_dict:
-                continue
-            pair = prefix + "bias_ih" + suffix, prefix + "bias_hh" + suffix
-            values = [state_dict.get(key) for key in pair]
-            # A lone or odd-shaped bias is left as it is: torch reports it as unexpected.
-            if not all(isinstance(value, Tensor) for value in values) or values[0].shape != values[1].shape:
-                continue
-            for key in pair:
-                del state_dict[key]
-            state_dict[prefix + "bias" + suffix] = values[0] + values[1]
-            converted += 1
-        return has_weights and not has_own_only and (converted > 0 or not self.bias)
+    def _state_suffixes(self) -> List[str]:
+        return [suffix for suffix, _ in self._layer_directions()]
 
     def _forward(self, input, hx, lengths, *, batch_statistics: bool, dropout: float, start_step: int = 0,
                  group=None):

@@ -5,7 +5,7 @@ its batch statistics that goes with it."""
 from __future__ import annotations
 
 import warnings
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -36,11 +36,57 @@ class BNLSTMBase(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
+        # A torch.nn.LSTM (or nn.LSTMCell) checkpoint loads as it is: its bias pairs become
+        # bias, and the BN entries it cannot hold keep their values instead of counting as
+        # missing.
+        from_lstm = self._convert_lstm_checkpoint(state_dict, prefix)
         # Name the constructor argument that differs before torch lists every mismatched tensor.
         own = {**dict(self.named_parameters(recurse=False)), **dict(self.named_buffers(recurse=False))}
         error_msgs.extend(validation.state_dict_mismatches(state_dict, prefix, own, self.max_length))
+        first_new = len(missing_keys)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
+        if from_lstm:
+            normalization = self._normalization_keys(prefix)
+            missing_keys[first_new:] = [key for key in missing_keys[first_new:] if key not in normalization]
+
+    def _state_suffixes(self) -> List[str]:
+        """The state_dict suffix of each layer-direction ("_l0", "_l0_reverse", ...; "" for a cell)."""
+        raise NotImplementedError
+
+    def _normalization_keys(self, prefix: str) -> set:
+        """state_dict keys of every gamma, beta and running statistic: what nn.LSTM lacks."""
+        return {
+            prefix + attribute
+            for suffix in self._state_suffixes()
+            for name, attribute in parameters.state_names(self, suffix, self._variant).items()
+            if name not in ("weight_ih", "weight_hh", "bias")
+        }
+
+    def _convert_lstm_checkpoint(self, state_dict, prefix: str) -> bool:
+        """Replace each nn.LSTM (nn.LSTMCell) pair bias_ih{sfx}, bias_hh{sfx} (both present,
+        same shape, and no bias{sfx}) by their sum bias{sfx}, in state_dict. True when the
+        checkpoint is recognizably nn.LSTM's: it holds this module's weights, none of its own
+        other names, and (where this module has biases) nn.LSTM's bias pairs."""
+        suffixes = self._state_suffixes()
+        with_bias = [suffix for suffix in suffixes if "bias" + suffix in self._parameters]
+        own_only = self._normalization_keys(prefix) | {prefix + "bias" + suffix for suffix in suffixes}
+        has_own_only = any(key in state_dict for key in own_only)
+        has_weights = any(prefix + f"weight_{kind}{suffix}" in state_dict for suffix in suffixes for kind in ("ih", "hh"))
+        converted = 0
+        for suffix in with_bias:
+            if prefix + "bias" + suffix in state_dict:
+                continue
+            pair = prefix + "bias_ih" + suffix, prefix + "bias_hh" + suffix
+            values = [state_dict.get(key) for key in pair]
+            # A lone or odd-shaped bias is left as it is: torch reports it as unexpected.
+            if not all(isinstance(value, Tensor) for value in values) or values[0].shape != values[1].shape:
+                continue
+            for key in pair:
+                del state_dict[key]
+            state_dict[prefix + "bias" + suffix] = values[0] + values[1]
+            converted += 1
+        return has_weights and not has_own_only and (converted > 0 or not with_bias)
 
     def _apply(self, fn, *args, **kwargs):
         super()._apply(fn, *args, **kwargs)

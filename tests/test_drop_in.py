@@ -394,6 +394,76 @@ def test_mismatched_checkpoints_are_still_refused():
         BNLSTM(3, 5).load_state_dict(nn.LSTM(3, 5, proj_size=2).state_dict(), strict=False)
 
 
+# nn.LSTMCell checkpoints: the same rules for the cell -------------------------------------
+
+
+@pytest.mark.parametrize("strict", [True, False])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_none_variant_cell_loading_an_lstm_cell_state_dict_equals_it(bias, strict, backend):
+    lstm_cell = nn.LSTMCell(3, 5, bias=bias, dtype=torch.float64)
+    cell = BNLSTMCell(3, 5, bias, variant="none", backend=backend, dtype=torch.float64)
+    state = lstm_cell.state_dict()
+    keys = list(state)
+    result = cell.load_state_dict(state, strict=strict)
+    assert result.missing_keys == [] and result.unexpected_keys == []
+    assert list(state) == keys  # the caller's dict is left alone
+    hx = tuple(torch.randn(4, 5, dtype=torch.float64) for _ in range(2))
+    for training in (True, False):
+        cell.train(training)
+        x = torch.randn(4, 3, dtype=torch.float64)
+        for got, expected in zip(cell(x, hx, step=1), lstm_cell(x, hx)):
+            torch.testing.assert_close(got, expected, **TOL)
+
+
+@pytest.mark.parametrize("variant", VARIANTS[:3])
+def test_normalized_cell_loads_an_lstm_cell_state_dict_keeping_bn_values(variant):
+    lstm_cell = nn.LSTMCell(3, 5, dtype=torch.float64)
+    cell = randomize_bn_parameters(BNLSTMCell(3, 5, variant=variant, max_length=4, dtype=torch.float64))
+    with torch.no_grad():
+        cell.bias.normal_()
+    before = {name: tensor.clone() for name, tensor in cell.state_dict().items()}
+    result = cell.load_state_dict(lstm_cell.state_dict())
+    assert result.missing_keys == [] and result.unexpected_keys == []
+    for name, tensor in cell.state_dict().items():
+        if name.startswith("weight_"):
+            assert torch.equal(tensor, getattr(lstm_cell, name)), name
+        elif name == "bias":
+            torch.testing.assert_close(tensor, lstm_cell.bias_ih + lstm_cell.bias_hh)
+        else:
+            assert torch.equal(tensor, before[name]), name
+
+
+def test_from_lstm_cell_copies_weights_and_sums_biases():
+    lstm_cell = nn.LSTMCell(3, 5, dtype=torch.float64)
+    cell = BNLSTMCell.from_lstm_cell(lstm_cell, variant="none", max_length=7)
+    assert (cell.input_size, cell.hidden_size, cell.has_bias, cell.max_length) == (3, 5, True, 7)
+    assert cell.weight_ih.dtype == torch.float64
+    x = torch.randn(4, 3, dtype=torch.float64)
+    for got, expected in zip(cell(x), lstm_cell(x)):
+        torch.testing.assert_close(got, expected, **TOL)
+    normalized = BNLSTMCell.from_lstm_cell(nn.LSTMCell(3, 5, bias=False))
+    assert not normalized.has_bias and torch.equal(normalized.gamma_ih, torch.full((20,), 0.1))
+    with pytest.raises(TypeError, match="lstm_cell must be a torch.nn.LSTMCell, got LSTM"):
+        BNLSTMCell.from_lstm_cell(nn.LSTM(3, 5))
+
+
+def test_mismatched_cell_checkpoints_are_still_refused():
+    with pytest.raises(RuntimeError, match="saved with hidden_size=6 but this module has hidden_size=5"):
+        BNLSTMCell(3, 5, variant="none").load_state_dict(nn.LSTMCell(3, 6).state_dict())
+    with pytest.raises(RuntimeError, match=r'Unexpected key\(s\) in state_dict: "bias_ih", "bias_hh"'):
+        BNLSTMCell(3, 5, bias=False).load_state_dict(nn.LSTMCell(3, 5).state_dict())
+    # A cell checkpoint without its BN entries is not nn.LSTMCell's: they are missing, as ever.
+    none_state = BNLSTMCell(3, 5, variant="none").state_dict()
+    with pytest.raises(RuntimeError, match=r'Missing key\(s\) in state_dict: "gamma_ih"'):
+        BNLSTMCell(3, 5).load_state_dict(none_state)
+    saved = randomize_bn_parameters(BNLSTMCell(3, 5, max_length=4))
+    cell = BNLSTMCell(3, 5, max_length=4)
+    assert cell.load_state_dict(saved.state_dict()).missing_keys == []
+    for name, tensor in saved.state_dict().items():
+        assert torch.equal(cell.state_dict()[name], tensor), name
+
+
 @pytest.mark.parametrize("backend", ["cpu", "reference"])
 def test_double_backward_works_or_names_the_reference(backend):
     """A gradient penalty: the reference differentiates twice; the fused CPU backend says
