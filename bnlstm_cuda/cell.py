@@ -99,7 +99,7 @@ class BNLSTMCell(BNLSTMBase):
         kwargs.setdefault("device", reference.device)
         kwargs.setdefault("dtype", reference.dtype)
         cell = cls(lstm_cell.input_size, lstm_cell.hidden_size, lstm_cell.bias, **kwargs)
-        cell.load_state_dict(lstm_cell.state_dict())
+        cell.load_state_dict(lstm_cell.state_dict())  # an nn.LSTMCell checkpoint: biases summed, BN kept
         return cell
 
     @classmethod

@@ -352,14 +352,7 @@ class BNLSTM(BNLSTMBase):
             lstm.input_size, lstm.hidden_size, lstm.num_layers, lstm.bias, lstm.batch_first,
             lstm.dropout, lstm.bidirectional, **kwargs,
         )
-        with torch.no_grad():
-            for suffix, _ in module._layer_directions():
-                getattr(module, f"weight_ih{suffix}").copy_(getattr(lstm, f"weight_ih{suffix}"))
-                getattr(module, f"weight_hh{suffix}").copy_(getattr(lstm, f"weight_hh{suffix}"))
-                if lstm.bias:
-                    getattr(module, f"bias{suffix}").copy_(
-                        getattr(lstm, f"bias_ih{suffix}") + getattr(lstm, f"bias_hh{suffix}")
-                    )
+        module.load_state_dict(lstm.state_dict())  # an nn.LSTM checkpoint: biases summed, BN kept
         return module
 
     def load_cell(self, cell, layer: int = 0, reverse: bool = False) -> "BNLSTM":
