@@ -44,6 +44,15 @@ def seeded():
     torch.manual_seed(0)
 
 
+@pytest.fixture(scope="module")
+def cpu_extension():
+    """The CPU extension built or loaded, for modules whose tests call its operators
+    directly (`pytestmark = pytest.mark.usefixtures("cpu_extension")`)."""
+    from bnlstm_cuda.ops import ensure_loaded
+
+    ensure_loaded()
+
+
 @pytest.fixture
 def threads():
     """Set the intra-op thread count for a test (call it with the count), and restore it."""

@@ -13,15 +13,11 @@ import torch
 
 import bnlstm_cuda
 from bnlstm_cuda import BNLSTM, backends
-from bnlstm_cuda.ops import ensure_loaded
 from helpers import make_module, op_arguments, op_backward_arguments, scalar_loss
 
 VARIANTS = ["cooijmans", "laurent_step", "laurent_sequence", "none"]
 
-
-@pytest.fixture(scope="module", autouse=True)
-def extension():
-    ensure_loaded()
+pytestmark = pytest.mark.usefixtures("cpu_extension")
 
 
 def test_python_states_the_declared_schemas():

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from bnlstm_cuda import BNLSTM
-from bnlstm_cuda.ops import bnlstm_layer_fused, ensure_loaded
+from bnlstm_cuda.ops import bnlstm_layer_fused
 from helpers import assert_layer_matches_reference
 
 TOL = dict(rtol=1e-10, atol=1e-10)
@@ -16,9 +16,7 @@ TOL = dict(rtol=1e-10, atol=1e-10)
 ONE_BLOCK_H, TWO_BLOCKS_H = 13, 150
 
 
-@pytest.fixture(scope="module", autouse=True)
-def extension():
-    ensure_loaded()
+pytestmark = pytest.mark.usefixtures("cpu_extension")
 
 
 @pytest.mark.parametrize("batch", [1, 2, 3, 4, 5, 31, 32, 33])
