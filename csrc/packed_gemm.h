@@ -200,9 +200,9 @@ class StepGemm {
                 weight.strides());
     if (small_gemm_applies(weight.scalar_type(), m_)) {
       if (weight.scalar_type() == at::kFloat) {
-        small_float_ = std::make_shared<SmallGemm<float>>(weight, transpose, m_);
+        small_float_ = std::make_unique<SmallGemm<float>>(weight, transpose, m_);
       } else {
-        small_double_ = std::make_shared<SmallGemm<double>>(weight, transpose, m_);
+        small_double_ = std::make_unique<SmallGemm<double>>(weight, transpose, m_);
       }
       return;
     }
@@ -250,8 +250,8 @@ class StepGemm {
 
  private:
   at::Tensor weight_, packed_;
-  std::shared_ptr<SmallGemm<float>> small_float_;
-  std::shared_ptr<SmallGemm<double>> small_double_;
+  std::unique_ptr<SmallGemm<float>> small_float_;  // the small-batch kernel, where it applies
+  std::unique_ptr<SmallGemm<double>> small_double_;
   bool transpose_;
   int64_t m_, n_, k_;
 };
