@@ -39,7 +39,8 @@ class BNLSTMBase(nn.Module):
         # A torch.nn.LSTM (or nn.LSTMCell) checkpoint loads as it is: its bias pairs become
         # bias, and the BN entries it cannot hold keep their values instead of counting as
         # missing.
-        from_lstm = self._convert_lstm_checkpoint(state_dict, prefix)
+        normalization = self._normalization_keys(prefix)
+        from_lstm = self._convert_lstm_checkpoint(state_dict, prefix, normalization)
         # Name the constructor argument that differs before torch lists every mismatched tensor.
         own = {**dict(self.named_parameters(recurse=False)), **dict(self.named_buffers(recurse=False))}
         error_msgs.extend(validation.state_dict_mismatches(state_dict, prefix, own, self.max_length))
@@ -47,7 +48,6 @@ class BNLSTMBase(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
         if from_lstm:
-            normalization = self._normalization_keys(prefix)
             missing_keys[first_new:] = [key for key in missing_keys[first_new:] if key not in normalization]
 
     def _state_suffixes(self) -> List[str]:
@@ -63,14 +63,15 @@ class BNLSTMBase(nn.Module):
             if name not in ("weight_ih", "weight_hh", "bias")
         }
 
-    def _convert_lstm_checkpoint(self, state_dict, prefix: str) -> bool:
+    def _convert_lstm_checkpoint(self, state_dict, prefix: str, normalization: set) -> bool:
         """Replace each nn.LSTM (nn.LSTMCell) pair bias_ih{sfx}, bias_hh{sfx} (both present,
         same shape, and no bias{sfx}) by their sum bias{sfx}, in state_dict. True when the
         checkpoint is recognizably nn.LSTM's: it holds this module's weights, none of its own
-        other names, and (where this module has biases) nn.LSTM's bias pairs."""
+        other names (normalization: _normalization_keys(prefix), and the biases), and (where
+        this module has biases) nn.LSTM's bias pairs."""
         suffixes = self._state_suffixes()
         with_bias = [suffix for suffix in suffixes if "bias" + suffix in self._parameters]
-        own_only = self._normalization_keys(prefix) | {prefix + "bias" + suffix for suffix in suffixes}
+        own_only = normalization | {prefix + "bias" + suffix for suffix in suffixes}
         has_own_only = any(key in state_dict for key in own_only)
         has_weights = any(prefix + f"weight_{kind}{suffix}" in state_dict for suffix in suffixes for kind in ("ih", "hh"))
         converted = 0
@@ -177,7 +178,8 @@ class BNLSTMBase(nn.Module):
         them). skipped: each part's first such step as the fold found it (-1: none), or None,
         when the fold does not say. Checked on CPU tensors only: on a GPU the check would wait
         for the device at every training step (and cannot run inside a captured graph)."""
-        if (self.__dict__.get("_warned_not_finite", False) or not batch_stats
+        # (_fold calls this only with batch statistics: variant "none" has none.)
+        if (self.__dict__.get("_warned_not_finite", False)
                 or next(iter(batch_stats.values())).mean.device.type != "cpu" or torch.compiler.is_compiling()):
             return
         if skipped is not None:

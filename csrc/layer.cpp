@@ -46,6 +46,12 @@ at::Tensor reversed_output(const at::Tensor& x, const OptTensor& lengths) {
   return reverse_padded(x, lengths, at::empty(x.sizes(), x.options()));
 }
 
+// A result the kernels write in processing order: reversed, it is reversed again
+// (reversed_output) before it leaves, so it stays inside the operator and can be pooled.
+at::Tensor processing_order_result(bool reverse, at::IntArrayRef sizes, const at::TensorOptions& options) {
+  return reverse ? pooled_empty(sizes, options) : at::empty(sizes, options);
+}
+
 // Mean and biased variance over dim 1 of z [N, M, F], counting rows where weight [N, M, 1]
 // is 1; count [N, 1]. With no active row the statistics are 0.
 std::tuple<at::Tensor, at::Tensor> masked_moments(const at::Tensor& z, const at::Tensor& weight,
@@ -226,8 +232,7 @@ LayerForwardResult layer_forward(RecurrentForwardFn recurrent, MatmulFn matmul, 
     args.running_mean_c = as_input(running.mean_c);
     args.running_var_c = as_input(running.var_c);
   }
-  // Reversed, the output in processing order is reversed again before it leaves.
-  out.output = in.reverse ? pooled_empty({T, B, H}, x.options()) : at::empty({T, B, H}, x.options());
+  out.output = processing_order_result(in.reverse, {T, B, H}, x.options());
   out.h = in.h0.contiguous().clone();
   out.c = in.c0.contiguous().clone();
   out.mean_hh = normalize_recurrent ? at::empty({T, G}, x.options()) : empty_g();
@@ -328,12 +333,8 @@ LayerBackwardResult layer_backward(RecurrentBackwardFn recurrent, MatmulFn matmu
   // one of the others is it). Otherwise the device kernel keeps each step's in scratch of its own.
   // A kernel that accumulates grad_weight_ih gives grad_x from the same steps' gradients.
   const bool kernel_grad_x = kernel_weight_ih && in.input_grad;
-  // grad_x in processing order; reversed, it is reversed again before it leaves.
-  const auto ordered_grad_x = [&] {
-    return reverse ? pooled_empty({T, B, I}, x.options()) : at::empty({T, B, I}, x.options());
-  };
   if (kernel_grad_x) {
-    out.grad_x = ordered_grad_x();
+    out.grad_x = processing_order_result(reverse, {T, B, I}, x.options());
     args.weight_ih = w.weight_ih.contiguous();
   }
   const bool need_zh = !kernel_weight_hh;
@@ -404,7 +405,7 @@ LayerBackwardResult layer_backward(RecurrentBackwardFn recurrent, MatmulFn matmu
   if (in.input_grad) {
     at::Tensor grad_x_ordered = out.grad_x;
     if (!kernel_grad_x) {
-      grad_x_ordered = ordered_grad_x();
+      grad_x_ordered = processing_order_result(reverse, {T, B, I}, x.options());
       matmul(grad_x_ordered.view({T * B, I}), grad_wx.reshape({T * B, G}), w.weight_ih, /*accumulate=*/false, flags);
     }
     grad_x = reverse ? reversed_output(grad_x_ordered, lengths) : grad_x_ordered;
