@@ -3,13 +3,38 @@
 // In Python that fold is some twenty small tensor operations per normalized part, about a
 // quarter of a millisecond each time, several percent of a small layer's training step.
 #include <ATen/ATen.h>
+#include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 
 namespace bnlstm {
 namespace {
+
+// One step's fold into its slot, feature by feature: slot = keep * slot + take * step, with
+// the variance unbiased. A non-finite statistic (an inf or NaN in the batch) would stay in
+// the average for good: that feature keeps its running value. Returns whether any did.
+template <typename scalar_t>
+bool fold_step(scalar_t* slot_mean, scalar_t* slot_var, const scalar_t* step_mean, const scalar_t* step_var,
+               int64_t features, scalar_t keep, scalar_t take, scalar_t unbias) {
+  using Vec = at::vec::Vectorized<scalar_t>;
+  const Vec largest(std::numeric_limits<scalar_t>::max());
+  Vec all_finite(scalar_t(0));
+  all_finite = all_finite == all_finite;  // every bit set: the masks below are too, where true
+  for (int64_t f = 0; f < features; f += Vec::size()) {
+    const int64_t n = std::min<int64_t>(Vec::size(), features - f);  // lanes past n load as 0, finite
+    const Vec mean = Vec::loadu(step_mean + f, n), unbiased = Vec::loadu(step_var + f, n) * Vec(unbias);
+    // |x| <= max is false for inf and NaN: std::isfinite, lane by lane.
+    const Vec finite = (mean.abs() <= largest) & (unbiased.abs() <= largest);
+    const Vec old_mean = Vec::loadu(slot_mean + f, n), old_var = Vec::loadu(slot_var + f, n);
+    Vec::blendv(old_mean, old_mean * Vec(keep) + mean * Vec(take), finite).store(slot_mean + f, n);
+    Vec::blendv(old_var, old_var * Vec(keep) + unbiased * Vec(take), finite).store(slot_var + f, n);
+    all_finite = all_finite & finite;
+  }
+  return all_finite.zero_mask() != 0;
+}
 
 // Step t of mean, var [N, F] (biased) with count[t] active rows updates slot
 // min(start_step + t, S - 1) of running_mean, running_var [S, F] in order, with the unbiased
@@ -45,22 +70,9 @@ int64_t fold_running_stats(const at::Tensor& running_mean, const at::Tensor& run
     for (int64_t t = 0; t < steps; ++t) {
       if (!(n[t] >= 2)) continue;
       const int64_t slot = std::min(start_step + t, slots - 1);
-      const scalar_t unbias = scalar_t(n[t] / (n[t] - 1));
-      scalar_t* slot_mean = rm + slot * features;
-      scalar_t* slot_var = rv + slot * features;
-      const scalar_t* step_mean = m + t * features;
-      const scalar_t* step_var = v + t * features;
-      for (int64_t f = 0; f < features; ++f) {
-        const scalar_t unbiased = step_var[f] * unbias;
-        // A non-finite statistic (an inf or NaN in the batch) would stay in the average
-        // for good: that feature keeps its running value.
-        if (!std::isfinite(step_mean[f]) || !std::isfinite(unbiased)) {
-          if (first_skipped < 0) first_skipped = t;
-          continue;
-        }
-        slot_mean[f] = keep * slot_mean[f] + take * step_mean[f];
-        slot_var[f] = keep * slot_var[f] + take * unbiased;
-      }
+      const bool skipped = fold_step(rm + slot * features, rv + slot * features, m + t * features,
+                                     v + t * features, features, keep, take, scalar_t(n[t] / (n[t] - 1)));
+      if (skipped && first_skipped < 0) first_skipped = t;
     }
   });
   return first_skipped;

@@ -48,22 +48,26 @@ UPDATES = {"vectorised": update_running_stats, "compiled": update_running_stats_
 @pytest.mark.parametrize("start_step", [0, 1, 4])
 @pytest.mark.parametrize("update", UPDATES)
 @pytest.mark.parametrize("poisoned", [False, True], ids=["finite", "inf-nan"])
-def test_update_equals_sequential_rule(num_slots, num_steps, start_step, update, poisoned):
+@pytest.mark.parametrize("features, dtype", [(6, torch.float64), (21, torch.float64), (21, torch.float32)])
+def test_update_equals_sequential_rule(num_slots, num_steps, start_step, update, poisoned, features, dtype):
     """The sequential rule, feature by feature: steps with fewer than 2 rows, and features
-    whose batch mean or variance is not finite, leave the running value alone."""
+    whose batch mean or variance is not finite, leave the running value alone. 21 features
+    are whole vectors and a shorter rest, in float32 and float64, for the C++ fold's lanes."""
     momentum = 0.3
     stats = BatchStats(
-        torch.randn(num_steps, 6, dtype=torch.float64),
-        torch.rand(num_steps, 6, dtype=torch.float64),
-        torch.tensor([5.0, 1.0, 3.0, 0.0, 2.0, 4.0, 1.0, 7.0], dtype=torch.float64)[:num_steps],
+        torch.randn(num_steps, features, dtype=dtype),
+        torch.rand(num_steps, features, dtype=dtype),
+        torch.tensor([5.0, 1.0, 3.0, 0.0, 2.0, 4.0, 1.0, 7.0], dtype=dtype)[:num_steps],
     )
     if poisoned:
-        stats.mean[0, 1] = float("nan")
+        # The first step's only one in the last lanes: the report must cover every vector.
+        stats.mean[0, features - 1] = float("nan")
         stats.var[-1, 2] = float("inf")
-        stats.var[num_steps // 2, 4] = float("nan")
-        stats.mean[num_steps // 2, 5] = float("-inf")
-    running_mean = torch.randn(num_slots, 6, dtype=torch.float64)
-    running_var = torch.rand(num_slots, 6, dtype=torch.float64)
+        stats.var[num_steps // 2, features - 2] = float("nan")
+        stats.mean[num_steps // 2, 1] = float("-inf")
+        stats.mean[-1, features // 2] = float("inf")
+    running_mean = torch.randn(num_slots, features, dtype=dtype)
+    running_var = torch.rand(num_slots, features, dtype=dtype)
     expected_mean, expected_var = running_mean.clone(), running_var.clone()
     first_skipped = -1
     for t in range(num_steps):
@@ -71,7 +75,7 @@ def test_update_equals_sequential_rule(num_slots, num_steps, start_step, update,
         if n < 2:
             continue
         slot = min(start_step + t, num_slots - 1)
-        for f in range(6):
+        for f in range(features):
             mean, var = stats.mean[t, f], stats.var[t, f] * n / (n - 1)
             if not (torch.isfinite(mean) and torch.isfinite(var)):
                 first_skipped = t if first_skipped < 0 else first_skipped
@@ -79,8 +83,9 @@ def test_update_equals_sequential_rule(num_slots, num_steps, start_step, update,
             expected_mean[slot, f] = (1 - momentum) * expected_mean[slot, f] + momentum * mean
             expected_var[slot, f] = (1 - momentum) * expected_var[slot, f] + momentum * var
     skipped = UPDATES[update](running_mean, running_var, stats, momentum, start_step)
-    torch.testing.assert_close(running_mean, expected_mean, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(running_var, expected_var, rtol=1e-12, atol=1e-12)
+    tolerance = 1e-12 if dtype == torch.float64 else 1e-6
+    torch.testing.assert_close(running_mean, expected_mean, rtol=tolerance, atol=tolerance)
+    torch.testing.assert_close(running_var, expected_var, rtol=tolerance, atol=tolerance)
     # The C++ fold reports the first step it skipped a feature of; the vectorised one does not know.
     if update == "compiled":
         assert skipped.dtype == torch.int64 and int(skipped) == first_skipped
