@@ -74,7 +74,14 @@ def initialise(module: nn.Module, suffix: str, hidden_size: int, variant: Varian
 
 
 def layer_params(module: nn.Module, suffix: str) -> LayerParams:
-    return LayerParams(*(getattr(module, field + suffix, None) for field in PARAMETER_FIELDS))
+    registered = module._parameters  # without nn.Module.__getattr__'s search, at every forward
+    return LayerParams(*(_parameter(module, registered, field + suffix) for field in PARAMETER_FIELDS))
+
+
+def _parameter(module: nn.Module, registered: dict, name: str):
+    parameter = registered.get(name)
+    # An absent part (bias=False), or one a parametrization or hook replaced by an attribute.
+    return parameter if parameter is not None else getattr(module, name, None)
 
 
 def running_stats(module: nn.Module, suffix: str, variant: Variant) -> RunningStats:

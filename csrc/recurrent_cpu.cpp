@@ -375,6 +375,10 @@ constexpr int64_t kStreamingStoreMinBytes = int64_t(4) << 20;
 // read and write every chunk dominate the GEMMs (docs/CPU.md has the chunk sizes measured).
 constexpr int64_t kWeightGradientChunkBytes = int64_t(256) << 10;
 constexpr int64_t kWeightGradientChunkRows = 256;
+// Rows a backward column pass walks per group (RecurrentBackwardCPU::run): enough to keep
+// the per-column sums and constants in registers for a while, few enough that a group's
+// rows (kilobytes apart) share the L1 sets without evicting each other.
+constexpr int64_t kRowGroup = 8;
 
 int64_t hidden_block_count(int64_t steps, int64_t batch, int64_t hidden, int64_t threads) {
   const double flops = 8.0 * double(steps) * double(batch) * double(hidden) * double(hidden);  // W_hh products
@@ -577,17 +581,6 @@ class RecurrentBackwardCPU {
       return (Vec<T>::loadu(s.wx + b * G + g * H + j0 + j, n) - Vec<T>::loadu(in_mean.data() + g * J + j, n)) *
              Vec<T>::loadu(in_rstd.data() + g * J + j, n);
     };
-    const auto accumulate = [&](int64_t b, int64_t g, int64_t j, auto n, const Vec<T>& dy) {
-      const int64_t u = g * J + j;
-      (Vec<T>::loadu(sum_dy.data() + u, n) + dy).store(sum_dy.data() + u, n);
-      if (recurrent) {
-        const Vec<T> zhat = Vec<T>::loadu(s.reserve + b * W + layout_.zhat + g * H + j0 + j, n);
-        at::vec::fmadd(dy, zhat, Vec<T>::loadu(sum_dy_zhat.data() + u, n)).store(sum_dy_zhat.data() + u, n);
-      }
-      if (any_input) {
-        at::vec::fmadd(dy, xhat_at(b, g, j, n), Vec<T>::loadu(sum_dy_xhat.data() + u, n)).store(sum_dy_xhat.data() + u, n);
-      }
-    };
 
     // Pass 1: the normalized cell and its tanh, recomputed from c_t and the step's
     // statistics; the output gate's gradient; the gradient reaching the normalized cell.
@@ -621,7 +614,6 @@ class RecurrentBackwardCPU {
         const Vec<T> o = Vec<T>::loadu(rs + layout_.gates + 3 * H + unit, n);
         const Vec<T> grad_o = grad_h_new * tanh * o * (one - o);
         store_dy(b, 3, j, n, grad_o);
-        accumulate(b, 3, j, n, grad_o);
         const Vec<T> grad = grad_h_new * o * (one - tanh * tanh);
         grad.store(grad_seen.data() + b * J + j, n);
         if (cell_bn) {
@@ -669,12 +661,34 @@ class RecurrentBackwardCPU {
         store_dy(b, 0, j, n, grad_i);
         store_dy(b, 1, j, n, grad_f);
         store_dy(b, 2, j, n, grad_g);
-        accumulate(b, 0, j, n, grad_i);
-        accumulate(b, 1, j, n, grad_f);
-        accumulate(b, 2, j, n, grad_g);
         // A padded step passes the gradient of its (unchanged) state straight through.
         if (active) (dc * f).store(s.grad_c + b * H + unit, n);
       });
+    }
+    // The column sums of every gate's dy, dy * zhat and dy * xhat over the active rows (a
+    // padded row's dy is 0), kRowGroup rows at a time: the sums stay in registers across a
+    // group rather than being loaded and stored at every row.
+    for (int64_t b0 = 0; b0 < B; b0 += kRowGroup) {
+      const int64_t b1 = std::min(B, b0 + kRowGroup);
+      for (int64_t g = 0; g < 4; ++g) {
+        const T* zhat_rows = s.reserve + layout_.zhat + g * H + j0;
+        for_each_vec<T>(J, [&](int64_t j, auto n) {
+          const int64_t u = g * J + j;
+          Vec<T> dy_sum = Vec<T>::loadu(sum_dy.data() + u, n);
+          Vec<T> dy_zhat_sum = Vec<T>::loadu(sum_dy_zhat.data() + u, n);
+          Vec<T> dy_xhat_sum = Vec<T>::loadu(sum_dy_xhat.data() + u, n);
+          for (int64_t b = b0; b < b1; ++b) {
+            if (!s.active[b]) continue;
+            const Vec<T> dy = Vec<T>::loadu(dy_at(b, g) + j, n);
+            dy_sum = dy_sum + dy;
+            if (recurrent) dy_zhat_sum = at::vec::fmadd(dy, Vec<T>::loadu(zhat_rows + b * W + j, n), dy_zhat_sum);
+            if (any_input) dy_xhat_sum = at::vec::fmadd(dy, xhat_at(b, g, j, n), dy_xhat_sum);
+          }
+          dy_sum.store(sum_dy.data() + u, n);
+          dy_zhat_sum.store(sum_dy_zhat.data() + u, n);
+          dy_xhat_sum.store(sum_dy_xhat.data() + u, n);
+        });
+      }
     }
     for (int64_t g = 0; g < 4; ++g) {
       const int64_t k0 = g * H + j0;
@@ -696,42 +710,49 @@ class RecurrentBackwardCPU {
     // Pass 3: the recurrent and the step-wise input normalizations receive the same upstream
     // gradient dy = d gates. Training: dz = gamma * rstd * (dy - mean(dy) - zhat * mean(dy *
     // zhat)) on active rows; evaluation: dz = gamma * rstd * dy. Padded rows get 0.
-    for (int64_t b = 0; b < B; ++b) {
-      const T* rs = s.reserve + b * W;
-      if (s.next_reserve != nullptr && any_input) {
-        for (int64_t g = 0; g < 4; ++g) prefetch_span(s.next_wx + b * G + g * H + j0, J);
-      }
-      if (!s.active[b]) {
+    // kRowGroup rows at a time, so each column's constants are loaded once per group.
+    for (int64_t b0 = 0; b0 < B; b0 += kRowGroup) {
+      const int64_t b1 = std::min(B, b0 + kRowGroup);
+      for (int64_t b = b0; b < b1; ++b) {
+        if (s.next_reserve != nullptr && any_input) {
+          for (int64_t g = 0; g < 4; ++g) prefetch_span(s.next_wx + b * G + g * H + j0, J);
+        }
+        if (s.active[b]) continue;
         for (int64_t g = 0; g < 4; ++g) {
           if (recurrent && s.grad_zh != nullptr) std::fill_n(s.grad_zh + b * G + g * H + j0, J, T(0));
           if (step_input && s.grad_wx != nullptr) std::fill_n(s.grad_wx + b * G + g * H + j0, J, T(0));
         }
         if (recurrent) std::fill_n(dz + b * 4 * J, 4 * J, T(0));
         if (step_input) std::fill_n(dwx + b * 4 * J, 4 * J, T(0));
-        continue;
       }
       for (int64_t g = 0; g < 4; ++g) {
         const int64_t k0 = g * H + j0;
+        const T* zhat_rows = s.reserve + layout_.zhat + k0;
         for_each_vec<T>(J, [&](int64_t j, auto n) {
           const int64_t u = g * J + j;
-          const Vec<T> dy = Vec<T>::loadu(dy_at(b, g) + j, n);
-          const Vec<T> centred_dy = training ? dy - Vec<T>::loadu(sum_dy.data() + u, n) * inv_count : dy;
-          if (recurrent) {
-            Vec<T> grad = centred_dy;
-            if (training) {
-              const Vec<T> zhat = Vec<T>::loadu(rs + layout_.zhat + k0 + j, n);
-              grad = grad - zhat * Vec<T>::loadu(sum_dy_zhat.data() + u, n) * inv_count;
+          const Vec<T> mean_dy = Vec<T>::loadu(sum_dy.data() + u, n) * inv_count;
+          const Vec<T> mean_dy_zhat = Vec<T>::loadu(sum_dy_zhat.data() + u, n) * inv_count;
+          const Vec<T> mean_dy_xhat = Vec<T>::loadu(sum_dy_xhat.data() + u, n) * inv_count;
+          const Vec<T> rec_scale_u = Vec<T>::loadu(rec_scale.data() + u, n);
+          const Vec<T> in_scale_u = Vec<T>::loadu(in_scale.data() + u, n);
+          for (int64_t b = b0; b < b1; ++b) {
+            if (!s.active[b]) continue;
+            const Vec<T> dy = Vec<T>::loadu(dy_at(b, g) + j, n);
+            const Vec<T> centred_dy = training ? dy - mean_dy : dy;
+            if (recurrent) {
+              Vec<T> grad = centred_dy;
+              if (training) grad = grad - Vec<T>::loadu(zhat_rows + b * W + j, n) * mean_dy_zhat;
+              grad = grad * rec_scale_u;
+              if (s.grad_zh != nullptr) store_grad(grad, s.grad_zh + b * G + k0 + j, n);
+              grad.store(dz + b * 4 * J + u, n);
             }
-            grad = grad * Vec<T>::loadu(rec_scale.data() + u, n);
-            if (s.grad_zh != nullptr) store_grad(grad, s.grad_zh + b * G + k0 + j, n);
-            grad.store(dz + b * 4 * J + u, n);
-          }
-          if (step_input) {
-            Vec<T> grad = centred_dy;
-            if (training) grad = grad - xhat_at(b, g, j, n) * Vec<T>::loadu(sum_dy_xhat.data() + u, n) * inv_count;
-            grad = grad * Vec<T>::loadu(in_scale.data() + u, n);
-            if (s.grad_wx != nullptr) store_grad(grad, s.grad_wx + b * G + k0 + j, n);
-            grad.store(dwx + b * 4 * J + u, n);
+            if (step_input) {
+              Vec<T> grad = centred_dy;
+              if (training) grad = grad - xhat_at(b, g, j, n) * mean_dy_xhat;
+              grad = grad * in_scale_u;
+              if (s.grad_wx != nullptr) store_grad(grad, s.grad_wx + b * G + k0 + j, n);
+              grad.store(dwx + b * 4 * J + u, n);
+            }
           }
         });
       }

@@ -156,6 +156,32 @@ def test_flatten_parameters_is_accepted_and_changes_nothing():
     torch.testing.assert_close(module(x)[0], before, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_parametrized_weights_are_the_ones_used(backend):
+    """A parametrization (torch.nn.utils.parametrize) replaces a registered parameter by a
+    computed attribute: the forward pass and the gradients go through it."""
+    from torch.nn.utils import parametrize
+
+    class Double(nn.Module):
+        def forward(self, weight):
+            return 2 * weight
+
+    module = BNLSTM(3, 4, max_length=4, backend=backend, dtype=torch.float64)
+    plain = BNLSTM(3, 4, max_length=4, backend=backend, dtype=torch.float64)
+    plain.load_state_dict(module.state_dict())
+    with torch.no_grad():
+        plain.weight_hh_l0.mul_(2)
+        plain.gamma_c_l0.mul_(2)
+    parametrize.register_parametrization(module, "weight_hh_l0", Double())
+    parametrize.register_parametrization(module, "gamma_c_l0", Double())
+    x = torch.randn(5, 3, 3, dtype=torch.float64)
+    torch.testing.assert_close(module(x)[0], plain(x)[0], **TOL)
+    module(x)[0].sum().backward()
+    plain(x)[0].sum().backward()
+    original = module.parametrizations.weight_hh_l0.original
+    torch.testing.assert_close(original.grad, 2 * plain.weight_hh_l0.grad, **TOL)
+
+
 @pytest.mark.parametrize("variant", ["cooijmans", "laurent_sequence"])
 def test_training_loop_loss_falls(variant):
     """Classify whether the running sum of a sequence ends positive: learnable by an LSTM."""
