@@ -179,11 +179,12 @@ class BNLSTMBase(nn.Module):
         when the fold does not say. Checked on CPU tensors only: on a GPU the check would wait
         for the device at every training step (and cannot run inside a captured graph)."""
         # (_fold calls this only with batch statistics: variant "none" has none.)
-        if (self.__dict__.get("_warned_not_finite", False)
-                or next(iter(batch_stats.values())).mean.device.type != "cpu" or torch.compiler.is_compiling()):
+        if self.__dict__.get("_warned_not_finite", False) or torch.compiler.is_compiling():
             return
-        if skipped is not None:
+        if skipped is not None:  # the C++ fold's report (CPU tensors)
             firsts = skipped.tolist()
+        elif next(iter(batch_stats.values())).mean.device.type != "cpu":
+            return
         else:
             firsts = []
             for stats in batch_stats.values():

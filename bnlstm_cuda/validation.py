@@ -32,7 +32,9 @@ class DTypeError(TypeError, ValueError):
 
 
 def check_positive_int(name: str, value, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+    # A plain int skips the isinstance test against numbers.Integral, an abstract class and
+    # slow to test against (start_step is checked at every forward pass).
+    if type(value) is not int and (isinstance(value, bool) or not isinstance(value, numbers.Integral)):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")

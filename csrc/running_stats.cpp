@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <vector>
 
 namespace bnlstm {
 namespace {
@@ -56,16 +57,25 @@ int64_t fold_running_stats(const at::Tensor& running_mean, const at::Tensor& run
   TORCH_CHECK(var.sizes() == mean.sizes(), "var must have shape ", mean.sizes(), ", got ", var.sizes());
   TORCH_CHECK(count.dim() == 1 && count.size(0) == steps, "count must be [", steps, "], got ", count.sizes());
   TORCH_CHECK(start_step >= 0, "start_step must be >= 0, got ", start_step);
-  const auto as_running = [&](const at::Tensor& t) { return t.to(running_mean.scalar_type()).contiguous(); };
+  // Converted only where needed: each conversion is an allocation, three parts a call.
+  const auto as_running = [&](const at::Tensor& t) {
+    return t.scalar_type() == running_mean.scalar_type() ? t.contiguous() : t.to(running_mean.scalar_type()).contiguous();
+  };
   const at::Tensor batch_mean = as_running(mean), batch_var = as_running(var);
-  const at::Tensor counts = count.to(at::kDouble).contiguous();
+  // The counts as they come (the statistics' dtype: float32 or float64), else converted.
+  const at::ScalarType count_type = count.scalar_type();
+  const at::Tensor count_values = count_type == at::kFloat || count_type == at::kDouble
+                                      ? count.contiguous() : count.to(at::kDouble).contiguous();
+  std::vector<double> n(steps);
+  AT_DISPATCH_FLOATING_TYPES(count_values.scalar_type(), "bnlstm_fold_counts", [&] {
+    std::copy_n(count_values.data_ptr<scalar_t>(), steps, n.begin());
+  });
   int64_t first_skipped = -1;
   AT_DISPATCH_FLOATING_TYPES(running_mean.scalar_type(), "bnlstm_update_running_stats", [&] {
     scalar_t* rm = running_mean.data_ptr<scalar_t>();
     scalar_t* rv = running_var.data_ptr<scalar_t>();
     const scalar_t* m = batch_mean.data_ptr<scalar_t>();
     const scalar_t* v = batch_var.data_ptr<scalar_t>();
-    const double* n = counts.data_ptr<double>();
     const scalar_t keep = scalar_t(1 - momentum), take = scalar_t(momentum);
     for (int64_t t = 0; t < steps; ++t) {
       if (!(n[t] >= 2)) continue;

@@ -107,6 +107,18 @@ def test_compiled_update_matches_vectorised_in_running_dtype(dtype):
         torch.testing.assert_close(got, expected, rtol=tolerance, atol=tolerance)
 
 
+@pytest.mark.parametrize("count_dtype", [torch.int64, torch.float32, torch.float64, torch.bfloat16])
+def test_compiled_update_reads_counts_of_any_dtype(count_dtype):
+    """The C++ fold reads float32 and float64 counts as they are and converts the others."""
+    stats = BatchStats(torch.randn(4, 5), torch.rand(4, 5), torch.tensor([3, 1, 4, 2]))
+    expected = (torch.zeros(3, 5), torch.ones(3, 5))
+    update_running_stats(*expected, stats, 0.2, 1)
+    running = (torch.zeros(3, 5), torch.ones(3, 5))
+    update_running_stats_compiled(*running, stats._replace(count=stats.count.to(count_dtype)), 0.2, 1)
+    for got, want in zip(running, expected):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
 def test_opcheck_update_running_stats():
     ensure_loaded()
     args = (torch.randn(3, 4), torch.rand(3, 4), torch.randn(5, 4), torch.rand(5, 4),
