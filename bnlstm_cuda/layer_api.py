@@ -84,8 +84,14 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 def needs_backward(x: Tensor, h0: Tensor, c0: Tensor, params: LayerParams) -> bool:
     """Whether autograd will differentiate this call: fused backends keep what their
     backward pass reads only then."""
-    differentiable = (x, h0, c0) + tuple(p for p in params if p is not None)
-    return torch.is_grad_enabled() and any(t.requires_grad for t in differentiable)
+    if not torch.is_grad_enabled():
+        return False
+    if x.requires_grad or h0.requires_grad or c0.requires_grad:
+        return True
+    for p in params:  # a loop, not any() over a generator: this runs at every call
+        if p is not None and p.requires_grad:
+            return True
+    return False
 
 
 def active_mask(lengths: Optional[Tensor], num_steps: int, batch: int, device) -> Tensor:

@@ -192,6 +192,8 @@ STATISTICS_PARTS = ("ih", "hh", "c")
 def running_list(running: RunningStats, absent: Tensor) -> List[Tensor]:
     """The operators' `running` list of RunningStats, `absent` for the parts it lacks."""
     listed = [absent] * len(STATISTICS)
+    if not running:  # training reads none
+        return listed
     for index, part in enumerate(STATISTICS_PARTS):
         if part in running:
             listed[2 * index:2 * index + 2] = running[part]

@@ -6,6 +6,7 @@ them through these functions, so the two modules cannot drift apart.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Dict, List
 
@@ -86,10 +87,14 @@ def _parameter(module: nn.Module, registered: dict, name: str):
 
 def running_stats(module: nn.Module, suffix: str, variant: Variant) -> RunningStats:
     buffers = module._buffers  # registered buffers, without nn.Module.__getattr__'s search
-    return {
-        part: (buffers[f"running_mean_{part}{suffix}"], buffers[f"running_var_{part}{suffix}"])
-        for part in variant.parts
-    }
+    return {part: (buffers[mean], buffers[var]) for part, mean, var in _running_stat_names(suffix, variant)}
+
+
+@functools.lru_cache(maxsize=None)
+def _running_stat_names(suffix: str, variant: Variant) -> tuple:
+    """(part, running-mean name, running-variance name) of each part the variant normalizes,
+    worked out once (the statistics are read twice at every training step)."""
+    return tuple((part, f"running_mean_{part}{suffix}", f"running_var_{part}{suffix}") for part in variant.parts)
 
 
 def state_names(module: nn.Module, suffix: str, variant: Variant) -> Dict[str, str]:
