@@ -506,10 +506,10 @@ class RecurrentBackwardCPU {
         grad_gamma_ih_(data_or_null(out.grad_gamma_ih)), grad_gamma_hh_(data_or_null(out.grad_gamma_hh)),
         grad_gamma_c_(data_or_null(out.grad_gamma_c)), grad_beta_c_(data_or_null(out.grad_beta_c)) {}
 
-  // One step backwards over hidden units [j0, j1), in three passes over the batch rows:
+  // One step backwards over hidden units [j0, j1), in passes over the batch rows:
   //   1. the output gate and the gradient reaching the normalized cell, with its column sums;
-  //   2. back through the cell normalization, the gates i, f, g and to c_{t-1}, with the
-  //      column sums of every gate's gradient;
+  //   2. back through the cell normalization, the gates i, f, g and to c_{t-1};
+  //   then the column sums of every gate's gradient (over groups of rows);
   //   3. back through the recurrent and the input normalizations.
   // Batch-norm backward needs column sums over all rows before any row's result, hence the
   // passes. Accumulates the bias, gamma and beta gradients of these units' columns (no other
