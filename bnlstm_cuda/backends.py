@@ -3,7 +3,8 @@ statistics are folded.
 
 Each backend is one record (`Backend`): its name, its layer function (a
 `layer_api.LayerFunction`), the fold of its batch statistics into the running statistics,
-and, through `unavailable`, why it cannot run on a device. A module resolves its backend once
+through `unavailable`, why it cannot run on a device, and, where it has one, a function that
+runs both directions of a bidirectional layer in one call (the CPU's). A module resolves its backend once
 per device, dtype and backend name (`resolve`) and keeps the record; the fold travels with
 the layer that ran, so the two always match.
 
@@ -26,7 +27,7 @@ from typing import Callable, Dict, Optional
 import torch
 
 from . import ops
-from .layer_api import LayerFunction, RunningStatsFold
+from .layer_api import BidirectionalLayerFunction, LayerFunction, RunningStatsFold
 from .ops import bnlstm_layer_fused, ensure_loaded
 from .reference import bnlstm_layer_reference
 from .statistics import update_running_stats_parts
@@ -43,6 +44,9 @@ class Backend:
     layer: LayerFunction
     fold: RunningStatsFold
     unavailable: Callable[[torch.device], Optional[str]]
+    # Both directions of a bidirectional layer in one call, where the backend has that (the
+    # CPU's runs them at once); None: a `layer` call per direction.
+    bidirectional_layer: Optional[BidirectionalLayerFunction] = None
 
 
 _fallback_warned = False
@@ -129,7 +133,8 @@ REFERENCE = Backend("reference", bnlstm_layer_reference, update_running_stats_pa
 # CPU kernels the fold is a C++ operator too (the vectorised fold's small tensor operations
 # are a few percent of a small layer's training step); it rounds an ulp differently from
 # the reference's fold, which is why the fold belongs to the backend that ran.
-CPU = Backend("cpu", bnlstm_layer_fused, ops.update_running_stats_parts_compiled, _cpu_unavailable)
+CPU = Backend("cpu", bnlstm_layer_fused, ops.update_running_stats_parts_compiled, _cpu_unavailable,
+              ops.bidirectional_layer_fused)
 CUDA = Backend("cuda", bnlstm_layer_fused, update_running_stats_parts, _cuda_unavailable)
 TRITON = Backend("triton", _triton_layer, update_running_stats_parts, _triton_problem)
 REGISTRY: Dict[str, Backend] = {backend.name: backend for backend in (REFERENCE, CPU, CUDA, TRITON)}

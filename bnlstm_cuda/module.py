@@ -310,6 +310,9 @@ class BNLSTM(BNLSTMBase):
                     start_step: int, autocast_dtype: Optional[torch.dtype] = None):
         """x: [T, B, I]; h0, c0: [num_layers * num_directions, B, H]; autocast_dtype: the
         dtype of the weights under torch.autocast (None: as they are)."""
+        if self.bidirectional and backend.bidirectional_layer is not None and not torch.compiler.is_compiling():
+            return self._run_bidirectional_layers(backend, x, h0, c0, lengths, batch_statistics, dropout,
+                                                  autocast_dtype)
         layer_fn = backend.layer
         h_n, c_n, outputs = [], [], []
         batch_stats: ForwardStats = {}
@@ -331,6 +334,28 @@ class BNLSTM(BNLSTMBase):
                 if dropout > 0 and not last_layer:
                     x = F.dropout(x, dropout, training=True)
         return x, torch.stack(h_n), torch.stack(c_n), batch_stats
+
+    def _run_bidirectional_layers(self, backend: Backend, x, h0, c0, lengths, batch_statistics: bool,
+                                  dropout: float, autocast_dtype: Optional[torch.dtype]):
+        """_run_layers with a call of the backend's bidirectional_layer per layer (torch.compile
+        traces the call per direction)."""
+        h_n, c_n = [], []
+        batch_stats: ForwardStats = {}
+        for layer in range(self.num_layers):
+            suffixes = (parameters.suffix_of(layer, False), parameters.suffix_of(layer, True))
+            states = slice(2 * layer, 2 * layer + 2)
+            result = backend.bidirectional_layer(
+                x, h0[states], c0[states], tuple(self._layer_params(suffix, autocast_dtype) for suffix in suffixes),
+                tuple(self._running_stats(suffix) for suffix in suffixes),
+                variant=self._variant, training=batch_statistics, eps=self.eps, lengths=lengths,
+            )
+            x = result.output
+            h_n.append(result.h_n)
+            c_n.append(result.c_n)
+            batch_stats.update(zip(suffixes, result.batch_stats))
+            if dropout > 0 and layer < self.num_layers - 1:
+                x = F.dropout(x, dropout, training=True)
+        return x, torch.cat(h_n), torch.cat(c_n), batch_stats
 
     # Interoperability -------------------------------------------------------------------
 

@@ -7,18 +7,21 @@ pairs get the same fake (meta) kernels and autograd formula through `torch.libra
 work under autograd, pass `torch.library.opcheck` and trace under
 `torch.compile(fullgraph=True)` and `torch.export`. `run_layer` calls a pair with the
 signature of `reference.bnlstm_layer_reference`; `bnlstm_layer_fused` is it for the C++ pair.
+On the CPU, `bnlstm::bidirectional_forward` and `bidirectional_backward` run both directions
+of a bidirectional layer in one call (at once where that pays); `bidirectional_layer_fused`
+calls them for the module in eager mode, and they get fake kernels and autograd here too.
 """
 from __future__ import annotations
 
 import functools
 import threading
-from typing import Callable, Dict, List, NamedTuple, Optional
+from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor
 
-from .layer_api import (LayerParams, LayerResult, RunningStats, active_mask, compute_dtype, needs_backward,
-                        step_batch_stats)
+from .layer_api import (BidirectionalResult, LayerParams, LayerResult, RunningStats, active_mask, compute_dtype,
+                        needs_backward, step_batch_stats)
 from .statistics import BatchStats
 from .variants import Variant
 
@@ -137,6 +140,10 @@ def release_cpu_buffers() -> int:
 
 def _register_python_parts() -> None:
     register_layer_operators("bnlstm::layer_forward", "bnlstm::layer_backward", compiled_operators)
+    torch.library.register_fake("bnlstm::bidirectional_forward")(_bidirectional_forward_fake)
+    torch.library.register_fake("bnlstm::bidirectional_backward")(_bidirectional_backward_fake)
+    torch.library.register_autograd("bnlstm::bidirectional_forward", _registered_bidirectional_backward,
+                                    setup_context=_registered_bidirectional_setup_context)
     torch.library.register_fake("bnlstm::update_running_stats")(_update_running_stats_fake)
     torch.library.register_fake("bnlstm::update_running_stats_parts")(_update_running_stats_parts_fake)
 
@@ -259,9 +266,8 @@ def _save_for_backward(ctx, operators: LayerOperators, a: ForwardArguments, stat
     ctx.save_for_backward(a.x, a.h0, a.c0, output, projection, reserve, *a.params, *statistics)
 
 
-def _layer_gradients(ctx, grad_output, grad_h_n, grad_c_n, input_grad: bool):
-    """(grad_x or None, grad_h0, grad_c0, [grad of each parameter, None where absent]);
-    input_grad: whether x needs its gradient."""
+def _check_differentiable(ctx) -> None:
+    """Refuse a backward pass the operators cannot give (no reserve kept, double backward)."""
     if not ctx.keep_reserve:
         raise RuntimeError(
             "the layer's forward operator ran with keep_reserve=False (inference), so it kept "
@@ -273,6 +279,12 @@ def _layer_gradients(ctx, grad_output, grad_h_n, grad_c_n, input_grad: bool):
             "double backward (create_graph=True, e.g. a gradient penalty) is not supported by the "
             "fused backends; use BNLSTM(..., backend=\"reference\"), whose plain PyTorch loop supports it"
         )
+
+
+def _layer_gradients(ctx, grad_output, grad_h_n, grad_c_n, input_grad: bool):
+    """(grad_x or None, grad_h0, grad_c0, [grad of each parameter, None where absent]);
+    input_grad: whether x needs its gradient."""
+    _check_differentiable(ctx)
     x, h0, c0, output, projection, reserve, *rest = ctx.saved_tensors
     params, statistics = rest[:ctx.parameter_count], rest[ctx.parameter_count:]
     batch, hidden = x.shape[1], params[1].shape[1]
@@ -333,6 +345,25 @@ class _LayerFunction(torch.autograd.Function):
         return (None, grad_x, grad_h0, grad_c0, None, *grad_params) + (None,) * non_tensors
 
 
+def _operator_flags(variant: Variant, training: bool, eps: float) -> tuple:
+    """The operators' flags from input_statistics to eps (FORWARD_SCHEMA's order)."""
+    return (INPUT_STATISTICS[variant.input_statistics], variant.normalize_recurrent, variant.normalize_cell,
+            training, eps)
+
+
+def _operand_dtype(out_dtype: torch.dtype, dtype: torch.dtype) -> Optional[torch.dtype]:
+    """The operators' operand_dtype: a half-precision input's dtype (computed in `dtype`)."""
+    return out_dtype if out_dtype != dtype else None
+
+
+def _step_batch_stats(variant: Variant, x: Tensor, lengths: Optional[Tensor], statistics) -> Dict[str, BatchStats]:
+    """LayerResult.batch_stats from the statistics list an operator returns for x's steps."""
+    steps, batch = x.shape[0], x.shape[1]
+    counts = (x.new_full((steps,), batch) if lengths is None
+              else active_mask(lengths, steps, batch, x.device).sum(1).to(x.dtype))  # [T]
+    return step_batch_stats(variant, counts, *statistics)
+
+
 def run_layer(
     operators: LayerOperators,
     x: Tensor,
@@ -356,14 +387,12 @@ def run_layer(
     if out_dtype != dtype:
         x, h0, c0 = x.to(dtype), h0.to(dtype), c0.to(dtype)
     params = params.to(dtype)
-    steps, batch = x.shape[0], x.shape[1]
     keep_reserve = needs_backward(x, h0, c0, params)
     absent = x.new_empty(0)  # stands for a part the layer does not have, or statistics not read
     parameter_list = [absent if p is None else p for p in params]
     running_given = running_list(running if not training else {}, absent)
-    flags = (INPUT_STATISTICS[variant.input_statistics], variant.normalize_recurrent, variant.normalize_cell,
-             training, eps, reverse, keep_reserve, start_step,
-             out_dtype if out_dtype != dtype else None)  # half precision: the GEMM's operand dtype
+    flags = (*_operator_flags(variant, training, eps), reverse, keep_reserve, start_step,
+             _operand_dtype(out_dtype, dtype))
     if torch.compiler.is_compiling():
         output, h_n, c_n, statistics, _projection, _reserve = operators.forward(
             x, h0, c0, lengths, parameter_list, running_given, *flags)
@@ -377,14 +406,133 @@ def run_layer(
         with torch._C._AutoDispatchBelowAutograd():
             output, h_n, c_n, statistics, _projection, _reserve = operators.forward(
                 x, h0, c0, lengths, parameter_list, running_given, *flags)
-    batch_stats = {}
-    if training:
-        counts = (x.new_full((steps,), batch) if lengths is None
-                  else active_mask(lengths, steps, batch, x.device).sum(1).to(dtype))  # [T]
-        batch_stats = step_batch_stats(variant, counts, *statistics)
+    batch_stats = _step_batch_stats(variant, x, lengths, statistics) if training else {}
     if out_dtype != dtype:
         output, h_n, c_n = output.to(out_dtype), h_n.to(out_dtype), c_n.to(out_dtype)
     return LayerResult(output, h_n, c_n, batch_stats)
+
+
+# Both directions of a bidirectional layer: bnlstm::bidirectional_forward and its backward
+# (csrc/ops.cpp), CPU tensors only. Their lists hold the forward direction's entries, then
+# the reverse one's.
+PARAMETERS_PER_DIRECTION = len(LayerParams._fields)
+
+
+def _bidirectional_forward_fake(x, h0, c0, lengths, params, running, input_statistics, normalize_recurrent,
+                                normalize_cell, training, eps, keep_reserve, operand_dtype=None):
+    results = [_layer_forward_fake(x, h0[d], c0[d], lengths, params[d * PARAMETERS_PER_DIRECTION:][
+        :PARAMETERS_PER_DIRECTION], running[d * len(STATISTICS):][:len(STATISTICS)], input_statistics,
+        normalize_recurrent, normalize_cell, training, eps, d == 1, keep_reserve) for d in (0, 1)]
+    (output, h_n, c_n, statistics, projection, reserve), reverse = results
+    return (x.new_empty(*output.shape[:2], 2 * output.shape[2]), x.new_empty(2, *h_n.shape),
+            x.new_empty(2, *c_n.shape), statistics + reverse[3], [projection, reverse[4]], [reserve, reverse[5]])
+
+
+def _bidirectional_backward_fake(grad_output, grad_h_n, grad_c_n, x, lengths, h0, c0, output, params, statistics,
+                                 projection, reserve, input_statistics, normalize_recurrent, normalize_cell,
+                                 training, eps, input_grad=True, operand_dtype=None):
+    grad_params = []
+    for d in (0, 1):
+        grad_params += _layer_backward_fake(grad_output, grad_h_n[d], grad_c_n[d], x, lengths, h0[d], c0[d], output,
+                                            params[d * PARAMETERS_PER_DIRECTION:][:PARAMETERS_PER_DIRECTION],
+                                            statistics, projection[d], reserve[d], input_statistics,
+                                            normalize_recurrent, normalize_cell, training, eps, d == 1)[3]
+    return (torch.empty_like(x) if input_grad else x.new_empty(0), torch.empty_like(grad_h_n),
+            torch.empty_like(grad_c_n), grad_params)
+
+
+def _save_bidirectional(ctx, inputs, output, statistics, projection, reserve) -> None:
+    x, h0, c0, lengths, params, _running, *flags = inputs
+    ctx.set_materialize_grads(False)
+    ctx.flags = tuple(flags[:5])  # input_statistics to eps
+    ctx.keep_reserve = flags[5]
+    ctx.operand_dtype = flags[6] if len(flags) > 6 else None
+    ctx.lengths = lengths
+    ctx.save_for_backward(x, h0, c0, output, *projection, *reserve, *params, *statistics)
+
+
+def _bidirectional_gradients(ctx, grad_output, grad_h_n, grad_c_n, input_grad: bool):
+    """(grad_x or None, grad_h0, grad_c0, [grad of each parameter, None where absent])."""
+    _check_differentiable(ctx)
+    x, h0, c0, output, projection, projection_reverse, reserve, reserve_reverse, *rest = ctx.saved_tensors
+    count = 2 * PARAMETERS_PER_DIRECTION
+    params, statistics = rest[:count], rest[count:]
+    grad_output = torch.zeros_like(output) if grad_output is None else grad_output
+    grad_h_n = torch.zeros_like(h0) if grad_h_n is None else grad_h_n
+    grad_c_n = torch.zeros_like(c0) if grad_c_n is None else grad_c_n
+    grad_x, grad_h0, grad_c0, grad_params = torch.ops.bnlstm.bidirectional_backward(
+        grad_output, grad_h_n, grad_c_n, x, ctx.lengths, h0, c0, output, params, statistics,
+        [projection, projection_reverse], [reserve, reserve_reverse], *ctx.flags, input_grad, ctx.operand_dtype)
+    grad_params = [grad if param.numel() else None for param, grad in zip(params, grad_params)]
+    return grad_x if input_grad else None, grad_h0, grad_c0, grad_params
+
+
+def _registered_bidirectional_setup_context(ctx, inputs, output):
+    output_tensor, _h_n, _c_n, statistics, projection, reserve = output
+    ctx.mark_non_differentiable(*statistics, *projection, *reserve)
+    _save_bidirectional(ctx, inputs, output_tensor, statistics, projection, reserve)
+
+
+def _registered_bidirectional_backward(ctx, grad_output, grad_h_n, grad_c_n, *_grad_statistics_and_reserve):
+    grad_x, grad_h0, grad_c0, grad_params = _bidirectional_gradients(ctx, grad_output, grad_h_n, grad_c_n,
+                                                                     ctx.needs_input_grad[0])
+    flags = len(ctx.needs_input_grad) - 6
+    return (grad_x, grad_h0, grad_c0, None, grad_params, [None] * 2 * len(STATISTICS)) + (None,) * flags
+
+
+class _BidirectionalFunction(torch.autograd.Function):
+    """Eager autograd for bnlstm::bidirectional_forward, as _LayerFunction for one direction:
+    apply(x, h0, c0, lengths, *params, running, *flags), params both directions' in one list."""
+
+    @staticmethod
+    def forward(ctx, x, h0, c0, lengths, *rest):
+        count = 2 * PARAMETERS_PER_DIRECTION
+        inputs = (x, h0, c0, lengths, list(rest[:count]), *rest[count:])
+        with torch._C._AutoDispatchBelowAutograd():
+            output, h_n, c_n, statistics, projection, reserve = torch.ops.bnlstm.bidirectional_forward(*inputs)
+        ctx.mark_non_differentiable(*statistics)
+        _save_bidirectional(ctx, inputs, output, statistics, projection, reserve)
+        return (output, h_n, c_n, *statistics)
+
+    @staticmethod
+    def backward(ctx, grad_output, grad_h_n, grad_c_n, *_grad_statistics):
+        grad_x, grad_h0, grad_c0, grad_params = _bidirectional_gradients(ctx, grad_output, grad_h_n, grad_c_n,
+                                                                         ctx.needs_input_grad[0])
+        return (grad_x, grad_h0, grad_c0, None, *grad_params) + (None,) * 8  # running and the flags
+
+
+def bidirectional_layer_fused(x: Tensor, h0: Tensor, c0: Tensor, params: Tuple[LayerParams, LayerParams],
+                              running: Tuple[RunningStats, RunningStats], *, variant: Variant, training: bool,
+                              eps: float, lengths: Optional[Tensor] = None) -> BidirectionalResult:
+    """Both directions of a bidirectional layer in one call of the CPU operators (a
+    `layer_api.BidirectionalLayerFunction`): what `bnlstm_layer_fused` gives for each
+    direction, with the directions run at once where that pays (csrc/bidirectional_cpu.cpp)."""
+    out_dtype = x.dtype
+    dtype = compute_dtype(x.dtype)
+    if out_dtype != dtype:
+        x, h0, c0 = x.to(dtype), h0.to(dtype), c0.to(dtype)
+    params = (params[0].to(dtype), params[1].to(dtype))
+    keep_reserve = needs_backward(x, h0, c0, params[0]) or needs_backward(x, h0, c0, params[1])
+    absent = x.new_empty(0)
+    parameter_list = [absent if p is None else p for p in (*params[0], *params[1])]
+    running_given = (running_list(running[0], absent) + running_list(running[1], absent) if not training
+                     else [absent] * 2 * len(STATISTICS))
+    flags = (*_operator_flags(variant, training, eps), keep_reserve, _operand_dtype(out_dtype, dtype))
+    if keep_reserve:
+        output, h_n, c_n, *statistics = _BidirectionalFunction.apply(x, h0, c0, lengths, *parameter_list,
+                                                                     running_given, *flags)
+    else:
+        with torch._C._AutoDispatchBelowAutograd():
+            output, h_n, c_n, statistics, _projection, _reserve = torch.ops.bnlstm.bidirectional_forward(
+                x, h0, c0, lengths, parameter_list, running_given, *flags)
+    batch_stats = ({}, {})
+    if training:
+        half = len(STATISTICS)
+        batch_stats = (_step_batch_stats(variant, x, lengths, statistics[:half]),
+                       _step_batch_stats(variant, x, lengths, statistics[half:]))
+    if out_dtype != dtype:
+        output, h_n, c_n = output.to(out_dtype), h_n.to(out_dtype), c_n.to(out_dtype)
+    return BidirectionalResult(output, h_n, c_n, batch_stats)
 
 
 def bnlstm_layer_fused(x: Tensor, h0: Tensor, c0: Tensor, params: LayerParams, running: RunningStats,

@@ -154,6 +154,11 @@ void recurrent_backward_cpu(const RecurrentBackwardArgs& args, RecurrentBackward
                             const LayerFlags& flags);
 void matmul_cpu(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bool accumulate,
                 const LayerFlags& flags);
+// Whether the two directions of a bidirectional layer of these sizes run at once on the CPU,
+// a thread each (bidirectional_cpu.cpp): where a direction alone would split over at most two
+// threads, a thread per direction does the same work without the threads meeting at every
+// step, and with torch's current thread count there are two to give.
+bool cpu_directions_concurrent(int64_t steps, int64_t batch, int64_t hidden);
 // CUDA (recurrent_cuda.cu), compiled only into the CUDA-enabled extension.
 void recurrent_forward_cuda(const RecurrentForwardArgs& args, RecurrentForwardOutputs& out,
                             const LayerFlags& flags);

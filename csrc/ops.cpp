@@ -44,6 +44,25 @@ TORCH_LIBRARY(bnlstm, m) {
       "Tensor reserve, int input_statistics, bool normalize_recurrent, bool normalize_cell, bool training, "
       "float eps, bool reverse, bool input_grad=True, ScalarType? operand_dtype=None) -> "
       "(Tensor grad_x, Tensor grad_h0, Tensor grad_c0, Tensor[] grad_params)");
+  // Both directions of a bidirectional layer in one call (the CPU's, bidirectional_cpu.cpp):
+  // layer_forward with reverse=False and with reverse=True over the same x, run at once where
+  // that pays. h0, c0 and h_n, c_n are [2, B, H] (forward, reverse); params, running and
+  // statistics are the forward direction's list followed by the reverse one's; output is
+  // [T, B, 2H], the forward direction's features first, as the next layer takes it;
+  // projection and reserve are one per direction.
+  m.def(
+      "bidirectional_forward(Tensor x, Tensor h0, Tensor c0, Tensor? lengths, Tensor[] params, Tensor[] running, "
+      "int input_statistics, bool normalize_recurrent, bool normalize_cell, bool training, float eps, "
+      "bool keep_reserve, ScalarType? operand_dtype=None) -> "
+      "(Tensor output, Tensor h_n, Tensor c_n, Tensor[] statistics, Tensor[] projection, Tensor[] reserve)");
+  // Its gradients: grad_x sums both directions', grad_h0 and grad_c0 are [2, B, H],
+  // grad_params lists the forward direction's and then the reverse one's.
+  m.def(
+      "bidirectional_backward(Tensor grad_output, Tensor grad_h_n, Tensor grad_c_n, Tensor x, Tensor? lengths, "
+      "Tensor h0, Tensor c0, Tensor output, Tensor[] params, Tensor[] statistics, Tensor[] projection, "
+      "Tensor[] reserve, int input_statistics, bool normalize_recurrent, bool normalize_cell, bool training, "
+      "float eps, bool input_grad=True, ScalarType? operand_dtype=None) -> "
+      "(Tensor grad_x, Tensor grad_h0, Tensor grad_c0, Tensor[] grad_params)");
   // Fold per-step batch statistics (mean, biased var [N, F], active rows count [N]) into
   // running statistics [S, F] in place: step t updates slot min(start_step + t, S - 1)
   // with momentum and the unbiased variance, unless count[t] < 2 (statistics.py); a feature

@@ -380,15 +380,24 @@ constexpr int64_t kWeightGradientChunkRows = 256;
 // rows (kilobytes apart) share the L1 sets without evicting each other.
 constexpr int64_t kRowGroup = 8;
 
-int64_t hidden_block_count(int64_t steps, int64_t batch, int64_t hidden, int64_t threads) {
+bool worth_parallel(int64_t steps, int64_t batch, int64_t hidden) {
   const double flops = 8.0 * double(steps) * double(batch) * double(hidden) * double(hidden);  // W_hh products
-  if (flops < kMinParallelFlops) return 1;
+  return flops >= kMinParallelFlops;
+}
+
+int64_t hidden_block_count(int64_t steps, int64_t batch, int64_t hidden, int64_t threads) {
+  if (!worth_parallel(steps, batch, hidden)) return 1;
   return std::max<int64_t>(1, std::min(threads, hidden / kMinBlockUnits));
 }
 
-std::vector<int64_t> hidden_blocks(int64_t steps, int64_t batch, int64_t hidden, int64_t threads) {
+// The threads a recurrence may split over: one inside a parallel region (a direction of a
+// bidirectional layer run beside the other, bidirectional_cpu.cpp), where a nested
+// at::parallel_for runs on the calling thread alone.
+int64_t available_threads() { return at::in_parallel_region() ? 1 : at::get_num_threads(); }
+
+std::vector<int64_t> hidden_blocks(int64_t steps, int64_t batch, int64_t hidden) {
   const int64_t width = Vec<float>::size();  // whole vectors in float32, and so in float64
-  const int64_t count = hidden_block_count(steps, batch, hidden, threads);
+  const int64_t count = hidden_block_count(steps, batch, hidden, available_threads());
   std::vector<int64_t> bounds{0};
   for (int64_t k = 1; k < count; ++k) bounds.push_back((hidden * k / count + width / 2) / width * width);
   bounds.push_back(hidden);
@@ -401,7 +410,7 @@ void recurrent_forward_impl(const RecurrentForwardArgs& args, RecurrentForwardOu
   const int64_t T_ = args.input_projection.size(0), B = args.input_projection.size(1);
   const int64_t H = args.weight_hh.size(1);
   const RecurrentForwardCPU<T> kernel(args, flags, B, H);
-  const std::vector<int64_t> bounds = hidden_blocks(T_, B, H, at::get_num_threads());
+  const std::vector<int64_t> bounds = hidden_blocks(T_, B, H);
   const int64_t blocks = static_cast<int64_t>(bounds.size()) - 1;
   std::vector<StepGemm> gemms;  // block k: h [B, H] @ (its rows of W_hh)^T -> [B, 4J]
   std::vector<at::Tensor> zh;   // block k's [B, 4J]
@@ -794,7 +803,7 @@ void recurrent_backward_impl(const RecurrentBackwardArgs& args, RecurrentBackwar
   // block first sums its units' columns of every partial into grad_h. The products split
   // the reduction, so they need no barrier after the fused pass and grad_zh never crosses
   // cores.
-  const std::vector<int64_t> bounds = hidden_blocks(T_, B, H, at::get_num_threads());
+  const std::vector<int64_t> bounds = hidden_blocks(T_, B, H);
   const int64_t blocks = static_cast<int64_t>(bounds.size()) - 1;
   const at::Tensor weight_by_gate = args.weight_hh.view({4, H, H});
   // Weight gradients, where the host asks for them (RecurrentBackwardOutputs): each block
@@ -949,6 +958,11 @@ void recurrent_backward_impl(const RecurrentBackwardArgs& args, RecurrentBackwar
 
 }  // namespace
 
+bool cpu_directions_concurrent(int64_t steps, int64_t batch, int64_t hidden) {
+  const int64_t threads = available_threads();
+  return threads >= 2 && worth_parallel(steps, batch, hidden) && hidden_block_count(steps, batch, hidden, threads) <= 2;
+}
+
 void recurrent_forward_cpu(const RecurrentForwardArgs& args, RecurrentForwardOutputs& out,
                            const LayerFlags& flags) {
   AT_DISPATCH_FLOATING_TYPES(args.input_projection.scalar_type(), "bnlstm_recurrent_forward_cpu",
@@ -978,13 +992,15 @@ constexpr const char* kVectorCapability = "default";
 #endif
 
 // For tests and diagnostics: how many blocks of hidden units (threads) this recurrence uses
-// for a call of these sizes with torch's current thread count, and the vector code built.
+// for a call of these sizes with torch's current thread count, whether a bidirectional
+// layer's directions run at once, and the vector code built.
 TORCH_LIBRARY_FRAGMENT(bnlstm, m) {
   m.def("cpu_vector_capability() -> str", [] { return std::string(kVectorCapability); });
   m.def("cpu_hidden_blocks(int steps, int batch, int hidden) -> int",
         [](int64_t steps, int64_t batch, int64_t hidden) {
-          return hidden_block_count(steps, batch, hidden, at::get_num_threads());
+          return hidden_block_count(steps, batch, hidden, available_threads());
         });
+  m.def("cpu_directions_concurrent(int steps, int batch, int hidden) -> bool", cpu_directions_concurrent);
 }
 
 }  // namespace bnlstm

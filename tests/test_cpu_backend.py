@@ -128,12 +128,13 @@ def test_torch_compile_fullgraph_matches_eager(variant):
         torch.testing.assert_close(getattr(compiled_module, name), buffer, rtol=1e-10, atol=1e-10)
 
 
-@pytest.mark.parametrize("num_threads", [1, 3])
+@pytest.mark.parametrize("num_threads", [1, 2, 3])
 @pytest.mark.parametrize("variant", ["cooijmans", "laurent_sequence"])
 def test_hidden_unit_blocks_match_the_paper(variant, num_threads, threads):
     """With several threads, each step's fused passes are split into blocks of hidden units
-    (at::parallel_for): H = 100 makes 1 or 3 blocks with ragged edges; both must match the
-    paper, with padded steps, in both directions (at least
+    (at::parallel_for): H = 100 makes 1 or 3 blocks with ragged edges; with 2 threads the
+    two directions run at once, one block each (csrc/bidirectional_cpu.cpp). All must match
+    the paper, with padded steps, in both directions (at least
     three sequences active at every step: fewer make the batch norm's gradient amplify
     rounding beyond 1e-10)."""
     from helpers import assert_matches_paper
@@ -141,6 +142,7 @@ def test_hidden_unit_blocks_match_the_paper(variant, num_threads, threads):
     threads(num_threads)
     # Enough work for the recurrence to split it (a small call runs as one block).
     assert torch.ops.bnlstm.cpu_hidden_blocks(5, 21, 100) == num_threads
+    assert torch.ops.bnlstm.cpu_directions_concurrent(5, 21, 100) == (num_threads == 2)
     torch.manual_seed(3)
     module = make_module(variant, input_size=6, hidden_size=100, num_layers=2, bidirectional=True, backend="cpu")
     x = torch.randn(5, 21, 6, dtype=torch.float64)
