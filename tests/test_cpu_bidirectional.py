@@ -59,6 +59,10 @@ def test_both_directions_as_two_layer_calls(variant, training, num_threads, thre
         close(got, want)
 
     # The backward from the per-direction calls' output gradients, concatenated and stacked.
+    # At once, each direction runs as one block of hidden units where a call alone splits
+    # into two, whose partial products of grad_h and grad_x add up in another order: equal
+    # to float64 rounding, amplified by the batch norms' backward.
+    close = lambda got, want: torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
     grad_output = torch.cat([backward_f[0], backward_r[0]], 2)
     grad_h_n, grad_c_n = torch.stack([backward_f[1], backward_r[1]]), torch.stack([backward_f[2], backward_r[2]])
     grad_x, grad_h0, grad_c0, grad_params = torch.ops.bnlstm.bidirectional_backward(
