@@ -4,9 +4,9 @@ statistics are folded.
 Each backend is one record (`Backend`): its name, its layer function (a
 `layer_api.LayerFunction`), the fold of its batch statistics into the running statistics,
 through `unavailable`, why it cannot run on a device, and, where it has one, a function that
-runs both directions of a bidirectional layer in one call (the CPU's). A module resolves its backend once
-per device, dtype and backend name (`resolve`) and keeps the record; the fold travels with
-the layer that ran, so the two always match.
+runs both directions of a bidirectional layer in one call (the CPU's). A module resolves its
+backend once per device, dtype and backend name (`resolve`) and keeps the record; the fold
+travels with the layer that ran, so the two always match.
 
     reference  the plain PyTorch loop, any device
     cpu        the fused C++ operators (csrc/), CPU tensors, compiled on first use

@@ -151,6 +151,7 @@ def step_batch_stats(variant: Variant, counts: Tensor, mean_ih: Tensor, var_ih: 
 
 
 __all__ = [
-    "BidirectionalLayerFunction", "BidirectionalResult", "LayerFunction", "LayerParams", "LayerResult", "RunningStats", "RunningStatsFold", "active_mask",
-    "compute_dtype", "masked_batch_stats", "needs_backward", "reverse_padded", "step_batch_stats",
+    "BidirectionalLayerFunction", "BidirectionalResult", "LayerFunction", "LayerParams", "LayerResult",
+    "RunningStats", "RunningStatsFold", "active_mask", "compute_dtype", "masked_batch_stats", "needs_backward",
+    "reverse_padded", "step_batch_stats",
 ]

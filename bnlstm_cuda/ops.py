@@ -356,12 +356,11 @@ def _operand_dtype(out_dtype: torch.dtype, dtype: torch.dtype) -> Optional[torch
     return out_dtype if out_dtype != dtype else None
 
 
-def _step_batch_stats(variant: Variant, x: Tensor, lengths: Optional[Tensor], statistics) -> Dict[str, BatchStats]:
-    """LayerResult.batch_stats from the statistics list an operator returns for x's steps."""
+def _step_counts(x: Tensor, lengths: Optional[Tensor]) -> Tensor:
+    """[T]: the active sequences at each of x's steps, in x's dtype (for step_batch_stats)."""
     steps, batch = x.shape[0], x.shape[1]
-    counts = (x.new_full((steps,), batch) if lengths is None
-              else active_mask(lengths, steps, batch, x.device).sum(1).to(x.dtype))  # [T]
-    return step_batch_stats(variant, counts, *statistics)
+    return (x.new_full((steps,), batch) if lengths is None
+            else active_mask(lengths, steps, batch, x.device).sum(1).to(x.dtype))
 
 
 def run_layer(
@@ -406,7 +405,7 @@ def run_layer(
         with torch._C._AutoDispatchBelowAutograd():
             output, h_n, c_n, statistics, _projection, _reserve = operators.forward(
                 x, h0, c0, lengths, parameter_list, running_given, *flags)
-    batch_stats = _step_batch_stats(variant, x, lengths, statistics) if training else {}
+    batch_stats = step_batch_stats(variant, _step_counts(x, lengths), *statistics) if training else {}
     if out_dtype != dtype:
         output, h_n, c_n = output.to(out_dtype), h_n.to(out_dtype), c_n.to(out_dtype)
     return LayerResult(output, h_n, c_n, batch_stats)
@@ -527,9 +526,9 @@ def bidirectional_layer_fused(x: Tensor, h0: Tensor, c0: Tensor, params: Tuple[L
                 x, h0, c0, lengths, parameter_list, running_given, *flags)
     batch_stats = ({}, {})
     if training:
-        half = len(STATISTICS)
-        batch_stats = (_step_batch_stats(variant, x, lengths, statistics[:half]),
-                       _step_batch_stats(variant, x, lengths, statistics[half:]))
+        counts, half = _step_counts(x, lengths), len(STATISTICS)  # the same steps in both directions
+        batch_stats = (step_batch_stats(variant, counts, *statistics[:half]),
+                       step_batch_stats(variant, counts, *statistics[half:]))
     if out_dtype != dtype:
         output, h_n, c_n = output.to(out_dtype), h_n.to(out_dtype), c_n.to(out_dtype)
     return BidirectionalResult(output, h_n, c_n, batch_stats)

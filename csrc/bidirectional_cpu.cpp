@@ -60,10 +60,11 @@ bidirectional_forward_cpu(const at::Tensor& x, const at::Tensor& h0, const at::T
                                         /*start_step=*/0, operand_dtype);
   LayerForwardResult results[2];
   run_directions(cpu_directions_concurrent(T, B, H), [&](int64_t d) {
-    results[d] = layer_forward(recurrent_forward_cpu, matmul_cpu,
-                               {x, h0[d], c0[d], lengths, unpack_parameters(params.slice(d * kParameterCount, kParameterCount)),
-                                unpack_running(running.slice(d * kStatisticsCount, kStatisticsCount)), flags,
-                                /*reverse=*/d == 1, keep_reserve});
+    results[d] = layer_forward(
+        recurrent_forward_cpu, matmul_cpu,
+        {x, h0[d], c0[d], lengths, unpack_parameters(params.slice(d * kParameterCount, kParameterCount)),
+         unpack_running(running.slice(d * kStatisticsCount, kStatisticsCount)), flags, /*reverse=*/d == 1,
+         keep_reserve});
   });
   auto& [output_f, h_f, c_f, statistics_f, projection_f, reserve_f] = results[0];
   auto& [output_r, h_r, c_r, statistics_r, projection_r, reserve_r] = results[1];
@@ -97,7 +98,7 @@ LayerBackwardResult bidirectional_backward_cpu(
   LayerBackwardResult results[2];
   run_directions(cpu_directions_concurrent(T, B, H), [&](int64_t d) {
     results[d] = layer_backward(
-        recurrent_backward_cpu, matmul_cpu, /*weights_in_recurrence=*/true,
+        recurrent_backward_cpu, matmul_cpu, /*weights_in_recurrence=*/true,  // as the CPU's layer_backward
         {grad_output.narrow(2, d * H, H), grad_h_n[d], grad_c_n[d], x, lengths, h0[d], c0[d],
          output.narrow(2, d * H, H), unpack_parameters(params.slice(d * kParameterCount, kParameterCount)),
          unpack_statistics(statistics.slice(d * kStatisticsCount, kStatisticsCount)), projection[d], reserve[d],
