@@ -12,6 +12,8 @@
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/cpu/vec/vec.h>
 
+#include "bf16_gemm.h"
+
 #include <algorithm>
 #include <cstddef>
 #include <memory>
@@ -193,11 +195,16 @@ class StepGemm {
  public:
   // weight: [N, K] used transposed (transpose=true) or [K, N] as is; rows contiguous
   // (stride 1 along them), any row stride: a slice of columns packs without a copy.
-  StepGemm(const at::Tensor& weight, bool transpose, int64_t rows)
+  // bf16: multiply in bfloat16 (Bf16Gemm; bf16_operands() must hold for the weight's dtype).
+  StepGemm(const at::Tensor& weight, bool transpose, int64_t rows, bool bf16 = false)
       : weight_(weight), transpose_(transpose), m_(rows), n_(transpose ? weight.size(0) : weight.size(1)),
         k_(transpose ? weight.size(1) : weight.size(0)) {
     TORCH_CHECK(weight.dim() == 2 && weight.stride(1) == 1, "StepGemm: weight rows must be contiguous, got strides ",
                 weight.strides());
+    if (bf16) {
+      bf16_ = std::make_unique<Bf16Gemm>(weight, transpose);
+      return;
+    }
     if (small_gemm_applies(weight.scalar_type(), m_)) {
       if (weight.scalar_type() == at::kFloat) {
         small_float_ = std::make_unique<SmallGemm<float>>(weight, transpose, m_);
@@ -222,6 +229,10 @@ class StepGemm {
   void run(const T* a, T* out, int64_t out_stride = -1) const {
     const int64_t ldc = out_stride < 0 ? n_ : out_stride;
     if constexpr (std::is_same<T, float>::value) {
+      if (bf16_) {
+        bf16_->run(a, k_, m_, out, ldc, /*accumulate=*/false);
+        return;
+      }
       if (small_float_) {
         small_float_->run(a, out, ldc);
         return;
@@ -252,6 +263,7 @@ class StepGemm {
   at::Tensor weight_, packed_;
   std::unique_ptr<SmallGemm<float>> small_float_;  // the small-batch kernel, where it applies
   std::unique_ptr<SmallGemm<double>> small_double_;
+  std::unique_ptr<Bf16Gemm> bf16_;  // bfloat16 operands, where the layer asks for them
   bool transpose_;
   int64_t m_, n_, k_;
 };

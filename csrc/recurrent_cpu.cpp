@@ -16,6 +16,7 @@
 // of the GEMM for dh_{t-1} (its columns of grad_zh times its rows of W_hh; the next step sums
 // the shares), and every few steps its rows of the weight gradients from the step gradients
 // still in its cache. All steps run in one parallel region (step_loop.h).
+#include "bf16_gemm.h"
 #include "bnlstm.h"
 #include "buffer_pool.h"
 #include "packed_gemm.h"
@@ -410,6 +411,7 @@ void recurrent_forward_impl(const RecurrentForwardArgs& args, RecurrentForwardOu
   const int64_t T_ = args.input_projection.size(0), B = args.input_projection.size(1);
   const int64_t H = args.weight_hh.size(1);
   const RecurrentForwardCPU<T> kernel(args, flags, B, H);
+  const bool bf16 = bf16_operands(flags.operand_dtype, c10::CppTypeToScalarType<T>::value);
   const std::vector<int64_t> bounds = hidden_blocks(T_, B, H);
   const int64_t blocks = static_cast<int64_t>(bounds.size()) - 1;
   std::vector<StepGemm> gemms;  // block k: h [B, H] @ (its rows of W_hh)^T -> [B, 4J]
@@ -418,7 +420,8 @@ void recurrent_forward_impl(const RecurrentForwardArgs& args, RecurrentForwardOu
   const at::Tensor weight_by_gate = args.weight_hh.view({4, H, H});
   for (int64_t k = 0; k < blocks; ++k) {
     const int64_t J = bounds[k + 1] - bounds[k];
-    gemms.emplace_back(weight_by_gate.narrow(1, bounds[k], J).reshape({4 * J, H}).contiguous(), /*transpose=*/true, B);
+    gemms.emplace_back(weight_by_gate.narrow(1, bounds[k], J).reshape({4 * J, H}).contiguous(), /*transpose=*/true, B,
+                       bf16);
     zh.push_back(at::empty({B, 4 * J}, args.input_projection.options()));
     scratch.emplace_back(B, J);
   }
@@ -794,6 +797,7 @@ void recurrent_backward_impl(const RecurrentBackwardArgs& args, RecurrentBackwar
   const int64_t T_ = args.reserve.size(0), B = args.reserve.size(1);
   const int64_t H = args.weight_hh.size(1);
   const RecurrentBackwardCPU<T> kernel(args, out, flags, B, H);
+  const bool bf16 = bf16_operands(flags.operand_dtype, c10::CppTypeToScalarType<T>::value);
   const bool* active = args.active.data_ptr<bool>();
   const int64_t* counts = args.counts.data_ptr<int64_t>();
   const bool step_input = flags.input_statistics == kInputStep;
@@ -835,7 +839,8 @@ void recurrent_backward_impl(const RecurrentBackwardArgs& args, RecurrentBackwar
   for (int64_t k = 0; k < blocks; ++k) {
     const int64_t J = bounds[k + 1] - bounds[k];
     scratch.emplace_back(B, J);
-    gemms.emplace_back(weight_by_gate.narrow(1, bounds[k], J).reshape({4 * J, H}).contiguous(), /*transpose=*/false, B);
+    gemms.emplace_back(weight_by_gate.narrow(1, bounds[k], J).reshape({4 * J, H}).contiguous(), /*transpose=*/false, B,
+                       bf16);
     // dy needs the whole ring only where it is dz or dwx.
     const bool dy_kept = !flags.normalize_recurrent || flags.input_statistics == kInputNone;
     dy_ring.push_back(at::empty({dy_kept ? chunk : 1, B, 4 * J}, options));
@@ -849,23 +854,33 @@ void recurrent_backward_impl(const RecurrentBackwardArgs& args, RecurrentBackwar
           args.weight_ih.view({4, H, input_size}).narrow(1, bounds[k], J).reshape({4 * J, input_size}).contiguous());
     }
   }
+  // out (+)= a @ b, in bfloat16 where the layer multiplies in it.
+  const auto product = [bf16](at::Tensor out, const at::Tensor& a, const at::Tensor& b, bool accumulate) {
+    if (bf16) {
+      bf16_matmul(out, a, b, accumulate);
+    } else if (accumulate) {
+      out.addmm_(a, b);
+    } else {
+      at::mm_out(out, a, b);
+    }
+  };
   // Block k's share of the weight gradients from steps [t0, t0 + n) (its slots 0 to n - 1).
   const auto add_weight_gradients = [&](int64_t k, int64_t t0, int64_t n) {
     const at::AutoDispatchBelowADInplaceOrView below_autograd;  // on a worker thread: see StepGemm
     const int64_t rows = n * B, columns = 4 * (bounds[k + 1] - bounds[k]);
     const at::Tensor dz = dz_ring[k].view({chunk * B, columns}).narrow(0, 0, rows);
+    const at::Tensor outputs = args.output.view({-1, H});
     if (t0 == 0) {  // step 0 meets h_0
-      weight_hh_rows[k].addmm_(args.h0.t(), dz.narrow(0, 0, B));
-      if (n > 1) weight_hh_rows[k].addmm_(args.output.view({-1, H}).narrow(0, 0, rows - B).t(), dz.narrow(0, B, rows - B));
+      product(weight_hh_rows[k], args.h0.t(), dz.narrow(0, 0, B), true);
+      if (n > 1) product(weight_hh_rows[k], outputs.narrow(0, 0, rows - B).t(), dz.narrow(0, B, rows - B), true);
     } else {
-      weight_hh_rows[k].addmm_(args.output.view({-1, H}).narrow(0, (t0 - 1) * B, rows).t(), dz);
+      product(weight_hh_rows[k], outputs.narrow(0, (t0 - 1) * B, rows).t(), dz, true);
     }
     const at::Tensor dwx = dwx_ring[k].view({chunk * B, columns}).narrow(0, 0, rows);
-    if (weights_ih) weight_ih_rows[k].addmm_(args.x.view({-1, args.x.size(2)}).narrow(0, t0 * B, rows).t(), dwx);
+    if (weights_ih) product(weight_ih_rows[k], args.x.view({-1, args.x.size(2)}).narrow(0, t0 * B, rows).t(), dwx, true);
     if (input_grad) {
-      at::Tensor rows_of_grad_x =
-          (k == 0 ? out.grad_x.view({T_ * B, input_size}) : grad_x_partials[k - 1]).narrow(0, t0 * B, rows);
-      at::mm_out(rows_of_grad_x, dwx, weight_ih_by_block[k]);
+      product((k == 0 ? out.grad_x.view({T_ * B, input_size}) : grad_x_partials[k - 1]).narrow(0, t0 * B, rows), dwx,
+              weight_ih_by_block[k], false);
     }
   };
   // grad_zh and grad_wx, where still asked for (grad_wx for grad_x), bypass the caches once
@@ -975,11 +990,15 @@ void recurrent_backward_cpu(const RecurrentBackwardArgs& args, RecurrentBackward
                              [&] { recurrent_backward_impl<scalar_t>(args, out, flags); });
 }
 
-// The host code's GEMMs on the CPU: ATen's (MKL). operand_dtype changes nothing here: the
-// CPU computes half-precision inputs in float32 throughout.
+// The host code's GEMMs on the CPU: ATen's (MKL), or bfloat16 operands where the inputs were
+// bfloat16 and the CPU has AVX512_BF16 (bf16_gemm.h).
 void matmul_cpu(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bool accumulate,
-                const LayerFlags& /*flags*/) {
-  matmul_aten(out, a, b, accumulate);
+                const LayerFlags& flags) {
+  if (bf16_operands(flags.operand_dtype, out.scalar_type())) {
+    bf16_matmul(out, a, b, accumulate);
+  } else {
+    matmul_aten(out, a, b, accumulate);
+  }
 }
 
 // The vector code this library was compiled with (BNLSTM_CPU_CAPABILITY, build.py).

@@ -59,3 +59,14 @@ def threads():
     before = torch.get_num_threads()
     yield torch.set_num_threads
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def float32_products(monkeypatch):
+    """Half-precision inputs multiplied in float32, as on a CPU without AVX512_BF16: where the
+    CPU has it, the CPU backend otherwise multiplies bfloat16 inputs in bfloat16, h_{t-1}
+    rounded at every step (tests/test_cpu_bf16.py holds that path to its own oracle). For
+    tests whose oracle computes in float32 after rounding the inputs."""
+    from bnlstm_cuda import ops
+
+    monkeypatch.setattr(ops, "_operand_dtype", lambda out_dtype, dtype: None)

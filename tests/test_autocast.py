@@ -249,6 +249,7 @@ def assert_running_stats(module, before, stats, momentum, start_step=0):
             torch.testing.assert_close(var.double(), want_var, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.usefixtures("float32_products")
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -274,6 +275,7 @@ def test_layer_under_autocast_is_the_rounded_float64_oracle(backend, dtype, trai
         assert_running_stats(module, before, stats, module.momentum)
 
 
+@pytest.mark.usefixtures("float32_products")
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_cell_under_autocast_is_the_rounded_float64_oracle(backend, dtype):

@@ -43,6 +43,10 @@ def save_and_load(state):
     return torch.load(buffer, weights_only=True)
 
 
+# bfloat16 with float32 products: the rule below holds the two backends to the same
+# arithmetic, which the bfloat16 products are not (their rounding of h_{t-1} is amplified
+# where a step's statistics are over two sequences).
+@pytest.mark.usefixtures("float32_products")
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("saved_on, loaded_on", [("reference", "cpu"), ("cpu", "reference")])
 def test_checkpoint_moves_between_backends(saved_on, loaded_on, dtype):

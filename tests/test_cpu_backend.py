@@ -278,9 +278,12 @@ def test_running_statistics_fold_follows_the_backend(backend, compiled, monkeypa
         torch.testing.assert_close(getattr(cell, name), buffer, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.usefixtures("float32_products")
 def test_half_precision_inputs_are_computed_in_float32():
-    """The CPU kernels compute half-precision inputs in float32 throughout (the CUDA kernels'
-    recurrent GEMM multiplies in the input's dtype: test_cuda_backend.py)."""
+    """Without bfloat16 products (a CPU without AVX512_BF16; pinned here) the CPU kernels
+    compute half-precision inputs in float32 throughout (the CUDA kernels' recurrent GEMM
+    multiplies in the input's dtype: test_cuda_backend.py; the CPU's bfloat16 products:
+    test_cpu_bf16.py)."""
     module = BNLSTM(4, 6, max_length=5, backend="cpu").to(torch.bfloat16)
     reference = BNLSTM(4, 6, max_length=5, backend="reference").to(torch.bfloat16)
     reference.load_state_dict(module.state_dict())
