@@ -30,7 +30,8 @@ struct LayerFlags {
   int64_t start_step;  // index of the first step: step t reads statistics slot min(start_step + t, S - 1)
   // Half or BFloat16, the dtype the inputs had (computed in float32): the recurrent GEMM may
   // round h_{t-1} and W_hh to it and the float32 GEMMs may run in TF32 (fp32 accumulation;
-  // the CUDA kernels' tensor-core paths); Undefined: operands in the compute dtype.
+  // the CUDA kernels' tensor-core paths), or every GEMM in bfloat16 (the CPU's, on
+  // AVX512_BF16); Undefined: operands in the compute dtype.
   at::ScalarType operand_dtype;
 };
 

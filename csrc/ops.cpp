@@ -26,7 +26,9 @@ TORCH_LIBRARY(bnlstm, m) {
   // float32) lets a backend with tensor cores multiply at that precision, accumulating in
   // float32 as cuDNN does: the recurrent GEMM's operands h_{t-1} and W_hh rounded to it, the
   // float32 GEMMs (the input projection; in layer_backward every GEMM) in TF32, which holds
-  // float16 and bfloat16 values exactly. The CPU computes in the compute dtype.
+  // float16 and bfloat16 values exactly. The CPU multiplies bfloat16 operands in bfloat16
+  // where it has AVX512_BF16 (bf16_gemm.h: every GEMM, float32 accumulation), and otherwise
+  // computes in the compute dtype.
   // bnlstm_cuda/ops.py states both layer schemas again, for the Triton backend's operators
   // (tests/test_cpu_backend.py checks that they agree).
   m.def(

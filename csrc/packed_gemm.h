@@ -9,6 +9,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/cpu/vec/vec.h>
 
@@ -83,18 +84,22 @@ class SmallGemm {
     }
   }
 
-  void run(const T* a, T* out, int64_t ldc) const {
+  void run(const T* a, T* out, int64_t ldc) const { run_rows(a, k_, m_, out, ldc, /*accumulate=*/false); }
+
+  // out (+)= a @ op(weight) for m rows of a (lda apart), whatever rows the constructor was
+  // given: each panel passes over all m rows while it stays in L1.
+  void run_rows(const T* a, int64_t lda, int64_t m, T* out, int64_t ldc, bool accumulate) const {
     const T* packed = packed_.data_ptr<T>();
     for (int64_t p = 0; p < panels_; ++p) {
       const T* panel = packed + p * k_ * kPanel;
       const int64_t columns = std::min(kPanel, n_ - p * kPanel);
       T* out_panel = out + p * kPanel;
       int64_t r = 0;
-      for (; r + 4 <= m_; r += 4) block<4>(a + r * k_, panel, out_panel + r * ldc, ldc, columns);
-      switch (m_ - r) {
-        case 3: block<3>(a + r * k_, panel, out_panel + r * ldc, ldc, columns); break;
-        case 2: block<2>(a + r * k_, panel, out_panel + r * ldc, ldc, columns); break;
-        case 1: single_row(a + r * k_, panel, out_panel + r * ldc, columns); break;
+      for (; r + 4 <= m; r += 4) block<4>(a + r * lda, lda, panel, out_panel + r * ldc, ldc, columns, accumulate);
+      switch (m - r) {
+        case 3: block<3>(a + r * lda, lda, panel, out_panel + r * ldc, ldc, columns, accumulate); break;
+        case 2: block<2>(a + r * lda, lda, panel, out_panel + r * ldc, ldc, columns, accumulate); break;
+        case 1: single_row(a + r * lda, panel, out_panel + r * ldc, columns, accumulate); break;
         default: break;
       }
     }
@@ -104,7 +109,7 @@ class SmallGemm {
   // kRows rows of a times one panel. Accumulators are named, not an array: GCC keeps named
   // vectors in registers but spills an array of them.
   template <int kRows>
-  void block(const T* a, const T* panel, T* out, int64_t ldc, int64_t columns) const {
+  void block(const T* a, int64_t lda, const T* panel, T* out, int64_t ldc, int64_t columns, bool accumulate) const {
     V c00(T(0)), c01(T(0)), c10(T(0)), c11(T(0)), c20(T(0)), c21(T(0)), c30(T(0)), c31(T(0));
     for (int64_t k = 0; k < k_; ++k) {
       const V b0 = V::loadu(panel + k * kPanel), b1 = V::loadu(panel + k * kPanel + V::size());
@@ -112,32 +117,32 @@ class SmallGemm {
       c00 = at::vec::fmadd(a0, b0, c00);
       c01 = at::vec::fmadd(a0, b1, c01);
       if constexpr (kRows > 1) {
-        const V a1(a[k_ + k]);
+        const V a1(a[lda + k]);
         c10 = at::vec::fmadd(a1, b0, c10);
         c11 = at::vec::fmadd(a1, b1, c11);
       }
       if constexpr (kRows > 2) {
-        const V a2(a[2 * k_ + k]);
+        const V a2(a[2 * lda + k]);
         c20 = at::vec::fmadd(a2, b0, c20);
         c21 = at::vec::fmadd(a2, b1, c21);
       }
       if constexpr (kRows > 3) {
-        const V a3(a[3 * k_ + k]);
+        const V a3(a[3 * lda + k]);
         c30 = at::vec::fmadd(a3, b0, c30);
         c31 = at::vec::fmadd(a3, b1, c31);
       }
     }
-    store(c00, c01, out, columns);
-    if constexpr (kRows > 1) store(c10, c11, out + ldc, columns);
-    if constexpr (kRows > 2) store(c20, c21, out + 2 * ldc, columns);
-    if constexpr (kRows > 3) store(c30, c31, out + 3 * ldc, columns);
+    store(c00, c01, out, columns, accumulate);
+    if constexpr (kRows > 1) store(c10, c11, out + ldc, columns, accumulate);
+    if constexpr (kRows > 2) store(c20, c21, out + 2 * ldc, columns, accumulate);
+    if constexpr (kRows > 3) store(c30, c31, out + 3 * ldc, columns, accumulate);
   }
 
   // One row times one panel. With a single row the two accumulators of block<1> would make
   // each step's FMA wait for the previous one's result (a latency-bound GEMV, as a B=1
   // serving call runs); four slices of K in eight accumulators keep the FMA units busy,
   // and the slices are summed at the end.
-  void single_row(const T* a, const T* panel, T* out, int64_t columns) const {
+  void single_row(const T* a, const T* panel, T* out, int64_t columns, bool accumulate) const {
     constexpr int64_t width = V::size();
     V c0(T(0)), c1(T(0)), c2(T(0)), c3(T(0)), c4(T(0)), c5(T(0)), c6(T(0)), c7(T(0));
     int64_t k = 0;
@@ -158,11 +163,15 @@ class SmallGemm {
       c0 = at::vec::fmadd(a0, V::loadu(panel + k * kPanel), c0);
       c1 = at::vec::fmadd(a0, V::loadu(panel + k * kPanel + width), c1);
     }
-    store((c0 + c2) + (c4 + c6), (c1 + c3) + (c5 + c7), out, columns);
+    store((c0 + c2) + (c4 + c6), (c1 + c3) + (c5 + c7), out, columns, accumulate);
   }
 
-  static void store(const V& low, const V& high, T* out, int64_t columns) {
+  static void store(V low, V high, T* out, int64_t columns, bool accumulate) {
     constexpr int64_t width = V::size();
+    if (accumulate) {
+      low = low + V::loadu(out, static_cast<int>(std::min(columns, width)));
+      if (columns > width) high = high + V::loadu(out + width, static_cast<int>(std::min(columns - width, width)));
+    }
     if (columns >= 2 * width) {
       low.store(out);
       high.store(out + width);
@@ -188,6 +197,50 @@ inline bool small_gemm_applies(at::ScalarType dtype, int64_t rows) {
   (void)rows;
   return false;
 #endif
+}
+
+// Whether the host code's GEMMs (all steps' rows: the input projection, the weight
+// gradients, grad_x) run on SmallGemm's kernel instead of ATen's (MKL): on AMD CPUs with the
+// AVX-512 build, where MKL takes AVX2 kernels and runs at half the rate of this one
+// (docs/CPU.md, "bfloat16 products").
+inline bool panel_gemm_preferred() {
+#if defined(CPU_CAPABILITY_AVX512) && defined(__x86_64__) && defined(__GNUC__)
+  static const bool preferred = __builtin_cpu_is("amd");
+  return preferred;
+#else
+  return false;
+#endif
+}
+
+// out (+)= a @ b on SmallGemm's kernel for any number of rows (float or double; a and b of
+// any strides, out's rows contiguous): b packed once, a's rows in chunks over torch's threads.
+template <typename T>
+void panel_matmul(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bool accumulate) {
+  const int64_t m = a.size(0), k = a.size(1);
+  if (m == 0 || out.size(1) == 0) return;
+  const auto rows_contiguous = [](const at::Tensor& t) { return t.size(1) <= 1 || t.stride(1) == 1; };
+  const SmallGemm<T> gemm = rows_contiguous(b) ? SmallGemm<T>(b, /*transpose=*/false, m)
+                            : b.stride(0) == 1 ? SmallGemm<T>(b.t(), /*transpose=*/true, m)
+                                               : SmallGemm<T>(b.contiguous(), /*transpose=*/false, m);
+  at::Tensor rows = a;
+  if (!rows_contiguous(a)) {
+    if (a.stride(0) == 1 && k > 1) {  // a transposed view: its rows are a's columns in memory
+      rows = at::empty({m, k}, a.options());
+      transpose_into(rows.data_ptr<T>(), k, a.data_ptr<T>(), a.stride(1), m, k);
+    } else {
+      rows = a.contiguous();
+    }
+  }
+  const T* a_rows = rows.data_ptr<T>();
+  const int64_t lda = m > 1 ? rows.stride(0) : k, ldc = out.size(0) > 1 ? out.stride(0) : out.size(1);
+  T* out_rows = out.data_ptr<T>();
+  // Chunks of rows whose slice of a stays in L1 while every panel passes over it.
+  constexpr int64_t kRowChunk = 64;
+  at::parallel_for(0, m, kRowChunk, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; r += kRowChunk) {
+      gemm.run_rows(a_rows + r * lda, lda, std::min(kRowChunk, end - r), out_rows + r * ldc, ldc, accumulate);
+    }
+  });
 }
 
 // out [M, N] = a [M, K] @ op(weight), op(weight) [K, N] packed once at construction.

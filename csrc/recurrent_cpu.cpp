@@ -405,6 +405,20 @@ std::vector<int64_t> hidden_blocks(int64_t steps, int64_t batch, int64_t hidden)
   return bounds;
 }
 
+// out (+)= a @ b over all steps' rows: bfloat16 operands where the layer multiplies in them
+// (bf16_gemm.h), SmallGemm's kernel where it outruns MKL (panel_gemm_preferred), else ATen's.
+void host_matmul(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bool accumulate, bool bf16) {
+  if (bf16) {
+    bf16_matmul(out, a, b, accumulate);
+  } else if (panel_gemm_preferred() && out.scalar_type() == at::kFloat) {
+    panel_matmul<float>(out, a, b, accumulate);
+  } else if (panel_gemm_preferred() && out.scalar_type() == at::kDouble) {
+    panel_matmul<double>(out, a, b, accumulate);
+  } else {
+    matmul_aten(out, a, b, accumulate);
+  }
+}
+
 template <typename T>
 void recurrent_forward_impl(const RecurrentForwardArgs& args, RecurrentForwardOutputs& out,
                             const LayerFlags& flags) {
@@ -854,15 +868,8 @@ void recurrent_backward_impl(const RecurrentBackwardArgs& args, RecurrentBackwar
           args.weight_ih.view({4, H, input_size}).narrow(1, bounds[k], J).reshape({4 * J, input_size}).contiguous());
     }
   }
-  // out (+)= a @ b, in bfloat16 where the layer multiplies in it.
-  const auto product = [bf16](at::Tensor out, const at::Tensor& a, const at::Tensor& b, bool accumulate) {
-    if (bf16) {
-      bf16_matmul(out, a, b, accumulate);
-    } else if (accumulate) {
-      out.addmm_(a, b);
-    } else {
-      at::mm_out(out, a, b);
-    }
+  const auto product = [bf16](const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bool accumulate) {
+    host_matmul(out, a, b, accumulate, bf16);
   };
   // Block k's share of the weight gradients from steps [t0, t0 + n) (its slots 0 to n - 1).
   const auto add_weight_gradients = [&](int64_t k, int64_t t0, int64_t n) {
@@ -990,15 +997,10 @@ void recurrent_backward_cpu(const RecurrentBackwardArgs& args, RecurrentBackward
                              [&] { recurrent_backward_impl<scalar_t>(args, out, flags); });
 }
 
-// The host code's GEMMs on the CPU: ATen's (MKL), or bfloat16 operands where the inputs were
-// bfloat16 and the CPU has AVX512_BF16 (bf16_gemm.h).
+// The host code's GEMMs on the CPU (host_matmul).
 void matmul_cpu(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bool accumulate,
                 const LayerFlags& flags) {
-  if (bf16_operands(flags.operand_dtype, out.scalar_type())) {
-    bf16_matmul(out, a, b, accumulate);
-  } else {
-    matmul_aten(out, a, b, accumulate);
-  }
+  host_matmul(out, a, b, accumulate, bf16_operands(flags.operand_dtype, out.scalar_type()));
 }
 
 // The vector code this library was compiled with (BNLSTM_CPU_CAPABILITY, build.py).
