@@ -148,7 +148,9 @@ BNLSTM_BF16_TARGET void run_packed(const uint32_t* packed, int64_t k, int64_t n,
       const int64_t columns = std::min(kPanel, n - p * kPanel);
       float* o = out + r0 * ldc + p * kPanel;
       int64_t r = 0;
-      for (; r + 4 <= count; r += 4) block<4>(rows.data() + r * pairs, panel, pairs, o + r * ldc, ldc, columns, accumulate);
+      for (; r + 4 <= count; r += 4) {
+        block<4>(rows.data() + r * pairs, panel, pairs, o + r * ldc, ldc, columns, accumulate);
+      }
       switch (count - r) {
         case 3: block<3>(rows.data() + r * pairs, panel, pairs, o + r * ldc, ldc, columns, accumulate); break;
         case 2: block<2>(rows.data() + r * pairs, panel, pairs, o + r * ldc, ldc, columns, accumulate); break;
@@ -160,8 +162,6 @@ BNLSTM_BF16_TARGET void run_packed(const uint32_t* packed, int64_t k, int64_t n,
 }
 
 #endif  // BNLSTM_BF16_KERNELS
-
-bool rows_contiguous(const at::Tensor& t) { return t.size(1) <= 1 || t.stride(1) == 1; }
 
 }  // namespace
 
@@ -225,15 +225,7 @@ void bf16_matmul(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b
   const Bf16Gemm gemm = rows_contiguous(b) ? Bf16Gemm(b, false)
                         : b.stride(0) == 1 ? Bf16Gemm(b.t(), true)
                                            : Bf16Gemm(b.contiguous(), false);
-  at::Tensor rows = a;
-  if (!rows_contiguous(a)) {
-    if (a.stride(0) == 1 && k > 1) {  // a transposed view: its rows are a's columns in memory
-      rows = at::empty({m, k}, a.options());
-      transpose_into(rows.data_ptr<float>(), k, a.data_ptr<float>(), a.stride(1), m, k);
-    } else {
-      rows = a.contiguous();
-    }
-  }
+  const at::Tensor rows = with_contiguous_rows<float>(a);
   gemm.run(rows.data_ptr<float>(), m > 1 ? rows.stride(0) : k, m, out.data_ptr<float>(),
            out.size(0) > 1 ? out.stride(0) : out.size(1), accumulate);
 }

@@ -52,6 +52,21 @@ void transpose_into(T* dst, int64_t dst_stride, const T* src, int64_t src_stride
   }
 }
 
+// Whether a matrix's rows are contiguous (stride 1 along them).
+inline bool rows_contiguous(const at::Tensor& t) { return t.size(1) <= 1 || t.stride(1) == 1; }
+
+// a [M, K] with contiguous rows: a itself, or a copy (of a transposed view through
+// transpose_into's tiles).
+template <typename T>
+at::Tensor with_contiguous_rows(const at::Tensor& a) {
+  if (rows_contiguous(a)) return a;
+  if (a.stride(0) != 1) return a.contiguous();
+  const int64_t m = a.size(0), k = a.size(1);
+  at::Tensor rows = at::empty({m, k}, a.options());
+  transpose_into(rows.data_ptr<T>(), k, a.data_ptr<T>(), a.stride(1), m, k);  // a's rows are columns in memory
+  return rows;
+}
+
 // The most rows SmallGemm takes; more go to MKL or at::mm.
 constexpr int64_t kSmallGemmRows = 32;
 
@@ -218,19 +233,10 @@ template <typename T>
 void panel_matmul(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bool accumulate) {
   const int64_t m = a.size(0), k = a.size(1);
   if (m == 0 || out.size(1) == 0) return;
-  const auto rows_contiguous = [](const at::Tensor& t) { return t.size(1) <= 1 || t.stride(1) == 1; };
   const SmallGemm<T> gemm = rows_contiguous(b) ? SmallGemm<T>(b, /*transpose=*/false, m)
                             : b.stride(0) == 1 ? SmallGemm<T>(b.t(), /*transpose=*/true, m)
                                                : SmallGemm<T>(b.contiguous(), /*transpose=*/false, m);
-  at::Tensor rows = a;
-  if (!rows_contiguous(a)) {
-    if (a.stride(0) == 1 && k > 1) {  // a transposed view: its rows are a's columns in memory
-      rows = at::empty({m, k}, a.options());
-      transpose_into(rows.data_ptr<T>(), k, a.data_ptr<T>(), a.stride(1), m, k);
-    } else {
-      rows = a.contiguous();
-    }
-  }
+  const at::Tensor rows = with_contiguous_rows<T>(a);
   const T* a_rows = rows.data_ptr<T>();
   const int64_t lda = m > 1 ? rows.stride(0) : k, ldc = out.size(0) > 1 ? out.stride(0) : out.size(1);
   T* out_rows = out.data_ptr<T>();

@@ -884,7 +884,9 @@ void recurrent_backward_impl(const RecurrentBackwardArgs& args, RecurrentBackwar
       product(weight_hh_rows[k], outputs.narrow(0, (t0 - 1) * B, rows).t(), dz, true);
     }
     const at::Tensor dwx = dwx_ring[k].view({chunk * B, columns}).narrow(0, 0, rows);
-    if (weights_ih) product(weight_ih_rows[k], args.x.view({-1, args.x.size(2)}).narrow(0, t0 * B, rows).t(), dwx, true);
+    if (weights_ih) {
+      product(weight_ih_rows[k], args.x.view({-1, args.x.size(2)}).narrow(0, t0 * B, rows).t(), dwx, true);
+    }
     if (input_grad) {
       product((k == 0 ? out.grad_x.view({T_ * B, input_size}) : grad_x_partials[k - 1]).narrow(0, t0 * B, rows), dwx,
               weight_ih_by_block[k], false);

@@ -303,3 +303,44 @@ def assert_graph_step_matches_eager(backend, dtype=torch.float32):
         torch.testing.assert_close(q.grad, p.grad, **tol, msg=lambda m: f"grad {name}: {m}")
     for name, buffer in eager.named_buffers():
         torch.testing.assert_close(getattr(captured, name), buffer, **tol, msg=lambda m: f"{name}: {m}")
+
+
+def run_op_step_by_step(args, round_to):
+    """bnlstm::layer_forward one step at a time (start_step = t), h_{t-1} and W_hh rounded to
+    `round_to` and widened again before each call, operands otherwise in float32: what a
+    recurrent product in `round_to` (the CUDA kernels' tensor cores, the CPU's bfloat16
+    products) computes for the whole sequence, up to the order of its sums. Returns
+    the full call's first nine results (output, h_n, c_n and the statistics)."""
+    x, h, c, lengths = args.x, args.h0, args.c0, args.lengths
+    params = list(args.params)
+    params[1] = params[1].to(round_to).float()
+    per_step = []
+    for t in range(x.shape[0]):
+        active = lengths > t
+        step = args._replace(x=x[t:t + 1], h0=h.to(round_to).float(), c0=c, lengths=active.long(), params=params,
+                             start_step=t, operand_dtype=None)
+        result = torch.ops.bnlstm.layer_forward(*step)
+        # Padded rows keep their state unrounded (the call above returns the rounded copy).
+        h, c = torch.where(active[:, None], result[1], h), result[2]
+        per_step.append(result)
+    return (torch.cat([result[0] for result in per_step]), h, c,
+            *(torch.cat([result[3][i] for result in per_step]) for i in range(6)))
+
+
+BACKWARD_NAMES = ("grad_x", "grad_h0", "grad_c0", "grad_weight_ih", "grad_weight_hh", "grad_bias", "grad_gamma_ih",
+                  "grad_gamma_hh", "grad_gamma_c", "grad_beta_c")
+
+
+def assert_backward_within_rounding(got, want, visible, fraction=1e-2):
+    """Two bnlstm::layer_backward results, reduced-precision products (got) against float32
+    ones (want): every gradient's root-mean-square difference at most `fraction` of its own,
+    and the gradients named in `visible` differ (the rounding shows)."""
+    flat = lambda result: (*result[:3], *result[3])
+    got, want = flat(got), flat(want)
+    rms = lambda d: d.double().pow(2).mean().sqrt().item()
+    for name, g, w in zip(BACKWARD_NAMES, got, want):
+        assert g.shape == w.shape, name
+        if w.numel():
+            assert rms(g - w) <= fraction * rms(w) + 1e-7, (name, rms(g - w), rms(w))
+    for name in visible:
+        assert not torch.equal(got[BACKWARD_NAMES.index(name)], want[BACKWARD_NAMES.index(name)]), name

@@ -74,26 +74,6 @@ def test_product_refuses_mismatched_shapes():
         torch.ops.bnlstm.cpu_bf16_addmm(torch.zeros(3, 4), torch.zeros(3, 5), torch.zeros(5, 2), False)
 
 
-def run_op_step_by_step(args):
-    """bnlstm::layer_forward one step at a time (start_step = t) in float32, h_{t-1} and W_hh
-    rounded to bfloat16 before each call, x and W_ih already bfloat16 values: what the fused
-    call with operand_dtype computes. Returns (output, h_n, c_n, statistics...)."""
-    x, h, c, lengths = args.x, args.h0, args.c0, args.lengths
-    params = list(args.params)
-    params[1] = params[1].to(torch.bfloat16).float()
-    per_step = []
-    for t in range(x.shape[0]):
-        active = lengths > t
-        step = args._replace(x=x[t:t + 1], h0=h.to(torch.bfloat16).float(), c0=c, lengths=active.long(),
-                             params=params, start_step=t, operand_dtype=None)
-        result = torch.ops.bnlstm.layer_forward(*step)
-        # Padded rows keep their state unrounded (the call above returns the rounded copy).
-        h, c = torch.where(active[:, None], result[1], h), result[2]
-        per_step.append(result)
-    return (torch.cat([result[0] for result in per_step]), h, c,
-            *(torch.cat([result[3][i] for result in per_step]) for i in range(6)))
-
-
 def bf16_arguments(variant, training, B, H, T=5, I=6):
     """Float32 operator arguments holding what bfloat16 inputs bring: x and W_ih bfloat16
     values, W_hh at the usual scale (gates of order 1), ragged lengths."""
@@ -130,7 +110,7 @@ def test_forward_rounds_h_and_weights_at_every_step(variant, training, B, H, thr
     threads(thread_count)
     with torch.no_grad():
         got = torch.ops.bnlstm.layer_forward(*args._replace(operand_dtype=torch.bfloat16))
-        want = run_op_step_by_step(args)
+        want = helpers.run_op_step_by_step(args, torch.bfloat16)
         unrounded = torch.ops.bnlstm.layer_forward(*args)
     flat = lambda result: (*result[:3], *result[3])
     for name, g, w, u in zip(RESULT_NAMES, flat(got), want, flat(unrounded)):
@@ -158,16 +138,8 @@ def test_backward_products_in_bf16(variant, T, thread_count, threads):
     threads(thread_count)
     got = torch.ops.bnlstm.layer_backward(*backward_args[:-1], torch.bfloat16)
     want = torch.ops.bnlstm.layer_backward(*backward_args[:-1], None)
-    names = ("grad_x", "grad_h0", "grad_c0", "grad_weight_ih", "grad_weight_hh", "grad_bias", "grad_gamma_ih",
-             "grad_gamma_hh", "grad_gamma_c", "grad_beta_c")
-    flat = lambda result: (*result[:3], *result[3])
-    got, want = flat(got), flat(want)
-    for name, g, w in zip(names, got, want):
-        assert g.shape == w.shape, name
-        if w.numel():
-            assert rms(g - w) <= 1e-2 * rms(w) + 1e-7, (name, rms(g - w), rms(w))
-    for name in ("grad_x", "grad_weight_ih", "grad_weight_hh", "grad_h0"):
-        assert not torch.equal(got[names.index(name)], want[names.index(name)]), name
+    visible = ("grad_x", "grad_weight_ih", "grad_weight_hh", "grad_h0")
+    helpers.assert_backward_within_rounding(got, want, visible)
 
 
 def relative_error(got, want):

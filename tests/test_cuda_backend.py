@@ -75,27 +75,6 @@ def test_half_precision_inputs(dtype):
         torch.testing.assert_close(buffer, getattr(reference, name), rtol=1e-2, atol=1e-3)
 
 
-def run_op_step_by_step(args, round_to):
-    """bnlstm::layer_forward one step at a time (start_step = t), h_{t-1} and W_hh rounded to
-    `round_to` and widened again before each call, operands otherwise in float32: what the
-    tensor-core GEMM computes for the whole sequence, up to the order of its sums. Returns
-    the full call's first nine results (output, h_n, c_n and the statistics)."""
-    x, h, c, lengths = args.x, args.h0, args.c0, args.lengths
-    params = list(args.params)
-    params[1] = params[1].to(round_to).float()
-    per_step = []
-    for t in range(x.shape[0]):
-        active = lengths > t
-        step = args._replace(x=x[t:t + 1], h0=h.to(round_to).float(), c0=c, lengths=active.long(), params=params,
-                             start_step=t, operand_dtype=None)
-        result = torch.ops.bnlstm.layer_forward(*step)
-        # Padded rows keep their state unrounded (the call above returns the rounded copy).
-        h, c = torch.where(active[:, None], result[1], h), result[2]
-        per_step.append(result)
-    return (torch.cat([result[0] for result in per_step]), h, c,
-            *(torch.cat([result[3][i] for result in per_step]) for i in range(6)))
-
-
 @pytest.mark.parametrize("operands", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("variant,training", [("cooijmans", True), ("cooijmans", False), ("laurent_step", True),
                                               ("laurent_sequence", False), ("none", True)])
@@ -130,7 +109,7 @@ def test_tensor_core_gemm_rounds_h_and_weights(operands, variant, training, B, H
     args = args._replace(x=args.x.detach().to(operands).float(), lengths=lengths, params=params)
     with torch.no_grad():
         got = torch.ops.bnlstm.layer_forward(*args._replace(operand_dtype=operands))
-        want = run_op_step_by_step(args, operands)
+        want = helpers.run_op_step_by_step(args, operands)
         unrounded = torch.ops.bnlstm.layer_forward(*args)
     rms = lambda d: d.pow(2).mean().sqrt().item() if d.numel() else 0.0
     fraction = 0.25 if operands == torch.float16 else 0.05
@@ -183,16 +162,8 @@ def test_half_precision_gemms_in_tf32(operands, variant):
         ieee = torch.ops.bnlstm.layer_backward(*backward_args[:-1], None)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = previous
-    names = ("grad_x", "grad_h0", "grad_c0", "grad_weight_ih", "grad_weight_hh", "grad_bias", "grad_gamma_ih",
-             "grad_gamma_hh", "grad_gamma_c", "grad_beta_c")
-    flat = lambda result: (*result[:3], *result[3])
-    tf32, ieee = flat(tf32), flat(ieee)
-    for name, got, want in zip(names, tf32, ieee):
-        assert got.shape == want.shape, name
-        if want.numel():
-            assert rms(got - want) <= 1e-2 * rms(want) + 1e-7, (name, rms(got - want), rms(want))
-    for name in ("grad_x", "grad_weight_hh", "grad_h0"):  # TF32's rounding of the gradients, visible
-        assert not torch.equal(tf32[names.index(name)], ieee[names.index(name)]), name
+    # TF32's rounding of the gradients, visible in grad_x, grad_weight_hh and grad_h0.
+    helpers.assert_backward_within_rounding(tf32, ieee, visible=("grad_x", "grad_weight_hh", "grad_h0"))
 
 
 def op_arguments(*args, **kwargs):
