@@ -3,8 +3,9 @@
 // twice the products per instruction of a float32 FMA). Half-precision inputs ask for them
 // (LayerFlags::operand_dtype = bfloat16): their operands arrive in float32 and are rounded
 // to bfloat16 (to nearest even) here, as the CUDA kernels round h_{t-1} and W_hh for their
-// tensor cores. Where the CPU lacks the instruction, or the library is built for other
-// vector code than AVX-512, bf16_dot_available() is false and the products stay float32.
+// tensor cores. vdpbf16ps treats denormal inputs and results as zero, as oneDNN's bf16
+// kernels do. Where the CPU lacks the instruction, or the library is built for other vector
+// code than AVX-512, bf16_dot_available() is false and the products stay float32.
 #pragma once
 
 #include <ATen/ATen.h>
