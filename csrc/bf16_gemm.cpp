@@ -57,6 +57,24 @@ BNLSTM_BF16_TARGET inline __m512i pair_up(__m512 low, __m512 high) {
   return _mm512_or_si512(l, _mm512_slli_epi32(h, 16));
 }
 
+// As round_rows for a transposed source, a[r][c] = src[c * ld + r] (h^T and x^T of the weight
+// gradients): two source rows give sixteen rows' pairs at once, with no float32 transpose.
+BNLSTM_BF16_TARGET void round_columns(const float* src, int64_t ld, int64_t rows, int64_t k, uint32_t* dst,
+                                      int64_t dst_stride) {
+  alignas(64) uint32_t pairs[16];
+  for (int64_t q = 0; q < (k + 1) / 2; ++q) {
+    for (int64_t r = 0; r < rows; r += 16) {
+      const __mmask16 lanes = first_lanes(rows - r);
+      const __m512 low = _mm512_maskz_loadu_ps(lanes, src + 2 * q * ld + r);
+      const __m512 high =
+          2 * q + 1 < k ? _mm512_maskz_loadu_ps(lanes, src + (2 * q + 1) * ld + r) : _mm512_setzero_ps();
+      _mm512_store_si512(pairs, pair_up(low, high));
+      const int64_t count = std::min<int64_t>(16, rows - r);
+      for (int64_t j = 0; j < count; ++j) dst[(r + j) * dst_stride + q] = pairs[j];
+    }
+  }
+}
+
 // Packs b [k, n] (rows ld apart) into panels of kPanel columns, pair by pair of rows.
 BNLSTM_BF16_TARGET void pack_rows(const float* b, int64_t ld, int64_t k, int64_t n, int64_t pairs, int64_t panels,
                                   uint32_t* packed) {
@@ -137,12 +155,18 @@ BNLSTM_BF16_TARGET void block(const uint32_t* a, const uint32_t* panel, int64_t 
 // Rows of a in chunks whose rounded copy stays in L1/L2 while every panel passes over it.
 constexpr int64_t kRowChunk = 64;
 
+// a's rows lda apart, or with a_transposed its columns (a[r][c] = a[c * lda + r]).
 BNLSTM_BF16_TARGET void run_packed(const uint32_t* packed, int64_t k, int64_t n, int64_t pairs, int64_t panels,
-                                   const float* a, int64_t lda, int64_t m, float* out, int64_t ldc, bool accumulate) {
+                                   const float* a, int64_t lda, bool a_transposed, int64_t m, float* out, int64_t ldc,
+                                   bool accumulate) {
   std::vector<uint32_t> rows(static_cast<size_t>(std::max<int64_t>(std::min(m, kRowChunk) * pairs, 1)));
   for (int64_t r0 = 0; r0 < m; r0 += kRowChunk) {
     const int64_t count = std::min(kRowChunk, m - r0);
-    round_rows(a + r0 * lda, lda, count, k, rows.data(), pairs);
+    if (a_transposed) {
+      round_columns(a + r0, lda, count, k, rows.data(), pairs);
+    } else {
+      round_rows(a + r0 * lda, lda, count, k, rows.data(), pairs);
+    }
     for (int64_t p = 0; p < panels; ++p) {
       const uint32_t* panel = packed + p * pairs * kPanel;
       const int64_t columns = std::min(kPanel, n - p * kPanel);
@@ -194,11 +218,13 @@ Bf16Gemm::Bf16Gemm(const at::Tensor& b, bool transpose)
 #endif
 }
 
-void Bf16Gemm::run(const float* a, int64_t lda, int64_t m, float* out, int64_t ldc, bool accumulate) const {
+void Bf16Gemm::run(const float* a, int64_t lda, int64_t m, float* out, int64_t ldc, bool accumulate,
+                   bool a_transposed) const {
 #ifdef BNLSTM_BF16_KERNELS
   const uint32_t* packed = reinterpret_cast<const uint32_t*>(packed_.data_ptr<int32_t>());
   const auto rows = [&](int64_t begin, int64_t end) {
-    run_packed(packed, k_, n_, pairs_, panels_, a + begin * lda, lda, end - begin, out + begin * ldc, ldc, accumulate);
+    run_packed(packed, k_, n_, pairs_, panels_, a + begin * (a_transposed ? 1 : lda), lda, a_transposed, end - begin,
+               out + begin * ldc, ldc, accumulate);
   };
   // Host GEMMs (all steps' rows) split over torch's threads; a step's few rows, and any call
   // inside a parallel region, run on the calling thread.
@@ -208,7 +234,7 @@ void Bf16Gemm::run(const float* a, int64_t lda, int64_t m, float* out, int64_t l
     rows(0, m);
   }
 #else
-  (void)a, (void)lda, (void)m, (void)out, (void)ldc, (void)accumulate;
+  (void)a, (void)lda, (void)m, (void)out, (void)ldc, (void)accumulate, (void)a_transposed;
   TORCH_CHECK(false, "Bf16Gemm: this build has no AVX512_BF16 kernels");
 #endif
 }
@@ -225,6 +251,11 @@ void bf16_matmul(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b
   const Bf16Gemm gemm = rows_contiguous(b) ? Bf16Gemm(b, false)
                         : b.stride(0) == 1 ? Bf16Gemm(b.t(), true)
                                            : Bf16Gemm(b.contiguous(), false);
+  if (!rows_contiguous(a) && a.stride(0) == 1) {  // a transposed view, rounded from its columns
+    gemm.run(a.data_ptr<float>(), a.stride(1), m, out.data_ptr<float>(), out.size(0) > 1 ? out.stride(0) : out.size(1),
+             accumulate, /*a_transposed=*/true);
+    return;
+  }
   const at::Tensor rows = with_contiguous_rows<float>(a);
   gemm.run(rows.data_ptr<float>(), m > 1 ? rows.stride(0) : k, m, out.data_ptr<float>(),
            out.size(0) > 1 ? out.stride(0) : out.size(1), accumulate);

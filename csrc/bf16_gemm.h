@@ -29,8 +29,10 @@ class Bf16Gemm {
  public:
   Bf16Gemm(const at::Tensor& b, bool transpose);
 
-  // a: m rows of K floats, lda apart; out: m rows of N floats, ldc apart.
-  void run(const float* a, int64_t lda, int64_t m, float* out, int64_t ldc, bool accumulate) const;
+  // a: m rows of K floats, lda apart (a_transposed: K rows of m floats, lda apart, a's
+  // columns); out: m rows of N floats, ldc apart.
+  void run(const float* a, int64_t lda, int64_t m, float* out, int64_t ldc, bool accumulate,
+           bool a_transposed = false) const;
 
   // Columns in a packed panel: two vectors of 16 float32 accumulators.
   static constexpr int64_t kPanel = 32;
