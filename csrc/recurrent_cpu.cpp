@@ -96,29 +96,48 @@ inline void store_streaming(const Vec<T>& v, T* p, Count n) {
 
 // Mean and biased variance over the active rows of z[b * stride + 0 .. size).
 // z: rows of a [B, stride] matrix, already offset to the first column.
+// A few vectors of columns at a time, down every row: the sums stay in registers (a sum
+// kept in memory costs a load and a store per element, which bounded the row-by-row form),
+// and the second pass re-reads the columns' rows from L1. Each column adds its rows in
+// order, as the row-by-row form did.
+template <typename T, int kVectors>
+void column_moments(const T* z, int64_t stride, int64_t batch, const bool* active, const Vec<T>& inv_count,
+                    int64_t last_lanes, T* mean, T* var) {
+  constexpr int64_t width = Vec<T>::size();
+  const auto lanes = [&](int v) { return v == kVectors - 1 ? last_lanes : width; };
+  Vec<T> m[kVectors], s[kVectors];
+  for (int v = 0; v < kVectors; ++v) m[v] = s[v] = Vec<T>(T(0));
+  for (int64_t b = 0; b < batch; ++b) {
+    if (!active[b]) continue;
+    for (int v = 0; v < kVectors; ++v) m[v] = m[v] + Vec<T>::loadu(z + b * stride + v * width, lanes(v));
+  }
+  for (int v = 0; v < kVectors; ++v) m[v] = m[v] * inv_count;
+  for (int64_t b = 0; b < batch; ++b) {
+    if (!active[b]) continue;
+    for (int v = 0; v < kVectors; ++v) {
+      const Vec<T> d = Vec<T>::loadu(z + b * stride + v * width, lanes(v)) - m[v];
+      s[v] = at::vec::fmadd(d, d, s[v]);
+    }
+  }
+  for (int v = 0; v < kVectors; ++v) {
+    m[v].store(mean + v * width, lanes(v));
+    (s[v] * inv_count).store(var + v * width, lanes(v));
+  }
+}
+
 template <typename T>
 void masked_moments(const T* z, int64_t stride, int64_t batch, const bool* active, int64_t count,
                     int64_t size, T* mean, T* var) {
-  // Row by row, so each pass streams through memory (a column walk over rows 16 KB apart
-  // would thrash the L1 sets); the sums live in mean and var.
+  constexpr int64_t width = Vec<T>::size();
+  constexpr int64_t kColumns = 4 * width;
   const Vec<T> inv_count(T(1) / T(std::max<int64_t>(count, 1)));
-  std::fill_n(mean, size, T(0));
-  std::fill_n(var, size, T(0));
-  for (int64_t b = 0; b < batch; ++b) {
-    if (!active[b]) continue;
-    for_each_vec<T>(size, [&](int64_t j, auto n) {
-      (Vec<T>::loadu(mean + j, n) + Vec<T>::loadu(z + b * stride + j, n)).store(mean + j, n);
-    });
+  int64_t j = 0;
+  for (; j + kColumns <= size; j += kColumns) {
+    column_moments<T, 4>(z + j, stride, batch, active, inv_count, width, mean + j, var + j);
   }
-  for_each_vec<T>(size, [&](int64_t j, auto n) { (Vec<T>::loadu(mean + j, n) * inv_count).store(mean + j, n); });
-  for (int64_t b = 0; b < batch; ++b) {
-    if (!active[b]) continue;
-    for_each_vec<T>(size, [&](int64_t j, auto n) {
-      const Vec<T> d = Vec<T>::loadu(z + b * stride + j, n) - Vec<T>::loadu(mean + j, n);
-      at::vec::fmadd(d, d, Vec<T>::loadu(var + j, n)).store(var + j, n);
-    });
+  for (; j < size; j += width) {
+    column_moments<T, 1>(z + j, stride, batch, active, inv_count, std::min(width, size - j), mean + j, var + j);
   }
-  for_each_vec<T>(size, [&](int64_t j, auto n) { (Vec<T>::loadu(var + j, n) * inv_count).store(var + j, n); });
 }
 
 template <typename T>
