@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "bnlstm.h"
+#include "buffer_pool.h"
 #include "checks.h"
 #include "layer_ops.h"
 
@@ -70,7 +71,9 @@ bidirectional_forward_cpu(const at::Tensor& x, const at::Tensor& h0, const at::T
   auto& [output_r, h_r, c_r, statistics_r, projection_r, reserve_r] = results[1];
   std::vector<at::Tensor> statistics = std::move(statistics_f);
   statistics.insert(statistics.end(), statistics_r.begin(), statistics_r.end());
-  return {at::cat({output_f, output_r}, 2), at::stack({h_f, h_r}), at::stack({c_f, c_r}), std::move(statistics),
+  at::Tensor output = pooled_empty({T, B, 2 * H}, output_f.options());
+  at::cat_out(output, {output_f, output_r}, 2);
+  return {output, at::stack({h_f, h_r}), at::stack({c_f, c_r}), std::move(statistics),
           {projection_f, projection_r}, {reserve_f, reserve_r}};
 }
 

@@ -1,30 +1,35 @@
 // Large CPU buffers kept for reuse from one call to the next.
 //
 // A training step allocates tens of MB of intermediates (the input projection, the reserve,
-// the gate gradients) and frees them when its backward pass ends. glibc serves buffers of that
-// size with mmap and unmaps them on free, so the next call writes to fresh pages: a page
-// fault and a page clear every 4 KiB, 10-15% of a training step at T=100, B=32, H=128 on
-// this project's 2-core machine (perf record). Like torch's CUDA caching allocator, the
-// pool keeps freed buffers, up to a byte limit, and hands them out again.
+// the gate gradients) and frees them when its backward pass ends; an inference call frees
+// its output and statistics when the caller drops them. glibc serves buffers of that size
+// with mmap, or from a heap it trims on free, so the next call writes to fresh pages: a
+// page fault and a page clear every 4 KiB, 10-15% of a training step at T=100, B=32, H=128
+// and 7% of an inference call at T=784, B=16, H=100 (docs/CPU.md). Like torch's CUDA
+// caching allocator, the pool keeps freed buffers, up to a byte limit, and hands them out
+// again.
 //
 // Only CPU tensors of at least kMinPooledBytes come from the pool; everything else is
-// at::empty. Pooled tensors are ordinary tensors whose storage cannot be resized, so they are
-// used for intermediates the caller never sees grow (the projection, the reserve, gradient
-// buffers), never for outputs a user holds. BNLSTM_CPU_POOL_MB sets the limit on the bytes
-// kept while unused (default 512; 0 turns the pool off).
+// at::empty. The pool is a c10::Allocator, so a pooled tensor is an ordinary tensor in
+// every respect (its storage resizes, through the pool) and serves outputs a caller keeps
+// as well as intermediates. BNLSTM_CPU_POOL_MB sets the limit on the bytes kept while
+// unused (default 512; 0 turns the pool off).
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/EmptyTensor.h>
+#include <c10/core/Allocator.h>
 #include <c10/core/impl/alloc_cpu.h>
 
 #include <cstdlib>
 #include <limits>
 #include <mutex>
+#include <unordered_map>
 #include <vector>
 
 namespace bnlstm {
 
-class BufferPool {
+class BufferPool final : public c10::Allocator {
  public:
   static constexpr size_t kMinPooledBytes = size_t(1) << 20;
 
@@ -41,14 +46,32 @@ class BufferPool {
     if (options.device().type() != at::kCPU || bytes < kMinPooledBytes || limit_ == 0) {
       return at::empty(sizes, options);
     }
+    return at::detail::empty_generic(sizes, this, c10::DispatchKeySet(c10::DispatchKey::CPU),
+                                     options.dtype().toScalarType(), options.memory_format_opt());
+  }
+
+  // c10::Allocator: a kept buffer of at least `bytes`, else a new one. The data pointer is
+  // its own context (a "simple" DataPtr, as the default CPU allocator's), so the deleter
+  // looks the capacity up. Small requests (a resize can make one) are served the same way
+  // and freed, not kept, when their tensor dies.
+  c10::DataPtr allocate(size_t bytes) override {
     size_t capacity = bytes;
-    void* data = take(bytes, &capacity);
+    void* data = bytes >= kMinPooledBytes ? take(bytes, &capacity) : nullptr;
     if (data == nullptr) {
       data = c10::alloc_cpu(bytes);
       capacity = bytes;
     }
-    return at::from_blob(
-        data, sizes, [this, capacity](void* pointer) { give_back(pointer, capacity); }, options);
+    {
+      std::lock_guard<std::mutex> guard(mutex_);
+      lent_[data] = capacity;
+    }
+    return {data, data, &release_buffer, c10::Device(c10::DeviceType::CPU)};
+  }
+
+  c10::DeleterFnPtr raw_deleter() const override { return &release_buffer; }
+
+  void copy_data(void* dest, const void* src, std::size_t count) const override {
+    default_copy_data(dest, src, count);
   }
 
   // Frees every buffer the pool keeps; returns how many bytes that was.
@@ -74,6 +97,8 @@ class BufferPool {
   };
 
   explicit BufferPool(size_t limit) : limit_(limit) {}
+
+  static void release_buffer(void* data) { instance().give_back(data); }
 
   // Read at the pool's first use (the first CPU operator call that allocates, or the pool's
   // statistics or release), where a bad value raises (a RuntimeError in Python); the pool is
@@ -117,9 +142,18 @@ class BufferPool {
     return block.data;
   }
 
-  // Keeps a freed buffer; beyond the limit, frees the oldest kept ones first.
-  void give_back(void* data, size_t bytes) {
+  // Keeps a freed buffer of at least kMinPooledBytes, frees a smaller one; beyond the limit,
+  // frees the oldest kept ones first.
+  void give_back(void* data) {
     std::lock_guard<std::mutex> guard(mutex_);
+    const auto lent = lent_.find(data);
+    TORCH_INTERNAL_ASSERT(lent != lent_.end(), "a buffer the CPU buffer pool did not lend came back to it");
+    const size_t bytes = lent->second;
+    lent_.erase(lent);
+    if (bytes < kMinPooledBytes) {
+      c10::free_cpu(data);
+      return;
+    }
     free_.push_back({data, bytes});
     cached_bytes_ += bytes;
     while (cached_bytes_ > limit_ && !free_.empty()) {
@@ -132,6 +166,7 @@ class BufferPool {
   const size_t limit_;
   std::mutex mutex_;
   std::vector<Block> free_;  // oldest first
+  std::unordered_map<void*, size_t> lent_;  // buffers in use: their capacity
   size_t cached_bytes_ = 0;
   int64_t hits_ = 0, misses_ = 0;
 };

@@ -43,13 +43,7 @@ at::Tensor reversed_copy(const at::Tensor& x, const OptTensor& lengths) {
 
 // x reversed into a tensor of its own, for outputs the caller keeps.
 at::Tensor reversed_output(const at::Tensor& x, const OptTensor& lengths) {
-  return reverse_padded(x, lengths, at::empty(x.sizes(), x.options()));
-}
-
-// A result the kernels write in processing order: reversed, it is reversed again
-// (reversed_output) before it leaves, so it stays inside the operator and can be pooled.
-at::Tensor processing_order_result(bool reverse, at::IntArrayRef sizes, const at::TensorOptions& options) {
-  return reverse ? pooled_empty(sizes, options) : at::empty(sizes, options);
+  return reverse_padded(x, lengths, pooled_empty(x.sizes(), x.options()));
 }
 
 // Mean and biased variance over dim 1 of z [N, M, F], counting rows where weight [N, M, 1]
@@ -205,8 +199,8 @@ LayerForwardResult layer_forward(RecurrentForwardFn recurrent, MatmulFn matmul, 
   out.mean_ih = empty_g();
   out.var_ih = empty_g();
   if (input_statistics == kInputStep) {
-    out.mean_ih = at::empty({T, G}, x.options());
-    out.var_ih = at::empty({T, G}, x.options());
+    out.mean_ih = pooled_empty({T, G}, x.options());
+    out.var_ih = pooled_empty({T, G}, x.options());
     if (!training) {
       args.input_mean = as_input(running.mean_ih);
       args.input_var = as_input(running.var_ih);
@@ -232,13 +226,13 @@ LayerForwardResult layer_forward(RecurrentForwardFn recurrent, MatmulFn matmul, 
     args.running_mean_c = as_input(running.mean_c);
     args.running_var_c = as_input(running.var_c);
   }
-  out.output = processing_order_result(in.reverse, {T, B, H}, x.options());
+  out.output = pooled_empty({T, B, H}, x.options());
   out.h = in.h0.contiguous().clone();
   out.c = in.c0.contiguous().clone();
-  out.mean_hh = normalize_recurrent ? at::empty({T, G}, x.options()) : empty_g();
-  out.var_hh = normalize_recurrent ? at::empty({T, G}, x.options()) : empty_g();
-  out.mean_c = normalize_cell ? at::empty({T, H}, x.options()) : empty_h();
-  out.var_c = normalize_cell ? at::empty({T, H}, x.options()) : empty_h();
+  out.mean_hh = normalize_recurrent ? pooled_empty({T, G}, x.options()) : empty_g();
+  out.var_hh = normalize_recurrent ? pooled_empty({T, G}, x.options()) : empty_g();
+  out.mean_c = normalize_cell ? pooled_empty({T, H}, x.options()) : empty_h();
+  out.var_c = normalize_cell ? pooled_empty({T, H}, x.options()) : empty_h();
   const ReserveLayout layout(H, flags);
   if (in.keep_reserve) out.reserve = pooled_empty({T, B, layout.width}, x.options());
   recurrent(args, out, flags);
@@ -334,7 +328,7 @@ LayerBackwardResult layer_backward(RecurrentBackwardFn recurrent, MatmulFn matmu
   // A kernel that accumulates grad_weight_ih gives grad_x from the same steps' gradients.
   const bool kernel_grad_x = kernel_weight_ih && in.input_grad;
   if (kernel_grad_x) {
-    out.grad_x = processing_order_result(reverse, {T, B, I}, x.options());
+    out.grad_x = pooled_empty({T, B, I}, x.options());
     args.weight_ih = w.weight_ih.contiguous();
   }
   const bool need_zh = !kernel_weight_hh;
@@ -405,7 +399,7 @@ LayerBackwardResult layer_backward(RecurrentBackwardFn recurrent, MatmulFn matmu
   if (in.input_grad) {
     at::Tensor grad_x_ordered = out.grad_x;
     if (!kernel_grad_x) {
-      grad_x_ordered = processing_order_result(reverse, {T, B, I}, x.options());
+      grad_x_ordered = pooled_empty({T, B, I}, x.options());
       matmul(grad_x_ordered.view({T * B, I}), grad_wx.reshape({T * B, G}), w.weight_ih, /*accumulate=*/false, flags);
     }
     grad_x = reverse ? reversed_output(grad_x_ordered, lengths) : grad_x_ordered;

@@ -45,6 +45,36 @@ def test_reused_buffers_give_the_same_results():
     assert cpu_buffer_pool_statistics()["cached_bytes"] == 0
 
 
+def test_inference_outputs_come_from_the_pool_and_behave_as_any_tensor():
+    """An inference call's output and statistics are pooled (a call that follows a dropped
+    output reuses its buffers) but are ordinary tensors to the caller: one held is never
+    handed out again, and its storage resizes (through the pool)."""
+    from bnlstm_cuda.ops import cpu_buffer_pool_statistics, release_cpu_buffers
+
+    torch.manual_seed(0)
+    module = BNLSTM(3, 64, max_length=300, backend="cpu").eval()
+    x = torch.randn(300, 16, 3)  # output T * B * H * 4 bytes = 1.2 MiB, statistics [T, 4H] 0.3 MiB
+    with torch.no_grad():
+        release_cpu_buffers()
+        expected = module(x)[0]
+        kept = cpu_buffer_pool_statistics()["cached_bytes"]
+        expected = expected.clone()  # the output's buffer returns to the pool
+        assert cpu_buffer_pool_statistics()["cached_bytes"] - kept >= expected.numel() * 4
+        before = cpu_buffer_pool_statistics()
+        held = module(x)[0]
+        after = cpu_buffer_pool_statistics()
+        assert after["reused"] > before["reused"] and after["allocated"] == before["allocated"], (before, after)
+        other = module(x)[0]  # `held` is still alive: this call cannot be given its buffer
+        assert other.data_ptr() != held.data_ptr()
+        torch.testing.assert_close(held, expected, rtol=0, atol=0)
+        torch.testing.assert_close(other, expected, rtol=0, atol=0)
+        grown = held.view(-1).resize_(held.numel() + 1000)
+        torch.testing.assert_close(grown[:expected.numel()].view_as(expected), expected, rtol=0, atol=0)
+        shrunk = other.view(-1).resize_(10).clone()
+        torch.testing.assert_close(shrunk, expected.view(-1)[:10], rtol=0, atol=0)
+        del held, other, grown
+
+
 def test_pool_can_be_turned_off():
     script = (
         "import torch; from bnlstm_cuda import BNLSTM; from bnlstm_cuda.ops import cpu_buffer_pool_statistics\n"
