@@ -47,6 +47,10 @@ inline void for_each_vec(int64_t size, const Body& body) {
   if (offset < size) body(offset, size - offset);
 }
 
+// Columns a task of GivenStatistics' table takes at least: rows in parallel only where the
+// table is long enough to pay for waking the threads.
+constexpr int64_t kGivenStatisticsGrain = int64_t(1) << 15;
+
 // Rows of a contiguous [T, ...] tensor by raw pointer: indexing a tensor at every step
 // costs a dispatcher call each (a select), which adds up at small sizes.
 template <typename T>
@@ -152,11 +156,13 @@ struct StepForward {
   T* c;
   T* output;
   T* reserve;  // this step's rows, or null in inference
-  T* mean_ih;  // [4H] statistics used at this step (step-wise input), else null
+  // The batch statistics of this step, in training: [4H] (step-wise input), [4H] (if
+  // normalize_recurrent), [H] (if normalize_cell); else null.
+  T* mean_ih;
   T* var_ih;
-  T* mean_hh;  // [4H], if normalize_recurrent
+  T* mean_hh;
   T* var_hh;
-  T* mean_c;  // [H], if normalize_cell
+  T* mean_c;
   T* var_c;
   // Step t + 1's input-projection rows (read) and reserve rows (to be written), prefetched
   // during this step; null at the last step and, for the reserve, in inference.
@@ -164,34 +170,94 @@ struct StepForward {
   T* next_reserve;
 };
 
-// The statistics of one normalized part for a task's columns: BN(z) = (z - mean) * scale
-// + shift, scale = gamma * rstd. A part that is not normalized gets mean 0, scale 1.
+// rstd = 1 / sqrt(var + eps) and scale = gamma * rstd over [0, size) (rstd may be var).
+template <typename T>
+void scale_from_variance(const T* var, const T* gamma, T eps, int64_t size, T* rstd, T* scale) {
+  for_each_vec<T>(size, [&](int64_t j, auto n) {
+    const Vec<T> inv = (Vec<T>::loadu(var + j, n) + Vec<T>(eps)).rsqrt();
+    inv.store(rstd + j, n);
+    (inv * Vec<T>::loadu(gamma + j, n)).store(scale + j, n);
+  });
+}
+
+// The batch statistics of one normalized part for a task's columns, taken at every step of
+// training: BN(z) = (z - mean) * scale + shift, scale = gamma * rstd. A part that is not
+// normalized keeps mean 0, scale 1.
 template <typename T>
 struct ColumnStats {
   std::vector<T> mean, rstd, scale;
   explicit ColumnStats(int64_t size) : mean(size, T(0)), rstd(size, T(1)), scale(size, T(1)) {}
 
-  // Fill columns [0, size) from batch moments (training) or given rows, and report them.
+  // Columns [offset, offset + size) from the moments of z over the active rows, reported in
+  // used_mean and used_var.
   void normalize_with(const T* z, int64_t stride, int64_t batch, const bool* active, int64_t count,
-                      const T* given_mean, const T* given_var, const T* gamma, T eps, int64_t offset,
-                      int64_t size, T* used_mean, T* used_var) {
+                      const T* gamma, T eps, int64_t offset, int64_t size, T* used_mean, T* used_var) {
     T* m = mean.data() + offset;
     T* r = rstd.data() + offset;
-    if (given_mean == nullptr) {
-      masked_moments(z, stride, batch, active, count, size, m, r);
-    } else {
-      std::copy_n(given_mean, size, m);
-      std::copy_n(given_var, size, r);
-    }
-    if (used_mean != nullptr) {
-      std::copy_n(m, size, used_mean);
-      std::copy_n(r, size, used_var);
-    }
-    for_each_vec<T>(size, [&](int64_t j, auto n) {
-      const Vec<T> inv = (Vec<T>::loadu(r + j, n) + Vec<T>(eps)).rsqrt();
-      inv.store(r + j, n);
-      (inv * Vec<T>::loadu(gamma + j, n)).store(scale.data() + offset + j, n);
+    masked_moments(z, stride, batch, active, count, size, m, r);
+    std::copy_n(m, size, used_mean);
+    std::copy_n(r, size, used_var);
+    scale_from_variance(r, gamma, eps, size, r, scale.data() + offset);
+  }
+};
+
+// A part whose statistics are fixed for the whole call (evaluation's running statistics,
+// one row per slot, or the sequence-wise input statistics, one row): its scale, and where
+// keep_rstd its rstd, for every slot the call reads, computed once a call rather than at
+// every step.
+template <typename T>
+class GivenStatistics {
+ public:
+  GivenStatistics() = default;
+  // mean, var: [slots, columns]; the call's steps are start_step .. start_step + steps - 1.
+  GivenStatistics(const T* mean, const T* var, const T* gamma, T eps, int64_t slots, int64_t columns,
+                  int64_t start_step, int64_t steps, bool keep_rstd)
+      : mean_(mean), slots_(slots), columns_(columns), first_(std::min(start_step, slots - 1)), keep_rstd_(keep_rstd) {
+    const int64_t rows = std::max<int64_t>(std::min(start_step + steps - 1, slots - 1) - first_ + 1, 0);
+    scale_.resize(rows * columns);
+    rstd_.resize(keep_rstd ? rows * columns : 0);
+    // Rows in parallel where there are many (a long call's table is a step's worth of work
+    // per row); each chunk's rstd goes to its own row buffer where it is not kept.
+    const int64_t grain = std::max<int64_t>(1, kGivenStatisticsGrain / std::max<int64_t>(columns, 1));
+    at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+      std::vector<T> row_rstd(keep_rstd ? 0 : columns);
+      for (int64_t r = begin; r < end; ++r) {
+        T* rstd = keep_rstd ? rstd_.data() + r * columns : row_rstd.data();
+        scale_from_variance(var + (first_ + r) * columns, gamma, eps, columns, rstd, scale_.data() + r * columns);
+      }
     });
+  }
+  const T* mean(int64_t step) const { return mean_ + slot(step) * columns_; }
+  // null where not kept
+  const T* rstd(int64_t step) const { return keep_rstd_ ? rstd_.data() + (slot(step) - first_) * columns_ : nullptr; }
+  const T* scale(int64_t step) const { return scale_.data() + (slot(step) - first_) * columns_; }
+
+ private:
+  int64_t slot(int64_t step) const { return std::min(step, slots_ - 1); }
+
+  const T* mean_ = nullptr;
+  int64_t slots_ = 0, columns_ = 0, first_ = 0;
+  bool keep_rstd_ = false;
+  std::vector<T> rstd_, scale_;
+};
+
+// Where one part's statistics for a task's columns are at one step, gate by gate: in the
+// block's ColumnStats (batch statistics) or in the call's GivenStatistics.
+template <typename T>
+struct GateStatistics {
+  const T* mean[4];
+  const T* rstd[4];
+  const T* scale[4];
+
+  void point_to(const ColumnStats<T>& stats, int64_t gate, int64_t units) {
+    mean[gate] = stats.mean.data() + gate * units;
+    rstd[gate] = stats.rstd.data() + gate * units;
+    scale[gate] = stats.scale.data() + gate * units;
+  }
+  void point_to(const GivenStatistics<T>& stats, int64_t step, int64_t gate, int64_t column) {
+    mean[gate] = stats.mean(step) + column;
+    rstd[gate] = stats.rstd(step) != nullptr ? stats.rstd(step) + column : nullptr;
+    scale[gate] = stats.scale(step) + column;
   }
 };
 
@@ -199,32 +265,45 @@ struct ColumnStats {
 // every step (a step at B=1 is a few microseconds; a dozen allocations a step showed in
 // its profile). A part that is not normalized keeps ColumnStats' identity values: the
 // flags, and with them what each step writes, are the same at every step of a call.
+// zeros: the bias and cell beta of a layer without them.
 template <typename T>
 struct ForwardScratch {
   ColumnStats<T> in, rec, cell;
-  std::vector<T> bias, cell_beta, c_new, out_gate;
+  std::vector<T> zeros, c_new, out_gate;
   ForwardScratch(int64_t batch, int64_t units)
-      : in(4 * units), rec(4 * units), cell(units), bias(4 * units, T(0)), cell_beta(units, T(0)),
-        c_new(batch * units), out_gate(batch * units) {}
+      : in(4 * units), rec(4 * units), cell(units), zeros(4 * units, T(0)), c_new(batch * units),
+        out_gate(batch * units) {}
 };
 
 template <typename T>
 class RecurrentForwardCPU {
  public:
+  // The statistics given for the whole call (input ones that are not the step's batch's,
+  // and in evaluation the running ones) get their GivenStatistics here, once.
   RecurrentForwardCPU(const RecurrentForwardArgs& args, const LayerFlags& flags, int64_t batch,
                       int64_t hidden)
       : flags_(flags), layout_(hidden, flags), batch_(batch), hidden_(hidden),
+        given_input_(flags.input_statistics != kInputNone &&
+                     !(flags.training && flags.input_statistics == kInputStep)),
         bias_(data_or_null(args.bias)), gamma_ih_(data_or_null(args.gamma_ih)),
         gamma_hh_(data_or_null(args.gamma_hh)), gamma_c_(data_or_null(args.gamma_c)),
-        beta_c_(data_or_null(args.beta_c)), input_mean_(data_or_null(args.input_mean)),
-        input_var_(data_or_null(args.input_var)),
-        running_mean_hh_(data_or_null(args.running_mean_hh)),
-        running_var_hh_(data_or_null(args.running_var_hh)),
-        running_mean_c_(data_or_null(args.running_mean_c)),
-        running_var_c_(data_or_null(args.running_var_c)),
-        slots_in_(args.input_mean.defined() ? args.input_mean.size(0) : 0),
-        slots_hh_(args.running_mean_hh.defined() ? args.running_mean_hh.size(0) : 0),
-        slots_c_(args.running_mean_c.defined() ? args.running_mean_c.size(0) : 0) {}
+        beta_c_(data_or_null(args.beta_c)) {
+    const T eps = T(flags.eps);
+    const int64_t steps = args.input_projection.size(0), G = 4 * hidden;
+    const auto given = [&](const at::Tensor& mean, const at::Tensor& var, const T* gamma, int64_t columns,
+                           bool keep_rstd) {
+      return GivenStatistics<T>(mean.data_ptr<T>(), var.data_ptr<T>(), gamma, eps, mean.size(0), columns,
+                                flags.start_step, steps, keep_rstd);
+    };
+    // Only the recurrent part's rstd is read: for the normalized product kept for the backward.
+    if (given_input_) input_ = given(args.input_mean, args.input_var, gamma_ih_, G, false);
+    if (!flags.training && flags.normalize_recurrent) {
+      recurrent_ = given(args.running_mean_hh, args.running_var_hh, gamma_hh_, G, true);
+    }
+    if (!flags.training && flags.normalize_cell) {
+      cell_ = given(args.running_mean_c, args.running_var_c, gamma_c_, hidden, false);
+    }
+  }
 
   // One step over hidden units [j0, j1), given zh = this block's columns of W_hh h_{t-1}
   // ([B, 4J], gate-major: column g * J + j is gate g of unit j0 + j). kKeep: store what the
@@ -235,47 +314,51 @@ class RecurrentForwardCPU {
     const int64_t H = hidden_, G = 4 * hidden_, B = batch_, W = layout_.width, J = j1 - j0;
     const T eps = T(flags_.eps);
     const bool normalize_input = flags_.input_statistics != kInputNone;
-    const bool given_input = normalize_input && !(flags_.training && flags_.input_statistics == kInputStep);
-    ColumnStats<T>& in = scratch.in;
-    ColumnStats<T>& rec = scratch.rec;
-    std::vector<T>& bias = scratch.bias;
+    GateStatistics<T> in, rec, cell;
+    const T* bias[4];
     for (int64_t g = 0; g < 4; ++g) {
       const int64_t k0 = g * H + j0;
-      if (normalize_input) {
-        const int64_t row = std::min(s.step, slots_in_ - 1) * G + k0;
-        in.normalize_with(s.wx + k0, G, B, s.active, s.count, given_input ? input_mean_ + row : nullptr,
-                          given_input ? input_var_ + row : nullptr, gamma_ih_ + k0, eps, g * J, J,
-                          s.mean_ih ? s.mean_ih + k0 : nullptr, s.var_ih ? s.var_ih + k0 : nullptr);
+      if (given_input_) {
+        in.point_to(input_, s.step, g, k0);
+      } else {
+        if (normalize_input) {
+          scratch.in.normalize_with(s.wx + k0, G, B, s.active, s.count, gamma_ih_ + k0, eps, g * J, J,
+                                    s.mean_ih + k0, s.var_ih + k0);
+        }
+        in.point_to(scratch.in, g, J);
       }
-      if (flags_.normalize_recurrent) {
-        const int64_t row = std::min(s.step, slots_hh_ - 1) * G + k0;
-        rec.normalize_with(zh + g * J, 4 * J, B, s.active, s.count,
-                           flags_.training ? nullptr : running_mean_hh_ + row,
-                           flags_.training ? nullptr : running_var_hh_ + row, gamma_hh_ + k0, eps, g * J, J,
-                           s.mean_hh + k0, s.var_hh + k0);
+      if (flags_.normalize_recurrent && !flags_.training) {
+        rec.point_to(recurrent_, s.step, g, k0);
+      } else {
+        if (flags_.normalize_recurrent) {
+          scratch.rec.normalize_with(zh + g * J, 4 * J, B, s.active, s.count, gamma_hh_ + k0, eps, g * J, J,
+                                     s.mean_hh + k0, s.var_hh + k0);
+        }
+        rec.point_to(scratch.rec, g, J);
       }
-      if (bias_ != nullptr) std::copy_n(bias_ + k0, J, bias.data() + g * J);
+      bias[g] = bias_ != nullptr ? bias_ + k0 : scratch.zeros.data() + g * J;
     }
     // The cell's statistics: in evaluation the running ones, known before the pass, so h
     // is written in the same pass as the gates; in training the batch's, over every row's
     // new cell, so h takes a second pass.
     const bool one_pass = !flags_.training;
-    ColumnStats<T>& cell = scratch.cell;
-    std::vector<T>& cell_beta = scratch.cell_beta;
+    const T* cell_beta = beta_c_ != nullptr ? beta_c_ + j0 : scratch.zeros.data();
+    if (flags_.normalize_cell && one_pass) {
+      cell.point_to(cell_, s.step, 0, j0);
+    } else {
+      cell.point_to(scratch.cell, 0, 0);
+    }
     const auto cell_statistics = [&](const T* c_new) {
       if (!flags_.normalize_cell) return;
-      const int64_t row = std::min(s.step, slots_c_ - 1) * H + j0;
-      cell.normalize_with(c_new, J, B, s.active, s.count, flags_.training ? nullptr : running_mean_c_ + row,
-                          flags_.training ? nullptr : running_var_c_ + row, gamma_c_ + j0, eps, 0, J,
-                          s.mean_c + j0, s.var_c + j0);
-      std::copy_n(beta_c_ + j0, J, cell_beta.data());
+      scratch.cell.normalize_with(c_new, J, B, s.active, s.count, gamma_c_ + j0, eps, 0, J, s.mean_c + j0,
+                                  s.var_c + j0);
     };
     // h = o * tanh(BN(c)), and the state and output of row b; padded steps give zero output
     // and leave the state alone.
     const auto write_h = [&](int64_t b, int64_t j, auto n, const Vec<T>& value, const Vec<T>& o) {
       // Centred before scaling, as the gates below.
-      const Vec<T> seen = at::vec::fmadd(value - Vec<T>::loadu(cell.mean.data() + j, n),
-                                         Vec<T>::loadu(cell.scale.data() + j, n), Vec<T>::loadu(cell_beta.data() + j, n));
+      const Vec<T> seen = at::vec::fmadd(value - Vec<T>::loadu(cell.mean[0] + j, n),
+                                         Vec<T>::loadu(cell.scale[0] + j, n), Vec<T>::loadu(cell_beta + j, n));
       const Vec<T> h_new = o * fast_tanh(seen);
       if (s.active[b]) {
         h_new.store(s.h_next + b * H + j0 + j, n);
@@ -286,7 +369,6 @@ class RecurrentForwardCPU {
         Vec<T>(T(0)).store(s.output + b * H + j0 + j, n);
       }
     };
-    if (one_pass) cell_statistics(nullptr);
 
     // gates = (W_ih x - mean_in) * scale_in + (W_hh h - mean_rec) * scale_rec + bias, with
     // scale = gamma * rstd. Centred before scaling: folding the means into one shift
@@ -312,17 +394,16 @@ class RecurrentForwardCPU {
       for_each_vec<T>(J, [&](int64_t j, auto n) {
         Vec<T> pre[4];
         for (int64_t g = 0; g < 4; ++g) {
-          const int64_t k = g * H + j0 + j, u = g * J + j;
+          const int64_t k = g * H + j0 + j;
           const Vec<T> wx = Vec<T>::loadu(s.wx + b * G + k, n);
-          const Vec<T> z = Vec<T>::loadu(zh + b * 4 * J + u, n);
+          const Vec<T> z = Vec<T>::loadu(zh + b * 4 * J + g * J + j, n);
           if (kKeep && flags_.normalize_recurrent) {
-            const Vec<T> zhat = (z - Vec<T>::loadu(rec.mean.data() + u, n)) * Vec<T>::loadu(rec.rstd.data() + u, n);
+            const Vec<T> zhat = (z - Vec<T>::loadu(rec.mean[g] + j, n)) * Vec<T>::loadu(rec.rstd[g] + j, n);
             zhat.store(rs + layout_.zhat + k, n);
           }
-          pre[g] = at::vec::fmadd(wx - Vec<T>::loadu(in.mean.data() + u, n), Vec<T>::loadu(in.scale.data() + u, n),
-                                  at::vec::fmadd(z - Vec<T>::loadu(rec.mean.data() + u, n),
-                                                 Vec<T>::loadu(rec.scale.data() + u, n),
-                                                 Vec<T>::loadu(bias.data() + u, n)));
+          pre[g] = at::vec::fmadd(wx - Vec<T>::loadu(in.mean[g] + j, n), Vec<T>::loadu(in.scale[g] + j, n),
+                                  at::vec::fmadd(z - Vec<T>::loadu(rec.mean[g] + j, n),
+                                                 Vec<T>::loadu(rec.scale[g] + j, n), Vec<T>::loadu(bias[g] + j, n)));
         }
         const Vec<T> i = sigmoid(pre[0]), f = sigmoid(pre[1]), g = fast_tanh(pre[2]), o = sigmoid(pre[3]);
         const Vec<T> c_prev = Vec<T>::loadu(s.c + b * H + j0 + j, n);
@@ -362,18 +443,13 @@ class RecurrentForwardCPU {
   LayerFlags flags_;
   ReserveLayout layout_;
   int64_t batch_, hidden_;
+  bool given_input_;  // the input's statistics are given (GivenStatistics), not the step's batch's
   const T* bias_;
   const T* gamma_ih_;
   const T* gamma_hh_;
   const T* gamma_c_;
   const T* beta_c_;
-  const T* input_mean_;
-  const T* input_var_;
-  const T* running_mean_hh_;
-  const T* running_var_hh_;
-  const T* running_mean_c_;
-  const T* running_var_c_;
-  int64_t slots_in_, slots_hh_, slots_c_;
+  GivenStatistics<T> input_, recurrent_, cell_;
 };
 
 // The hidden units split into one block per thread, fixed for the whole sequence: a block
@@ -438,6 +514,15 @@ void host_matmul(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b
   }
 }
 
+// used [T, C] = the slot rows steps start_step .. start_step + T - 1 read from given [S, C]:
+// slot min(step, S - 1).
+void copy_slot_rows(const at::Tensor& used, const at::Tensor& given, int64_t start_step) {
+  const int64_t steps = used.size(0), slots = given.size(0);
+  const int64_t own = std::clamp<int64_t>(slots - start_step, 0, steps);  // steps with a slot of their own
+  if (own > 0) used.narrow(0, 0, own).copy_(given.narrow(0, start_step, own));
+  if (own < steps) used.narrow(0, own, steps - own).copy_(given.narrow(0, slots - 1, 1).expand({steps - own, -1}));
+}
+
 template <typename T>
 void recurrent_forward_impl(const RecurrentForwardArgs& args, RecurrentForwardOutputs& out,
                             const LayerFlags& flags) {
@@ -465,10 +550,28 @@ void recurrent_forward_impl(const RecurrentForwardArgs& args, RecurrentForwardOu
   const int64_t* counts = args.counts.data_ptr<int64_t>();
   const bool keep = out.reserve.defined();
   const bool step_input = flags.input_statistics == kInputStep;
+  // The statistics each step used: the steps write their batch's in training; in evaluation
+  // they are rows of the running ones, copied here.
+  const bool training = flags.training;
+  if (!training) {
+    if (step_input) {
+      copy_slot_rows(out.mean_ih, args.input_mean, flags.start_step);
+      copy_slot_rows(out.var_ih, args.input_var, flags.start_step);
+    }
+    if (flags.normalize_recurrent) {
+      copy_slot_rows(out.mean_hh, args.running_mean_hh, flags.start_step);
+      copy_slot_rows(out.var_hh, args.running_var_hh, flags.start_step);
+    }
+    if (flags.normalize_cell) {
+      copy_slot_rows(out.mean_c, args.running_mean_c, flags.start_step);
+      copy_slot_rows(out.var_c, args.running_var_c, flags.start_step);
+    }
+  }
   const Rows<T> projection(args.input_projection, true), output(out.output, true), reserve(out.reserve, keep),
-      mean_ih(out.mean_ih, step_input), var_ih(out.var_ih, step_input),
-      mean_hh(out.mean_hh, flags.normalize_recurrent), var_hh(out.var_hh, flags.normalize_recurrent),
-      mean_c(out.mean_c, flags.normalize_cell), var_c(out.var_c, flags.normalize_cell);
+      mean_ih(out.mean_ih, training && step_input), var_ih(out.var_ih, training && step_input),
+      mean_hh(out.mean_hh, training && flags.normalize_recurrent),
+      var_hh(out.var_hh, training && flags.normalize_recurrent), mean_c(out.mean_c, training && flags.normalize_cell),
+      var_c(out.var_c, training && flags.normalize_cell);
   run_steps(T_, blocks, [&](int64_t t, int64_t k) {
     const StepForward<T> step{
         projection[t], active + t * B, counts[t], flags.start_step + t,
