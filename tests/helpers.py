@@ -139,10 +139,12 @@ def run_layer(fn, x, h0, c0, params, running, variant, **kwargs):
     return result, grads
 
 
-def assert_layer_matches_reference(fn, variant, lengths=None, *, tol, device="cpu", T=5, B=3, I=7, H=20, **kwargs):
+def assert_layer_matches_reference(fn, variant, lengths=None, *, tol, device="cpu", T=5, B=3, I=7, H=20, S=3,
+                                   **kwargs):
     """Layer function `fn` against the reference on the same random float64 layer (NaN in the
-    padding): outputs, final states, batch statistics and every gradient, within tol."""
-    x, h0, c0, params, running = random_layer(variant, T=T, B=B, I=I, H=H, device=device)
+    padding, S running-statistics slots): outputs, final states, batch statistics and every
+    gradient, within tol."""
+    x, h0, c0, params, running = random_layer(variant, T=T, B=B, I=I, H=H, S=S, device=device)
     if lengths is not None:
         lengths = lengths.to(device)
         # Padding may hold anything: NaN must reach no output, statistic or gradient.

@@ -177,6 +177,21 @@ def test_weight_gradient_chunks_match_the_paper(num_threads, threads):
 BLOCK_SHAPES = [(12, 9, 100), (12, 9, 150), (64, 33, 130)]
 
 
+@pytest.mark.parametrize("variant", ["cooijmans", "laurent_sequence"])
+def test_evaluation_statistics_tables_split_over_threads(variant, threads):
+    """Evaluation computes each given part's scale for every slot it reads once a call, rows
+    split over threads where the table is long (G = 1200: 27 rows a task, 55 slots read from
+    start_step 5 of 60), then steps 60 to 74 read the last slot. Against the reference in
+    float64, gradients too (they read the statistics each step used): within 1e-7, as 70
+    steps amplify float64 rounding in the weight gradients past the short tests' 1e-9; a
+    wrong slot is off by far more."""
+    from helpers import assert_layer_matches_reference
+
+    threads(2)
+    assert_layer_matches_reference(backends.REGISTRY["cpu"].layer, variant, torch.tensor([70, 41, 66]),
+                                   tol=dict(rtol=1e-7, atol=1e-7), T=70, H=300, S=60, training=False, start_step=5)
+
+
 @pytest.mark.parametrize("steps, batch, hidden_size", BLOCK_SHAPES, ids=["H100", "H150", "streamed"])
 @pytest.mark.parametrize("padded", [False, True], ids=["full", "padded"])
 def test_float32_hidden_unit_blocks(steps, batch, hidden_size, padded, threads):
