@@ -62,7 +62,7 @@ bidirectional_forward_cpu(const at::Tensor& x, const at::Tensor& h0, const at::T
   LayerForwardResult results[2];
   run_directions(cpu_directions_concurrent(T, B, H), [&](int64_t d) {
     results[d] = layer_forward(
-        recurrent_forward_cpu, matmul_cpu,
+        recurrent_forward_cpu, matmul_cpu, cpu_steps_project_input,
         {x, h0[d], c0[d], lengths, unpack_parameters(params.slice(d * kParameterCount, kParameterCount)),
          unpack_running(running.slice(d * kStatisticsCount, kStatisticsCount)), flags, /*reverse=*/d == 1,
          keep_reserve});

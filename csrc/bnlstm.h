@@ -80,7 +80,9 @@ struct ReserveLayout {
 // the same pass as the recurrent one: with its own batch statistics (step-wise training)
 // or with row min(t, S - 1) of input_mean / input_var.
 struct RecurrentForwardArgs {
-  at::Tensor input_projection;  // [T, B, 4H] W_ih x_t, zero at padded steps
+  at::Tensor input_projection;  // [T, B, 4H] W_ih x_t, zero at padded steps; or undefined, and:
+  at::Tensor x;                 // [T, B, I] in processing order, zero at padded steps, and
+  at::Tensor weight_ih;         // [4H, I]: the step kernels project each step's input themselves
   at::Tensor active;            // [T, B] bool, step t of sequence b is real
   at::Tensor counts;            // [T] int64, active sequences per step
   at::Tensor weight_hh;         // [4H, H]
@@ -160,6 +162,11 @@ void matmul_cpu(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b,
 // threads, a thread per direction does the same work without the threads meeting at every
 // step, and with torch's current thread count there are two to give.
 bool cpu_directions_concurrent(int64_t steps, int64_t batch, int64_t hidden);
+// Whether the CPU's recurrence multiplies each step's input by W_ih itself (RecurrentForwardArgs::x),
+// where nothing else needs the projection of every step: a step's product reads the block's
+// rows of W_ih (I values a gate unit) for B rows, so it pays where the input is narrow
+// against the batch; the projection's trip to memory and back is what it saves.
+bool cpu_steps_project_input(int64_t batch, int64_t input_size);
 // CUDA (recurrent_cuda.cu), compiled only into the CUDA-enabled extension.
 void recurrent_forward_cuda(const RecurrentForwardArgs& args, RecurrentForwardOutputs& out,
                             const LayerFlags& flags);

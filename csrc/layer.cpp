@@ -142,7 +142,8 @@ LayerFlags unpack_flags(int64_t input_statistics, bool normalize_recurrent, bool
           checked_operand_dtype(operand_dtype)};
 }
 
-LayerForwardResult layer_forward(RecurrentForwardFn recurrent, MatmulFn matmul, const LayerForwardInputs& in) {
+LayerForwardResult layer_forward(RecurrentForwardFn recurrent, MatmulFn matmul, StepsProjectInputFn steps_project_input,
+                                 const LayerForwardInputs& in) {
   const at::Tensor& x = in.x;
   const LayerFlags& flags = in.flags;
   const LayerParameters& w = in.params;
@@ -180,10 +181,21 @@ LayerForwardResult layer_forward(RecurrentForwardFn recurrent, MatmulFn matmul, 
   const auto as_input = [&x](const OptTensor& t) { return t->to(x.scalar_type()).contiguous(); };
 
   RecurrentForwardArgs args;
-  // The input projection of all steps: one GEMM. The step kernels normalize it.
-  args.input_projection = pooled_empty({T, B, G}, x.options());
-  at::Tensor projection_rows = args.input_projection.view({T * B, G});
-  matmul(projection_rows, p.x.reshape({T * B, I}), w.weight_ih.t(), /*accumulate=*/false, flags);
+  // The input projection of all steps: one GEMM, which the step kernels normalize. Where
+  // nothing else reads it (no backward, which recomputes the normalized input from it; no
+  // sequence-wise batch statistics, taken over every step before the first), a device that
+  // that says so projects each step's input in the step instead: the projection of a long
+  // sequence is written to memory and read back, a step's stays in cache (docs/CPU.md).
+  const bool project_in_steps = steps_project_input != nullptr && steps_project_input(B, I) && !in.keep_reserve &&
+                                !(training && input_statistics == kInputSequence);
+  if (project_in_steps) {
+    args.x = p.x.contiguous();
+    args.weight_ih = w.weight_ih.contiguous();
+  } else {
+    args.input_projection = pooled_empty({T, B, G}, x.options());
+    at::Tensor projection_rows = args.input_projection.view({T * B, G});
+    matmul(projection_rows, p.x.reshape({T * B, I}), w.weight_ih.t(), /*accumulate=*/false, flags);
+  }
   args.active = p.active.contiguous();
   args.counts = p.counts.contiguous();
   args.weight_hh = w.weight_hh.contiguous();
@@ -414,12 +426,14 @@ LayerBackwardResult layer_backward(RecurrentBackwardFn recurrent, MatmulFn matmu
 // emulation (tests/run_cuda_emulation.py) registers the CUDA kernels here, which do not.
 #ifdef BNLSTM_CUDA_KERNELS_ON_CPU
 constexpr bool kCpuWeightsInRecurrence = false;
+constexpr StepsProjectInputFn kCpuStepsProjectInput = nullptr;
 #else
 constexpr bool kCpuWeightsInRecurrence = true;
+constexpr StepsProjectInputFn kCpuStepsProjectInput = cpu_steps_project_input;
 #endif
 
 TORCH_LIBRARY_IMPL(bnlstm, CPU, m) {
-  m.impl("layer_forward", bind_layer_forward<recurrent_forward_cpu, matmul_cpu>);
+  m.impl("layer_forward", bind_layer_forward<recurrent_forward_cpu, matmul_cpu, kCpuStepsProjectInput>);
   m.impl("layer_backward", bind_layer_backward<recurrent_backward_cpu, matmul_cpu, kCpuWeightsInRecurrence>);
 }
 

@@ -78,7 +78,14 @@ struct LayerBackwardInputs {
   bool input_grad;
 };
 
-LayerForwardResult layer_forward(RecurrentForwardFn recurrent, MatmulFn matmul, const LayerForwardInputs& in);
+// Whether a device's recurrent kernel takes x and W_ih instead of the input projection
+// (RecurrentForwardArgs) for a batch and input size; null: never.
+using StepsProjectInputFn = bool (*)(int64_t batch, int64_t input_size);
+
+// steps_project_input: where it says so, and no other code reads the projection of every
+// step, the recurrent kernel gets x and W_ih.
+LayerForwardResult layer_forward(RecurrentForwardFn recurrent, MatmulFn matmul, StepsProjectInputFn steps_project_input,
+                                 const LayerForwardInputs& in);
 
 // weights_in_recurrence: the device's backward kernel accumulates the weight gradients
 // itself (RecurrentBackwardOutputs::grad_weight_hh).
@@ -86,13 +93,13 @@ LayerBackwardResult layer_backward(RecurrentBackwardFn recurrent, MatmulFn matmu
                                    const LayerBackwardInputs& in);
 
 // The schema's arguments, as the dispatcher passes them, unpacked once.
-template <RecurrentForwardFn Recurrent, MatmulFn Matmul>
+template <RecurrentForwardFn Recurrent, MatmulFn Matmul, StepsProjectInputFn kStepsProjectInput = nullptr>
 LayerForwardResult bind_layer_forward(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& c0,
                                       const OptTensor& lengths, at::TensorList params, at::TensorList running,
                                       int64_t input_statistics, bool normalize_recurrent, bool normalize_cell,
                                       bool training, double eps, bool reverse, bool keep_reserve,
                                       int64_t start_step, c10::optional<at::ScalarType> operand_dtype) {
-  return layer_forward(Recurrent, Matmul,
+  return layer_forward(Recurrent, Matmul, kStepsProjectInput,
                        {x, h0, c0, lengths, unpack_parameters(params), unpack_running(running),
                         unpack_flags(input_statistics, normalize_recurrent, normalize_cell, training, eps,
                                      start_step, operand_dtype),

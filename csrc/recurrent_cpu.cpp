@@ -146,8 +146,11 @@ void masked_moments(const T* z, int64_t stride, int64_t batch, const bool* activ
 
 template <typename T>
 struct StepForward {
-  // Shapes: wx [B, 4H]; h_prev, h_next, c, output [B, H]; reserve [B, width].
-  const T* wx;  // W_ih x_t
+  // Shapes: h_prev, h_next, c, output [B, H]; reserve [B, width].
+  // W_ih x_t for the task's columns: gate g of unit j0 + j of row b at
+  // wx[b * wx_row + g * wx_gate + j] (the layer's projection row, or the block's own product).
+  const T* wx;
+  int64_t wx_row, wx_gate;
   const bool* active;
   int64_t count;
   int64_t step;  // start_step + t: picks the statistics rows min(step, S - 1) in evaluation
@@ -164,8 +167,9 @@ struct StepForward {
   T* var_hh;
   T* mean_c;
   T* var_c;
-  // Step t + 1's input-projection rows (read) and reserve rows (to be written), prefetched
-  // during this step; null at the last step and, for the reserve, in inference.
+  // Step t + 1's W_ih x rows (laid out as wx; read) and reserve rows (to be written),
+  // prefetched during this step; null at the last step, for W_ih x where the block computes
+  // it at every step, and for the reserve in inference.
   const T* next_wx;
   T* next_reserve;
 };
@@ -289,7 +293,7 @@ class RecurrentForwardCPU {
         gamma_hh_(data_or_null(args.gamma_hh)), gamma_c_(data_or_null(args.gamma_c)),
         beta_c_(data_or_null(args.beta_c)) {
     const T eps = T(flags.eps);
-    const int64_t steps = args.input_projection.size(0), G = 4 * hidden;
+    const int64_t steps = args.active.size(0), G = 4 * hidden;
     const auto given = [&](const at::Tensor& mean, const at::Tensor& var, const T* gamma, int64_t columns,
                            bool keep_rstd) {
       return GivenStatistics<T>(mean.data_ptr<T>(), var.data_ptr<T>(), gamma, eps, mean.size(0), columns,
@@ -322,7 +326,7 @@ class RecurrentForwardCPU {
         in.point_to(input_, s.step, g, k0);
       } else {
         if (normalize_input) {
-          scratch.in.normalize_with(s.wx + k0, G, B, s.active, s.count, gamma_ih_ + k0, eps, g * J, J,
+          scratch.in.normalize_with(s.wx + g * s.wx_gate, s.wx_row, B, s.active, s.count, gamma_ih_ + k0, eps, g * J, J,
                                     s.mean_ih + k0, s.var_ih + k0);
         }
         in.point_to(scratch.in, g, J);
@@ -381,7 +385,7 @@ class RecurrentForwardCPU {
     for (int64_t b = 0; b < B; ++b) {
       T* rs = kKeep ? s.reserve + b * W : nullptr;
       if (s.next_wx != nullptr) {
-        for (int64_t g = 0; g < 4; ++g) prefetch_span(s.next_wx + b * G + g * H + j0, J);
+        for (int64_t g = 0; g < 4; ++g) prefetch_span(s.next_wx + b * s.wx_row + g * s.wx_gate, J);
       }
       if (kKeep && s.next_reserve != nullptr) {
         T* next = s.next_reserve + b * W;
@@ -395,7 +399,7 @@ class RecurrentForwardCPU {
         Vec<T> pre[4];
         for (int64_t g = 0; g < 4; ++g) {
           const int64_t k = g * H + j0 + j;
-          const Vec<T> wx = Vec<T>::loadu(s.wx + b * G + k, n);
+          const Vec<T> wx = Vec<T>::loadu(s.wx + b * s.wx_row + g * s.wx_gate + j, n);
           const Vec<T> z = Vec<T>::loadu(zh + b * 4 * J + g * J + j, n);
           if (kKeep && flags_.normalize_recurrent) {
             const Vec<T> zhat = (z - Vec<T>::loadu(rec.mean[g] + j, n)) * Vec<T>::loadu(rec.rstd[g] + j, n);
@@ -463,6 +467,9 @@ class RecurrentForwardCPU {
 constexpr int64_t kMinBlockUnits = 32;
 constexpr double kMinParallelFlops = 8e6;
 
+// cpu_steps_project_input: input features per batch row up to which a step projects its own input.
+constexpr int64_t kStepInputPerRow = 8;
+
 // See stream_grads in recurrent_backward_impl.
 constexpr int64_t kStreamingStoreMinBytes = int64_t(4) << 20;
 // The steps of a weight-gradient chunk (add_weight_gradients in recurrent_backward_impl): as
@@ -526,21 +533,33 @@ void copy_slot_rows(const at::Tensor& used, const at::Tensor& given, int64_t sta
 template <typename T>
 void recurrent_forward_impl(const RecurrentForwardArgs& args, RecurrentForwardOutputs& out,
                             const LayerFlags& flags) {
-  const int64_t T_ = args.input_projection.size(0), B = args.input_projection.size(1);
+  const int64_t T_ = args.active.size(0), B = args.active.size(1);
   const int64_t H = args.weight_hh.size(1);
+  // Without the layer's input projection, each block multiplies x_t by its own rows of W_ih
+  // at every step (RecurrentForwardArgs).
+  const bool project_in_steps = !args.input_projection.defined();
+  const int64_t I = project_in_steps ? args.x.size(2) : 0;
   const RecurrentForwardCPU<T> kernel(args, flags, B, H);
   const bool bf16 = bf16_operands(flags.operand_dtype, c10::CppTypeToScalarType<T>::value);
   const std::vector<int64_t> bounds = hidden_blocks(T_, B, H);
   const int64_t blocks = static_cast<int64_t>(bounds.size()) - 1;
-  std::vector<StepGemm> gemms;  // block k: h [B, H] @ (its rows of W_hh)^T -> [B, 4J]
-  std::vector<at::Tensor> zh;   // block k's [B, 4J]
+  std::vector<StepGemm> gemms;        // block k: h [B, H] @ (its rows of W_hh)^T -> [B, 4J]
+  std::vector<StepGemm> input_gemms;  // block k: x_t [B, I] @ (its rows of W_ih)^T -> [B, 4J], if project_in_steps
+  std::vector<at::Tensor> zh, zx;     // block k's [B, 4J]
   std::vector<ForwardScratch<T>> scratch;
-  const at::Tensor weight_by_gate = args.weight_hh.view({4, H, H});
+  const at::TensorOptions options = args.weight_hh.options();
+  const auto block_rows = [&](const at::Tensor& weight, int64_t k) {  // gate-major, as zh
+    const int64_t J = bounds[k + 1] - bounds[k];
+    return weight.view({4, H, weight.size(1)}).narrow(1, bounds[k], J).reshape({4 * J, weight.size(1)}).contiguous();
+  };
   for (int64_t k = 0; k < blocks; ++k) {
     const int64_t J = bounds[k + 1] - bounds[k];
-    gemms.emplace_back(weight_by_gate.narrow(1, bounds[k], J).reshape({4 * J, H}).contiguous(), /*transpose=*/true, B,
-                       bf16);
-    zh.push_back(at::empty({B, 4 * J}, args.input_projection.options()));
+    gemms.emplace_back(block_rows(args.weight_hh, k), /*transpose=*/true, B, bf16);
+    zh.push_back(at::empty({B, 4 * J}, options));
+    if (project_in_steps) {
+      input_gemms.emplace_back(block_rows(args.weight_ih, k), /*transpose=*/true, B, bf16);
+      zx.push_back(at::empty({B, 4 * J}, options));
+    }
     scratch.emplace_back(B, J);
   }
   // h_{t-1} and h_t in two buffers: a block that finishes early must not overwrite columns
@@ -567,17 +586,22 @@ void recurrent_forward_impl(const RecurrentForwardArgs& args, RecurrentForwardOu
       copy_slot_rows(out.var_c, args.running_var_c, flags.start_step);
     }
   }
-  const Rows<T> projection(args.input_projection, true), output(out.output, true), reserve(out.reserve, keep),
+  const Rows<T> projection(args.input_projection, !project_in_steps), inputs(args.x, project_in_steps),
+      output(out.output, true), reserve(out.reserve, keep),
       mean_ih(out.mean_ih, training && step_input), var_ih(out.var_ih, training && step_input),
       mean_hh(out.mean_hh, training && flags.normalize_recurrent),
       var_hh(out.var_hh, training && flags.normalize_recurrent), mean_c(out.mean_c, training && flags.normalize_cell),
       var_c(out.var_c, training && flags.normalize_cell);
   run_steps(T_, blocks, [&](int64_t t, int64_t k) {
+    const int64_t j0 = bounds[k], J = bounds[k + 1] - j0;
+    T* block_zx = project_in_steps ? zx[k].data_ptr<T>() : nullptr;
+    if (project_in_steps) input_gemms[k].run(inputs[t], block_zx);
     const StepForward<T> step{
-        projection[t], active + t * B, counts[t], flags.start_step + t,
+        project_in_steps ? block_zx : projection[t] + j0, project_in_steps ? 4 * J : 4 * H,
+        project_in_steps ? J : H, active + t * B, counts[t], flags.start_step + t,
         h_buffers[t % 2].data_ptr<T>(), h_buffers[(t + 1) % 2].data_ptr<T>(), out.c.data_ptr<T>(), output[t],
         reserve[t], mean_ih[t], var_ih[t], mean_hh[t], var_hh[t], mean_c[t], var_c[t],
-        t + 1 < T_ ? projection[t + 1] : nullptr,
+        t + 1 < T_ && !project_in_steps ? projection[t + 1] + j0 : nullptr,
         t + 1 < T_ ? reserve[t + 1] : nullptr,
     };
     T* block_zh = zh[k].data_ptr<T>();
@@ -1109,9 +1133,13 @@ bool cpu_directions_concurrent(int64_t steps, int64_t batch, int64_t hidden) {
   return threads >= 2 && worth_parallel(steps, batch, hidden) && hidden_block_count(steps, batch, hidden, threads) <= 2;
 }
 
+// Measured (docs/CPU.md): I=1 at B=16 and I=64 at B=32 gain, I=64 at B=8 breaks even, and
+// I=64 at B=1 and I=512 at B=32 lose.
+bool cpu_steps_project_input(int64_t batch, int64_t input_size) { return input_size <= kStepInputPerRow * batch; }
+
 void recurrent_forward_cpu(const RecurrentForwardArgs& args, RecurrentForwardOutputs& out,
                            const LayerFlags& flags) {
-  AT_DISPATCH_FLOATING_TYPES(args.input_projection.scalar_type(), "bnlstm_recurrent_forward_cpu",
+  AT_DISPATCH_FLOATING_TYPES(args.weight_hh.scalar_type(), "bnlstm_recurrent_forward_cpu",
                              [&] { recurrent_forward_impl<scalar_t>(args, out, flags); });
 }
 
@@ -1138,7 +1166,8 @@ constexpr const char* kVectorCapability = "default";
 
 // For tests and diagnostics: how many blocks of hidden units (threads) this recurrence uses
 // for a call of these sizes with torch's current thread count, whether a bidirectional
-// layer's directions run at once, and the vector code built.
+// layer's directions run at once, whether an inference call projects each step's input in
+// the step, and the vector code built.
 TORCH_LIBRARY_FRAGMENT(bnlstm, m) {
   m.def("cpu_vector_capability() -> str", [] { return std::string(kVectorCapability); });
   m.def("cpu_hidden_blocks(int steps, int batch, int hidden) -> int",
@@ -1146,6 +1175,7 @@ TORCH_LIBRARY_FRAGMENT(bnlstm, m) {
           return hidden_block_count(steps, batch, hidden, available_threads());
         });
   m.def("cpu_directions_concurrent(int steps, int batch, int hidden) -> bool", cpu_directions_concurrent);
+  m.def("cpu_steps_project_input(int batch, int input_size) -> bool", cpu_steps_project_input);
 }
 
 }  // namespace bnlstm

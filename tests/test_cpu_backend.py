@@ -177,6 +177,40 @@ def test_weight_gradient_chunks_match_the_paper(num_threads, threads):
 BLOCK_SHAPES = [(12, 9, 100), (12, 9, 150), (64, 33, 130)]
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+@pytest.mark.parametrize("input_size", [3, 64], ids=["step-products", "layer-projection"])
+def test_inference_input_products(variant, training, reverse, input_size, threads):
+    """Without a gradient, an input narrow against the batch (I <= 8 B) is multiplied by W_ih
+    in each step, by each block of hidden units (2 threads, H = 100: blocks of 48 and 52
+    units); a wider one by the layer's one projection. Outputs, final states and batch
+    statistics against the reference in float64, padded and reversed too (four rows stay
+    active: batch statistics over fewer amplify float64 rounding past 1e-9 in 40 steps)."""
+    from helpers import random_layer
+
+    threads(2)
+    T, B, H = 40, 7, 100
+    assert torch.ops.bnlstm.cpu_hidden_blocks(T, B, H) == 2
+    assert torch.ops.bnlstm.cpu_steps_project_input(B, input_size) == (input_size == 3)
+    x, h0, c0, params, running = random_layer(variant, T=T, B=B, I=input_size, H=H, S=30)
+    lengths = torch.tensor([40, 13, 40, 1, 40, 27, 40])
+    x = x.masked_fill((torch.arange(T).unsqueeze(1) >= lengths).unsqueeze(-1), float("nan"))
+    arguments = dict(variant=bnlstm_cuda.get_variant(variant), training=training, eps=1e-5, lengths=lengths,
+                     reverse=reverse)
+    with torch.no_grad():
+        want = bnlstm_cuda.bnlstm_layer_reference(x, h0, c0, params, running, **arguments)
+        got = backends.REGISTRY["cpu"].layer(x, h0, c0, params, running, **arguments)
+    tol = dict(rtol=1e-9, atol=1e-9)
+    for name in ("output", "h_n", "c_n"):
+        torch.testing.assert_close(getattr(got, name), getattr(want, name), **tol, msg=lambda m: f"{name}: {m}")
+    assert sorted(got.batch_stats) == sorted(want.batch_stats)
+    for part, stats in want.batch_stats.items():
+        for field, value in stats._asdict().items():
+            torch.testing.assert_close(getattr(got.batch_stats[part], field), value, **tol,
+                                       msg=lambda m: f"batch_stats[{part}].{field}: {m}")
+
+
 @pytest.mark.parametrize("variant", ["cooijmans", "laurent_sequence"])
 def test_evaluation_statistics_tables_split_over_threads(variant, threads):
     """Evaluation computes each given part's scale for every slot it reads once a call, rows
