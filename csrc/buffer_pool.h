@@ -5,7 +5,7 @@
 // its output and statistics when the caller drops them. glibc serves buffers of that size
 // with mmap, or from a heap it trims on free, so the next call writes to fresh pages: a
 // page fault and a page clear every 4 KiB, 10-15% of a training step at T=100, B=32, H=128
-// and 7% of an inference call at T=784, B=16, H=100 (docs/CPU.md). Like torch's CUDA
+// and 6% of a loop of inference calls at T=784, B=16, H=100 (docs/CPU.md). Like torch's CUDA
 // caching allocator, the pool keeps freed buffers, up to a byte limit, and hands them out
 // again.
 //
