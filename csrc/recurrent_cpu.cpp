@@ -178,7 +178,7 @@ struct StepForward {
 template <typename T>
 void scale_from_variance(const T* var, const T* gamma, T eps, int64_t size, T* rstd, T* scale) {
   for_each_vec<T>(size, [&](int64_t j, auto n) {
-    const Vec<T> inv = (Vec<T>::loadu(var + j, n) + Vec<T>(eps)).rsqrt();
+    const Vec<T> inv = inverse_sqrt(Vec<T>::loadu(var + j, n) + Vec<T>(eps));
     inv.store(rstd + j, n);
     (inv * Vec<T>::loadu(gamma + j, n)).store(scale + j, n);
   });
@@ -711,7 +711,7 @@ class RecurrentBackwardCPU {
     std::vector<T>& cell_beta = scratch.cell_beta;
     if (cell_bn) {
       for_each_vec<T>(J, [&](int64_t j, auto n) {
-        const Vec<T> rstd = (Vec<T>::loadu(s.var_c + j0 + j, n) + Vec<T>(eps)).rsqrt();
+        const Vec<T> rstd = inverse_sqrt(Vec<T>::loadu(s.var_c + j0 + j, n) + Vec<T>(eps));
         rstd.store(cell_rstd.data() + j, n);
         (rstd * Vec<T>::loadu(gamma_c_ + j0 + j, n)).store(cell_scale.data() + j, n);
       });
@@ -726,13 +726,13 @@ class RecurrentBackwardCPU {
       const int64_t k0 = g * H + j0;
       for_each_vec<T>(J, [&](int64_t j, auto n) {
         if (any_input) {
-          const Vec<T> rstd = (Vec<T>::loadu(s.var_ih + k0 + j, n) + Vec<T>(eps)).rsqrt();
+          const Vec<T> rstd = inverse_sqrt(Vec<T>::loadu(s.var_ih + k0 + j, n) + Vec<T>(eps));
           rstd.store(in_rstd.data() + g * J + j, n);
           (rstd * Vec<T>::loadu(gamma_ih_ + k0 + j, n)).store(in_scale.data() + g * J + j, n);
           Vec<T>::loadu(s.mean_ih + k0 + j, n).store(in_mean.data() + g * J + j, n);
         }
         if (recurrent) {
-          const Vec<T> rstd = (Vec<T>::loadu(s.var_hh + k0 + j, n) + Vec<T>(eps)).rsqrt();
+          const Vec<T> rstd = inverse_sqrt(Vec<T>::loadu(s.var_hh + k0 + j, n) + Vec<T>(eps));
           (rstd * Vec<T>::loadu(gamma_hh_ + k0 + j, n)).store(rec_scale.data() + g * J + j, n);
         }
       });
