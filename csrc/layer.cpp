@@ -184,7 +184,7 @@ LayerForwardResult layer_forward(RecurrentForwardFn recurrent, MatmulFn matmul, 
   // The input projection of all steps: one GEMM, which the step kernels normalize. Where
   // nothing else reads it (no backward, which recomputes the normalized input from it; no
   // sequence-wise batch statistics, taken over every step before the first), a device that
-  // that says so projects each step's input in the step instead: the projection of a long
+  // says so projects each step's input in the step instead: the projection of a long
   // sequence is written to memory and read back, a step's stays in cache (docs/CPU.md).
   const bool project_in_steps = steps_project_input != nullptr && steps_project_input(B, I) && !in.keep_reserve &&
                                 !(training && input_statistics == kInputSequence);

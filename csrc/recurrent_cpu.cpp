@@ -6,12 +6,13 @@
 //   c_t = sigmoid(f) * c_{t-1} + sigmoid(i) * tanh(g)
 //   h_t = sigmoid(o) * tanh(BN(c_t; gamma_c, beta_c))
 //
-// W_ih x_t comes from one GEMM over all steps (layer.cpp). Each step is parallel over
-// hidden units: a task owns hidden units [j0, j1) with their four gate columns and the
-// whole batch, so every batch statistic it needs is a reduction over rows it holds. In the
-// forward pass a task also computes its own columns of the step's GEMM. Inner loops run
-// along hidden units, which are contiguous, with at::vec (AVX-512 or AVX2 as built) and
-// the inlined sigmoid and tanh of vec_math.h.
+// W_ih x_t comes from one GEMM over all steps (layer.cpp), or, in inference with an input
+// narrow against the batch, from each task's own product at every step. Each step is
+// parallel over hidden units: a task owns hidden units [j0, j1) with their four gate
+// columns and the whole batch, so every batch statistic it needs is a reduction over rows
+// it holds. In the forward pass a task also computes its own columns of the step's GEMM.
+// Inner loops run along hidden units, which are contiguous, with at::vec (AVX-512 or AVX2
+// as built) and the inlined sigmoid, tanh and 1 / sqrt of vec_math.h.
 // The backward pass mirrors it: per step and block, one fused pass, then the block's share
 // of the GEMM for dh_{t-1} (its columns of grad_zh times its rows of W_hh; the next step sums
 // the shares), and every few steps its rows of the weight gradients from the step gradients
@@ -98,12 +99,10 @@ inline void store_streaming(const Vec<T>& v, T* p, Count n) {
   v.store(p, n);
 }
 
-// Mean and biased variance over the active rows of z[b * stride + 0 .. size).
-// z: rows of a [B, stride] matrix, already offset to the first column.
-// A few vectors of columns at a time, down every row: the sums stay in registers (a sum
-// kept in memory costs a load and a store per element, which bounded the row-by-row form),
-// and the second pass re-reads the columns' rows from L1. Each column adds its rows in
-// order, as the row-by-row form did.
+// masked_moments' kVectors vectors of columns (the last one last_lanes wide), down every
+// row: the sums stay in registers (a sum kept in memory costs a load and a store per
+// element, which bounded the row-by-row form), and the second pass re-reads the columns'
+// rows from L1. Each column adds its rows in order, as the row-by-row form did.
 template <typename T, int kVectors>
 void column_moments(const T* z, int64_t stride, int64_t batch, const bool* active, const Vec<T>& inv_count,
                     int64_t last_lanes, T* mean, T* var) {
@@ -129,6 +128,8 @@ void column_moments(const T* z, int64_t stride, int64_t batch, const bool* activ
   }
 }
 
+// Mean and biased variance over the active rows of z[b * stride + 0 .. size).
+// z: rows of a [B, stride] matrix, already offset to the first column.
 template <typename T>
 void masked_moments(const T* z, int64_t stride, int64_t batch, const bool* active, int64_t count,
                     int64_t size, T* mean, T* var) {

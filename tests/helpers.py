@@ -139,6 +139,17 @@ def run_layer(fn, x, h0, c0, params, running, variant, **kwargs):
     return result, grads
 
 
+def assert_layer_results_close(got, want, tol):
+    """Two LayerResults: outputs, final states and batch statistics, within tol."""
+    for name in ("output", "h_n", "c_n"):
+        torch.testing.assert_close(getattr(got, name), getattr(want, name), **tol, msg=lambda m: f"{name}: {m}")
+    assert sorted(got.batch_stats) == sorted(want.batch_stats)
+    for part, stats in want.batch_stats.items():
+        for field, value in stats._asdict().items():
+            torch.testing.assert_close(getattr(got.batch_stats[part], field), value, **tol,
+                                       msg=lambda m: f"batch_stats[{part}].{field}: {m}")
+
+
 def assert_layer_matches_reference(fn, variant, lengths=None, *, tol, device="cpu", T=5, B=3, I=7, H=20, S=3,
                                    **kwargs):
     """Layer function `fn` against the reference on the same random float64 layer (NaN in the
@@ -153,13 +164,7 @@ def assert_layer_matches_reference(fn, variant, lengths=None, *, tol, device="cp
     want, want_grads = run_layer(bnlstm_cuda.bnlstm_layer_reference, x, h0, c0, params, running, variant,
                                  lengths=lengths, **kwargs)
     got, got_grads = run_layer(fn, x, h0, c0, params, running, variant, lengths=lengths, **kwargs)
-    for name in ("output", "h_n", "c_n"):
-        torch.testing.assert_close(getattr(got, name), getattr(want, name), **tol, msg=lambda m: f"{name}: {m}")
-    assert sorted(got.batch_stats) == sorted(want.batch_stats)
-    for part, stats in want.batch_stats.items():
-        for field, value in stats._asdict().items():
-            torch.testing.assert_close(getattr(got.batch_stats[part], field), value, **tol,
-                                       msg=lambda m: f"batch_stats[{part}].{field}: {m}")
+    assert_layer_results_close(got, want, tol)
     assert sorted(got_grads) == sorted(want_grads)
     for name, grad in want_grads.items():
         torch.testing.assert_close(got_grads[name], grad, **tol, msg=lambda m: f"grad {name}: {m}")

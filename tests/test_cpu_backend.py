@@ -187,7 +187,7 @@ def test_inference_input_products(variant, training, reverse, input_size, thread
     units); a wider one by the layer's one projection. Outputs, final states and batch
     statistics against the reference in float64, padded and reversed too (four rows stay
     active: batch statistics over fewer amplify float64 rounding past 1e-9 in 40 steps)."""
-    from helpers import random_layer
+    from helpers import assert_layer_results_close, random_layer
 
     threads(2)
     T, B, H = 40, 7, 100
@@ -201,14 +201,7 @@ def test_inference_input_products(variant, training, reverse, input_size, thread
     with torch.no_grad():
         want = bnlstm_cuda.bnlstm_layer_reference(x, h0, c0, params, running, **arguments)
         got = backends.REGISTRY["cpu"].layer(x, h0, c0, params, running, **arguments)
-    tol = dict(rtol=1e-9, atol=1e-9)
-    for name in ("output", "h_n", "c_n"):
-        torch.testing.assert_close(getattr(got, name), getattr(want, name), **tol, msg=lambda m: f"{name}: {m}")
-    assert sorted(got.batch_stats) == sorted(want.batch_stats)
-    for part, stats in want.batch_stats.items():
-        for field, value in stats._asdict().items():
-            torch.testing.assert_close(getattr(got.batch_stats[part], field), value, **tol,
-                                       msg=lambda m: f"batch_stats[{part}].{field}: {m}")
+    assert_layer_results_close(got, want, dict(rtol=1e-9, atol=1e-9))
 
 
 @pytest.mark.parametrize("variant", ["cooijmans", "laurent_sequence"])
