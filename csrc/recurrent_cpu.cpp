@@ -31,6 +31,8 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
+#include <memory>
 #include <type_traits>
 #include <vector>
 
@@ -219,23 +221,23 @@ class GivenStatistics {
                   int64_t start_step, int64_t steps, bool keep_rstd)
       : mean_(mean), slots_(slots), columns_(columns), first_(std::min(start_step, slots - 1)), keep_rstd_(keep_rstd) {
     const int64_t rows = std::max<int64_t>(std::min(start_step + steps - 1, slots - 1) - first_ + 1, 0);
-    scale_.resize(rows * columns);
-    rstd_.resize(keep_rstd ? rows * columns : 0);
+    scale_.reset(new T[rows * columns]);  // every element is written below: no zero fill
+    if (keep_rstd) rstd_.reset(new T[rows * columns]);
     // Rows in parallel where there are many (a long call's table is a step's worth of work
     // per row); each chunk's rstd goes to its own row buffer where it is not kept.
     const int64_t grain = std::max<int64_t>(1, kGivenStatisticsGrain / std::max<int64_t>(columns, 1));
     at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
       std::vector<T> row_rstd(keep_rstd ? 0 : columns);
       for (int64_t r = begin; r < end; ++r) {
-        T* rstd = keep_rstd ? rstd_.data() + r * columns : row_rstd.data();
-        scale_from_variance(var + (first_ + r) * columns, gamma, eps, columns, rstd, scale_.data() + r * columns);
+        T* rstd = keep_rstd ? rstd_.get() + r * columns : row_rstd.data();
+        scale_from_variance(var + (first_ + r) * columns, gamma, eps, columns, rstd, scale_.get() + r * columns);
       }
     });
   }
   const T* mean(int64_t step) const { return mean_ + slot(step) * columns_; }
   // null where not kept
-  const T* rstd(int64_t step) const { return keep_rstd_ ? rstd_.data() + (slot(step) - first_) * columns_ : nullptr; }
-  const T* scale(int64_t step) const { return scale_.data() + (slot(step) - first_) * columns_; }
+  const T* rstd(int64_t step) const { return keep_rstd_ ? rstd_.get() + (slot(step) - first_) * columns_ : nullptr; }
+  const T* scale(int64_t step) const { return scale_.get() + (slot(step) - first_) * columns_; }
 
  private:
   int64_t slot(int64_t step) const { return std::min(step, slots_ - 1); }
@@ -243,7 +245,7 @@ class GivenStatistics {
   const T* mean_ = nullptr;
   int64_t slots_ = 0, columns_ = 0, first_ = 0;
   bool keep_rstd_ = false;
-  std::vector<T> rstd_, scale_;
+  std::unique_ptr<T[]> rstd_, scale_;  // [rows, columns]
 };
 
 // Where one part's statistics for a task's columns are at one step, gate by gate: in the
@@ -522,13 +524,17 @@ void host_matmul(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b
   }
 }
 
-// used [T, C] = the slot rows steps start_step .. start_step + T - 1 read from given [S, C]:
-// slot min(step, S - 1).
+// used [T, C] = the slot rows steps start_step .. start_step + T - 1 read from given [S, C]
+// (slot min(step, S - 1)); both contiguous. By memcpy: the two ATen copies it would take
+// cost a serving call (B=1) more than the bytes.
+template <typename T>
 void copy_slot_rows(const at::Tensor& used, const at::Tensor& given, int64_t start_step) {
-  const int64_t steps = used.size(0), slots = given.size(0);
+  const int64_t steps = used.size(0), slots = given.size(0), columns = used.size(1);
   const int64_t own = std::clamp<int64_t>(slots - start_step, 0, steps);  // steps with a slot of their own
-  if (own > 0) used.narrow(0, 0, own).copy_(given.narrow(0, start_step, own));
-  if (own < steps) used.narrow(0, own, steps - own).copy_(given.narrow(0, slots - 1, 1).expand({steps - own, -1}));
+  T* out = used.data_ptr<T>();
+  const T* in = given.data_ptr<T>();
+  if (own > 0) std::memcpy(out, in + start_step * columns, sizeof(T) * own * columns);
+  for (int64_t t = own; t < steps; ++t) std::memcpy(out + t * columns, in + (slots - 1) * columns, sizeof(T) * columns);
 }
 
 template <typename T>
@@ -575,16 +581,16 @@ void recurrent_forward_impl(const RecurrentForwardArgs& args, RecurrentForwardOu
   const bool training = flags.training;
   if (!training) {
     if (step_input) {
-      copy_slot_rows(out.mean_ih, args.input_mean, flags.start_step);
-      copy_slot_rows(out.var_ih, args.input_var, flags.start_step);
+      copy_slot_rows<T>(out.mean_ih, args.input_mean, flags.start_step);
+      copy_slot_rows<T>(out.var_ih, args.input_var, flags.start_step);
     }
     if (flags.normalize_recurrent) {
-      copy_slot_rows(out.mean_hh, args.running_mean_hh, flags.start_step);
-      copy_slot_rows(out.var_hh, args.running_var_hh, flags.start_step);
+      copy_slot_rows<T>(out.mean_hh, args.running_mean_hh, flags.start_step);
+      copy_slot_rows<T>(out.var_hh, args.running_var_hh, flags.start_step);
     }
     if (flags.normalize_cell) {
-      copy_slot_rows(out.mean_c, args.running_mean_c, flags.start_step);
-      copy_slot_rows(out.var_c, args.running_var_c, flags.start_step);
+      copy_slot_rows<T>(out.mean_c, args.running_mean_c, flags.start_step);
+      copy_slot_rows<T>(out.var_c, args.running_var_c, flags.start_step);
     }
   }
   const Rows<T> projection(args.input_projection, !project_in_steps), inputs(args.x, project_in_steps),
