@@ -545,7 +545,6 @@ void recurrent_forward_impl(const RecurrentForwardArgs& args, RecurrentForwardOu
   // Without the layer's input projection, each block multiplies x_t by its own rows of W_ih
   // at every step (RecurrentForwardArgs).
   const bool project_in_steps = !args.input_projection.defined();
-  const int64_t I = project_in_steps ? args.x.size(2) : 0;
   const RecurrentForwardCPU<T> kernel(args, flags, B, H);
   const bool bf16 = bf16_operands(flags.operand_dtype, c10::CppTypeToScalarType<T>::value);
   const std::vector<int64_t> bounds = hidden_blocks(T_, B, H);
@@ -717,11 +716,7 @@ class RecurrentBackwardCPU {
     std::vector<T>& cell_mean = scratch.cell_mean;
     std::vector<T>& cell_beta = scratch.cell_beta;
     if (cell_bn) {
-      for_each_vec<T>(J, [&](int64_t j, auto n) {
-        const Vec<T> rstd = inverse_sqrt(Vec<T>::loadu(s.var_c + j0 + j, n) + Vec<T>(eps));
-        rstd.store(cell_rstd.data() + j, n);
-        (rstd * Vec<T>::loadu(gamma_c_ + j0 + j, n)).store(cell_scale.data() + j, n);
-      });
+      scale_from_variance(s.var_c + j0, gamma_c_ + j0, eps, J, cell_rstd.data(), cell_scale.data());
       std::copy_n(s.mean_c + j0, J, cell_mean.data());
       std::copy_n(beta_c_ + j0, J, cell_beta.data());
     }
@@ -731,18 +726,16 @@ class RecurrentBackwardCPU {
     std::vector<T>& rec_scale = scratch.rec_scale;
     for (int64_t g = 0; g < 4; ++g) {
       const int64_t k0 = g * H + j0;
-      for_each_vec<T>(J, [&](int64_t j, auto n) {
-        if (any_input) {
-          const Vec<T> rstd = inverse_sqrt(Vec<T>::loadu(s.var_ih + k0 + j, n) + Vec<T>(eps));
-          rstd.store(in_rstd.data() + g * J + j, n);
-          (rstd * Vec<T>::loadu(gamma_ih_ + k0 + j, n)).store(in_scale.data() + g * J + j, n);
-          Vec<T>::loadu(s.mean_ih + k0 + j, n).store(in_mean.data() + g * J + j, n);
-        }
-        if (recurrent) {
+      if (any_input) {
+        scale_from_variance(s.var_ih + k0, gamma_ih_ + k0, eps, J, in_rstd.data() + g * J, in_scale.data() + g * J);
+        std::copy_n(s.mean_ih + k0, J, in_mean.data() + g * J);
+      }
+      if (recurrent) {  // only the scale: the normalized recurrent product is in the reserve (zhat)
+        for_each_vec<T>(J, [&](int64_t j, auto n) {
           const Vec<T> rstd = inverse_sqrt(Vec<T>::loadu(s.var_hh + k0 + j, n) + Vec<T>(eps));
           (rstd * Vec<T>::loadu(gamma_hh_ + k0 + j, n)).store(rec_scale.data() + g * J + j, n);
-        }
-      });
+        });
+      }
     }
     // The gate gradients dy of this step, in the block's own [B, 4J] buffer (it stays in this
     // core's cache), and in grad_gates where that is an output.
