@@ -13,6 +13,10 @@
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/cpu/vec/vec.h>
 
+#if defined(CPU_CAPABILITY_AVX512)
+#include <immintrin.h>
+#endif
+
 #include "bf16_gemm.h"
 
 #include <algorithm>
@@ -33,18 +37,59 @@ void cblas_sgemm_compute(int layout, int transa, int transb, int m, int n, int k
 
 namespace bnlstm {
 
-// dst[r, c] = src[c, r] for r < rows, c < cols (row strides in elements). Whole 16 x 16
-// tiles go through at::vec's vector transpose, which keeps both sides in L1 (a strided
-// copy_ of a transposed view walks one side a column at a time, a cache line per element)
-// and moves a vector at a time; the edges go element by element.
+constexpr int64_t kTransposeTile = 16;
+
+// dst[r, c] = src[c, r] for one kTransposeTile x kTransposeTile tile (row strides in elements).
+template <typename T>
+inline void transpose_tile(const T* src, int64_t src_stride, T* dst, int64_t dst_stride) {
+  at::vec::transpose_mxn<T, kTransposeTile, kTransposeTile>(src, src_stride, dst, dst_stride);
+}
+
+#if defined(CPU_CAPABILITY_AVX512)
+// Floats on AVX-512, in registers: pairs of rows interleaved by elements, then by element
+// pairs, then by 128-bit lanes twice. at::vec's transpose_mxn passes a tile of runtime size
+// through memory, which is several times slower (docs/CPU.md).
+template <>
+inline void transpose_tile<float>(const float* src, int64_t src_stride, float* dst, int64_t dst_stride) {
+  __m512 r[16], t[16];
+  for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(src + i * src_stride);
+  for (int i = 0; i < 8; ++i) {  // t[2i]: elements 0, 1, 4, 5, ... of rows 2i and 2i+1 interleaved
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {  // r[4i + j]: column j + 4l of rows 4i .. 4i+3 in lane l
+    const __m512d a = _mm512_castps_pd(t[4 * i]), b = _mm512_castps_pd(t[4 * i + 1]);
+    const __m512d c = _mm512_castps_pd(t[4 * i + 2]), d = _mm512_castps_pd(t[4 * i + 3]);
+    r[4 * i] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, c));
+    r[4 * i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, c));
+    r[4 * i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b, d));
+    r[4 * i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, d));
+  }
+  for (int half = 0; half < 2; ++half) {  // rows 8 * half .. + 7 of columns j, j + 8 / j + 4, j + 12
+    for (int j = 0; j < 4; ++j) {
+      t[8 * half + 2 * j] = _mm512_shuffle_f32x4(r[8 * half + j], r[8 * half + 4 + j], 0x88);
+      t[8 * half + 2 * j + 1] = _mm512_shuffle_f32x4(r[8 * half + j], r[8 * half + 4 + j], 0xdd);
+    }
+  }
+  for (int j = 0; j < 4; ++j) {
+    _mm512_storeu_ps(dst + j * dst_stride, _mm512_shuffle_f32x4(t[2 * j], t[8 + 2 * j], 0x88));
+    _mm512_storeu_ps(dst + (j + 8) * dst_stride, _mm512_shuffle_f32x4(t[2 * j], t[8 + 2 * j], 0xdd));
+    _mm512_storeu_ps(dst + (j + 4) * dst_stride, _mm512_shuffle_f32x4(t[2 * j + 1], t[8 + 2 * j + 1], 0x88));
+    _mm512_storeu_ps(dst + (j + 12) * dst_stride, _mm512_shuffle_f32x4(t[2 * j + 1], t[8 + 2 * j + 1], 0xdd));
+  }
+}
+#endif
+
+// dst[r, c] = src[c, r] for r < rows, c < cols (row strides in elements). Whole tiles go
+// through transpose_tile, which keeps both sides in L1 (a strided copy_ of a transposed view
+// walks one side a column at a time, a cache line per element) and moves a vector at a
+// time; the edges go element by element.
 template <typename T>
 void transpose_into(T* dst, int64_t dst_stride, const T* src, int64_t src_stride, int64_t rows, int64_t cols) {
-  constexpr int64_t kTile = 16;
-  const int64_t whole_rows = rows - rows % kTile, whole_cols = cols - cols % kTile;
-  for (int64_t r = 0; r < whole_rows; r += kTile) {
-    for (int64_t c = 0; c < whole_cols; c += kTile) {
-      at::vec::transpose_mxn<T, kTile, kTile>(src + c * src_stride + r, src_stride, dst + r * dst_stride + c,
-                                              dst_stride);
+  const int64_t whole_rows = rows - rows % kTransposeTile, whole_cols = cols - cols % kTransposeTile;
+  for (int64_t r = 0; r < whole_rows; r += kTransposeTile) {
+    for (int64_t c = 0; c < whole_cols; c += kTransposeTile) {
+      transpose_tile(src + c * src_stride + r, src_stride, dst + r * dst_stride + c, dst_stride);
     }
   }
   for (int64_t r = 0; r < rows; ++r) {
