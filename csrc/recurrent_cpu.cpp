@@ -524,6 +524,13 @@ void host_matmul(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b
   }
 }
 
+// A block's rows of a gate-stacked weight [4H, C]: gate g's rows of hidden units
+// [j0, j0 + J), gate after gate, as [4J, C] (the column order of the block's zh and dz).
+at::Tensor block_rows(const at::Tensor& weight, int64_t j0, int64_t J) {
+  const int64_t H = weight.size(0) / 4, C = weight.size(1);
+  return weight.view({4, H, C}).narrow(1, j0, J).reshape({4 * J, C}).contiguous();
+}
+
 // used [T, C] = the slot rows steps start_step .. start_step + T - 1 read from given [S, C]
 // (slot min(step, S - 1)); both contiguous. By memcpy: the two ATen copies it would take
 // cost a serving call (B=1) more than the bytes.
@@ -554,16 +561,12 @@ void recurrent_forward_impl(const RecurrentForwardArgs& args, RecurrentForwardOu
   std::vector<at::Tensor> zh, zx;     // block k's [B, 4J]
   std::vector<ForwardScratch<T>> scratch;
   const at::TensorOptions options = args.weight_hh.options();
-  const auto block_rows = [&](const at::Tensor& weight, int64_t k) {  // gate-major, as zh
-    const int64_t J = bounds[k + 1] - bounds[k];
-    return weight.view({4, H, weight.size(1)}).narrow(1, bounds[k], J).reshape({4 * J, weight.size(1)}).contiguous();
-  };
   for (int64_t k = 0; k < blocks; ++k) {
     const int64_t J = bounds[k + 1] - bounds[k];
-    gemms.emplace_back(block_rows(args.weight_hh, k), /*transpose=*/true, B, bf16);
+    gemms.emplace_back(block_rows(args.weight_hh, bounds[k], J), /*transpose=*/true, B, bf16);
     zh.push_back(at::empty({B, 4 * J}, options));
     if (project_in_steps) {
-      input_gemms.emplace_back(block_rows(args.weight_ih, k), /*transpose=*/true, B, bf16);
+      input_gemms.emplace_back(block_rows(args.weight_ih, bounds[k], J), /*transpose=*/true, B, bf16);
       zx.push_back(at::empty({B, 4 * J}, options));
     }
     scratch.emplace_back(B, J);
@@ -969,7 +972,6 @@ void recurrent_backward_impl(const RecurrentBackwardArgs& args, RecurrentBackwar
   // cores.
   const std::vector<int64_t> bounds = hidden_blocks(T_, B, H);
   const int64_t blocks = static_cast<int64_t>(bounds.size()) - 1;
-  const at::Tensor weight_by_gate = args.weight_hh.view({4, H, H});
   // Weight gradients, where the host asks for them (RecurrentBackwardOutputs): each block
   // keeps the last `chunk` steps' dz (and dwx) rows of its columns, [chunk, B, 4J], and
   // every `chunk` steps adds dz^T h_{t-1} (and dwx^T x_t) over them to its rows of the
@@ -999,8 +1001,7 @@ void recurrent_backward_impl(const RecurrentBackwardArgs& args, RecurrentBackwar
   for (int64_t k = 0; k < blocks; ++k) {
     const int64_t J = bounds[k + 1] - bounds[k];
     scratch.emplace_back(B, J);
-    gemms.emplace_back(weight_by_gate.narrow(1, bounds[k], J).reshape({4 * J, H}).contiguous(), /*transpose=*/false, B,
-                       bf16);
+    gemms.emplace_back(block_rows(args.weight_hh, bounds[k], J), /*transpose=*/false, B, bf16);
     // dy needs the whole ring only where it is dz or dwx.
     const bool dy_kept = !flags.normalize_recurrent || flags.input_statistics == kInputNone;
     dy_ring.push_back(at::empty({dy_kept ? chunk : 1, B, 4 * J}, options));
@@ -1010,8 +1011,7 @@ void recurrent_backward_impl(const RecurrentBackwardArgs& args, RecurrentBackwar
     if (weights_hh) weight_hh_rows.push_back(at::zeros({H, 4 * J}, options));
     if (weights_ih) weight_ih_rows.push_back(at::zeros({args.x.size(2), 4 * J}, options));
     if (input_grad) {
-      weight_ih_by_block.push_back(
-          args.weight_ih.view({4, H, input_size}).narrow(1, bounds[k], J).reshape({4 * J, input_size}).contiguous());
+      weight_ih_by_block.push_back(block_rows(args.weight_ih, bounds[k], J));
     }
   }
   const auto product = [bf16](const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bool accumulate) {
