@@ -218,9 +218,11 @@ def _layer_forward_fake(*arguments):
     steps, batch, _ = a.x.shape
     hidden = a.params[1].shape[1]
     gates = 4 * hidden
-    input_rows = {0: 0, 1: steps, 2: 1}[a.input_statistics]
-    recurrent_rows = steps if a.normalize_recurrent else 0
-    cell_rows = steps if a.normalize_cell else 0
+    # Inference in evaluation reports no statistics (csrc/ops.cpp).
+    reported = a.training or a.keep_reserve
+    input_rows = {0: 0, 1: steps, 2: 1}[a.input_statistics] if reported else 0
+    recurrent_rows = steps if a.normalize_recurrent and reported else 0
+    cell_rows = steps if a.normalize_cell and reported else 0
     projection_shape = (steps, batch, gates) if a.keep_reserve and a.input_statistics else (0,)
     reserve_shape = (steps, batch, reserve_width(hidden, a.normalize_recurrent)) if a.keep_reserve else (0,)
     new = a.x.new_empty

@@ -576,6 +576,8 @@ def layer_forward(x: Tensor, h0: Tensor, c0: Tensor, lengths: Optional[Tensor], 
             *(operand(p) for p in params), active, running_dict(running) if not training else {}, config)
     if reverse:
         output = reverse_padded(output, lengths)
+    if not (training or keep_reserve):  # inference in evaluation reports no statistics
+        statistics = [s.new_empty(0, s.shape[1]) for s in statistics]
     keeps_projection = keep_reserve and input_statistics != INPUT_STATISTICS[None]
     return (output, h_n, c_n, list(statistics), projection.to(x.dtype) if keeps_projection else x.new_empty(0),
             reserve if keep_reserve else x.new_empty(0))

@@ -101,8 +101,10 @@ struct RecurrentForwardArgs {
 struct RecurrentForwardOutputs {
   at::Tensor output;           // [T, B, H], zero at padded steps
   at::Tensor h, c;             // [B, H], initial states on entry, final states on exit
-  at::Tensor mean_ih, var_ih;  // [T, 4H] statistics used at each step, if step-wise input
-  at::Tensor mean_hh, var_hh;  // [T, 4H] statistics used at each step, if normalize_recurrent
+  // The statistics used at each step; [0, F] where the part is not normalized, and on the
+  // CPU in inference in evaluation (layer.cpp), where nothing reads them.
+  at::Tensor mean_ih, var_ih;  // [T, 4H], if step-wise input
+  at::Tensor mean_hh, var_hh;  // [T, 4H], if normalize_recurrent
   at::Tensor mean_c, var_c;    // [T, H], if normalize_cell
   at::Tensor reserve;          // [T, B, width] or undefined (inference)
 };

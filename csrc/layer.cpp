@@ -174,6 +174,13 @@ LayerForwardResult layer_forward(RecurrentForwardFn recurrent, MatmulFn matmul, 
 
   const OptTensor& lengths = in.lengths;
   const Prepared p = prepare(x, lengths, in.reverse);
+  // Inference in evaluation returns no statistics (ops.cpp): nothing reads the running
+  // statistics' rows there, and copying them is a visible part of a small call
+  // (docs/CPU.md). The CPU kernels then leave them out (they read the running statistics
+  // themselves); the CUDA kernels write each step's rows, and pass the input statistics to
+  // the step kernel through them, so they still get buffers, which the call drops.
+  const bool report_statistics = training || in.keep_reserve;
+  const bool statistics_buffers = report_statistics || !x.is_cpu();
   // Every output is a tensor of its own (the schema promises no aliasing), so unused ones
   // are fresh empty tensors, never one shared.
   const auto empty_g = [&x, G] { return at::empty({0, G}, x.options()); };
@@ -211,8 +218,10 @@ LayerForwardResult layer_forward(RecurrentForwardFn recurrent, MatmulFn matmul, 
   out.mean_ih = empty_g();
   out.var_ih = empty_g();
   if (input_statistics == kInputStep) {
-    out.mean_ih = pooled_empty({T, G}, x.options());
-    out.var_ih = pooled_empty({T, G}, x.options());
+    if (statistics_buffers) {
+      out.mean_ih = pooled_empty({T, G}, x.options());
+      out.var_ih = pooled_empty({T, G}, x.options());
+    }
     if (!training) {
       args.input_mean = as_input(running.mean_ih);
       args.input_var = as_input(running.var_ih);
@@ -223,12 +232,16 @@ LayerForwardResult layer_forward(RecurrentForwardFn recurrent, MatmulFn matmul, 
       const at::Tensor weight = p.weight().view({1, T * B, 1});
       std::tie(out.mean_ih, out.var_ih) =
           masked_moments(args.input_projection.view({1, T * B, G}), weight, weight.sum(1));
+      args.input_mean = out.mean_ih.contiguous();
+      args.input_var = out.var_ih.contiguous();
     } else {
-      out.mean_ih = as_input(running.mean_ih).narrow(0, 0, 1).clone();
-      out.var_ih = as_input(running.var_ih).narrow(0, 0, 1).clone();
+      args.input_mean = as_input(running.mean_ih).narrow(0, 0, 1).contiguous();
+      args.input_var = as_input(running.var_ih).narrow(0, 0, 1).contiguous();
+      if (report_statistics) {  // copies: an operator's outputs may not alias its inputs
+        out.mean_ih = args.input_mean.clone();
+        out.var_ih = args.input_var.clone();
+      }
     }
-    args.input_mean = out.mean_ih.contiguous();
-    args.input_var = out.var_ih.contiguous();
   }
   if (!training && normalize_recurrent) {
     args.running_mean_hh = as_input(running.mean_hh);
@@ -241,10 +254,11 @@ LayerForwardResult layer_forward(RecurrentForwardFn recurrent, MatmulFn matmul, 
   out.output = pooled_empty({T, B, H}, x.options());
   out.h = in.h0.contiguous().clone();
   out.c = in.c0.contiguous().clone();
-  out.mean_hh = normalize_recurrent ? pooled_empty({T, G}, x.options()) : empty_g();
-  out.var_hh = normalize_recurrent ? pooled_empty({T, G}, x.options()) : empty_g();
-  out.mean_c = normalize_cell ? pooled_empty({T, H}, x.options()) : empty_h();
-  out.var_c = normalize_cell ? pooled_empty({T, H}, x.options()) : empty_h();
+  const bool recurrent_rows = normalize_recurrent && statistics_buffers, cell_rows = normalize_cell && statistics_buffers;
+  out.mean_hh = recurrent_rows ? pooled_empty({T, G}, x.options()) : empty_g();
+  out.var_hh = recurrent_rows ? pooled_empty({T, G}, x.options()) : empty_g();
+  out.mean_c = cell_rows ? pooled_empty({T, H}, x.options()) : empty_h();
+  out.var_c = cell_rows ? pooled_empty({T, H}, x.options()) : empty_h();
   const ReserveLayout layout(H, flags);
   if (in.keep_reserve) out.reserve = pooled_empty({T, B, layout.width}, x.options());
   recurrent(args, out, flags);
@@ -253,9 +267,9 @@ LayerForwardResult layer_forward(RecurrentForwardFn recurrent, MatmulFn matmul, 
   at::Tensor reserve = in.keep_reserve ? out.reserve : at::empty({0}, x.options());
   // The backward pass recomputes the normalized input from the projection.
   at::Tensor projection = in.keep_reserve && normalize_input ? args.input_projection : at::empty({0}, x.options());
-  return {output, out.h, out.c,
-          pack_statistics({out.mean_ih, out.var_ih, out.mean_hh, out.var_hh, out.mean_c, out.var_c}), projection,
-          reserve};
+  StepStatistics statistics{out.mean_ih, out.var_ih, out.mean_hh, out.var_hh, out.mean_c, out.var_c};
+  if (!report_statistics) statistics = {empty_g(), empty_g(), empty_g(), empty_g(), empty_h(), empty_h()};
+  return {output, out.h, out.c, pack_statistics(std::move(statistics)), projection, reserve};
 }
 
 LayerBackwardResult layer_backward(RecurrentBackwardFn recurrent, MatmulFn matmul, bool weights_in_recurrence,

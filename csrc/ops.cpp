@@ -19,9 +19,11 @@ TORCH_LIBRARY(bnlstm, m) {
   // running: running statistics (mean_ih, var_ih, mean_hh, var_hh, mean_c, var_c), [S, F]
   //   each, read only in evaluation (training=False); empty tensors where not read.
   // statistics: the statistics used at each step, in the same order (batch statistics in
-  //   training, for the running update); [0, F] for parts the variant does not normalize.
-  // keep_reserve=False (inference) returns an empty projection and reserve. start_step is the
-  // index of x's first step: step t uses statistics slot min(start_step + t, S - 1).
+  //   training, for the running update; in evaluation the running statistics' rows, for the
+  //   backward pass); [0, F] for parts the variant does not normalize.
+  // keep_reserve=False (inference) returns an empty projection and reserve, and in
+  // evaluation [0, F] statistics too: nothing reads them there. start_step is the index of
+  // x's first step: step t uses statistics slot min(start_step + t, S - 1).
   // operand_dtype (float16 or bfloat16, for inputs that were in it and are computed in
   // float32) lets a backend with tensor cores multiply at that precision, accumulating in
   // float32 as cuDNN does: the recurrent GEMM's operands h_{t-1} and W_hh rounded to it, the

@@ -286,9 +286,10 @@ template <typename T>
 class RecurrentForwardCPU {
  public:
   // The statistics given for the whole call (input ones that are not the step's batch's,
-  // and in evaluation the running ones) get their GivenStatistics here, once.
+  // and in evaluation the running ones) get their GivenStatistics here, once. keep: the
+  // steps store what the backward pass reads.
   RecurrentForwardCPU(const RecurrentForwardArgs& args, const LayerFlags& flags, int64_t batch,
-                      int64_t hidden)
+                      int64_t hidden, bool keep)
       : flags_(flags), layout_(hidden, flags), batch_(batch), hidden_(hidden),
         given_input_(flags.input_statistics != kInputNone &&
                      !(flags.training && flags.input_statistics == kInputStep)),
@@ -305,7 +306,7 @@ class RecurrentForwardCPU {
     // Only the recurrent part's rstd is read: for the normalized product kept for the backward.
     if (given_input_) input_ = given(args.input_mean, args.input_var, gamma_ih_, G, false);
     if (!flags.training && flags.normalize_recurrent) {
-      recurrent_ = given(args.running_mean_hh, args.running_var_hh, gamma_hh_, G, true);
+      recurrent_ = given(args.running_mean_hh, args.running_var_hh, gamma_hh_, G, keep);
     }
     if (!flags.training && flags.normalize_cell) {
       cell_ = given(args.running_mean_c, args.running_var_c, gamma_c_, hidden, false);
@@ -552,7 +553,8 @@ void recurrent_forward_impl(const RecurrentForwardArgs& args, RecurrentForwardOu
   // Without the layer's input projection, each block multiplies x_t by its own rows of W_ih
   // at every step (RecurrentForwardArgs).
   const bool project_in_steps = !args.input_projection.defined();
-  const RecurrentForwardCPU<T> kernel(args, flags, B, H);
+  const bool keep = out.reserve.defined();
+  const RecurrentForwardCPU<T> kernel(args, flags, B, H, keep);
   const bool bf16 = bf16_operands(flags.operand_dtype, c10::CppTypeToScalarType<T>::value);
   const std::vector<int64_t> bounds = hidden_blocks(T_, B, H);
   const int64_t blocks = static_cast<int64_t>(bounds.size()) - 1;
@@ -576,12 +578,12 @@ void recurrent_forward_impl(const RecurrentForwardArgs& args, RecurrentForwardOu
   at::Tensor h_buffers[2] = {out.h, at::empty_like(out.h)};
   const bool* active = args.active.data_ptr<bool>();
   const int64_t* counts = args.counts.data_ptr<int64_t>();
-  const bool keep = out.reserve.defined();
   const bool step_input = flags.input_statistics == kInputStep;
   // The statistics each step used: the steps write their batch's in training; in evaluation
-  // they are rows of the running ones, copied here.
+  // they are rows of the running ones, copied here where the call reports them (not in
+  // inference, whose outputs have no rows).
   const bool training = flags.training;
-  if (!training) {
+  if (!training && keep) {
     if (step_input) {
       copy_slot_rows<T>(out.mean_ih, args.input_mean, flags.start_step);
       copy_slot_rows<T>(out.var_ih, args.input_var, flags.start_step);

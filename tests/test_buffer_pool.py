@@ -46,14 +46,14 @@ def test_reused_buffers_give_the_same_results():
 
 
 def test_inference_outputs_come_from_the_pool_and_behave_as_any_tensor():
-    """An inference call's output and statistics are pooled (a call that follows a dropped
-    output reuses its buffers) but are ordinary tensors to the caller: one held is never
-    handed out again, and its storage resizes (through the pool)."""
+    """An inference call's output is pooled (a call that follows a dropped output reuses its
+    buffer) but is an ordinary tensor to the caller: one held is never handed out again, and
+    its storage resizes (through the pool)."""
     from bnlstm_cuda.ops import cpu_buffer_pool_statistics, release_cpu_buffers
 
     torch.manual_seed(0)
     module = BNLSTM(3, 64, max_length=300, backend="cpu").eval()
-    x = torch.randn(300, 16, 3)  # output T * B * H * 4 bytes = 1.2 MiB, statistics [T, 4H] 0.3 MiB
+    x = torch.randn(300, 16, 3)  # output T * B * H * 4 bytes = 1.2 MiB
     with torch.no_grad():
         release_cpu_buffers()
         expected = module(x)[0]

@@ -61,6 +61,39 @@ def test_opcheck_layer_backward(variant, training):
         assert torch.equal(got, expected)
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_inference_in_evaluation_reports_no_statistics(variant):
+    """keep_reserve=False in evaluation returns [0, F] statistics (nothing reads them) and
+    the output and states of keep_reserve=True (float64, to rounding: inference may project
+    x in the steps), whose statistics are the running rows each step used: slot
+    min(t, S - 1), T = 4 steps over S = 3 slots. Training without a reserve still returns
+    its batch statistics, which the running update folds."""
+    from bnlstm_cuda.ops import STATISTICS, STATISTICS_PARTS
+
+    args = op_arguments(variant, training=False, reverse=False)
+    with torch.no_grad():
+        kept = torch.ops.bnlstm.layer_forward(*args)
+        inference = torch.ops.bnlstm.layer_forward(*args._replace(keep_reserve=False))
+    for got, expected in zip(inference[:3], kept[:3]):
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    slots = torch.tensor([0, 1, 2, 2])
+    for name, running, got, reported in zip(STATISTICS, args.running, inference[3], kept[3]):
+        assert got.shape == (0, reported.shape[1]), name
+        if running.numel() == 0:
+            assert reported.shape[0] == 0, name
+        elif running.shape[0] == 1:  # sequence-wise input statistics: one row for every step
+            assert torch.equal(reported, running), name
+        else:
+            assert torch.equal(reported, running[slots]), name
+    training = op_arguments(variant, training=True, reverse=False, keep_reserve=False)
+    with torch.no_grad():
+        statistics = torch.ops.bnlstm.layer_forward(*training)[3]
+    variant_parts = bnlstm_cuda.get_variant(variant).parts
+    for index, part in enumerate(STATISTICS_PARTS):
+        for tensor in statistics[2 * index:2 * index + 2]:
+            assert (tensor.shape[0] > 0) == (part in variant_parts), (part, tensor.shape)
+
+
 def test_op_lengths_none_means_full_sequences():
     """lengths=None gives what lengths of T for every sequence give, forward and backward."""
     args = op_arguments("cooijmans", True, reverse=True)
