@@ -47,6 +47,10 @@ class Backend:
     # Both directions of a bidirectional layer in one call, where the backend has that (the
     # CPU's runs them at once); None: a `layer` call per direction.
     bidirectional_layer: Optional[BidirectionalLayerFunction] = None
+    # Whether its layer functions take float32 operands with operand_dtype=dtype and round
+    # them as casting them would (LayerFunction): torch.autocast's inputs and weights then
+    # reach them uncast, without the casts' copies and autograd nodes.
+    rounds_operands: Callable[[torch.dtype], bool] = lambda dtype: False
 
 
 _fallback_warned = False
@@ -134,7 +138,7 @@ REFERENCE = Backend("reference", bnlstm_layer_reference, update_running_stats_pa
 # are a few percent of a small layer's training step); it rounds an ulp differently from
 # the reference's fold, which is why the fold belongs to the backend that ran.
 CPU = Backend("cpu", bnlstm_layer_fused, ops.update_running_stats_parts_compiled, _cpu_unavailable,
-              ops.bidirectional_layer_fused)
+              ops.bidirectional_layer_fused, ops.cpu_rounds_operands)
 CUDA = Backend("cuda", bnlstm_layer_fused, update_running_stats_parts, _cuda_unavailable)
 TRITON = Backend("triton", _triton_layer, update_running_stats_parts, _triton_problem)
 REGISTRY: Dict[str, Backend] = {backend.name: backend for backend in (REFERENCE, CPU, CUDA, TRITON)}

@@ -152,7 +152,7 @@ class BNLSTMCell(BNLSTMBase):
                 shape, layout = (self.hidden_size,), "(hidden_size,) for unbatched input"
             else:
                 shape, layout = (batch, self.hidden_size), "(batch, hidden_size)"
-            h0, c0 = validation.check_hx(hx, shape, x, layout, autocast=autocast_dtype is not None)
+            h0, c0 = validation.check_hx(hx, shape, x, layout, autocast=autocast_dtype)
             if autocast_dtype is not None:
                 h0, c0 = h0.to(autocast_dtype), c0.to(autocast_dtype)
             h0, c0 = h0.reshape(batch, self.hidden_size), c0.reshape(batch, self.hidden_size)

@@ -60,11 +60,16 @@ class LayerFunction(Protocol):
              lengths[b] - 1 - t
     start_step: index of x's first time step: step t uses statistics slot
              min(start_step + t, S - 1)
+    operand_dtype: a half-precision dtype to multiply in, with x, h0, c0 and the weights in
+             float32 (torch.autocast's inputs, uncast); the results come in that dtype.
+             Passed only to a backend that rounds float32 operands as casting them would
+             (backends.Backend.rounds_operands); the others take autocast's inputs cast.
     """
 
     def __call__(self, x: Tensor, h0: Tensor, c0: Tensor, params: LayerParams, running: RunningStats, *,
                  variant: Variant, training: bool, eps: float, lengths: Optional[Tensor] = None,
-                 reverse: bool = False, start_step: int = 0) -> LayerResult: ...
+                 reverse: bool = False, start_step: int = 0,
+                 operand_dtype: Optional[torch.dtype] = None) -> LayerResult: ...
 
 
 class BidirectionalResult(NamedTuple):
@@ -81,7 +86,8 @@ class BidirectionalLayerFunction(Protocol):
 
     def __call__(self, x: Tensor, h0: Tensor, c0: Tensor, params: Tuple[LayerParams, LayerParams],
                  running: Tuple[RunningStats, RunningStats], *, variant: Variant, training: bool, eps: float,
-                 lengths: Optional[Tensor] = None) -> BidirectionalResult: ...
+                 lengths: Optional[Tensor] = None, operand_dtype: Optional[torch.dtype] = None
+                 ) -> BidirectionalResult: ...
 
 
 # (running statistics, batch statistics by part, momentum, start_step): folds every part of

@@ -232,7 +232,8 @@ class BNLSTM(BNLSTMBase):
         weight = self.weight_ih_l0
         packed = isinstance(input, PackedSequence)
         # Under torch.autocast: the input, state and weights in its dtype (float32 compute
-        # inside the backends), whatever dtype each came in.
+        # inside the backends), whatever dtype each came in; the input and weights uncast
+        # where the backend rounds them itself (below).
         autocast_dtype = self._autocast_dtype(input.data if packed else input, weight)
         expected_dtype = None if autocast_dtype is not None else weight.dtype
         if packed:
@@ -247,8 +248,6 @@ class BNLSTM(BNLSTMBase):
                 x = input.unsqueeze(1)
             else:
                 x = input.transpose(0, 1) if self.batch_first else input
-        if autocast_dtype is not None:
-            x = x.to(autocast_dtype)
         unbatched = not packed and input.dim() == 2
         num_steps, batch = x.shape[0], x.shape[1]
         if group is None:
@@ -261,6 +260,16 @@ class BNLSTM(BNLSTMBase):
         if group is not None:
             # Each step all-reduces, so every process runs the longest sequence of the group.
             x, lengths = distributed.pad_to_global_length(x, lengths, group)
+        backend = self._pass_backend(x, group, autocast_dtype) if batch else None
+        # A backend that rounds float32 operands itself as the casts would takes the input
+        # and weights uncast (their copies and autograd nodes are a visible part of a small
+        # step: docs/CPU.md) and multiplies in autocast's dtype (operand_dtype).
+        operand_dtype = None
+        if autocast_dtype is not None:
+            if backend is not None and backend.rounds_operands(autocast_dtype):
+                operand_dtype = autocast_dtype
+            else:
+                x = x.to(autocast_dtype)
 
         num_states = self.num_layers * self.num_directions
         if hx is None:
@@ -273,7 +282,7 @@ class BNLSTM(BNLSTMBase):
             else:
                 shape = (num_states, batch, self.hidden_size)
                 layout = "(num_layers * num_directions, batch, hidden_size)"
-            h0, c0 = validation.check_hx(hx, shape, x, layout, autocast=autocast_dtype is not None)
+            h0, c0 = validation.check_hx(hx, shape, x, layout, autocast=autocast_dtype)
             if autocast_dtype is not None:
                 h0, c0 = h0.to(autocast_dtype), c0.to(autocast_dtype)
             if unbatched:
@@ -283,18 +292,17 @@ class BNLSTM(BNLSTMBase):
             # No sequence, no statistics: the backends need not run, and nothing is folded.
             anchor = parameters.graph_anchor(self, x, h0, c0)
             output = x.new_zeros(num_steps, 0, self.num_directions * self.hidden_size) + anchor
-            h_n, c_n, batch_stats, backend = h0 + anchor, c0 + anchor, {}, None
+            h_n, c_n, batch_stats = h0 + anchor, c0 + anchor, {}
+        elif autocast_dtype is None:
+            output, h_n, c_n, batch_stats = self._run_layers(backend, x, h0, c0, lengths, batch_statistics,
+                                                             dropout, start_step)
         else:
-            backend = self._pass_backend(x, group)
-            if autocast_dtype is None:
-                output, h_n, c_n, batch_stats = self._run_layers(backend, x, h0, c0, lengths, batch_statistics,
-                                                                 dropout, start_step)
-            else:
-                # Off inside: the backends keep statistics and cell math in float32, which
-                # autocast would otherwise turn to its dtype at every matrix product.
-                with torch.autocast(x.device.type, enabled=False):
-                    output, h_n, c_n, batch_stats = self._run_layers(backend, x, h0, c0, lengths, batch_statistics,
-                                                                     dropout, start_step, autocast_dtype)
+            # Off inside: the backends keep statistics and cell math in float32, which
+            # autocast would otherwise turn to its dtype at every matrix product.
+            with torch.autocast(x.device.type, enabled=False):
+                output, h_n, c_n, batch_stats = self._run_layers(
+                    backend, x, h0, c0, lengths, batch_statistics, dropout, start_step,
+                    autocast_dtype if operand_dtype is None else None, operand_dtype)
         if group is not None:
             output = output[:num_steps]  # [T, B, H]: drop the steps added for other processes
 
@@ -307,12 +315,15 @@ class BNLSTM(BNLSTMBase):
         return output, (h_n, c_n), batch_stats, backend
 
     def _run_layers(self, backend: Backend, x, h0, c0, lengths, batch_statistics: bool, dropout: float,
-                    start_step: int, autocast_dtype: Optional[torch.dtype] = None):
+                    start_step: int, autocast_dtype: Optional[torch.dtype] = None,
+                    operand_dtype: Optional[torch.dtype] = None):
         """x: [T, B, I]; h0, c0: [num_layers * num_directions, B, H]; autocast_dtype: the
-        dtype of the weights under torch.autocast (None: as they are)."""
+        dtype of the weights under torch.autocast (None: as they are); operand_dtype: the
+        layers' (layer_api.LayerFunction), where the backend rounds the operands itself."""
+        options = {} if operand_dtype is None else {"operand_dtype": operand_dtype}
         if self.bidirectional and backend.bidirectional_layer is not None and not torch.compiler.is_compiling():
             return self._run_bidirectional_layers(backend, x, h0, c0, lengths, batch_statistics, dropout,
-                                                  autocast_dtype)
+                                                  autocast_dtype, options)
         layer_fn = backend.layer
         h_n, c_n, outputs = [], [], []
         batch_stats: ForwardStats = {}
@@ -321,7 +332,7 @@ class BNLSTM(BNLSTMBase):
             result = layer_fn(
                 x, h0[index], c0[index], self._layer_params(suffix, autocast_dtype), self._running_stats(suffix),
                 variant=self._variant, training=batch_statistics, eps=self.eps,
-                lengths=lengths, reverse=direction == 1, start_step=start_step,
+                lengths=lengths, reverse=direction == 1, start_step=start_step, **options,
             )
             outputs.append(result.output)
             h_n.append(result.h_n)
@@ -336,9 +347,9 @@ class BNLSTM(BNLSTMBase):
         return x, torch.stack(h_n), torch.stack(c_n), batch_stats
 
     def _run_bidirectional_layers(self, backend: Backend, x, h0, c0, lengths, batch_statistics: bool,
-                                  dropout: float, autocast_dtype: Optional[torch.dtype]):
+                                  dropout: float, autocast_dtype: Optional[torch.dtype], options: dict):
         """_run_layers with a call of the backend's bidirectional_layer per layer (torch.compile
-        traces the call per direction)."""
+        traces the call per direction); options: the layer functions' operand_dtype, if any."""
         h_n, c_n = [], []
         batch_stats: ForwardStats = {}
         for layer in range(self.num_layers):
@@ -347,7 +358,7 @@ class BNLSTM(BNLSTMBase):
             result = backend.bidirectional_layer(
                 x, h0[states], c0[states], tuple(self._layer_params(suffix, autocast_dtype) for suffix in suffixes),
                 tuple(self._running_stats(suffix) for suffix in suffixes),
-                variant=self._variant, training=batch_statistics, eps=self.eps, lengths=lengths,
+                variant=self._variant, training=batch_statistics, eps=self.eps, lengths=lengths, **options,
             )
             x = result.output
             h_n.append(result.h_n)

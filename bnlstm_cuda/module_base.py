@@ -113,22 +113,24 @@ class BNLSTMBase(nn.Module):
                 "which traces the module with torch.export"
             )
 
-    def _pass_backend(self, x: Tensor, group) -> Backend:
+    def _pass_backend(self, x: Tensor, group, dtype: Optional[torch.dtype] = None) -> Backend:
         """What runs this forward pass on x [T, B, I]: the reference layer with statistics of
         `group`'s global batch (a synchronized training step); the reference layer while
         torch.export traces (torch.onnx.export(..., dynamo=True) included), so the exported
         graph holds standard operators only, whatever the backend; else this module's
         backend, resolved once per backend name, device and dtype (and batch on a GPU,
-        where "auto" depends on it). torch.compile keeps the module's backend."""
+        where "auto" depends on it). torch.compile keeps the module's backend. dtype: the
+        one the layers compute in, where not x's (torch.autocast's)."""
         if group is not None:
             return distributed.synchronized_backend(group)
         if torch.compiler.is_exporting():
             return backends.REFERENCE
+        dtype = x.dtype if dtype is None else dtype
         batch = x.shape[1] if x.device.type == "cuda" else None
-        key = (self.backend, x.device, x.dtype, batch)
+        key = (self.backend, x.device, dtype, batch)
         resolved = getattr(self, "_resolved", None)  # modules pickled before it existed lack it
         if resolved is None or resolved[0] != key:
-            backend = backends.resolve(self.backend, x.device, dtype=x.dtype, batch=x.shape[1],
+            backend = backends.resolve(self.backend, x.device, dtype=dtype, batch=x.shape[1],
                                        hidden_size=self.hidden_size)
             resolved = self._resolved = (key, backend)
         return resolved[1]

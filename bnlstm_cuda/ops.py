@@ -88,6 +88,26 @@ def is_loaded() -> bool:
     return _registered
 
 
+_cpu_bf16: Optional[bool] = None
+
+
+@torch.compiler.assume_constant_result  # asked at every forward; the answer never changes
+def _cpu_multiplies_in_bf16() -> bool:
+    global _cpu_bf16
+    if _cpu_bf16 is None:
+        ensure_loaded()
+        _cpu_bf16 = bool(torch.ops.bnlstm.cpu_bf16_available())
+    return _cpu_bf16
+
+
+def cpu_rounds_operands(dtype: torch.dtype) -> bool:
+    """Whether the CPU operators, given float32 operands and operand_dtype=dtype, round them
+    to dtype themselves as casting them first would: bfloat16 where the CPU multiplies in it
+    (AVX512_BF16, csrc/bf16_gemm.h; its products treat subnormal bfloat16 as zero, so a
+    subnormal rounds to the same product either way). Elsewhere the cast is the rounding."""
+    return dtype == torch.bfloat16 and _cpu_multiplies_in_bf16()
+
+
 def update_running_stats_compiled(running_mean: Tensor, running_var: Tensor, stats: BatchStats,
                                   momentum: float, start_step: int = 0) -> Tensor:
     """statistics.update_running_stats for CPU tensors as one C++ operator
@@ -379,12 +399,15 @@ def run_layer(
     lengths: Optional[Tensor] = None,
     reverse: bool = False,
     start_step: int = 0,
+    operand_dtype: Optional[torch.dtype] = None,
 ) -> LayerResult:
     """One layer-direction through `operators`; the other arguments and the result as
     `reference.bnlstm_layer_reference`. Half-precision inputs reach the operators in float32
-    with their dtype as `operand_dtype`, in which the operators multiply (fp32 accumulation)."""
-    out_dtype = x.dtype
-    dtype = compute_dtype(x.dtype)
+    with their dtype as `operand_dtype`, in which the operators multiply (fp32 accumulation).
+    operand_dtype given: the inputs come in float32, to be multiplied in that dtype, and the
+    outputs go out in it (layer_api.LayerFunction)."""
+    out_dtype = x.dtype if operand_dtype is None else operand_dtype
+    dtype = compute_dtype(out_dtype)
     if out_dtype != dtype:
         x, h0, c0 = x.to(dtype), h0.to(dtype), c0.to(dtype)
     params = params.to(dtype)
@@ -504,12 +527,13 @@ class _BidirectionalFunction(torch.autograd.Function):
 
 def bidirectional_layer_fused(x: Tensor, h0: Tensor, c0: Tensor, params: Tuple[LayerParams, LayerParams],
                               running: Tuple[RunningStats, RunningStats], *, variant: Variant, training: bool,
-                              eps: float, lengths: Optional[Tensor] = None) -> BidirectionalResult:
+                              eps: float, lengths: Optional[Tensor] = None,
+                              operand_dtype: Optional[torch.dtype] = None) -> BidirectionalResult:
     """Both directions of a bidirectional layer in one call of the CPU operators (a
     `layer_api.BidirectionalLayerFunction`): what `bnlstm_layer_fused` gives for each
     direction, with the directions run at once where that pays (csrc/bidirectional_cpu.cpp)."""
-    out_dtype = x.dtype
-    dtype = compute_dtype(x.dtype)
+    out_dtype = x.dtype if operand_dtype is None else operand_dtype
+    dtype = compute_dtype(out_dtype)
     if out_dtype != dtype:
         x, h0, c0 = x.to(dtype), h0.to(dtype), c0.to(dtype)
     params = (params[0].to(dtype), params[1].to(dtype))

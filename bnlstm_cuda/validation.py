@@ -105,10 +105,10 @@ def check_input(
 
 def check_hx(hx, expected_shape: Tuple[int, ...], input: Tensor,
              layout: str = "(num_layers * num_directions, batch, hidden_size)",
-             autocast: bool = False) -> Tuple[Tensor, Tensor]:
+             autocast: Optional[torch.dtype] = None) -> Tuple[Tensor, Tensor]:
     """hx: (h_0, c_0), each of expected_shape, with the input's dtype and device (under
-    torch.autocast, `autocast`: any dtype autocast casts, as the caller casts them).
-    layout: what the dimensions of expected_shape are, for the message."""
+    torch.autocast, `autocast` its dtype: any dtype autocast casts, as the caller casts them
+    to it). layout: what the dimensions of expected_shape are, for the message."""
     if not isinstance(hx, (tuple, list)) or len(hx) != 2:
         raise TypeError(
             f"hx must be a tuple (h_0, c_0) of two tensors of shape {expected_shape}, "
@@ -121,12 +121,12 @@ def check_hx(hx, expected_shape: Tuple[int, ...], input: Tensor,
             raise ShapeError(
                 f"hx[{name}] must have shape {expected_shape} {layout}, got {tuple(state.shape)}"
             )
-        if autocast and state.dtype not in AUTOCAST_DTYPES:
+        if autocast is not None and state.dtype not in AUTOCAST_DTYPES:
             raise DTypeError(
                 f"hx[{name}] must have dtype torch.float32, torch.float16 or torch.bfloat16 under "
-                f"torch.autocast (it is cast to {input.dtype}), got {state.dtype}"
+                f"torch.autocast (it is cast to {autocast}), got {state.dtype}"
             )
-        if not autocast and state.dtype != input.dtype:
+        if autocast is None and state.dtype != input.dtype:
             raise DTypeError(f"hx[{name}] must have dtype {input.dtype}, got {state.dtype}")
         if state.device != input.device:
             raise ValueError(f"hx[{name}] must be on {input.device}, got {state.device}")

@@ -66,7 +66,10 @@ def float32_products(monkeypatch):
     """Half-precision inputs multiplied in float32, as on a CPU without AVX512_BF16: where the
     CPU has it, the CPU backend otherwise multiplies bfloat16 inputs in bfloat16, h_{t-1}
     rounded at every step (tests/test_cpu_bf16.py holds that path to its own oracle). For
-    tests whose oracle computes in float32 after rounding the inputs."""
+    tests whose oracle computes in float32 after rounding the inputs: the module casts the
+    input and weights to bfloat16 under autocast (as where the CPU cannot round them) and
+    the operators multiply the rounded values in float32."""
     from bnlstm_cuda import ops
 
     monkeypatch.setattr(ops, "_operand_dtype", lambda out_dtype, dtype: None)
+    monkeypatch.setattr(ops, "_cpu_bf16", False)

@@ -173,3 +173,49 @@ def test_bf16_module_error_is_at_most_twice_nn_lstms(variant):
     twice nn.LSTM's in bfloat16 (geometric mean over seeds, so no single draw decides)."""
     ratios = bf16_module_error_ratios(variant)
     assert math.exp(sum(math.log(r) for r in ratios) / len(ratios)) <= 2.0, ratios
+
+
+@requires_bf16
+@pytest.mark.parametrize("bidirectional", [False, True], ids=["one-direction", "bidirectional"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_autocast_passes_the_input_and_weights_uncast(bidirectional, training, monkeypatch):
+    """Under bf16 autocast the module hands the CPU operators the float32 input and weights
+    with operand_dtype=bfloat16 (they round them as the casts would), instead of casting
+    them to bfloat16 and back. Against the module with the casts (as where the CPU cannot
+    round them, but multiplying in bfloat16 all the same): outputs, final states and running
+    statistics equal bit for bit; the gradients of the weights and of the input are the same
+    ones without the casts' rounding to bfloat16 on their way back, the others equal. Two
+    layers, odd sizes, a padded batch and a float32 state given."""
+    from bnlstm_cuda import ops
+
+    torch.manual_seed(11)
+    module = BNLSTM(7, 19, num_layers=2, bidirectional=bidirectional, max_length=5, backend="cpu").train(training)
+    with torch.no_grad():
+        for name, buffer in module.named_buffers():
+            buffer.copy_(torch.rand_like(buffer) + 0.5 if "var" in name else torch.randn_like(buffer))
+    cast = copy.deepcopy(module)
+    states = 2 * (2 if bidirectional else 1)
+    x = torch.nn.utils.rnn.pack_padded_sequence(torch.randn(6, 5, 7), torch.tensor([6, 6, 4, 3, 1]))
+    hx = torch.randn(states, 5, 19), torch.randn(states, 5, 19)
+
+    def run(layer):
+        inputs = x.data.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            output, (h_n, c_n) = layer(x._replace(data=inputs), hx)
+        (output.data.float().square().sum() + h_n.float().sum() + c_n.float().sum()).backward()
+        return output.data, h_n, c_n, inputs.grad
+
+    got = run(module)
+    monkeypatch.setattr(ops, "_cpu_bf16", False)  # the module casts; the operators still multiply in bf16
+    want = run(cast)
+    for name, g, w in zip(("output", "h_n", "c_n"), got[:3], want[:3]):
+        assert g.dtype == torch.bfloat16 and torch.equal(g, w), name
+    assert torch.equal(want[3], got[3].bfloat16().float()), "grad_x"
+    for (name, g), (_, w) in zip(module.named_parameters(), cast.named_parameters()):
+        if name.startswith("weight_"):
+            assert torch.equal(w.grad, g.grad.bfloat16().float()), name
+            assert not torch.equal(g.grad, g.grad.bfloat16().float()), name  # no cast rounded it
+        else:
+            assert torch.equal(w.grad, g.grad), name
+    for (name, g), (_, w) in zip(module.named_buffers(), cast.named_buffers()):
+        assert torch.equal(g, w), name
