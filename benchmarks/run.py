@@ -15,7 +15,7 @@ from .floor import matmul_rate, rate_dtypes
 from .providers import make_call, modes_of, providers
 from .report import Measurement, add_output_arguments, environment, markdown_table, output_dir, rows, write_files
 from .sweeps import SWEEPS
-from .timing import peak_memory_bytes, time_call
+from .timing import peak_memory_bytes, time_call, time_interleaved
 
 
 def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
@@ -34,6 +34,9 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=2, help="untimed calls before timing")
     parser.add_argument("--min-runs", type=int, default=10, help="timed runs per measurement, at least")
     parser.add_argument("--min-time", type=float, default=0.5, help="seconds of timed runs per measurement, at least")
+    parser.add_argument("--rounds", type=int, default=5,
+                        help="the providers of a configuration and mode are timed in turn, in this many rounds "
+                             "(1: one after the other)")
     add_output_arguments(parser)
     parser.add_argument("--budget", type=float, default=None,
                         help="seconds: start no configuration after this long, and write what was measured "
@@ -60,6 +63,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     except ValueError as error:
         raise SystemExit(f"--backends: {error}") from None
     timing = {"warmup": args.warmup, "min_runs": args.min_runs, "min_time_s": args.min_time}
+    rounds = max(1, args.rounds)
 
     dtypes = dict.fromkeys(dtype for config in configs for dtype in rate_dtypes(config))
     rates = {dtype: matmul_rate(device, dtype) for dtype in dtypes}
@@ -71,15 +75,16 @@ def main(argv: Optional[List[str]] = None) -> None:
             if args.budget is not None and time.perf_counter() - started > args.budget:
                 skipped.append(config.label)
                 continue
+            modules = {}
             for provider in found:
                 torch.manual_seed(0)
-                module = provider.build(config, device)
-                # A mode the configuration leaves out (training at B=1) is not measured, not failed.
-                for mode in modes_of(config):
-                    progress.set_postfix_str(f"{config.label} {provider.name} {mode}", refresh=True)
-                    measurements.append(_measure(module, mode, config, provider.name, device, timing))
-                    progress.update()
-                del module
+                modules[provider.name] = provider.build(config, device)
+            # A mode the configuration leaves out (training at B=1) is not measured, not failed.
+            for mode in modes_of(config):
+                progress.set_postfix_str(f"{config.label} {mode}", refresh=True)
+                measurements += _measure_together(modules, mode, config, device, timing, rounds)
+                progress.update(len(modules))
+            del modules
 
     env = environment(device, args.sweep, timing, rates)
     records = rows(measurements, rates)
@@ -93,6 +98,19 @@ def main(argv: Optional[List[str]] = None) -> None:
     for path in write_files(records, env, output_dir(args)):
         print(f"wrote {path}")
     print(f"{len(measurements)} measurements in {time.perf_counter() - started:.0f} s")
+
+
+def _measure_together(modules, mode, config, device, timing, rounds) -> List[Measurement]:
+    """Every provider's module in one mode, timed in alternation (time_interleaved), so the
+    ratios to nn.LSTM compare calls made in the same seconds. Where a call fails, each
+    provider is measured on its own instead, so the failure is recorded and the rest kept."""
+    try:
+        calls = {provider: make_call(module, mode, config, device) for provider, module in modules.items()}
+        timings = time_interleaved(calls, device, rounds=rounds, **timing)
+        return [Measurement(config, provider, mode, timings[provider], peak_memory_bytes(call, device))
+                for provider, call in calls.items()]
+    except (RuntimeError, NotImplementedError, ValueError, TypeError):
+        return [_measure(module, mode, config, provider, device, timing) for provider, module in modules.items()]
 
 
 def _measure(module, mode, config, provider, device, timing) -> Measurement:

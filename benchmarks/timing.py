@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import math
 import time
 from dataclasses import dataclass
-from typing import Callable, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import numpy as np
 import torch
@@ -65,10 +66,42 @@ def time_call(
             fn, rep=min_time_s * 1e3, quantiles=[0.0, 0.25, 0.5, 0.75, 1.0]
         )
         return Timing(median, q1, q3, low, high, None)
+    return _timing(_times(fn, device, min_runs, min_time_s))
+
+
+def time_interleaved(
+    fns: Dict[str, Callable[[], None]], device: torch.device, *, warmup: int = 2, min_runs: int = 10,
+    min_time_s: float = 0.5, rounds: int = 5,
+) -> Dict[str, Timing]:
+    """time_call for calls to be compared with each other, in alternation: `rounds` rounds,
+    each giving every call in turn a round's share of `min_runs` and `min_time_s`, the order
+    reversed every other round. A slow spell of a shared machine (seconds long on a VM)
+    then falls on every call instead of on whichever ran during it. Each call's Timing is
+    over all its runs. With triton's do_bench (device time on a GPU, which host load does
+    not move) the calls are timed one after the other."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    if device.type == "cuda" and do_bench is not None:
+        return {name: time_call(fn, device, warmup=0, min_runs=min_runs, min_time_s=min_time_s)
+                for name, fn in fns.items()}
+    rounds = max(1, rounds)
+    runs, seconds = math.ceil(min_runs / rounds), min_time_s / rounds
+    times: Dict[str, List[float]] = {name: [] for name in fns}
+    order = list(fns)
+    for round_index in range(rounds):
+        for name in order if round_index % 2 == 0 else reversed(order):
+            times[name] += _times(fns[name], device, runs, seconds)
+    return {name: _timing(found) for name, found in times.items()}
+
+
+def _times(fn: Callable[[], None], device: torch.device, min_runs: int, min_time_s: float) -> List[float]:
     if device.type == "cuda":
-        times = _cuda_event_times(fn, min_runs, min_time_s)
-    else:
-        times = _host_times(fn, min_runs, min_time_s)
+        return _cuda_event_times(fn, min_runs, min_time_s)
+    return _host_times(fn, min_runs, min_time_s)
+
+
+def _timing(times: List[float]) -> Timing:
     low, q1, median, q3, high = np.percentile(times, [0, 25, 50, 75, 100]).tolist()
     return Timing(median, q1, q3, low, high, len(times))
 

@@ -254,3 +254,36 @@ def test_the_plot_takes_the_users_sweep(tmp_path):
     env = {"device": "cpu", "torch": "x", "date": "2026-01-01"}
     benchmarks.report.plot(_fake_records(), env, tmp_path / "users.png")
     assert (tmp_path / "users.png").stat().st_size > 0
+
+
+def test_providers_are_timed_in_alternating_rounds():
+    """time_interleaved warms every call up, then gives each its share of every round in
+    turn, the order reversed every other round; each Timing counts its own runs."""
+    from benchmarks.timing import time_interleaved
+
+    order = []
+    calls = {name: (lambda name=name: order.append(name)) for name in ("a", "b")}
+    timings = time_interleaved(calls, torch.device("cpu"), warmup=1, min_runs=6, min_time_s=0, rounds=3)
+    assert order == ["a", "b"] + ["a", "a", "b", "b"] + ["b", "b", "a", "a"] + ["a", "a", "b", "b"]
+    assert {name: timing.runs for name, timing in timings.items()} == {"a": 6, "b": 6}
+
+
+def test_a_failing_provider_is_recorded_beside_the_others(monkeypatch):
+    """Where one provider's call raises, the configuration's providers are measured one by
+    one: the failure is a record with its error, the others are timed."""
+    config = SWEEPS["users"][0]
+    modules = {"good": torch.nn.Identity(), "bad": torch.nn.Identity()}
+
+    def make_call(module, mode, config, device):
+        if module is modules["bad"]:
+            def fail():
+                raise RuntimeError("no kernel")
+            return fail
+        return lambda: None
+
+    monkeypatch.setattr(run, "make_call", make_call)
+    timing = {"warmup": 0, "min_runs": 2, "min_time_s": 0}
+    found = run._measure_together(modules, "inference", config, torch.device("cpu"), timing, rounds=2)
+    by_provider = {measurement.provider: measurement for measurement in found}
+    assert by_provider["good"].timing is not None and by_provider["good"].error is None
+    assert by_provider["bad"].timing is None and "no kernel" in by_provider["bad"].error
