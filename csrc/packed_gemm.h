@@ -5,7 +5,8 @@
 //
 // At a few rows (small batches) even MKL's packed call spends more time deciding and
 // copying than multiplying, so up to kSmallGemmRows rows a register-blocked kernel of its
-// own runs instead (SmallGemm), on the vector code this library is built for.
+// own runs instead (SmallGemm), on the vector code this library is built for; on AMD CPUs
+// with the AVX-512 build it runs at every batch (panel_gemm_preferred).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -247,27 +248,29 @@ class SmallGemm {
   int64_t m_, n_, k_, panels_;
 };
 
-// Whether SmallGemm runs for `rows` rows of this dtype: on real vector code only (the
-// default capability's at::vec is plain arrays, slower than MKL's own dispatch).
-inline bool small_gemm_applies(at::ScalarType dtype, int64_t rows) {
-#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
-  return rows > 0 && rows <= kSmallGemmRows && (dtype == at::kFloat || dtype == at::kDouble);
-#else
-  (void)dtype;
-  (void)rows;
-  return false;
-#endif
-}
-
 // Whether the host code's GEMMs (all steps' rows: the input projection, the weight
-// gradients, grad_x) run on SmallGemm's kernel instead of ATen's (MKL): on AMD CPUs with the
-// AVX-512 build, where MKL takes AVX2 kernels and runs at half the rate of this one
-// (docs/CPU.md, "bfloat16 products").
+// gradients, grad_x) and the step GEMMs of any batch run on SmallGemm's kernel instead of
+// MKL's: on AMD CPUs with the AVX-512 build, where MKL takes AVX2 kernels and runs at half
+// the rate of this one on the host shapes and at 0.7-0.85 of it on the steps' (docs/CPU.md).
 inline bool panel_gemm_preferred() {
 #if defined(CPU_CAPABILITY_AVX512) && defined(__x86_64__) && defined(__GNUC__)
   static const bool preferred = __builtin_cpu_is("amd");
   return preferred;
 #else
+  return false;
+#endif
+}
+
+// Whether SmallGemm runs for `rows` rows of this dtype: on real vector code only (the
+// default capability's at::vec is plain arrays, slower than MKL's own dispatch), up to
+// kSmallGemmRows rows, or for any rows where it outruns MKL (panel_gemm_preferred).
+inline bool small_gemm_applies(at::ScalarType dtype, int64_t rows) {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  const bool kernel_wins = rows <= kSmallGemmRows || panel_gemm_preferred();
+  return rows > 0 && kernel_wins && (dtype == at::kFloat || dtype == at::kDouble);
+#else
+  (void)dtype;
+  (void)rows;
   return false;
 #endif
 }

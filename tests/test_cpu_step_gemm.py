@@ -1,7 +1,8 @@
-"""The CPU backend's step GEMMs at small batches (csrc/packed_gemm.h): up to 32 rows its
-own register-blocked kernel (SmallGemm; AVX2 and AVX-512 builds), beyond that MKL or
-at::mm. Every row remainder of its 4-row blocks, partial column panels and both sides of
-the 32-row switch, forward and backward, in float64 against the reference to rounding,
+"""The CPU backend's step GEMMs (csrc/packed_gemm.h): up to 32 rows its own
+register-blocked kernel (SmallGemm; AVX2 and AVX-512 builds), beyond that MKL or at::mm,
+or SmallGemm again on AMD CPUs with the AVX-512 build (panel_gemm_preferred). Every row
+remainder of its 4-row blocks, partial column panels, both sides of the 32-row switch and a
+batch of many blocks, forward and backward, in float64 against the reference to rounding,
 with one hidden-unit block and with two (each block multiplies by its own rows of W_hh)."""
 import pytest
 import torch
@@ -19,7 +20,7 @@ ONE_BLOCK_H, TWO_BLOCKS_H = 13, 150
 pytestmark = pytest.mark.usefixtures("cpu_extension")
 
 
-@pytest.mark.parametrize("batch", [1, 2, 3, 4, 5, 31, 32, 33])
+@pytest.mark.parametrize("batch", [1, 2, 3, 4, 5, 31, 32, 33, 70])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_rows_of_one_block(batch, training, threads):
     threads(1)
@@ -44,7 +45,7 @@ def test_rows_of_two_blocks(batch, threads):
 # transpose (float64's panels are narrower than a tile): H = 16 and 48 fill whole tiles, H = 21
 # leaves part of each panel's rows and columns to the scalar loop.
 @pytest.mark.parametrize("hidden_size", [16, 21, 48])
-@pytest.mark.parametrize("batch", [1, 3, 8])
+@pytest.mark.parametrize("batch", [1, 3, 8, 37])
 def test_float32_transposed_weight_tiles(hidden_size, batch, threads):
     """variant="none" is nn.LSTM: the float32 layer against nn.LSTM in float64, to float32
     rounding (a misplaced weight would be off by the weight's size)."""
