@@ -35,6 +35,12 @@ from .statistics import update_running_stats_parts
 BACKEND_NAMES = ("auto", "reference", "cpu", "cuda", "triton")
 
 
+def _rounds_no_operands(dtype: torch.dtype) -> bool:
+    """Backend.rounds_operands of a backend that takes autocast's inputs cast. A function of
+    the module, not a lambda: a module keeps its Backend, and pickles with it."""
+    return False
+
+
 @dataclass(frozen=True)
 class Backend:
     """One backend: what runs a layer-direction, what folds its batch statistics into the
@@ -50,7 +56,7 @@ class Backend:
     # Whether its layer functions take float32 operands with operand_dtype=dtype and round
     # them as casting them would (LayerFunction): torch.autocast's inputs and weights then
     # reach them uncast, without the casts' copies and autograd nodes.
-    rounds_operands: Callable[[torch.dtype], bool] = lambda dtype: False
+    rounds_operands: Callable[[torch.dtype], bool] = _rounds_no_operands
 
 
 _fallback_warned = False

@@ -165,3 +165,21 @@ def test_training_resumes_exactly_from_a_checkpoint(backend, tmp_path):
         assert torch.equal(tensor, uninterrupted[name]), name
     for partial in (resume(load_optimizer=False), resume(load_rng=False)):
         assert any(not torch.equal(partial[k], uninterrupted[k]) for k in uninterrupted)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_module_that_has_run_pickles_whole(backend):
+    """torch.save of the whole module (not its state_dict) after forward passes, the
+    resolved backend it keeps included, and under bf16 autocast too; the loaded module
+    computes what the saved one does."""
+    torch.manual_seed(0)
+    module = BNLSTM(3, 5, backend=backend).eval()
+    x = torch.randn(4, 2, 3)
+    module(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        module(x)
+    buffer = io.BytesIO()
+    torch.save(module, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    torch.testing.assert_close(loaded(x)[0], module(x)[0], rtol=0, atol=0)
