@@ -113,7 +113,8 @@ at::Tensor with_contiguous_rows(const at::Tensor& a) {
   return rows;
 }
 
-// The most rows SmallGemm takes; more go to MKL or at::mm.
+// The most rows a step GEMM gives SmallGemm where MKL runs at its own rate; more go to MKL
+// or at::mm (small_gemm_applies).
 constexpr int64_t kSmallGemmRows = 32;
 
 // out [M, N] = a [M, K] @ op(weight) for few rows M. op(weight) is packed once into panels
