@@ -15,7 +15,7 @@ from .floor import matmul_rate, rate_dtypes
 from .providers import make_call, modes_of, providers
 from .report import Measurement, add_output_arguments, environment, markdown_table, output_dir, rows, write_files
 from .sweeps import SWEEPS
-from .timing import peak_memory_bytes, time_call, time_interleaved
+from .timing import peak_memory_bytes, time_interleaved
 
 
 def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
@@ -63,7 +63,6 @@ def main(argv: Optional[List[str]] = None) -> None:
     except ValueError as error:
         raise SystemExit(f"--backends: {error}") from None
     timing = {"warmup": args.warmup, "min_runs": args.min_runs, "min_time_s": args.min_time}
-    rounds = max(1, args.rounds)
 
     dtypes = dict.fromkeys(dtype for config in configs for dtype in rate_dtypes(config))
     rates = {dtype: matmul_rate(device, dtype) for dtype in dtypes}
@@ -82,7 +81,7 @@ def main(argv: Optional[List[str]] = None) -> None:
             # A mode the configuration leaves out (training at B=1) is not measured, not failed.
             for mode in modes_of(config):
                 progress.set_postfix_str(f"{config.label} {mode}", refresh=True)
-                measurements += _measure_together(modules, mode, config, device, timing, rounds)
+                measurements += _measure_together(modules, mode, config, device, timing, args.rounds)
                 progress.update(len(modules))
             del modules
 
@@ -102,27 +101,23 @@ def main(argv: Optional[List[str]] = None) -> None:
 
 def _measure_together(modules, mode, config, device, timing, rounds) -> List[Measurement]:
     """Every provider's module in one mode, timed in alternation (time_interleaved), so the
-    ratios to nn.LSTM compare calls made in the same seconds. Where a call fails, each
-    provider is measured on its own instead, so the failure is recorded and the rest kept."""
-    try:
-        calls = {provider: make_call(module, mode, config, device) for provider, module in modules.items()}
-        timings = time_interleaved(calls, device, rounds=rounds, **timing)
-        return [Measurement(config, provider, mode, timings[provider], peak_memory_bytes(call, device))
-                for provider, call in calls.items()]
-    except (RuntimeError, NotImplementedError, ValueError, TypeError):
-        return [_measure(module, mode, config, provider, device, timing) for provider, module in modules.items()]
-
-
-def _measure(module, mode, config, provider, device, timing) -> Measurement:
-    """Time one (configuration, provider, mode); a failure is recorded, not raised, so a
-    long sweep keeps the rest."""
-    try:
-        call = make_call(module, mode, config, device)
-        result = time_call(call, device, **timing)
-        return Measurement(config, provider, mode, result, peak_memory_bytes(call, device))
-    except (RuntimeError, NotImplementedError, ValueError, TypeError) as error:
-        tqdm.write(f"{config.label} {provider} {mode} failed: {error}")
-        return Measurement(config, provider, mode, None, None, error=f"{type(error).__name__}: {error}")
+    ratios to nn.LSTM compare calls made in the same seconds. A provider whose call fails
+    is recorded with its error, not raised, and the others are timed without it."""
+    calls, failures = {}, {}
+    for provider, module in modules.items():
+        try:
+            call = make_call(module, mode, config, device)
+            call()
+        except (RuntimeError, NotImplementedError, ValueError, TypeError) as error:
+            tqdm.write(f"{config.label} {provider} {mode} failed: {error}")
+            failures[provider] = Measurement(config, provider, mode, None, None,
+                                             error=f"{type(error).__name__}: {error}")
+            continue
+        calls[provider] = call
+    timings = time_interleaved(calls, device, rounds=rounds, **timing) if calls else {}
+    return [failures[provider] if provider in failures
+            else Measurement(config, provider, mode, timings[provider], peak_memory_bytes(calls[provider], device))
+            for provider in modules]
 
 
 if __name__ == "__main__":

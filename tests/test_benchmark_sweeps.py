@@ -269,13 +269,16 @@ def test_providers_are_timed_in_alternating_rounds():
 
 
 def test_a_failing_provider_is_recorded_beside_the_others(monkeypatch):
-    """Where one provider's call raises, the configuration's providers are measured one by
-    one: the failure is a record with its error, the others are timed."""
+    """Where one provider's call raises, the failure is a record with its error and the
+    others are timed together, each call made only by the provider it belongs to."""
     config = SWEEPS["users"][0]
-    modules = {"good": torch.nn.Identity(), "bad": torch.nn.Identity()}
+    modules = {"good": torch.nn.Identity(), "bad": torch.nn.Identity(), "also good": torch.nn.Identity()}
+    made = []
 
     def make_call(module, mode, config, device):
-        if module is modules["bad"]:
+        name = next(name for name, found in modules.items() if found is module)
+        made.append(name)
+        if name == "bad":
             def fail():
                 raise RuntimeError("no kernel")
             return fail
@@ -284,6 +287,10 @@ def test_a_failing_provider_is_recorded_beside_the_others(monkeypatch):
     monkeypatch.setattr(run, "make_call", make_call)
     timing = {"warmup": 0, "min_runs": 2, "min_time_s": 0}
     found = run._measure_together(modules, "inference", config, torch.device("cpu"), timing, rounds=2)
+    assert [measurement.provider for measurement in found] == ["good", "bad", "also good"]
     by_provider = {measurement.provider: measurement for measurement in found}
-    assert by_provider["good"].timing is not None and by_provider["good"].error is None
+    for name in ("good", "also good"):
+        assert by_provider[name].timing is not None and by_provider[name].error is None
+        assert by_provider[name].timing.runs == 2
     assert by_provider["bad"].timing is None and "no kernel" in by_provider["bad"].error
+    assert made == ["good", "bad", "also good"]  # no provider is built or timed a second time
