@@ -192,7 +192,7 @@ void scale_from_variance(const T* var, const T* gamma, T eps, int64_t size, T* r
 // normalized keeps mean 0, scale 1.
 template <typename T>
 struct ColumnStats {
-  std::vector<T> mean, rstd, scale;
+  BlockVector<T> mean, rstd, scale;
   explicit ColumnStats(int64_t size) : mean(size, T(0)), rstd(size, T(1)), scale(size, T(1)) {}
 
   // Columns [offset, offset + size) from the moments of z over the active rows, reported in
@@ -276,7 +276,7 @@ struct GateStatistics {
 template <typename T>
 struct ForwardScratch {
   ColumnStats<T> in, rec, cell;
-  std::vector<T> zeros, c_new, out_gate;
+  BlockVector<T> zeros, c_new, out_gate;
   ForwardScratch(int64_t batch, int64_t units)
       : in(4 * units), rec(4 * units), cell(units), zeros(4 * units, T(0)), c_new(batch * units),
         out_gate(batch * units) {}
@@ -384,8 +384,8 @@ class RecurrentForwardCPU {
     // small against the mean (few active sequences), where scale is large.
     // Gates and the new cell for every row (padded rows too: their values stay finite and
     // the backward pass multiplies them by zero).
-    std::vector<T>& c_new = scratch.c_new;
-    std::vector<T>& out_gate = scratch.out_gate;
+    BlockVector<T>& c_new = scratch.c_new;
+    BlockVector<T>& out_gate = scratch.out_gate;
     for (int64_t b = 0; b < B; ++b) {
       T* rs = kKeep ? s.reserve + b * W : nullptr;
       if (s.next_wx != nullptr) {
@@ -667,9 +667,9 @@ void add_into(T* dst, const T* src, int64_t size) {
 // them, and column sums, which each step zeroes first.
 template <typename T>
 struct BackwardScratch {
-  std::vector<T> cell_rstd, cell_scale, cell_mean, cell_beta, sum_seen, sum_seen_c_hat;
-  std::vector<T> in_mean, in_rstd, in_scale, rec_scale, sum_dy, sum_dy_zhat, sum_dy_xhat;
-  std::vector<T> c_hat, grad_seen;
+  BlockVector<T> cell_rstd, cell_scale, cell_mean, cell_beta, sum_seen, sum_seen_c_hat;
+  BlockVector<T> in_mean, in_rstd, in_scale, rec_scale, sum_dy, sum_dy_zhat, sum_dy_xhat;
+  BlockVector<T> c_hat, grad_seen;
   BackwardScratch(int64_t batch, int64_t units)
       : cell_rstd(units, T(1)), cell_scale(units, T(1)), cell_mean(units, T(0)), cell_beta(units, T(0)),
         sum_seen(units), sum_seen_c_hat(units), in_mean(4 * units, T(0)), in_rstd(4 * units, T(1)),
@@ -716,19 +716,19 @@ class RecurrentBackwardCPU {
     const Vec<T> inv_count(T(1) / T(std::max<int64_t>(s.count, 1)));
 
     // Per-column constants: u indexes gate g's column of hidden unit j0 + j as g * J + j.
-    std::vector<T>& cell_rstd = scratch.cell_rstd;
-    std::vector<T>& cell_scale = scratch.cell_scale;
-    std::vector<T>& cell_mean = scratch.cell_mean;
-    std::vector<T>& cell_beta = scratch.cell_beta;
+    BlockVector<T>& cell_rstd = scratch.cell_rstd;
+    BlockVector<T>& cell_scale = scratch.cell_scale;
+    BlockVector<T>& cell_mean = scratch.cell_mean;
+    BlockVector<T>& cell_beta = scratch.cell_beta;
     if (cell_bn) {
       scale_from_variance(s.var_c + j0, gamma_c_ + j0, eps, J, cell_rstd.data(), cell_scale.data());
       std::copy_n(s.mean_c + j0, J, cell_mean.data());
       std::copy_n(beta_c_ + j0, J, cell_beta.data());
     }
-    std::vector<T>& in_mean = scratch.in_mean;
-    std::vector<T>& in_rstd = scratch.in_rstd;
-    std::vector<T>& in_scale = scratch.in_scale;
-    std::vector<T>& rec_scale = scratch.rec_scale;
+    BlockVector<T>& in_mean = scratch.in_mean;
+    BlockVector<T>& in_rstd = scratch.in_rstd;
+    BlockVector<T>& in_scale = scratch.in_scale;
+    BlockVector<T>& rec_scale = scratch.rec_scale;
     for (int64_t g = 0; g < 4; ++g) {
       const int64_t k0 = g * H + j0;
       if (any_input) {
@@ -750,10 +750,10 @@ class RecurrentBackwardCPU {
       if (s.grad_gates != nullptr) value.store(s.grad_gates + b * G + g * H + j0 + j, n);
     };
     // Column sums of each gate's gradient dy, of dy * zhat and of dy * xhat.
-    std::vector<T>& sum_dy = scratch.sum_dy;
-    std::vector<T>& sum_dy_zhat = scratch.sum_dy_zhat;
-    std::vector<T>& sum_dy_xhat = scratch.sum_dy_xhat;
-    for (std::vector<T>* sums : {&sum_dy, &sum_dy_zhat, &sum_dy_xhat}) std::fill(sums->begin(), sums->end(), T(0));
+    BlockVector<T>& sum_dy = scratch.sum_dy;
+    BlockVector<T>& sum_dy_zhat = scratch.sum_dy_zhat;
+    BlockVector<T>& sum_dy_xhat = scratch.sum_dy_xhat;
+    for (BlockVector<T>* sums : {&sum_dy, &sum_dy_zhat, &sum_dy_xhat}) std::fill(sums->begin(), sums->end(), T(0));
     const auto xhat_at = [&](int64_t b, int64_t g, int64_t j, auto n) {
       return (Vec<T>::loadu(s.wx + b * G + g * H + j0 + j, n) - Vec<T>::loadu(in_mean.data() + g * J + j, n)) *
              Vec<T>::loadu(in_rstd.data() + g * J + j, n);
@@ -761,10 +761,10 @@ class RecurrentBackwardCPU {
 
     // Pass 1: the normalized cell and its tanh, recomputed from c_t and the step's
     // statistics; the output gate's gradient; the gradient reaching the normalized cell.
-    std::vector<T>& c_hat = scratch.c_hat;
-    std::vector<T>& grad_seen = scratch.grad_seen;
-    std::vector<T>& sum_seen = scratch.sum_seen;
-    std::vector<T>& sum_seen_c_hat = scratch.sum_seen_c_hat;
+    BlockVector<T>& c_hat = scratch.c_hat;
+    BlockVector<T>& grad_seen = scratch.grad_seen;
+    BlockVector<T>& sum_seen = scratch.sum_seen;
+    BlockVector<T>& sum_seen_c_hat = scratch.sum_seen_c_hat;
     std::fill(sum_seen.begin(), sum_seen.end(), T(0));
     std::fill(sum_seen_c_hat.begin(), sum_seen_c_hat.end(), T(0));
     for (int64_t b = 0; b < B; ++b) {

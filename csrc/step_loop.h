@@ -9,10 +9,13 @@
 
 #include <atomic>
 #include <chrono>
+#include <cstddef>
 #include <cstdint>
 #include <exception>
 #include <memory>
+#include <new>
 #include <thread>
+#include <vector>
 
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
@@ -29,6 +32,32 @@ inline void spin_pause() {
 #endif
 }
 }  // namespace detail
+
+// Allocator of a block's own per-step buffers: each starts on a 128-byte boundary and
+// spans whole 128-byte pairs of cache lines, so buffers that different threads write at
+// every step never share a line, nor a pair the adjacent-line prefetcher fetches together.
+// Where malloc packed two threads' small buffers into one line, the line moved between the
+// cores at every step (docs/CPU.md).
+template <typename T>
+struct BlockAllocator {
+  using value_type = T;
+  static constexpr std::size_t kAlignment = 128;
+  BlockAllocator() = default;
+  template <typename U>
+  BlockAllocator(const BlockAllocator<U>&) {}
+  T* allocate(std::size_t n) {
+    const std::size_t bytes = (n * sizeof(T) + kAlignment - 1) / kAlignment * kAlignment;
+    return static_cast<T*>(::operator new(bytes, std::align_val_t(kAlignment)));
+  }
+  void deallocate(T* p, std::size_t) { ::operator delete(p, std::align_val_t(kAlignment)); }
+  template <typename U>
+  bool operator==(const BlockAllocator<U>&) const { return true; }
+  template <typename U>
+  bool operator!=(const BlockAllocator<U>&) const { return false; }
+};
+
+template <typename T>
+using BlockVector = std::vector<T, BlockAllocator<T>>;
 
 // How long a thread waits for a step's unstarted blocks before it runs them itself.
 constexpr std::chrono::microseconds kTakeOverAfter{50};
@@ -50,15 +79,18 @@ void run_steps(int64_t steps, int64_t blocks, const Task& task, const Launch& la
     for (int64_t step = 0; step < steps; ++step) task(step, 0);
     return;
   }
-  // next_step[k]: the first step whose block k nobody has claimed.
-  std::unique_ptr<std::atomic<int64_t>[]> next_step(new std::atomic<int64_t>[blocks]);
-  for (int64_t k = 0; k < blocks; ++k) next_step[k].store(0, std::memory_order_relaxed);
-  std::atomic<int64_t> finished{0};  // tasks finished, over all steps
+  // next_step[k].value: the first step whose block k nobody has claimed. Each on lines of
+  // its own: its owner claims it at every step.
+  struct alignas(BlockAllocator<int64_t>::kAlignment) Claim {
+    std::atomic<int64_t> value{0};
+  };
+  const std::unique_ptr<Claim[]> next_step(new Claim[blocks]);
+  alignas(BlockAllocator<int64_t>::kAlignment) std::atomic<int64_t> finished{0};  // tasks finished, over all steps
   std::atomic<bool> failed{false};
   launch(blocks, [&](int64_t k0, int64_t k1) {
     const auto try_run = [&](int64_t step, int64_t k) {
       int64_t expected = step;
-      if (!next_step[k].compare_exchange_strong(expected, step + 1, std::memory_order_acq_rel)) return;
+      if (!next_step[k].value.compare_exchange_strong(expected, step + 1, std::memory_order_acq_rel)) return;
       try {
         task(step, k);
       } catch (...) {

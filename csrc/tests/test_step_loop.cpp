@@ -1,14 +1,17 @@
 // C++ unit test of run_steps (csrc/step_loop.h): every (step, block) task runs once, after
 // every task of the step before; the loop finishes when its ranges run one after another
 // (a thread takes over the blocks of one that has not started), nested in another parallel
-// region, and passes a task's exception to the caller.
+// region, and passes a task's exception to the caller. BlockVector's buffers start on and
+// fill whole 128-byte pairs of cache lines.
 #include "step_loop.h"
 
 #include <ATen/Parallel.h>
 
 #include <atomic>
+#include <cstdint>
 #include <cstdio>
 #include <stdexcept>
+#include <string>
 #include <vector>
 
 #include "expect.h"
@@ -69,6 +72,24 @@ int main() {
     thrown = std::string(error.what()).find("task failed") != std::string::npos;
   }
   expect(thrown, "a task's exception reaches the caller");
+
+  // Buffers of every size, allocated one after another as the blocks' scratch is: none
+  // starts inside another's 128-byte pair.
+  std::vector<bnlstm::BlockVector<float>> buffers;
+  for (int64_t size : {1, 3, 16, 31, 32, 33, 100, 1000}) buffers.emplace_back(size, 1.0f);
+  const auto pair_of = [](const void* p) { return reinterpret_cast<uintptr_t>(p) / 128; };
+  bool aligned = true, apart = true;
+  for (size_t i = 0; i < buffers.size(); ++i) {
+    aligned = aligned && reinterpret_cast<uintptr_t>(buffers[i].data()) % 128 == 0;
+    for (size_t j = 0; j < buffers.size(); ++j) {
+      if (i == j) continue;
+      const float* first = buffers[j].data();
+      const float* last = first + buffers[j].size() - 1;
+      apart = apart && pair_of(buffers[i].data()) != pair_of(last) && pair_of(buffers[i].data()) != pair_of(first);
+    }
+  }
+  expect(aligned, "a BlockVector starts on a 128-byte boundary");
+  expect(apart, "no BlockVector starts in a pair of lines another one uses");
 
   if (failures == 0) std::printf("test_step_loop: all checks passed\n");
   return failures == 0 ? 0 : 1;
