@@ -131,12 +131,11 @@ class BNLSTMCell(BNLSTMBase):
             )
         unbatched = input.dim() == 1
         x = input.reshape(1, 1, -1) if unbatched else input.unsqueeze(0)  # [T=1, B, I]
-        # Under torch.autocast: input, state and weights in its dtype, as in BNLSTM.
+        # Under torch.autocast: input, state and weights in its dtype, as in BNLSTM; the input
+        # and weights uncast where the backend rounds them itself (below).
         autocast_dtype = self._autocast_dtype(input, weight)
         validation.check_input(x, self.input_size, None if autocast_dtype is not None else weight.dtype,
                                weight.device)
-        if autocast_dtype is not None:
-            x = x.to(autocast_dtype)
         validation.check_positive_int("step", step, minimum=0)
         batch = x.shape[1]
         group = distributed.statistics_group(self, self.training)
@@ -145,6 +144,15 @@ class BNLSTMCell(BNLSTMBase):
         else:
             validation.check_synchronized_batch(batch)
         lengths = self._mask_to_lengths(mask, batch, unbatched, x.device)
+        backend = self._pass_backend(x, group, autocast_dtype) if batch else None
+        # As in BNLSTM._forward: a backend that rounds float32 operands as the casts would
+        # takes them uncast and multiplies in autocast's dtype (operand_dtype).
+        operand_dtype = None
+        if autocast_dtype is not None:
+            if backend is not None and backend.rounds_operands(autocast_dtype):
+                operand_dtype = autocast_dtype
+            else:
+                x = x.to(autocast_dtype)
         if hx is None:
             h0 = c0 = torch.zeros(batch, self.hidden_size, dtype=x.dtype, device=x.device)
         else:
@@ -161,7 +169,6 @@ class BNLSTMCell(BNLSTMBase):
             anchor = parameters.graph_anchor(self, x, h0, c0)
             return h0 + anchor, c0 + anchor
 
-        backend = self._pass_backend(x, group)
         if autocast_dtype is None:
             result = backend.layer(
                 x, h0, c0, parameters.layer_params(self, ""), self._running_stats(""),
@@ -169,11 +176,14 @@ class BNLSTMCell(BNLSTMBase):
             )
         else:
             # Off inside, so statistics and cell math stay in float32 (see BNLSTM._forward).
+            if operand_dtype is None:
+                params, options = self._layer_params("", autocast_dtype), {}
+            else:
+                params, options = parameters.layer_params(self, ""), {"operand_dtype": operand_dtype}
             with torch.autocast(x.device.type, enabled=False):
                 result = backend.layer(
-                    x, h0, c0, self._layer_params("", autocast_dtype), self._running_stats(""),
-                    variant=self._variant, training=self.training, eps=self.eps, lengths=lengths,
-                    start_step=step,
+                    x, h0, c0, params, self._running_stats(""), variant=self._variant, training=self.training,
+                    eps=self.eps, lengths=lengths, start_step=step, **options,
                 )
         if self.training:
             self._fold(backend, "", result.batch_stats, step)

@@ -219,3 +219,47 @@ def test_autocast_passes_the_input_and_weights_uncast(bidirectional, training, m
             assert torch.equal(w.grad, g.grad), name
     for (name, g), (_, w) in zip(module.named_buffers(), cast.named_buffers()):
         assert torch.equal(g, w), name
+
+
+@requires_bf16
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_cell_under_autocast_passes_the_input_and_weights_uncast(training, monkeypatch):
+    """BNLSTMCell takes the same shortcut as BNLSTM under bf16 autocast: against the cell with
+    the casts, h_1, c_1 and the running statistics equal bit for bit, the input's and the
+    weights' gradients are the same without the casts' rounding, the others equal. Two steps,
+    the second (the one differentiated) with a row masked out and the first's state given
+    in float32; odd sizes."""
+    from bnlstm_cuda import BNLSTMCell, ops
+
+    torch.manual_seed(12)
+    cell = BNLSTMCell(7, 19, max_length=3, backend="cpu").train(training)
+    with torch.no_grad():
+        for name, buffer in cell.named_buffers():
+            buffer.copy_(torch.rand_like(buffer) + 0.5 if "var" in name else torch.randn_like(buffer))
+    cast = copy.deepcopy(cell)
+    x = torch.randn(2, 5, 7)
+    mask = torch.tensor([True, True, False, True, True])
+
+    def run(layer):
+        inputs = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            with torch.no_grad():  # one call's gradients: the casts round each call's on its own
+                h, c = layer(inputs[0])
+            h, c = layer(inputs[1], (h.float(), c.float()), step=1, mask=mask)
+        (h.float().square().sum() + c.float().sum()).backward()
+        return h, c, inputs.grad
+
+    got = run(cell)
+    monkeypatch.setattr(ops, "_cpu_bf16", False)  # the cell casts; the operators still multiply in bf16
+    want = run(cast)
+    for name, g, w in zip(("h_1", "c_1"), got[:2], want[:2]):
+        assert g.dtype == torch.bfloat16 and torch.equal(g, w), name
+    assert torch.equal(want[2], got[2].bfloat16().float()), "grad of the input"
+    for (name, g), (_, w) in zip(cell.named_parameters(), cast.named_parameters()):
+        if name.startswith("weight_"):
+            assert torch.equal(w.grad, g.grad.bfloat16().float()), name
+            assert not torch.equal(g.grad, g.grad.bfloat16().float()), name  # no cast rounded it
+        else:
+            assert torch.equal(w.grad, g.grad), name
+    for (name, g), (_, w) in zip(cell.named_buffers(), cast.named_buffers()):
+        assert torch.equal(g, w), name
