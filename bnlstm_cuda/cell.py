@@ -144,15 +144,7 @@ class BNLSTMCell(BNLSTMBase):
         else:
             validation.check_synchronized_batch(batch)
         lengths = self._mask_to_lengths(mask, batch, unbatched, x.device)
-        backend = self._pass_backend(x, group, autocast_dtype) if batch else None
-        # As in BNLSTM._forward: a backend that rounds float32 operands as the casts would
-        # takes them uncast and multiplies in autocast's dtype (operand_dtype).
-        operand_dtype = None
-        if autocast_dtype is not None:
-            if backend is not None and backend.rounds_operands(autocast_dtype):
-                operand_dtype = autocast_dtype
-            else:
-                x = x.to(autocast_dtype)
+        backend, x, operand_dtype = self._backend_and_operands(x, group, autocast_dtype)
         if hx is None:
             h0 = c0 = torch.zeros(batch, self.hidden_size, dtype=x.dtype, device=x.device)
         else:

@@ -260,16 +260,7 @@ class BNLSTM(BNLSTMBase):
         if group is not None:
             # Each step all-reduces, so every process runs the longest sequence of the group.
             x, lengths = distributed.pad_to_global_length(x, lengths, group)
-        backend = self._pass_backend(x, group, autocast_dtype) if batch else None
-        # A backend that rounds float32 operands itself as the casts would takes the input
-        # and weights uncast (their copies and autograd nodes are a visible part of a small
-        # step: docs/CPU.md) and multiplies in autocast's dtype (operand_dtype).
-        operand_dtype = None
-        if autocast_dtype is not None:
-            if backend is not None and backend.rounds_operands(autocast_dtype):
-                operand_dtype = autocast_dtype
-            else:
-                x = x.to(autocast_dtype)
+        backend, x, operand_dtype = self._backend_and_operands(x, group, autocast_dtype)
 
         num_states = self.num_layers * self.num_directions
         if hx is None:

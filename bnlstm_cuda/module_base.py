@@ -135,6 +135,22 @@ class BNLSTMBase(nn.Module):
             resolved = self._resolved = (key, backend)
         return resolved[1]
 
+    def _backend_and_operands(self, x: Tensor, group, autocast_dtype: Optional[torch.dtype]):
+        """(backend, x, operand_dtype) for a pass over x [T, B, I]: _pass_backend's backend
+        (None for a batch of no rows) and, under torch.autocast, how the input and weights
+        reach it. A backend that rounds float32 operands as the casts would takes them uncast
+        and multiplies in autocast's dtype (operand_dtype): the casts' copies and autograd
+        nodes are a visible part of a small step (docs/CPU.md). Otherwise x comes back cast
+        to autocast's dtype and operand_dtype is None."""
+        backend = self._pass_backend(x, group, autocast_dtype) if x.shape[1] else None
+        operand_dtype = None
+        if autocast_dtype is not None:
+            if backend is not None and backend.rounds_operands(autocast_dtype):
+                operand_dtype = autocast_dtype
+            else:
+                x = x.to(autocast_dtype)
+        return backend, x, operand_dtype
+
     def _autocast_dtype(self, input, weight: Tensor) -> Optional[torch.dtype]:
         """The dtype torch.autocast multiplies in for this pass, or None where it does not
         apply: autocast must be enabled for the input's device type with a half-precision
