@@ -167,15 +167,14 @@ class BNLSTMCell(BNLSTMBase):
                 variant=self._variant, training=self.training, eps=self.eps, lengths=lengths, start_step=step,
             )
         else:
-            # Off inside, so statistics and cell math stay in float32 (see BNLSTM._forward).
-            if operand_dtype is None:
-                params, options = self._layer_params("", autocast_dtype), {}
-            else:
-                params, options = parameters.layer_params(self, ""), {"operand_dtype": operand_dtype}
+            # Off inside, so statistics and cell math stay in float32 (see BNLSTM._forward); the
+            # weights cast only where the backend does not round them itself (operand_dtype).
+            options = {} if operand_dtype is None else {"operand_dtype": operand_dtype}
             with torch.autocast(x.device.type, enabled=False):
                 result = backend.layer(
-                    x, h0, c0, params, self._running_stats(""), variant=self._variant, training=self.training,
-                    eps=self.eps, lengths=lengths, start_step=step, **options,
+                    x, h0, c0, self._layer_params("", autocast_dtype if operand_dtype is None else None),
+                    self._running_stats(""), variant=self._variant, training=self.training, eps=self.eps,
+                    lengths=lengths, start_step=step, **options,
                 )
         if self.training:
             self._fold(backend, "", result.batch_stats, step)

@@ -175,6 +175,20 @@ def test_bf16_module_error_is_at_most_twice_nn_lstms(variant):
     assert math.exp(sum(math.log(r) for r in ratios) / len(ratios)) <= 2.0, ratios
 
 
+def assert_parameters_as_without_the_casts(layer, cast):
+    """layer ran with the float32 input and weights uncast, cast with the casts: each weight's
+    gradient is cast's before its rounding to bfloat16 (and no cast rounded it), the other
+    parameters' gradients and every buffer are equal."""
+    for (name, g), (_, w) in zip(layer.named_parameters(), cast.named_parameters()):
+        if name.startswith("weight_"):
+            assert torch.equal(w.grad, g.grad.bfloat16().float()), name
+            assert not torch.equal(g.grad, g.grad.bfloat16().float()), name  # no cast rounded it
+        else:
+            assert torch.equal(w.grad, g.grad), name
+    for (name, g), (_, w) in zip(layer.named_buffers(), cast.named_buffers()):
+        assert torch.equal(g, w), name
+
+
 @requires_bf16
 @pytest.mark.parametrize("bidirectional", [False, True], ids=["one-direction", "bidirectional"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
@@ -211,14 +225,7 @@ def test_autocast_passes_the_input_and_weights_uncast(bidirectional, training, m
     for name, g, w in zip(("output", "h_n", "c_n"), got[:3], want[:3]):
         assert g.dtype == torch.bfloat16 and torch.equal(g, w), name
     assert torch.equal(want[3], got[3].bfloat16().float()), "grad_x"
-    for (name, g), (_, w) in zip(module.named_parameters(), cast.named_parameters()):
-        if name.startswith("weight_"):
-            assert torch.equal(w.grad, g.grad.bfloat16().float()), name
-            assert not torch.equal(g.grad, g.grad.bfloat16().float()), name  # no cast rounded it
-        else:
-            assert torch.equal(w.grad, g.grad), name
-    for (name, g), (_, w) in zip(module.named_buffers(), cast.named_buffers()):
-        assert torch.equal(g, w), name
+    assert_parameters_as_without_the_casts(module, cast)
 
 
 @requires_bf16
@@ -255,11 +262,4 @@ def test_cell_under_autocast_passes_the_input_and_weights_uncast(training, monke
     for name, g, w in zip(("h_1", "c_1"), got[:2], want[:2]):
         assert g.dtype == torch.bfloat16 and torch.equal(g, w), name
     assert torch.equal(want[2], got[2].bfloat16().float()), "grad of the input"
-    for (name, g), (_, w) in zip(cell.named_parameters(), cast.named_parameters()):
-        if name.startswith("weight_"):
-            assert torch.equal(w.grad, g.grad.bfloat16().float()), name
-            assert not torch.equal(g.grad, g.grad.bfloat16().float()), name  # no cast rounded it
-        else:
-            assert torch.equal(w.grad, g.grad), name
-    for (name, g), (_, w) in zip(cell.named_buffers(), cast.named_buffers()):
-        assert torch.equal(g, w), name
+    assert_parameters_as_without_the_casts(cell, cast)
