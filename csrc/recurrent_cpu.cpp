@@ -158,7 +158,7 @@ struct StepForward {
   int64_t count;
   int64_t step;  // start_step + t: picks the statistics rows min(step, S - 1) in evaluation
   const T* h_prev;  // h_{t-1}, read by every block's GEMM: h_t goes to another buffer
-  T* h_next;
+  T* h_next;        // null where output is h_t (no row of the call is padded)
   T* c;
   T* output;
   T* reserve;  // this step's rows, or null in inference
@@ -369,7 +369,7 @@ class RecurrentForwardCPU {
                                          Vec<T>::loadu(cell.scale[0] + j, n), Vec<T>::loadu(cell_beta + j, n));
       const Vec<T> h_new = o * fast_tanh(seen);
       if (s.active[b]) {
-        h_new.store(s.h_next + b * H + j0 + j, n);
+        if (s.h_next != nullptr) h_new.store(s.h_next + b * H + j0 + j, n);
         value.store(s.c + b * H + j0 + j, n);
         h_new.store(s.output + b * H + j0 + j, n);
       } else {
@@ -573,11 +573,16 @@ void recurrent_forward_impl(const RecurrentForwardArgs& args, RecurrentForwardOu
     }
     scratch.emplace_back(B, J);
   }
-  // h_{t-1} and h_t in two buffers: a block that finishes early must not overwrite columns
-  // of h_{t-1} another block's GEMM is still reading.
-  at::Tensor h_buffers[2] = {out.h, at::empty_like(out.h)};
   const bool* active = args.active.data_ptr<bool>();
   const int64_t* counts = args.counts.data_ptr<int64_t>();
+  // Where no row is padded, step t's output rows are h_t, and the next step's GEMMs read
+  // them there: h_t is written once, to rows no other core has read. Two buffers taking
+  // turns made every block overwrite lines the other cores' GEMMs had read the step before,
+  // each store waiting for their copies to be invalidated (docs/CPU.md).
+  const bool h_in_output = std::all_of(counts, counts + T_, [B](int64_t count) { return count == B; });
+  // Otherwise h_{t-1} and h_t in two buffers: a block that finishes early must not
+  // overwrite columns of h_{t-1} another block's GEMM is still reading.
+  at::Tensor h_buffers[2] = {out.h, h_in_output ? at::Tensor() : at::empty_like(out.h)};
   const bool step_input = flags.input_statistics == kInputStep;
   // The statistics each step used: the steps write their batch's in training; in evaluation
   // they are rows of the running ones, copied here where the call reports them (not in
@@ -610,7 +615,8 @@ void recurrent_forward_impl(const RecurrentForwardArgs& args, RecurrentForwardOu
     const StepForward<T> step{
         project_in_steps ? block_zx : projection[t] + j0, project_in_steps ? 4 * J : 4 * H,
         project_in_steps ? J : H, active + t * B, counts[t], flags.start_step + t,
-        h_buffers[t % 2].data_ptr<T>(), h_buffers[(t + 1) % 2].data_ptr<T>(), out.c.data_ptr<T>(), output[t],
+        h_in_output ? (t == 0 ? out.h.data_ptr<T>() : output[t - 1]) : h_buffers[t % 2].data_ptr<T>(),
+        h_in_output ? nullptr : h_buffers[(t + 1) % 2].data_ptr<T>(), out.c.data_ptr<T>(), output[t],
         reserve[t], mean_ih[t], var_ih[t], mean_hh[t], var_hh[t], mean_c[t], var_c[t],
         t + 1 < T_ && !project_in_steps ? projection[t + 1] + j0 : nullptr,
         t + 1 < T_ ? reserve[t + 1] : nullptr,
@@ -623,7 +629,11 @@ void recurrent_forward_impl(const RecurrentForwardArgs& args, RecurrentForwardOu
       kernel.template run<false>(step, block_zh, bounds[k], bounds[k + 1], scratch[k]);
     }
   });
-  if (T_ % 2 == 1) out.h.copy_(h_buffers[1]);
+  if (h_in_output) {
+    if (T_ > 0 && B * H > 0) std::memcpy(out.h.data_ptr<T>(), output[T_ - 1], sizeof(T) * B * H);
+  } else if (T_ % 2 == 1) {
+    out.h.copy_(h_buffers[1]);
+  }
 }
 
 template <typename T>

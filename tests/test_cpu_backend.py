@@ -161,15 +161,16 @@ def test_torch_compile_fullgraph_matches_eager(variant):
         torch.testing.assert_close(getattr(compiled_module, name), buffer, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("padded", [True, False], ids=["padded", "full"])
 @pytest.mark.parametrize("num_threads", [1, 2, 3])
 @pytest.mark.parametrize("variant", ["cooijmans", "laurent_sequence"])
-def test_hidden_unit_blocks_match_the_paper(variant, num_threads, threads):
+def test_hidden_unit_blocks_match_the_paper(variant, num_threads, padded, threads):
     """With several threads, each step's fused passes are split into blocks of hidden units
     (at::parallel_for): H = 100 makes 1 or 3 blocks with ragged edges; with 2 threads the
     two directions run at once, one block each (csrc/bidirectional_cpu.cpp). All must match
-    the paper, with padded steps, in both directions (at least
-    three sequences active at every step: fewer make the batch norm's gradient amplify
-    rounding beyond 1e-10)."""
+    the paper, with padded steps (at least three sequences active at every step: fewer make
+    the batch norm's gradient amplify rounding beyond 1e-10) and without (where the next
+    step's GEMMs read h_t from the output rows), in both directions."""
     from helpers import assert_matches_paper
 
     threads(num_threads)
@@ -182,8 +183,8 @@ def test_hidden_unit_blocks_match_the_paper(variant, num_threads, threads):
     for training in (True, False):
         # tol 1e-9: with H = 100 and gammas near 1 the gradients reach 1e2, and float64
         # rounding of the two implementations' different summation orders exceeds 1e-10.
-        assert_matches_paper(module, x, lengths=torch.tensor([5, 2, 4, 5, 3, 5, 1] * 3), training=training,
-                             tol=1e-9)
+        lengths = torch.tensor([5, 2, 4, 5, 3, 5, 1] * 3) if padded else None
+        assert_matches_paper(module, x, lengths=lengths, training=training, tol=1e-9)
 
 
 @pytest.mark.parametrize("num_threads", [1, 2])
