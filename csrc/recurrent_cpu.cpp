@@ -622,6 +622,11 @@ void recurrent_forward_impl(const RecurrentForwardArgs& args, RecurrentForwardOu
         t + 1 < T_ ? reserve[t + 1] : nullptr,
     };
     T* block_zh = zh[k].data_ptr<T>();
+    // The GEMM would meet the other blocks' columns of h_{t-1}, lines in other cores'
+    // caches, a few at a time, row after row; asked for all at once, they come in parallel.
+    if (blocks > 1) {
+      for (int64_t b = 0; b < B; ++b) prefetch_span(step.h_prev + b * H, H);
+    }
     gemms[k].run(step.h_prev, block_zh);
     if (keep) {
       kernel.template run<true>(step, block_zh, bounds[k], bounds[k + 1], scratch[k]);
@@ -1073,6 +1078,13 @@ void recurrent_backward_impl(const RecurrentBackwardArgs& args, RecurrentBackwar
   // active at step t; padded rows pass their gradient through unchanged.
   const auto gather_grad_h = [&](int64_t t, int64_t j0, int64_t J) {
     const T* slot = partial_slots[t % 2];
+    // The other blocks' partials were written by other cores: all their lines asked for at
+    // once, as h_{t-1} in the forward pass.
+    if (blocks > 1) {
+      for (int64_t b = 0; b < B; ++b) {
+        for (int64_t k = 0; k < blocks; ++k) prefetch_span(slot + (k * B + b) * H + j0, J);
+      }
+    }
     for (int64_t b = 0; b < B; ++b) {
       if (!active[t * B + b]) continue;
       T* dst = grad_h + b * H + j0;
