@@ -175,6 +175,9 @@ struct StepForward {
   // it at every step, and for the reserve in inference.
   const T* next_wx;
   T* next_reserve;
+  // Store the reserve past the caches (store_streaming, stream_reserve_rows); the output
+  // gate then also goes to the block's scratch, which the training pass over h reads.
+  bool stream_reserve;
 };
 
 // rstd = 1 / sqrt(var + eps) and scale = gamma * rstd over [0, size) (rstd may be var).
@@ -386,12 +389,20 @@ class RecurrentForwardCPU {
     // the backward pass multiplies them by zero).
     BlockVector<T>& c_new = scratch.c_new;
     BlockVector<T>& out_gate = scratch.out_gate;
+    // The reserve's stores (StepForward::stream_reserve).
+    const auto keep_store = [&](const Vec<T>& v, T* p, auto n) {
+      if (s.stream_reserve) {
+        store_streaming(v, p, n);
+      } else {
+        v.store(p, n);
+      }
+    };
     for (int64_t b = 0; b < B; ++b) {
       T* rs = kKeep ? s.reserve + b * W : nullptr;
       if (s.next_wx != nullptr) {
         for (int64_t g = 0; g < 4; ++g) prefetch_span(s.next_wx + b * s.wx_row + g * s.wx_gate, J);
       }
-      if (kKeep && s.next_reserve != nullptr) {
+      if (kKeep && s.next_reserve != nullptr && !s.stream_reserve) {
         T* next = s.next_reserve + b * W;
         for (int64_t g = 0; g < 4; ++g) {
           if (flags_.normalize_recurrent) prefetch_span<true>(next + layout_.zhat + g * H + j0, J);
@@ -407,7 +418,7 @@ class RecurrentForwardCPU {
           const Vec<T> z = Vec<T>::loadu(zh + b * 4 * J + g * J + j, n);
           if (kKeep && flags_.normalize_recurrent) {
             const Vec<T> zhat = (z - Vec<T>::loadu(rec.mean[g] + j, n)) * Vec<T>::loadu(rec.rstd[g] + j, n);
-            zhat.store(rs + layout_.zhat + k, n);
+            keep_store(zhat, rs + layout_.zhat + k, n);
           }
           pre[g] = at::vec::fmadd(wx - Vec<T>::loadu(in.mean[g] + j, n), Vec<T>::loadu(in.scale[g] + j, n),
                                   at::vec::fmadd(z - Vec<T>::loadu(rec.mean[g] + j, n),
@@ -417,20 +428,23 @@ class RecurrentForwardCPU {
         const Vec<T> c_prev = Vec<T>::loadu(s.c + b * H + j0 + j, n);
         const Vec<T> value = at::vec::fmadd(f, c_prev, i * g);
         if (kKeep) {
-          i.store(rs + layout_.gates + 0 * H + j0 + j, n);
-          f.store(rs + layout_.gates + 1 * H + j0 + j, n);
-          g.store(rs + layout_.gates + 2 * H + j0 + j, n);
-          o.store(rs + layout_.gates + 3 * H + j0 + j, n);
-          value.store(rs + layout_.c_new + j0 + j, n);
+          keep_store(i, rs + layout_.gates + 0 * H + j0 + j, n);
+          keep_store(f, rs + layout_.gates + 1 * H + j0 + j, n);
+          keep_store(g, rs + layout_.gates + 2 * H + j0 + j, n);
+          keep_store(o, rs + layout_.gates + 3 * H + j0 + j, n);
+          keep_store(value, rs + layout_.c_new + j0 + j, n);
         }
         if (one_pass) {
           write_h(b, j, n, value, o);
         } else {
           value.store(c_new.data() + b * J + j, n);
-          if (!kKeep) o.store(out_gate.data() + b * J + j, n);
+          if (!kKeep || s.stream_reserve) o.store(out_gate.data() + b * J + j, n);
         }
       });
     }
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+    if (kKeep && s.stream_reserve) _mm_sfence();  // weakly ordered: done before h's pass and the step's end
+#endif
     if (one_pass) return;
 
     // Training: the cell's batch statistics over the active rows, then h.
@@ -438,7 +452,7 @@ class RecurrentForwardCPU {
     for (int64_t b = 0; b < B; ++b) {
       const T* rs = kKeep ? s.reserve + b * W : nullptr;
       for_each_vec<T>(J, [&](int64_t j, auto n) {
-        const Vec<T> o = kKeep ? Vec<T>::loadu(rs + layout_.gates + 3 * H + j0 + j, n)
+        const Vec<T> o = kKeep && !s.stream_reserve ? Vec<T>::loadu(rs + layout_.gates + 3 * H + j0 + j, n)
                                : Vec<T>::loadu(out_gate.data() + b * J + j, n);
         write_h(b, j, n, Vec<T>::loadu(c_new.data() + b * J + j, n), o);
       });
@@ -476,6 +490,25 @@ constexpr int64_t kStepInputPerRow = 8;
 
 // See stream_grads in recurrent_backward_impl.
 constexpr int64_t kStreamingStoreMinBytes = int64_t(4) << 20;
+// See stream_reserve_rows.
+constexpr int64_t kStreamingReserveMinBytes = int64_t(1) << 20;
+
+// Whether the training forward stores the reserve past the caches. It is written once and
+// read only by the backward pass, from its last step back: beyond a core's L2 its lines are
+// gone before then, and stored through the caches each is first read in (and the next
+// step's rows fetched ahead for writing) only to be evicted. Streamed, its bytes go out
+// once (docs/CPU.md). Only where every block's columns of a gate start on a cache line, H a
+// multiple of 16 floats: a line half streamed and half stored costs more than either.
+template <typename T>
+bool stream_reserve_rows(int64_t hidden, int64_t bytes) {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  return std::is_same<T, float>::value && hidden % 16 == 0 && bytes >= kStreamingReserveMinBytes;
+#else
+  (void)hidden;
+  (void)bytes;
+  return false;
+#endif
+}
 // The steps of a weight-gradient chunk (add_weight_gradients in recurrent_backward_impl): as
 // many as fill kWeightGradientChunkBytes per buffer (a few of them fit a core's L2 beside
 // the step's other data), but at least kWeightGradientChunkRows rows, or the accumulator's
@@ -579,6 +612,7 @@ void recurrent_forward_impl(const RecurrentForwardArgs& args, RecurrentForwardOu
   // them there: h_t is written once, to rows no other core has read. Two buffers taking
   // turns made every block overwrite lines the other cores' GEMMs had read the step before,
   // each store waiting for their copies to be invalidated (docs/CPU.md).
+  const bool stream_reserve = keep && stream_reserve_rows<T>(H, out.reserve.nbytes());
   const bool h_in_output = std::all_of(counts, counts + T_, [B](int64_t count) { return count == B; });
   // Otherwise h_{t-1} and h_t in two buffers: a block that finishes early must not
   // overwrite columns of h_{t-1} another block's GEMM is still reading.
@@ -620,6 +654,7 @@ void recurrent_forward_impl(const RecurrentForwardArgs& args, RecurrentForwardOu
         reserve[t], mean_ih[t], var_ih[t], mean_hh[t], var_hh[t], mean_c[t], var_c[t],
         t + 1 < T_ && !project_in_steps ? projection[t + 1] + j0 : nullptr,
         t + 1 < T_ ? reserve[t + 1] : nullptr,
+        stream_reserve,
     };
     T* block_zh = zh[k].data_ptr<T>();
     // The GEMM would meet the other blocks' columns of h_{t-1}, lines in other cores'

@@ -208,7 +208,8 @@ def test_weight_gradient_chunks_match_the_paper(num_threads, threads):
 # (written for grad_x: the input requires grad) reaches 4 MB, from where the backward pass
 # stores it past the caches (kStreamingStoreMinBytes in recurrent_cpu.cpp), at aligned and
 # unaligned columns, and the weight gradients take 8 chunks of steps.
-BLOCK_SHAPES = [(12, 9, 100), (12, 9, 150), (64, 33, 130)]
+# The last two: past the gradients' and the reserve's streaming thresholds (csrc/recurrent_cpu.cpp).
+BLOCK_SHAPES = [(12, 9, 100), (12, 9, 150), (64, 33, 130), (40, 17, 64)]
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -253,7 +254,7 @@ def test_evaluation_statistics_tables_split_over_threads(variant, threads):
                                    tol=dict(rtol=1e-7, atol=1e-7), T=70, H=300, S=60, training=False, start_step=5)
 
 
-@pytest.mark.parametrize("steps, batch, hidden_size", BLOCK_SHAPES, ids=["H100", "H150", "streamed"])
+@pytest.mark.parametrize("steps, batch, hidden_size", BLOCK_SHAPES, ids=["H100", "H150", "streamed", "streamed-reserve"])
 @pytest.mark.parametrize("padded", [False, True], ids=["full", "padded"])
 def test_float32_hidden_unit_blocks(steps, batch, hidden_size, padded, threads):
     """float32 step products (the small-batch kernel at B = 9, MKL's packed GEMM at B = 33,
@@ -265,6 +266,8 @@ def test_float32_hidden_unit_blocks(steps, batch, hidden_size, padded, threads):
     assert torch.ops.bnlstm.cpu_hidden_blocks(steps, batch, hidden_size) == 2
     if hidden_size == 130:
         assert steps * batch * 4 * hidden_size * 4 >= 4 << 20
+    if hidden_size == 64:  # the reserve, 9H floats a row, streamed where H is a multiple of 16
+        assert steps * batch * 9 * hidden_size * 4 >= 1 << 20
     torch.manual_seed(5)
     wide = BNLSTM(12, hidden_size, max_length=steps, backend="reference", dtype=torch.float64)
     narrow = BNLSTM(12, hidden_size, max_length=steps, backend="cpu")
