@@ -509,6 +509,7 @@ bool stream_reserve_rows(int64_t hidden, int64_t bytes) {
   return false;
 #endif
 }
+
 // The steps of a weight-gradient chunk (add_weight_gradients in recurrent_backward_impl): as
 // many as fill kWeightGradientChunkBytes per buffer (a few of them fit a core's L2 beside
 // the step's other data), but at least kWeightGradientChunkRows rows, or the accumulator's
@@ -608,11 +609,11 @@ void recurrent_forward_impl(const RecurrentForwardArgs& args, RecurrentForwardOu
   }
   const bool* active = args.active.data_ptr<bool>();
   const int64_t* counts = args.counts.data_ptr<int64_t>();
+  const bool stream_reserve = keep && stream_reserve_rows<T>(H, out.reserve.nbytes());
   // Where no row is padded, step t's output rows are h_t, and the next step's GEMMs read
   // them there: h_t is written once, to rows no other core has read. Two buffers taking
   // turns made every block overwrite lines the other cores' GEMMs had read the step before,
   // each store waiting for their copies to be invalidated (docs/CPU.md).
-  const bool stream_reserve = keep && stream_reserve_rows<T>(H, out.reserve.nbytes());
   const bool h_in_output = std::all_of(counts, counts + T_, [B](int64_t count) { return count == B; });
   // Otherwise h_{t-1} and h_t in two buffers: a block that finishes early must not
   // overwrite columns of h_{t-1} another block's GEMM is still reading.
