@@ -79,16 +79,16 @@ inline void prefetch_span(const T* p, int64_t count) {
   for (const char* line = begin; line < end; line += 64) __builtin_prefetch(line, kForWriting ? 1 : 0, 2);
 }
 
-// Stores v at p bypassing the caches where it can (a whole float vector at an aligned
-// address), else as usual. For results written once and read only after the recurrence,
-// by the weight-gradient GEMMs: cached, each line would first be read in and would then
-// evict step data the recurrence still reads.
+// Stores v at p, bypassing the caches where `streaming` and it can (a whole float vector at
+// an aligned address), else as usual. For results written once and read only after the
+// recurrence (the weight-gradient GEMMs' operands, the backward's reserve): cached, each
+// line would first be read in and would then evict step data the recurrence still reads.
 template <typename T, typename Count>
-inline void store_streaming(const Vec<T>& v, T* p, Count n) {
+inline void store_streaming(bool streaming, const Vec<T>& v, T* p, Count n) {
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
   constexpr int64_t width = Vec<float>::size();
   if constexpr (std::is_same<T, float>::value && std::is_same<Count, std::integral_constant<int64_t, width>>::value) {
-    if (reinterpret_cast<uintptr_t>(p) % (width * sizeof(float)) == 0) {
+    if (streaming && reinterpret_cast<uintptr_t>(p) % (width * sizeof(float)) == 0) {
 #if defined(CPU_CAPABILITY_AVX512)
       _mm512_stream_ps(p, v);
 #else
@@ -97,8 +97,18 @@ inline void store_streaming(const Vec<T>& v, T* p, Count n) {
       return;
     }
   }
+#else
+  (void)streaming;
 #endif
   v.store(p, n);
+}
+
+// Streaming stores are weakly ordered: a pass that made them ends with this, before the
+// step's end (and before it reads back what they wrote).
+inline void fence_streaming_stores() {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  _mm_sfence();
+#endif
 }
 
 // masked_moments' kVectors vectors of columns (the last one last_lanes wide), down every
@@ -390,13 +400,7 @@ class RecurrentForwardCPU {
     BlockVector<T>& c_new = scratch.c_new;
     BlockVector<T>& out_gate = scratch.out_gate;
     // The reserve's stores (StepForward::stream_reserve).
-    const auto keep_store = [&](const Vec<T>& v, T* p, auto n) {
-      if (s.stream_reserve) {
-        store_streaming(v, p, n);
-      } else {
-        v.store(p, n);
-      }
-    };
+    const auto keep_store = [&](const Vec<T>& v, T* p, auto n) { store_streaming(s.stream_reserve, v, p, n); };
     for (int64_t b = 0; b < B; ++b) {
       T* rs = kKeep ? s.reserve + b * W : nullptr;
       if (s.next_wx != nullptr) {
@@ -442,9 +446,7 @@ class RecurrentForwardCPU {
         }
       });
     }
-#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
-    if (kKeep && s.stream_reserve) _mm_sfence();  // weakly ordered: done before h's pass and the step's end
-#endif
+    if (kKeep && s.stream_reserve) fence_streaming_stores();
     if (one_pass) return;
 
     // Training: the cell's batch statistics over the active rows, then h.
@@ -928,13 +930,7 @@ class RecurrentBackwardCPU {
     }
     if (!recurrent && !step_input) return;
 
-    const auto store_grad = [&](const Vec<T>& value, T* p, auto n) {
-      if (s.stream_grads) {
-        store_streaming(value, p, n);
-      } else {
-        value.store(p, n);
-      }
-    };
+    const auto store_grad = [&](const Vec<T>& value, T* p, auto n) { store_streaming(s.stream_grads, value, p, n); };
     // Pass 3: the recurrent and the step-wise input normalizations receive the same upstream
     // gradient dy = d gates. Training: dz = gamma * rstd * (dy - mean(dy) - zhat * mean(dy *
     // zhat)) on active rows; evaluation: dz = gamma * rstd * dy. Padded rows get 0.
@@ -985,9 +981,7 @@ class RecurrentBackwardCPU {
         });
       }
     }
-#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
-    if (s.stream_grads) _mm_sfence();  // streaming stores are weakly ordered: done before the step ends
-#endif
+    if (s.stream_grads) fence_streaming_stores();
   }
  private:
   static const T* data_or_null(const at::Tensor& t) { return t.defined() ? t.data_ptr<T>() : nullptr; }
