@@ -50,6 +50,9 @@ std::vector<double> round_trips(int64_t first_cpu, int64_t second_cpu, int64_t s
                                 double gap_seconds) {
   alignas(128) std::atomic<int64_t> turn{0};
   std::atomic<bool> stop{false};
+  // The calling thread is pinned for the measurement only.
+  cpu_set_t caller;
+  TORCH_CHECK(pthread_getaffinity_np(pthread_self(), sizeof(caller), &caller) == 0, "cannot read this thread's CPUs");
   std::thread other([&] {
     pin(second_cpu);
     for (int64_t value = 1;; value += 2) {
@@ -60,32 +63,30 @@ std::vector<double> round_trips(int64_t first_cpu, int64_t second_cpu, int64_t s
       turn.store(value + 1, std::memory_order_release);
     }
   });
-  std::vector<double> result;
-  // The calling thread is pinned for the measurement only.
-  cpu_set_t caller;
-  TORCH_CHECK(pthread_getaffinity_np(pthread_self(), sizeof(caller), &caller) == 0, "cannot read this thread's CPUs");
-  try {
-    pin(first_cpu);
-    int64_t value = 0;
-    for (int64_t s = 0; s < samples; ++s) {
-      const auto start = std::chrono::steady_clock::now();
-      for (int64_t i = 0; i < trips; ++i, value += 2) {
-        turn.store(value + 1, std::memory_order_release);
-        while (turn.load(std::memory_order_acquire) != value + 2) spin_pause();
-      }
-      result.push_back(std::chrono::duration<double, std::nano>(std::chrono::steady_clock::now() - start).count() /
-                       double(trips));
-      std::this_thread::sleep_for(std::chrono::duration<double>(gap_seconds));
+  // However the measurement ends: the other thread stopped, the caller's CPUs given back.
+  struct Teardown {
+    std::atomic<bool>& stop;
+    std::thread& other;
+    const cpu_set_t& caller;
+    ~Teardown() {
+      stop = true;
+      other.join();
+      pthread_setaffinity_np(pthread_self(), sizeof(caller), &caller);
     }
-  } catch (...) {
-    stop = true;
-    other.join();
-    pthread_setaffinity_np(pthread_self(), sizeof(caller), &caller);
-    throw;
+  } teardown{stop, other, caller};
+  pin(first_cpu);
+  std::vector<double> result;
+  int64_t value = 0;
+  for (int64_t s = 0; s < samples; ++s) {
+    const auto start = std::chrono::steady_clock::now();
+    for (int64_t i = 0; i < trips; ++i, value += 2) {
+      turn.store(value + 1, std::memory_order_release);
+      while (turn.load(std::memory_order_acquire) != value + 2) spin_pause();
+    }
+    result.push_back(std::chrono::duration<double, std::nano>(std::chrono::steady_clock::now() - start).count() /
+                     double(trips));
+    std::this_thread::sleep_for(std::chrono::duration<double>(gap_seconds));
   }
-  stop = true;
-  other.join();
-  pthread_setaffinity_np(pthread_self(), sizeof(caller), &caller);
   return result;
 }
 """
