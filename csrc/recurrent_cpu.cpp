@@ -499,11 +499,13 @@ constexpr int64_t kStreamingReserveMinBytes = int64_t(1) << 20;
 // read only by the backward pass, from its last step back: beyond a core's L2 its lines are
 // gone before then, and stored through the caches each is first read in (and the next
 // step's rows fetched ahead for writing) only to be evicted. Streamed, its bytes go out
-// once (docs/CPU.md). Only where every block's columns of a gate start on a cache line, H a
-// multiple of 16 floats: a line half streamed and half stored costs more than either.
+// once (docs/CPU.md). Only with AVX-512, where one store fills a cache line, and where every
+// block's columns of a gate start on a line (H a multiple of 16 floats): a line half
+// streamed and half stored, or streamed in two halves between other stores (AVX2's 32-byte
+// vectors), leaves the write-combining buffers partly filled and costs more than caching.
 template <typename T>
 bool stream_reserve_rows(int64_t hidden, int64_t bytes) {
-#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+#if defined(CPU_CAPABILITY_AVX512)
   return std::is_same<T, float>::value && hidden % 16 == 0 && bytes >= kStreamingReserveMinBytes;
 #else
   (void)hidden;
