@@ -43,10 +43,13 @@ def device_name(device: torch.device) -> str:
 
 
 def device_tag(env: dict) -> str:
-    """A file-name-safe form of the device: "Intel(R) Xeon(R) Gold", 2 threads ->
-    "intel-xeon-gold-2t" (a CPU's figures depend on its thread count)."""
+    """A file-name-safe form of the device: "Intel(R) Xeon(R) Gold", torch's AVX512 kernels,
+    2 threads -> "intel-xeon-gold-avx512-2t". A CPU's figures depend on its vector ISA (one
+    model name covers hosts with and without AVX-512) and on its thread count."""
     name = re.sub(r"\((r|tm)\)", "", env["device"].lower())
     tag = re.sub(r"[^a-z0-9]+", "-", name).strip("-")
+    if "cpu_capability" in env:
+        tag = f"{tag}-{env['cpu_capability'].lower()}"
     return f"{tag}-{env['threads']}t" if "threads" in env else tag
 
 

@@ -82,3 +82,17 @@ def test_cell_loop_leaves_committed_results_alone(tmp_path, monkeypatch):
     cell_loop.main(["--device", "cpu", "--steps", "2", "--batch", "2", "--hidden", "4",
                     "--out", str(tmp_path / "mine")])
     assert len(list((tmp_path / "mine").iterdir())) == 2
+
+
+def test_device_tags_name_the_vector_isa_and_threads():
+    """Hosts sold under one model name, with and without AVX-512, write different files; a
+    GPU's tag is its name alone."""
+    cpu = {"device": "AMD EPYC", "threads": 2}
+    assert benchmarks.report.device_tag({**cpu, "cpu_capability": "AVX2"}) == "amd-epyc-avx2-2t"
+    assert benchmarks.report.device_tag({**cpu, "cpu_capability": "AVX512"}) == "amd-epyc-avx512-2t"
+    assert benchmarks.report.device_tag({"device": "Intel(R) Xeon(R) Gold", "threads": 1,
+                                         "cpu_capability": "AVX512"}) == "intel-xeon-gold-avx512-1t"
+    assert benchmarks.report.device_tag({"device": "NVIDIA H200"}) == "nvidia-h200"
+    here = benchmarks.report.environment(torch.device("cpu"), "default", {}, {})
+    assert benchmarks.report.device_tag(here).endswith(
+        f"-{torch.backends.cpu.get_cpu_capability().lower()}-{torch.get_num_threads()}t")
