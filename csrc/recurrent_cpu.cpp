@@ -103,6 +103,13 @@ inline void store_streaming(bool streaming, const Vec<T>& v, T* p, Count n) {
   v.store(p, n);
 }
 
+// Copies [from, from + count) to `to` past the caches (store_streaming), a vector at a time in
+// address order, so each line's stores follow one another.
+template <typename T>
+void stream_copy(const T* from, T* to, int64_t count) {
+  for_each_vec<T>(count, [&](int64_t j, auto n) { store_streaming(true, Vec<T>::loadu(from + j, n), to + j, n); });
+}
+
 // Streaming stores are weakly ordered: a pass that made them ends with this, before the
 // step's end (and before it reads back what they wrote).
 inline void fence_streaming_stores() {
@@ -285,15 +292,23 @@ struct GateStatistics {
 // every step (a step at B=1 is a few microseconds; a dozen allocations a step showed in
 // its profile). A part that is not normalized keeps ColumnStats' identity values: the
 // flags, and with them what each step writes, are the same at every step of a call.
-// zeros: the bias and cell beta of a layer without them.
+// zeros: the bias and cell beta of a layer without them. reserve_row: one reserve row
+// (row_width floats), where the pass stages it to stream it out (RecurrentForwardCPU::run).
 template <typename T>
 struct ForwardScratch {
   ColumnStats<T> in, rec, cell;
-  BlockVector<T> zeros, c_new, out_gate;
-  ForwardScratch(int64_t batch, int64_t units)
+  BlockVector<T> zeros, c_new, out_gate, reserve_row;
+  ForwardScratch(int64_t batch, int64_t units, int64_t row_width)
       : in(4 * units), rec(4 * units), cell(units), zeros(4 * units, T(0)), c_new(batch * units),
-        out_gate(batch * units) {}
+        out_gate(batch * units), reserve_row(row_width) {}
 };
+
+// Whether the training forward stages each reserve row in ForwardScratch::reserve_row before
+// streaming it out: where a vector is shorter than a cache line (AVX2), each streamed store
+// leaves its line half written among the pass's other stores, and the write-combining buffers
+// flush partial lines (docs/CPU.md).
+template <typename T>
+constexpr bool kStageStreamedReserve = Vec<T>::size() * sizeof(T) < 64;
 
 template <typename T>
 class RecurrentForwardCPU {
@@ -399,10 +414,14 @@ class RecurrentForwardCPU {
     // the backward pass multiplies them by zero).
     BlockVector<T>& c_new = scratch.c_new;
     BlockVector<T>& out_gate = scratch.out_gate;
-    // The reserve's stores (StepForward::stream_reserve).
-    const auto keep_store = [&](const Vec<T>& v, T* p, auto n) { store_streaming(s.stream_reserve, v, p, n); };
+    const bool staged = kKeep && s.stream_reserve && kStageStreamedReserve<T>;
     for (int64_t b = 0; b < B; ++b) {
       T* rs = kKeep ? s.reserve + b * W : nullptr;
+      // The reserve's stores (StepForward::stream_reserve), at an offset in the row.
+      T* keep_row = staged ? scratch.reserve_row.data() : rs;
+      const auto keep_store = [&](const Vec<T>& v, int64_t offset, auto n) {
+        store_streaming(s.stream_reserve && !staged, v, keep_row + offset, n);
+      };
       if (s.next_wx != nullptr) {
         for (int64_t g = 0; g < 4; ++g) prefetch_span(s.next_wx + b * s.wx_row + g * s.wx_gate, J);
       }
@@ -422,7 +441,7 @@ class RecurrentForwardCPU {
           const Vec<T> z = Vec<T>::loadu(zh + b * 4 * J + g * J + j, n);
           if (kKeep && flags_.normalize_recurrent) {
             const Vec<T> zhat = (z - Vec<T>::loadu(rec.mean[g] + j, n)) * Vec<T>::loadu(rec.rstd[g] + j, n);
-            keep_store(zhat, rs + layout_.zhat + k, n);
+            keep_store(zhat, layout_.zhat + k, n);
           }
           pre[g] = at::vec::fmadd(wx - Vec<T>::loadu(in.mean[g] + j, n), Vec<T>::loadu(in.scale[g] + j, n),
                                   at::vec::fmadd(z - Vec<T>::loadu(rec.mean[g] + j, n),
@@ -432,11 +451,11 @@ class RecurrentForwardCPU {
         const Vec<T> c_prev = Vec<T>::loadu(s.c + b * H + j0 + j, n);
         const Vec<T> value = at::vec::fmadd(f, c_prev, i * g);
         if (kKeep) {
-          keep_store(i, rs + layout_.gates + 0 * H + j0 + j, n);
-          keep_store(f, rs + layout_.gates + 1 * H + j0 + j, n);
-          keep_store(g, rs + layout_.gates + 2 * H + j0 + j, n);
-          keep_store(o, rs + layout_.gates + 3 * H + j0 + j, n);
-          keep_store(value, rs + layout_.c_new + j0 + j, n);
+          keep_store(i, layout_.gates + 0 * H + j0 + j, n);
+          keep_store(f, layout_.gates + 1 * H + j0 + j, n);
+          keep_store(g, layout_.gates + 2 * H + j0 + j, n);
+          keep_store(o, layout_.gates + 3 * H + j0 + j, n);
+          keep_store(value, layout_.c_new + j0 + j, n);
         }
         if (one_pass) {
           write_h(b, j, n, value, o);
@@ -445,6 +464,14 @@ class RecurrentForwardCPU {
           if (!kKeep || s.stream_reserve) o.store(out_gate.data() + b * J + j, n);
         }
       });
+      if (staged) {  // the block's columns of each segment of the row, line after line
+        const auto stream_out = [&](int64_t offset) { stream_copy(keep_row + offset + j0, rs + offset + j0, J); };
+        for (int64_t g = 0; g < 4; ++g) {
+          if (flags_.normalize_recurrent) stream_out(layout_.zhat + g * H);
+          stream_out(layout_.gates + g * H);
+        }
+        stream_out(layout_.c_new);
+      }
     }
     if (kKeep && s.stream_reserve) fence_streaming_stores();
     if (one_pass) return;
@@ -499,13 +526,11 @@ constexpr int64_t kStreamingReserveMinBytes = int64_t(1) << 20;
 // read only by the backward pass, from its last step back: beyond a core's L2 its lines are
 // gone before then, and stored through the caches each is first read in (and the next
 // step's rows fetched ahead for writing) only to be evicted. Streamed, its bytes go out
-// once (docs/CPU.md). Only with AVX-512, where one store fills a cache line, and where every
-// block's columns of a gate start on a line (H a multiple of 16 floats): a line half
-// streamed and half stored, or streamed in two halves between other stores (AVX2's 32-byte
-// vectors), leaves the write-combining buffers partly filled and costs more than caching.
+// once (docs/CPU.md). Only where every block's columns of a gate start on a cache line (H a
+// multiple of 16 floats): a line half streamed and half stored costs more than either.
 template <typename T>
 bool stream_reserve_rows(int64_t hidden, int64_t bytes) {
-#if defined(CPU_CAPABILITY_AVX512)
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
   return std::is_same<T, float>::value && hidden % 16 == 0 && bytes >= kStreamingReserveMinBytes;
 #else
   (void)hidden;
@@ -601,6 +626,8 @@ void recurrent_forward_impl(const RecurrentForwardArgs& args, RecurrentForwardOu
   std::vector<at::Tensor> zh, zx;     // block k's [B, 4J]
   std::vector<ForwardScratch<T>> scratch;
   const at::TensorOptions options = args.weight_hh.options();
+  const bool stream_reserve = keep && stream_reserve_rows<T>(H, out.reserve.nbytes());
+  const int64_t staged_row_width = stream_reserve && kStageStreamedReserve<T> ? ReserveLayout(H, flags).width : 0;
   for (int64_t k = 0; k < blocks; ++k) {
     const int64_t J = bounds[k + 1] - bounds[k];
     gemms.emplace_back(block_rows(args.weight_hh, bounds[k], J), /*transpose=*/true, B, bf16);
@@ -609,11 +636,10 @@ void recurrent_forward_impl(const RecurrentForwardArgs& args, RecurrentForwardOu
       input_gemms.emplace_back(block_rows(args.weight_ih, bounds[k], J), /*transpose=*/true, B, bf16);
       zx.push_back(at::empty({B, 4 * J}, options));
     }
-    scratch.emplace_back(B, J);
+    scratch.emplace_back(B, J, staged_row_width);
   }
   const bool* active = args.active.data_ptr<bool>();
   const int64_t* counts = args.counts.data_ptr<int64_t>();
-  const bool stream_reserve = keep && stream_reserve_rows<T>(H, out.reserve.nbytes());
   // Where no row is padded, step t's output rows are h_t, and the next step's GEMMs read
   // them there: h_t is written once, to rows no other core has read. Two buffers taking
   // turns made every block overwrite lines the other cores' GEMMs had read the step before,

@@ -209,7 +209,7 @@ def test_weight_gradient_chunks_match_the_paper(num_threads, threads):
 # stores it past the caches (kStreamingStoreMinBytes in recurrent_cpu.cpp), at aligned and
 # unaligned columns, and the weight gradients take 8 chunks of steps.
 # The last two: past the gradients' and the reserve's streaming thresholds (csrc/recurrent_cpu.cpp;
-# the reserve is streamed in AVX-512 builds only).
+# AVX2 builds stage each reserve row and stream it out, AVX-512 builds stream each store).
 BLOCK_SHAPES = [(12, 9, 100), (12, 9, 150), (64, 33, 130), (40, 17, 64)]
 
 
@@ -267,7 +267,7 @@ def test_float32_hidden_unit_blocks(steps, batch, hidden_size, padded, threads):
     assert torch.ops.bnlstm.cpu_hidden_blocks(steps, batch, hidden_size) == 2
     if hidden_size == 130:
         assert steps * batch * 4 * hidden_size * 4 >= 4 << 20
-    if hidden_size == 64:  # the reserve, 9H floats a row, streamed where H is a multiple of 16 (AVX-512)
+    if hidden_size == 64:  # the reserve, 9H floats a row, streamed where H is a multiple of 16
         assert steps * batch * 9 * hidden_size * 4 >= 1 << 20
     torch.manual_seed(5)
     wide = BNLSTM(12, hidden_size, max_length=steps, backend="reference", dtype=torch.float64)
