@@ -464,13 +464,10 @@ class RecurrentForwardCPU {
           if (!kKeep || s.stream_reserve) o.store(out_gate.data() + b * J + j, n);
         }
       });
-      if (staged) {  // the block's columns of each segment of the row, line after line
-        const auto stream_out = [&](int64_t offset) { stream_copy(keep_row + offset + j0, rs + offset + j0, J); };
-        for (int64_t g = 0; g < 4; ++g) {
-          if (flags_.normalize_recurrent) stream_out(layout_.zhat + g * H);
-          stream_out(layout_.gates + g * H);
-        }
-        stream_out(layout_.c_new);
+      if (staged) {
+        // The block's columns of each H-wide segment of the row (ReserveLayout's parts are
+        // whole segments, back to back), line after line.
+        for (int64_t offset = j0; offset < W; offset += H) stream_copy(keep_row + offset, rs + offset, J);
       }
     }
     if (kKeep && s.stream_reserve) fence_streaming_stores();
