@@ -384,6 +384,32 @@ class RecurrentForwardCPU {
     } else {
       cell.point_to(scratch.cell, 0, 0);
     }
+    // The passes read every pointer from a local: an intrinsic's vector store may alias any
+    // memory, so one read through s, scratch (a vector's data()) or this is loaded again
+    // after each store.
+    const T* const wx_rows = s.wx;
+    const int64_t wx_row = s.wx_row, wx_gate = s.wx_gate;
+    const bool* const active_rows = s.active;
+    const T* const h_prev = s.h_prev;
+    T* const h_next = s.h_next;
+    T* const c_rows = s.c;
+    T* const output = s.output;
+    T* const reserve = s.reserve;
+    const T* const next_wx = s.next_wx;
+    T* const next_reserve = s.next_reserve;
+    const bool stream_reserve = s.stream_reserve;
+    const bool normalize_recurrent = flags_.normalize_recurrent;
+    const int64_t gates_at = layout_.gates, zhat_at = layout_.zhat, c_new_at = layout_.c_new;
+    const T* const cell_mean = cell.mean[0];
+    const T* const cell_scale = cell.scale[0];
+    const T* in_mean[4], *in_scale[4], *rec_mean[4], *rec_rstd[4], *rec_scale[4];
+    for (int64_t g = 0; g < 4; ++g) {
+      in_mean[g] = in.mean[g];
+      in_scale[g] = in.scale[g];
+      rec_mean[g] = rec.mean[g];
+      rec_rstd[g] = rec.rstd[g];
+      rec_scale[g] = rec.scale[g];
+    }
     const auto cell_statistics = [&](const T* c_new) {
       if (!flags_.normalize_cell) return;
       scratch.cell.normalize_with(c_new, J, B, s.active, s.count, gamma_c_ + j0, eps, 0, J, s.mean_c + j0,
@@ -393,16 +419,17 @@ class RecurrentForwardCPU {
     // and leave the state alone.
     const auto write_h = [&](int64_t b, int64_t j, auto n, const Vec<T>& value, const Vec<T>& o) {
       // Centred before scaling, as the gates below.
-      const Vec<T> seen = at::vec::fmadd(value - Vec<T>::loadu(cell.mean[0] + j, n),
-                                         Vec<T>::loadu(cell.scale[0] + j, n), Vec<T>::loadu(cell_beta + j, n));
+      const Vec<T> seen = at::vec::fmadd(value - Vec<T>::loadu(cell_mean + j, n), Vec<T>::loadu(cell_scale + j, n),
+                                         Vec<T>::loadu(cell_beta + j, n));
       const Vec<T> h_new = o * fast_tanh(seen);
-      if (s.active[b]) {
-        if (s.h_next != nullptr) h_new.store(s.h_next + b * H + j0 + j, n);
-        value.store(s.c + b * H + j0 + j, n);
-        h_new.store(s.output + b * H + j0 + j, n);
+      const int64_t at = b * H + j0 + j;
+      if (active_rows[b]) {
+        if (h_next != nullptr) h_new.store(h_next + at, n);
+        value.store(c_rows + at, n);
+        h_new.store(output + at, n);
       } else {
-        Vec<T>::loadu(s.h_prev + b * H + j0 + j, n).store(s.h_next + b * H + j0 + j, n);
-        Vec<T>(T(0)).store(s.output + b * H + j0 + j, n);
+        Vec<T>::loadu(h_prev + at, n).store(h_next + at, n);
+        Vec<T>(T(0)).store(output + at, n);
       }
     };
 
@@ -412,56 +439,60 @@ class RecurrentForwardCPU {
     // small against the mean (few active sequences), where scale is large.
     // Gates and the new cell for every row (padded rows too: their values stay finite and
     // the backward pass multiplies them by zero).
-    BlockVector<T>& c_new = scratch.c_new;
-    BlockVector<T>& out_gate = scratch.out_gate;
-    const bool staged = kKeep && s.stream_reserve && kStageStreamedReserve<T>;
+    T* const c_new = scratch.c_new.data();
+    T* const out_gate = scratch.out_gate.data();
+    T* const reserve_row = scratch.reserve_row.data();
+    const bool staged = kKeep && stream_reserve && kStageStreamedReserve<T>;
     for (int64_t b = 0; b < B; ++b) {
-      T* rs = kKeep ? s.reserve + b * W : nullptr;
+      T* const rs = kKeep ? reserve + b * W : nullptr;
       // The reserve's stores (StepForward::stream_reserve), at an offset in the row.
-      T* keep_row = staged ? scratch.reserve_row.data() : rs;
+      T* const keep_row = staged ? reserve_row : rs;
       const auto keep_store = [&](const Vec<T>& v, int64_t offset, auto n) {
-        store_streaming(s.stream_reserve && !staged, v, keep_row + offset, n);
+        store_streaming(stream_reserve && !staged, v, keep_row + offset, n);
       };
-      if (s.next_wx != nullptr) {
-        for (int64_t g = 0; g < 4; ++g) prefetch_span(s.next_wx + b * s.wx_row + g * s.wx_gate, J);
+      if (next_wx != nullptr) {
+        for (int64_t g = 0; g < 4; ++g) prefetch_span(next_wx + b * wx_row + g * wx_gate, J);
       }
-      if (kKeep && s.next_reserve != nullptr && !s.stream_reserve) {
-        T* next = s.next_reserve + b * W;
+      if (kKeep && next_reserve != nullptr && !stream_reserve) {
+        T* next = next_reserve + b * W;
         for (int64_t g = 0; g < 4; ++g) {
-          if (flags_.normalize_recurrent) prefetch_span<true>(next + layout_.zhat + g * H + j0, J);
-          prefetch_span<true>(next + layout_.gates + g * H + j0, J);
+          if (normalize_recurrent) prefetch_span<true>(next + zhat_at + g * H + j0, J);
+          prefetch_span<true>(next + gates_at + g * H + j0, J);
         }
-        prefetch_span<true>(next + layout_.c_new + j0, J);
+        prefetch_span<true>(next + c_new_at + j0, J);
       }
+      const T* const wx_b = wx_rows + b * wx_row;
+      const T* const zh_b = zh + b * 4 * J;
+      T* const c_b = c_rows + b * H + j0;
       for_each_vec<T>(J, [&](int64_t j, auto n) {
         Vec<T> pre[4];
         for (int64_t g = 0; g < 4; ++g) {
           const int64_t k = g * H + j0 + j;
-          const Vec<T> wx = Vec<T>::loadu(s.wx + b * s.wx_row + g * s.wx_gate + j, n);
-          const Vec<T> z = Vec<T>::loadu(zh + b * 4 * J + g * J + j, n);
-          if (kKeep && flags_.normalize_recurrent) {
-            const Vec<T> zhat = (z - Vec<T>::loadu(rec.mean[g] + j, n)) * Vec<T>::loadu(rec.rstd[g] + j, n);
-            keep_store(zhat, layout_.zhat + k, n);
+          const Vec<T> wx = Vec<T>::loadu(wx_b + g * wx_gate + j, n);
+          const Vec<T> z = Vec<T>::loadu(zh_b + g * J + j, n);
+          if (kKeep && normalize_recurrent) {
+            const Vec<T> zhat = (z - Vec<T>::loadu(rec_mean[g] + j, n)) * Vec<T>::loadu(rec_rstd[g] + j, n);
+            keep_store(zhat, zhat_at + k, n);
           }
-          pre[g] = at::vec::fmadd(wx - Vec<T>::loadu(in.mean[g] + j, n), Vec<T>::loadu(in.scale[g] + j, n),
-                                  at::vec::fmadd(z - Vec<T>::loadu(rec.mean[g] + j, n),
-                                                 Vec<T>::loadu(rec.scale[g] + j, n), Vec<T>::loadu(bias[g] + j, n)));
+          pre[g] = at::vec::fmadd(wx - Vec<T>::loadu(in_mean[g] + j, n), Vec<T>::loadu(in_scale[g] + j, n),
+                                  at::vec::fmadd(z - Vec<T>::loadu(rec_mean[g] + j, n),
+                                                 Vec<T>::loadu(rec_scale[g] + j, n), Vec<T>::loadu(bias[g] + j, n)));
         }
         const Vec<T> i = sigmoid(pre[0]), f = sigmoid(pre[1]), g = fast_tanh(pre[2]), o = sigmoid(pre[3]);
-        const Vec<T> c_prev = Vec<T>::loadu(s.c + b * H + j0 + j, n);
+        const Vec<T> c_prev = Vec<T>::loadu(c_b + j, n);
         const Vec<T> value = at::vec::fmadd(f, c_prev, i * g);
         if (kKeep) {
-          keep_store(i, layout_.gates + 0 * H + j0 + j, n);
-          keep_store(f, layout_.gates + 1 * H + j0 + j, n);
-          keep_store(g, layout_.gates + 2 * H + j0 + j, n);
-          keep_store(o, layout_.gates + 3 * H + j0 + j, n);
-          keep_store(value, layout_.c_new + j0 + j, n);
+          keep_store(i, gates_at + 0 * H + j0 + j, n);
+          keep_store(f, gates_at + 1 * H + j0 + j, n);
+          keep_store(g, gates_at + 2 * H + j0 + j, n);
+          keep_store(o, gates_at + 3 * H + j0 + j, n);
+          keep_store(value, c_new_at + j0 + j, n);
         }
         if (one_pass) {
           write_h(b, j, n, value, o);
         } else {
-          value.store(c_new.data() + b * J + j, n);
-          if (!kKeep || s.stream_reserve) o.store(out_gate.data() + b * J + j, n);
+          value.store(c_new + b * J + j, n);
+          if (!kKeep || stream_reserve) o.store(out_gate + b * J + j, n);
         }
       });
       if (staged) {
@@ -470,17 +501,16 @@ class RecurrentForwardCPU {
         for (int64_t offset = j0; offset < W; offset += H) stream_copy(keep_row + offset, rs + offset, J);
       }
     }
-    if (kKeep && s.stream_reserve) fence_streaming_stores();
+    if (kKeep && stream_reserve) fence_streaming_stores();
     if (one_pass) return;
 
     // Training: the cell's batch statistics over the active rows, then h.
-    cell_statistics(c_new.data());
+    cell_statistics(c_new);
     for (int64_t b = 0; b < B; ++b) {
-      const T* rs = kKeep ? s.reserve + b * W : nullptr;
+      const T* const o_row = kKeep && !stream_reserve ? reserve + b * W + gates_at + 3 * H + j0 : out_gate + b * J;
+      const T* const c_new_row = c_new + b * J;
       for_each_vec<T>(J, [&](int64_t j, auto n) {
-        const Vec<T> o = kKeep && !s.stream_reserve ? Vec<T>::loadu(rs + layout_.gates + 3 * H + j0 + j, n)
-                               : Vec<T>::loadu(out_gate.data() + b * J + j, n);
-        write_h(b, j, n, Vec<T>::loadu(c_new.data() + b * J + j, n), o);
+        write_h(b, j, n, Vec<T>::loadu(c_new_row + j, n), Vec<T>::loadu(o_row + j, n));
       });
     }
   }
@@ -792,124 +822,154 @@ class RecurrentBackwardCPU {
     const bool step_input = flags_.input_statistics == kInputStep;
     const bool training = flags_.training;
     const Vec<T> inv_count(T(1) / T(std::max<int64_t>(s.count, 1)));
+    // The passes read every pointer from a local: an intrinsic's vector store may alias any
+    // memory, so one read through s, scratch (a vector's data()) or this is loaded again
+    // after each store.
+    const T* const reserve = s.reserve;
+    const T* const wx = s.wx;
+    const bool* const active_rows = s.active;
+    const T* const grad_output = s.grad_output;
+    const T* const c_prev_rows = s.c_prev;
+    const int64_t c_prev_stride = s.c_prev_stride;
+    T* const grad_h = s.grad_h;
+    T* const grad_c = s.grad_c;
+    T* const grad_gates = s.grad_gates;
+    T* const grad_zh = s.grad_zh;
+    T* const grad_wx = s.grad_wx;
+    const bool stream_grads = s.stream_grads;
+    const T* const next_reserve = s.next_reserve;
+    const T* const next_wx = s.next_wx;
+    const T* const next_grad_output = s.next_grad_output;
+    const int64_t gates_at = layout_.gates, zhat_at = layout_.zhat, c_new_at = layout_.c_new;
+    const T* const gamma_c = gamma_c_;
 
     // Per-column constants: u indexes gate g's column of hidden unit j0 + j as g * J + j.
-    BlockVector<T>& cell_rstd = scratch.cell_rstd;
-    BlockVector<T>& cell_scale = scratch.cell_scale;
-    BlockVector<T>& cell_mean = scratch.cell_mean;
-    BlockVector<T>& cell_beta = scratch.cell_beta;
+    T* const cell_rstd = scratch.cell_rstd.data();
+    T* const cell_scale = scratch.cell_scale.data();
+    T* const cell_mean = scratch.cell_mean.data();
+    T* const cell_beta = scratch.cell_beta.data();
     if (cell_bn) {
-      scale_from_variance(s.var_c + j0, gamma_c_ + j0, eps, J, cell_rstd.data(), cell_scale.data());
-      std::copy_n(s.mean_c + j0, J, cell_mean.data());
-      std::copy_n(beta_c_ + j0, J, cell_beta.data());
+      scale_from_variance(s.var_c + j0, gamma_c + j0, eps, J, cell_rstd, cell_scale);
+      std::copy_n(s.mean_c + j0, J, cell_mean);
+      std::copy_n(beta_c_ + j0, J, cell_beta);
     }
-    BlockVector<T>& in_mean = scratch.in_mean;
-    BlockVector<T>& in_rstd = scratch.in_rstd;
-    BlockVector<T>& in_scale = scratch.in_scale;
-    BlockVector<T>& rec_scale = scratch.rec_scale;
+    T* const in_mean = scratch.in_mean.data();
+    T* const in_rstd = scratch.in_rstd.data();
+    T* const in_scale = scratch.in_scale.data();
+    T* const rec_scale = scratch.rec_scale.data();
     for (int64_t g = 0; g < 4; ++g) {
       const int64_t k0 = g * H + j0;
       if (any_input) {
-        scale_from_variance(s.var_ih + k0, gamma_ih_ + k0, eps, J, in_rstd.data() + g * J, in_scale.data() + g * J);
-        std::copy_n(s.mean_ih + k0, J, in_mean.data() + g * J);
+        scale_from_variance(s.var_ih + k0, gamma_ih_ + k0, eps, J, in_rstd + g * J, in_scale + g * J);
+        std::copy_n(s.mean_ih + k0, J, in_mean + g * J);
       }
       if (recurrent) {  // only the scale: the normalized recurrent product is in the reserve (zhat)
+        const T* const var_hh = s.var_hh + k0;
+        const T* const gamma_hh = gamma_hh_ + k0;
         for_each_vec<T>(J, [&](int64_t j, auto n) {
-          const Vec<T> rstd = inverse_sqrt(Vec<T>::loadu(s.var_hh + k0 + j, n) + Vec<T>(eps));
-          (rstd * Vec<T>::loadu(gamma_hh_ + k0 + j, n)).store(rec_scale.data() + g * J + j, n);
+          const Vec<T> rstd = inverse_sqrt(Vec<T>::loadu(var_hh + j, n) + Vec<T>(eps));
+          (rstd * Vec<T>::loadu(gamma_hh + j, n)).store(rec_scale + g * J + j, n);
         });
       }
     }
     // The gate gradients dy of this step, in the block's own [B, 4J] buffer (it stays in this
     // core's cache), and in grad_gates where that is an output.
-    const auto dy_at = [&](int64_t b, int64_t g) { return dy + b * 4 * J + g * J; };
-    const auto store_dy = [&](int64_t b, int64_t g, int64_t j, auto n, const Vec<T>& value) {
+    const auto dy_at = [dy, J](int64_t b, int64_t g) { return dy + b * 4 * J + g * J; };
+    const auto store_dy = [=](int64_t b, int64_t g, int64_t j, auto n, const Vec<T>& value) {
       value.store(dy_at(b, g) + j, n);
-      if (s.grad_gates != nullptr) value.store(s.grad_gates + b * G + g * H + j0 + j, n);
+      if (grad_gates != nullptr) value.store(grad_gates + b * G + g * H + j0 + j, n);
     };
     // Column sums of each gate's gradient dy, of dy * zhat and of dy * xhat.
-    BlockVector<T>& sum_dy = scratch.sum_dy;
-    BlockVector<T>& sum_dy_zhat = scratch.sum_dy_zhat;
-    BlockVector<T>& sum_dy_xhat = scratch.sum_dy_xhat;
-    for (BlockVector<T>* sums : {&sum_dy, &sum_dy_zhat, &sum_dy_xhat}) std::fill(sums->begin(), sums->end(), T(0));
-    const auto xhat_at = [&](int64_t b, int64_t g, int64_t j, auto n) {
-      return (Vec<T>::loadu(s.wx + b * G + g * H + j0 + j, n) - Vec<T>::loadu(in_mean.data() + g * J + j, n)) *
-             Vec<T>::loadu(in_rstd.data() + g * J + j, n);
+    T* const sum_dy = scratch.sum_dy.data();
+    T* const sum_dy_zhat = scratch.sum_dy_zhat.data();
+    T* const sum_dy_xhat = scratch.sum_dy_xhat.data();
+    for (T* sums : {sum_dy, sum_dy_zhat, sum_dy_xhat}) std::fill_n(sums, 4 * J, T(0));
+    const auto xhat_at = [=](int64_t b, int64_t g, int64_t j, auto n) {
+      return (Vec<T>::loadu(wx + b * G + g * H + j0 + j, n) - Vec<T>::loadu(in_mean + g * J + j, n)) *
+             Vec<T>::loadu(in_rstd + g * J + j, n);
     };
 
     // Pass 1: the normalized cell and its tanh, recomputed from c_t and the step's
     // statistics; the output gate's gradient; the gradient reaching the normalized cell.
-    BlockVector<T>& c_hat = scratch.c_hat;
-    BlockVector<T>& grad_seen = scratch.grad_seen;
-    BlockVector<T>& sum_seen = scratch.sum_seen;
-    BlockVector<T>& sum_seen_c_hat = scratch.sum_seen_c_hat;
-    std::fill(sum_seen.begin(), sum_seen.end(), T(0));
-    std::fill(sum_seen_c_hat.begin(), sum_seen_c_hat.end(), T(0));
+    T* const c_hat = scratch.c_hat.data();
+    T* const grad_seen = scratch.grad_seen.data();
+    T* const sum_seen = scratch.sum_seen.data();
+    T* const sum_seen_c_hat = scratch.sum_seen_c_hat.data();
+    std::fill_n(sum_seen, J, T(0));
+    std::fill_n(sum_seen_c_hat, J, T(0));
     for (int64_t b = 0; b < B; ++b) {
-      const T* rs = s.reserve + b * W;
-      const bool active = s.active[b];
-      if (s.next_reserve != nullptr) {  // a third of the next step's rows in each pass
-        const T* next = s.next_reserve + b * W;
-        for (int64_t g = 0; g < 4; ++g) prefetch_span(next + layout_.gates + g * H + j0, J);
-        prefetch_span(next + layout_.c_new + j0, J);
-        prefetch_span(s.next_grad_output + b * H + j0, J);
+      const T* const rs = reserve + b * W;
+      const bool active = active_rows[b];
+      if (next_reserve != nullptr) {  // a third of the next step's rows in each pass
+        const T* next = next_reserve + b * W;
+        for (int64_t g = 0; g < 4; ++g) prefetch_span(next + gates_at + g * H + j0, J);
+        prefetch_span(next + c_new_at + j0, J);
+        prefetch_span(next_grad_output + b * H + j0, J);
       }
+      const T* const c_new_row = rs + c_new_at + j0;
+      const T* const o_row = rs + gates_at + 3 * H + j0;
+      const T* const grad_output_row = grad_output + b * H + j0;
+      const T* const grad_h_row = grad_h + b * H + j0;
+      T* const c_hat_row = c_hat + b * J;
+      T* const grad_seen_row = grad_seen + b * J;
       for_each_vec<T>(J, [&](int64_t j, auto n) {
-        const int64_t unit = j0 + j;
-        Vec<T> seen = Vec<T>::loadu(rs + layout_.c_new + unit, n);
+        Vec<T> seen = Vec<T>::loadu(c_new_row + j, n);
         Vec<T> normalized = zero;
         if (cell_bn) {
-          normalized = (seen - Vec<T>::loadu(cell_mean.data() + j, n)) * Vec<T>::loadu(cell_rstd.data() + j, n);
-          normalized.store(c_hat.data() + b * J + j, n);
-          seen = at::vec::fmadd(normalized, Vec<T>::loadu(gamma_c_ + unit, n), Vec<T>::loadu(cell_beta.data() + j, n));
+          normalized = (seen - Vec<T>::loadu(cell_mean + j, n)) * Vec<T>::loadu(cell_rstd + j, n);
+          normalized.store(c_hat_row + j, n);
+          seen = at::vec::fmadd(normalized, Vec<T>::loadu(gamma_c + j0 + j, n), Vec<T>::loadu(cell_beta + j, n));
         }
         const Vec<T> tanh = fast_tanh(seen);
         const Vec<T> grad_h_new =
-            active ? Vec<T>::loadu(s.grad_output + b * H + unit, n) + Vec<T>::loadu(s.grad_h + b * H + unit, n) : zero;
-        const Vec<T> o = Vec<T>::loadu(rs + layout_.gates + 3 * H + unit, n);
+            active ? Vec<T>::loadu(grad_output_row + j, n) + Vec<T>::loadu(grad_h_row + j, n) : zero;
+        const Vec<T> o = Vec<T>::loadu(o_row + j, n);
         const Vec<T> grad_o = grad_h_new * tanh * o * (one - o);
         store_dy(b, 3, j, n, grad_o);
         const Vec<T> grad = grad_h_new * o * (one - tanh * tanh);
-        grad.store(grad_seen.data() + b * J + j, n);
+        grad.store(grad_seen_row + j, n);
         if (cell_bn) {
-          (Vec<T>::loadu(sum_seen.data() + j, n) + grad).store(sum_seen.data() + j, n);
-          at::vec::fmadd(grad, normalized, Vec<T>::loadu(sum_seen_c_hat.data() + j, n)).store(sum_seen_c_hat.data() + j, n);
+          (Vec<T>::loadu(sum_seen + j, n) + grad).store(sum_seen + j, n);
+          at::vec::fmadd(grad, normalized, Vec<T>::loadu(sum_seen_c_hat + j, n)).store(sum_seen_c_hat + j, n);
         }
       });
     }
     if (cell_bn) {
-      add_into(grad_beta_c_ + j0, sum_seen.data(), J);
-      add_into(grad_gamma_c_ + j0, sum_seen_c_hat.data(), J);
+      add_into(grad_beta_c_ + j0, sum_seen, J);
+      add_into(grad_gamma_c_ + j0, sum_seen_c_hat, J);
     }
 
     // Pass 2: through the cell normalization (training: dx = gamma * rstd * (dy - mean(dy) -
     // xhat * mean(dy * xhat)) on active rows; evaluation: gamma * rstd * dy), plus the
     // gradient arriving at c_t from step t+1; then the gates i, f, g and c_{t-1}.
     for (int64_t b = 0; b < B; ++b) {
-      const T* rs = s.reserve + b * W;
-      const bool active = s.active[b];
-      if (s.next_reserve != nullptr && recurrent) {
-        for (int64_t g = 0; g < 4; ++g) prefetch_span(s.next_reserve + b * W + layout_.zhat + g * H + j0, J);
+      const T* const rs = reserve + b * W;
+      const bool active = active_rows[b];
+      if (next_reserve != nullptr && recurrent) {
+        for (int64_t g = 0; g < 4; ++g) prefetch_span(next_reserve + b * W + zhat_at + g * H + j0, J);
       }
+      const T* const gate_rows = rs + gates_at + j0;
+      const T* const c_prev_row = c_prev_rows + b * c_prev_stride + j0;
+      const T* const c_hat_row = c_hat + b * J;
+      const T* const grad_seen_row = grad_seen + b * J;
+      T* const grad_c_row = grad_c + b * H + j0;
       for_each_vec<T>(J, [&](int64_t j, auto n) {
-        const int64_t unit = j0 + j;
         Vec<T> dc = zero;
         if (active) {
-          Vec<T> grad_cell = Vec<T>::loadu(grad_seen.data() + b * J + j, n);
+          Vec<T> grad_cell = Vec<T>::loadu(grad_seen_row + j, n);
           if (cell_bn) {
             if (training) {
-              grad_cell = grad_cell - Vec<T>::loadu(sum_seen.data() + j, n) * inv_count -
-                          Vec<T>::loadu(c_hat.data() + b * J + j, n) * Vec<T>::loadu(sum_seen_c_hat.data() + j, n) *
-                              inv_count;
+              grad_cell = grad_cell - Vec<T>::loadu(sum_seen + j, n) * inv_count -
+                          Vec<T>::loadu(c_hat_row + j, n) * Vec<T>::loadu(sum_seen_c_hat + j, n) * inv_count;
             }
-            grad_cell = grad_cell * Vec<T>::loadu(cell_scale.data() + j, n);
+            grad_cell = grad_cell * Vec<T>::loadu(cell_scale + j, n);
           }
-          dc = grad_cell + Vec<T>::loadu(s.grad_c + b * H + unit, n);
+          dc = grad_cell + Vec<T>::loadu(grad_c_row + j, n);
         }
-        const Vec<T> i = Vec<T>::loadu(rs + layout_.gates + 0 * H + unit, n);
-        const Vec<T> f = Vec<T>::loadu(rs + layout_.gates + 1 * H + unit, n);
-        const Vec<T> g = Vec<T>::loadu(rs + layout_.gates + 2 * H + unit, n);
-        const Vec<T> c_prev = Vec<T>::loadu(s.c_prev + b * s.c_prev_stride + unit, n);
+        const Vec<T> i = Vec<T>::loadu(gate_rows + 0 * H + j, n);
+        const Vec<T> f = Vec<T>::loadu(gate_rows + 1 * H + j, n);
+        const Vec<T> g = Vec<T>::loadu(gate_rows + 2 * H + j, n);
+        const Vec<T> c_prev = Vec<T>::loadu(c_prev_row + j, n);
         const Vec<T> grad_i = dc * g * i * (one - i);
         const Vec<T> grad_f = dc * c_prev * f * (one - f);
         const Vec<T> grad_g = dc * i * (one - g * g);
@@ -917,7 +977,7 @@ class RecurrentBackwardCPU {
         store_dy(b, 1, j, n, grad_f);
         store_dy(b, 2, j, n, grad_g);
         // A padded step passes the gradient of its (unchanged) state straight through.
-        if (active) (dc * f).store(s.grad_c + b * H + unit, n);
+        if (active) (dc * f).store(grad_c_row + j, n);
       });
     }
     // The column sums of every gate's dy, dy * zhat and dy * xhat over the active rows (a
@@ -926,36 +986,35 @@ class RecurrentBackwardCPU {
     for (int64_t b0 = 0; b0 < B; b0 += kRowGroup) {
       const int64_t b1 = std::min(B, b0 + kRowGroup);
       for (int64_t g = 0; g < 4; ++g) {
-        const T* zhat_rows = s.reserve + layout_.zhat + g * H + j0;
+        const T* const zhat_rows = reserve + zhat_at + g * H + j0;
         for_each_vec<T>(J, [&](int64_t j, auto n) {
           const int64_t u = g * J + j;
-          Vec<T> dy_sum = Vec<T>::loadu(sum_dy.data() + u, n);
-          Vec<T> dy_zhat_sum = Vec<T>::loadu(sum_dy_zhat.data() + u, n);
-          Vec<T> dy_xhat_sum = Vec<T>::loadu(sum_dy_xhat.data() + u, n);
+          Vec<T> dy_sum = Vec<T>::loadu(sum_dy + u, n);
+          Vec<T> dy_zhat_sum = Vec<T>::loadu(sum_dy_zhat + u, n);
+          Vec<T> dy_xhat_sum = Vec<T>::loadu(sum_dy_xhat + u, n);
           for (int64_t b = b0; b < b1; ++b) {
-            if (!s.active[b]) continue;
+            if (!active_rows[b]) continue;
             const Vec<T> dy = Vec<T>::loadu(dy_at(b, g) + j, n);
             dy_sum = dy_sum + dy;
             if (recurrent) dy_zhat_sum = at::vec::fmadd(dy, Vec<T>::loadu(zhat_rows + b * W + j, n), dy_zhat_sum);
             if (any_input) dy_xhat_sum = at::vec::fmadd(dy, xhat_at(b, g, j, n), dy_xhat_sum);
           }
-          dy_sum.store(sum_dy.data() + u, n);
-          dy_zhat_sum.store(sum_dy_zhat.data() + u, n);
-          dy_xhat_sum.store(sum_dy_xhat.data() + u, n);
+          dy_sum.store(sum_dy + u, n);
+          dy_zhat_sum.store(sum_dy_zhat + u, n);
+          dy_xhat_sum.store(sum_dy_xhat + u, n);
         });
       }
     }
     for (int64_t g = 0; g < 4; ++g) {
       const int64_t k0 = g * H + j0;
-      add_into(grad_bias_ + k0, sum_dy.data() + g * J, J);
-      if (recurrent) add_into(grad_gamma_hh_ + k0, sum_dy_zhat.data() + g * J, J);
+      add_into(grad_bias_ + k0, sum_dy + g * J, J);
+      if (recurrent) add_into(grad_gamma_hh_ + k0, sum_dy_zhat + g * J, J);
       // sum(dy * xhat) is gamma_ih's gradient for both input statistics; the sequence-wise
       // input backward is finished by the host from these sums.
-      if (any_input) add_into(grad_gamma_ih_ + k0, sum_dy_xhat.data() + g * J, J);
+      if (any_input) add_into(grad_gamma_ih_ + k0, sum_dy_xhat + g * J, J);
     }
     if (!recurrent && !step_input) return;
 
-    const auto store_grad = [&](const Vec<T>& value, T* p, auto n) { store_streaming(s.stream_grads, value, p, n); };
     // Pass 3: the recurrent and the step-wise input normalizations receive the same upstream
     // gradient dy = d gates. Training: dz = gamma * rstd * (dy - mean(dy) - zhat * mean(dy *
     // zhat)) on active rows; evaluation: dz = gamma * rstd * dy. Padded rows get 0.
@@ -963,50 +1022,50 @@ class RecurrentBackwardCPU {
     for (int64_t b0 = 0; b0 < B; b0 += kRowGroup) {
       const int64_t b1 = std::min(B, b0 + kRowGroup);
       for (int64_t b = b0; b < b1; ++b) {
-        if (s.next_reserve != nullptr && any_input) {
-          for (int64_t g = 0; g < 4; ++g) prefetch_span(s.next_wx + b * G + g * H + j0, J);
+        if (next_reserve != nullptr && any_input) {
+          for (int64_t g = 0; g < 4; ++g) prefetch_span(next_wx + b * G + g * H + j0, J);
         }
-        if (s.active[b]) continue;
+        if (active_rows[b]) continue;
         for (int64_t g = 0; g < 4; ++g) {
-          if (recurrent && s.grad_zh != nullptr) std::fill_n(s.grad_zh + b * G + g * H + j0, J, T(0));
-          if (step_input && s.grad_wx != nullptr) std::fill_n(s.grad_wx + b * G + g * H + j0, J, T(0));
+          if (recurrent && grad_zh != nullptr) std::fill_n(grad_zh + b * G + g * H + j0, J, T(0));
+          if (step_input && grad_wx != nullptr) std::fill_n(grad_wx + b * G + g * H + j0, J, T(0));
         }
         if (recurrent) std::fill_n(dz + b * 4 * J, 4 * J, T(0));
         if (step_input) std::fill_n(dwx + b * 4 * J, 4 * J, T(0));
       }
       for (int64_t g = 0; g < 4; ++g) {
         const int64_t k0 = g * H + j0;
-        const T* zhat_rows = s.reserve + layout_.zhat + k0;
+        const T* const zhat_rows = reserve + zhat_at + k0;
         for_each_vec<T>(J, [&](int64_t j, auto n) {
           const int64_t u = g * J + j;
-          const Vec<T> mean_dy = Vec<T>::loadu(sum_dy.data() + u, n) * inv_count;
-          const Vec<T> mean_dy_zhat = Vec<T>::loadu(sum_dy_zhat.data() + u, n) * inv_count;
-          const Vec<T> mean_dy_xhat = Vec<T>::loadu(sum_dy_xhat.data() + u, n) * inv_count;
-          const Vec<T> rec_scale_u = Vec<T>::loadu(rec_scale.data() + u, n);
-          const Vec<T> in_scale_u = Vec<T>::loadu(in_scale.data() + u, n);
+          const Vec<T> mean_dy = Vec<T>::loadu(sum_dy + u, n) * inv_count;
+          const Vec<T> mean_dy_zhat = Vec<T>::loadu(sum_dy_zhat + u, n) * inv_count;
+          const Vec<T> mean_dy_xhat = Vec<T>::loadu(sum_dy_xhat + u, n) * inv_count;
+          const Vec<T> rec_scale_u = Vec<T>::loadu(rec_scale + u, n);
+          const Vec<T> in_scale_u = Vec<T>::loadu(in_scale + u, n);
           for (int64_t b = b0; b < b1; ++b) {
-            if (!s.active[b]) continue;
+            if (!active_rows[b]) continue;
             const Vec<T> dy = Vec<T>::loadu(dy_at(b, g) + j, n);
             const Vec<T> centred_dy = training ? dy - mean_dy : dy;
             if (recurrent) {
               Vec<T> grad = centred_dy;
               if (training) grad = grad - Vec<T>::loadu(zhat_rows + b * W + j, n) * mean_dy_zhat;
               grad = grad * rec_scale_u;
-              if (s.grad_zh != nullptr) store_grad(grad, s.grad_zh + b * G + k0 + j, n);
+              if (grad_zh != nullptr) store_streaming(stream_grads, grad, grad_zh + b * G + k0 + j, n);
               grad.store(dz + b * 4 * J + u, n);
             }
             if (step_input) {
               Vec<T> grad = centred_dy;
               if (training) grad = grad - xhat_at(b, g, j, n) * mean_dy_xhat;
               grad = grad * in_scale_u;
-              if (s.grad_wx != nullptr) store_grad(grad, s.grad_wx + b * G + k0 + j, n);
+              if (grad_wx != nullptr) store_streaming(stream_grads, grad, grad_wx + b * G + k0 + j, n);
               grad.store(dwx + b * 4 * J + u, n);
             }
           }
         });
       }
     }
-    if (s.stream_grads) fence_streaming_stores();
+    if (stream_grads) fence_streaming_stores();
   }
  private:
   static const T* data_or_null(const at::Tensor& t) { return t.defined() ? t.data_ptr<T>() : nullptr; }

@@ -6,10 +6,12 @@
 // have cheaper forms within a few ulp: Cephes' exp (range reduction by ln 2 and a degree-5
 // polynomial, 2^n applied exactly) and a reciprocal estimate refined by one Newton step.
 // float64 keeps Sleef and exact division: it is the precision tests check against, not
-// the one timed.
+// the one timed. Each is forced inline (C10_ALWAYS_INLINE): left to itself GCC kept
+// fast_tanh out of line, called through the PLT from the step kernels, with the same spills.
 #pragma once
 
 #include <ATen/cpu/vec/vec.h>
+#include <c10/macros/Macros.h>
 
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
 #include <immintrin.h>
@@ -23,19 +25,19 @@ using Vec = at::vec::Vectorized<T>;
 // exp(x). The float32 form clamps x to [-87, 80]: sigmoid and tanh, its only callers, are
 // then 0 or 1 to float precision, and the reciprocal below never sees infinity.
 template <typename T>
-inline Vec<T> exp_clamped(const Vec<T>& x) {
+C10_ALWAYS_INLINE Vec<T> exp_clamped(const Vec<T>& x) {
   return x.exp();
 }
 
 // 1 / d for d >= 1 (sigmoid's and tanh's denominators are 1 + exp(...) >= 1).
 template <typename T>
-inline Vec<T> reciprocal_of_at_least_one(const Vec<T>& d) {
+C10_ALWAYS_INLINE Vec<T> reciprocal_of_at_least_one(const Vec<T>& d) {
   return Vec<T>(T(1)) / d;
 }
 
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
 template <>
-inline Vec<float> exp_clamped(const Vec<float>& x_in) {
+C10_ALWAYS_INLINE Vec<float> exp_clamped(const Vec<float>& x_in) {
   using V = Vec<float>;
   // Cephes expf: x = n ln2 + r, |r| <= ln2 / 2, ln2 split in two for an exact n ln2.
   const V x = at::vec::clamp(x_in, V(-87.0f), V(80.0f));
@@ -60,7 +62,7 @@ inline Vec<float> exp_clamped(const Vec<float>& x_in) {
 }
 
 template <>
-inline Vec<float> reciprocal_of_at_least_one(const Vec<float>& d) {
+C10_ALWAYS_INLINE Vec<float> reciprocal_of_at_least_one(const Vec<float>& d) {
   using V = Vec<float>;
 #if defined(CPU_CAPABILITY_AVX512)
   // One Newton step squares the estimate's relative error, 2^-14, to below 2^-28: within
@@ -85,13 +87,13 @@ inline Vec<float> reciprocal_of_at_least_one(const Vec<float>& d) {
 // the checkpoint tests (tests/test_checkpoints.py) whose AVX2 calibration is the exact
 // form's: AVX2 and float64 keep it.
 template <typename T>
-inline Vec<T> inverse_sqrt(const Vec<T>& x) {
+C10_ALWAYS_INLINE Vec<T> inverse_sqrt(const Vec<T>& x) {
   return x.rsqrt();
 }
 
 #if defined(CPU_CAPABILITY_AVX512)
 template <>
-inline Vec<float> inverse_sqrt(const Vec<float>& x) {
+C10_ALWAYS_INLINE Vec<float> inverse_sqrt(const Vec<float>& x) {
   using V = Vec<float>;
   const V y = _mm512_rsqrt14_ps(x);
   return y * at::vec::fnmadd(x * V(0.5f) * y, y, V(1.5f));
@@ -99,7 +101,7 @@ inline Vec<float> inverse_sqrt(const Vec<float>& x) {
 #endif
 
 template <typename T>
-inline Vec<T> sigmoid(const Vec<T>& x) {
+C10_ALWAYS_INLINE Vec<T> sigmoid(const Vec<T>& x) {
   return reciprocal_of_at_least_one(Vec<T>(T(1)) + exp_clamped(x.neg()));
 }
 
@@ -107,12 +109,12 @@ inline Vec<T> sigmoid(const Vec<T>& x) {
 // |x| = 0.625 and 1 - 2 / (exp(2|x|) + 1) with the sign of x above (no cancellation there,
 // tanh > 0.55), a few ulp of relative error. float64 keeps Sleef's tanh.
 template <typename T>
-inline Vec<T> fast_tanh(const Vec<T>& x) {
+C10_ALWAYS_INLINE Vec<T> fast_tanh(const Vec<T>& x) {
   return x.tanh();
 }
 
 template <>
-inline Vec<float> fast_tanh(const Vec<float>& x) {
+C10_ALWAYS_INLINE Vec<float> fast_tanh(const Vec<float>& x) {
   using V = Vec<float>;
   const V one(1.0f), two(2.0f);
   const V z = x * x;
