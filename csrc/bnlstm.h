@@ -107,6 +107,9 @@ struct RecurrentForwardOutputs {
   at::Tensor mean_hh, var_hh;  // [T, 4H], if normalize_recurrent
   at::Tensor mean_c, var_c;    // [T, H], if normalize_cell
   at::Tensor reserve;          // [T, B, width] or undefined (inference)
+  // [T, B, 4H] W_ih x_t, where the steps project their own input (args.x) and the backward
+  // reads it; else undefined.
+  at::Tensor projection;
 };
 
 struct RecurrentBackwardArgs {  // see ReserveLayout for what the backward pass recomputes

@@ -189,11 +189,12 @@ LayerForwardResult layer_forward(RecurrentForwardFn recurrent, MatmulFn matmul, 
 
   RecurrentForwardArgs args;
   // The input projection of all steps: one GEMM, which the step kernels normalize. Where
-  // nothing else reads it (no backward, which recomputes the normalized input from it; no
-  // sequence-wise batch statistics, taken over every step before the first), a device that
-  // says so projects each step's input in the step instead: the projection of a long
-  // sequence is written to memory and read back, a step's stays in cache (docs/CPU.md).
-  const bool project_in_steps = steps_project_input != nullptr && steps_project_input(B, I) && !in.keep_reserve &&
+  // no step needs all of it first (sequence-wise batch statistics, taken over every step
+  // before the first), a device that says so projects each step's input in the step
+  // instead: the projection of a long sequence is written to memory and read back, a step's
+  // stays in cache (docs/CPU.md). Where the backward reads it (it recomputes the normalized
+  // input from it), the steps write it to out.projection.
+  const bool project_in_steps = steps_project_input != nullptr && steps_project_input(B, I) &&
                                 !(training && input_statistics == kInputSequence);
   if (project_in_steps) {
     args.x = p.x.contiguous();
@@ -261,12 +262,15 @@ LayerForwardResult layer_forward(RecurrentForwardFn recurrent, MatmulFn matmul, 
   out.var_c = cell_rows ? pooled_empty({T, H}, x.options()) : empty_h();
   const ReserveLayout layout(H, flags);
   if (in.keep_reserve) out.reserve = pooled_empty({T, B, layout.width}, x.options());
+  if (in.keep_reserve && normalize_input && project_in_steps) out.projection = pooled_empty({T, B, G}, x.options());
   recurrent(args, out, flags);
 
   at::Tensor output = in.reverse ? reversed_output(out.output, lengths) : out.output;
   at::Tensor reserve = in.keep_reserve ? out.reserve : at::empty({0}, x.options());
   // The backward pass recomputes the normalized input from the projection.
-  at::Tensor projection = in.keep_reserve && normalize_input ? args.input_projection : at::empty({0}, x.options());
+  at::Tensor projection = !(in.keep_reserve && normalize_input) ? at::empty({0}, x.options())
+                         : project_in_steps                      ? out.projection
+                                                                 : args.input_projection;
   StepStatistics statistics{out.mean_ih, out.var_ih, out.mean_hh, out.var_hh, out.mean_c, out.var_c};
   if (!report_statistics) statistics = {empty_g(), empty_g(), empty_g(), empty_g(), empty_h(), empty_h()};
   return {output, out.h, out.c, pack_statistics(std::move(statistics)), projection, reserve};

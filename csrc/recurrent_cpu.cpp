@@ -641,8 +641,10 @@ void recurrent_forward_impl(const RecurrentForwardArgs& args, RecurrentForwardOu
   const int64_t T_ = args.active.size(0), B = args.active.size(1);
   const int64_t H = args.weight_hh.size(1);
   // Without the layer's input projection, each block multiplies x_t by its own rows of W_ih
-  // at every step (RecurrentForwardArgs).
+  // at every step (RecurrentForwardArgs): into its own [B, 4J] buffer, or where the backward
+  // reads W_ih x_t (out.projection), gate by gate into its columns of that tensor's rows.
   const bool project_in_steps = !args.input_projection.defined();
+  const bool keep_projection = project_in_steps && out.projection.defined();
   const bool keep = out.reserve.defined();
   const RecurrentForwardCPU<T> kernel(args, flags, B, H, keep);
   const bool bf16 = bf16_operands(flags.operand_dtype, c10::CppTypeToScalarType<T>::value);
@@ -650,6 +652,8 @@ void recurrent_forward_impl(const RecurrentForwardArgs& args, RecurrentForwardOu
   const int64_t blocks = static_cast<int64_t>(bounds.size()) - 1;
   std::vector<StepGemm> gemms;        // block k: h [B, H] @ (its rows of W_hh)^T -> [B, 4J]
   std::vector<StepGemm> input_gemms;  // block k: x_t [B, I] @ (its rows of W_ih)^T -> [B, 4J], if project_in_steps
+  // Where keep_projection, instead block k's gate g at 4 * k + g: x_t @ (gate g's rows of W_ih
+  // for its units)^T -> [B, J], rows 4H apart.
   std::vector<at::Tensor> zh, zx;     // block k's [B, 4J]
   std::vector<ForwardScratch<T>> scratch;
   const at::TensorOptions options = args.weight_hh.options();
@@ -659,7 +663,11 @@ void recurrent_forward_impl(const RecurrentForwardArgs& args, RecurrentForwardOu
     const int64_t J = bounds[k + 1] - bounds[k];
     gemms.emplace_back(block_rows(args.weight_hh, bounds[k], J), /*transpose=*/true, B, bf16);
     zh.push_back(at::empty({B, 4 * J}, options));
-    if (project_in_steps) {
+    if (keep_projection) {
+      for (int64_t g = 0; g < 4; ++g) {
+        input_gemms.emplace_back(args.weight_ih.narrow(0, g * H + bounds[k], J), /*transpose=*/true, B, bf16);
+      }
+    } else if (project_in_steps) {
       input_gemms.emplace_back(block_rows(args.weight_ih, bounds[k], J), /*transpose=*/true, B, bf16);
       zx.push_back(at::empty({B, 4 * J}, options));
     }
@@ -694,7 +702,8 @@ void recurrent_forward_impl(const RecurrentForwardArgs& args, RecurrentForwardOu
       copy_slot_rows<T>(out.var_c, args.running_var_c, flags.start_step);
     }
   }
-  const Rows<T> projection(args.input_projection, !project_in_steps), inputs(args.x, project_in_steps),
+  const Rows<T> projection(keep_projection ? out.projection : args.input_projection, !project_in_steps || keep_projection),
+      inputs(args.x, project_in_steps),
       output(out.output, true), reserve(out.reserve, keep),
       mean_ih(out.mean_ih, training && step_input), var_ih(out.var_ih, training && step_input),
       mean_hh(out.mean_hh, training && flags.normalize_recurrent),
@@ -702,11 +711,15 @@ void recurrent_forward_impl(const RecurrentForwardArgs& args, RecurrentForwardOu
       var_c(out.var_c, training && flags.normalize_cell);
   run_steps(T_, blocks, [&](int64_t t, int64_t k) {
     const int64_t j0 = bounds[k], J = bounds[k + 1] - j0;
-    T* block_zx = project_in_steps ? zx[k].data_ptr<T>() : nullptr;
-    if (project_in_steps) input_gemms[k].run(inputs[t], block_zx);
+    T* block_zx = project_in_steps && !keep_projection ? zx[k].data_ptr<T>() : nullptr;
+    if (keep_projection) {
+      for (int64_t g = 0; g < 4; ++g) input_gemms[4 * k + g].run(inputs[t], projection[t] + g * H + j0, 4 * H);
+    } else if (project_in_steps) {
+      input_gemms[k].run(inputs[t], block_zx);
+    }
     const StepForward<T> step{
-        project_in_steps ? block_zx : projection[t] + j0, project_in_steps ? 4 * J : 4 * H,
-        project_in_steps ? J : H, active + t * B, counts[t], flags.start_step + t,
+        block_zx == nullptr ? projection[t] + j0 : block_zx, block_zx == nullptr ? 4 * H : 4 * J,
+        block_zx == nullptr ? H : J, active + t * B, counts[t], flags.start_step + t,
         h_in_output ? (t == 0 ? out.h.data_ptr<T>() : output[t - 1]) : h_buffers[t % 2].data_ptr<T>(),
         h_in_output ? nullptr : h_buffers[(t + 1) % 2].data_ptr<T>(), out.c.data_ptr<T>(), output[t],
         reserve[t], mean_ih[t], var_ih[t], mean_hh[t], var_hh[t], mean_c[t], var_c[t],
