@@ -835,9 +835,7 @@ class RecurrentBackwardCPU {
     const bool step_input = flags_.input_statistics == kInputStep;
     const bool training = flags_.training;
     const Vec<T> inv_count(T(1) / T(std::max<int64_t>(s.count, 1)));
-    // The passes read every pointer from a local: an intrinsic's vector store may alias any
-    // memory, so one read through s, scratch (a vector's data()) or this is loaded again
-    // after each store.
+    // The passes read every pointer from a local, as the forward pass's do.
     const T* const reserve = s.reserve;
     const T* const wx = s.wx;
     const bool* const active_rows = s.active;

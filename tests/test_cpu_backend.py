@@ -262,6 +262,8 @@ def test_float32_hidden_unit_blocks(steps, batch, hidden_size, padded, threads):
     csrc/packed_gemm.h): with 2 threads each block
     multiplies its own columns of grad_zh by its rows of W_hh and the next step sums the
     blocks' partial products into grad_h (on active rows; padded ones pass theirs through).
+    The input (12 features) is narrow against the batch: each block projects it gate by gate
+    into its columns of the projection the backward reads.
     Against the float64 module: relative error of float32 rounding, not of a wrong layout."""
     threads(2)
     assert torch.ops.bnlstm.cpu_hidden_blocks(steps, batch, hidden_size) == 2
