@@ -402,14 +402,6 @@ class RecurrentForwardCPU {
     const int64_t gates_at = layout_.gates, zhat_at = layout_.zhat, c_new_at = layout_.c_new;
     const T* const cell_mean = cell.mean[0];
     const T* const cell_scale = cell.scale[0];
-    const T* in_mean[4], *in_scale[4], *rec_mean[4], *rec_rstd[4], *rec_scale[4];
-    for (int64_t g = 0; g < 4; ++g) {
-      in_mean[g] = in.mean[g];
-      in_scale[g] = in.scale[g];
-      rec_mean[g] = rec.mean[g];
-      rec_rstd[g] = rec.rstd[g];
-      rec_scale[g] = rec.scale[g];
-    }
     const auto cell_statistics = [&](const T* c_new) {
       if (!flags_.normalize_cell) return;
       scratch.cell.normalize_with(c_new, J, B, s.active, s.count, gamma_c_ + j0, eps, 0, J, s.mean_c + j0,
@@ -471,12 +463,12 @@ class RecurrentForwardCPU {
           const Vec<T> wx = Vec<T>::loadu(wx_b + g * wx_gate + j, n);
           const Vec<T> z = Vec<T>::loadu(zh_b + g * J + j, n);
           if (kKeep && normalize_recurrent) {
-            const Vec<T> zhat = (z - Vec<T>::loadu(rec_mean[g] + j, n)) * Vec<T>::loadu(rec_rstd[g] + j, n);
+            const Vec<T> zhat = (z - Vec<T>::loadu(rec.mean[g] + j, n)) * Vec<T>::loadu(rec.rstd[g] + j, n);
             keep_store(zhat, zhat_at + k, n);
           }
-          pre[g] = at::vec::fmadd(wx - Vec<T>::loadu(in_mean[g] + j, n), Vec<T>::loadu(in_scale[g] + j, n),
-                                  at::vec::fmadd(z - Vec<T>::loadu(rec_mean[g] + j, n),
-                                                 Vec<T>::loadu(rec_scale[g] + j, n), Vec<T>::loadu(bias[g] + j, n)));
+          pre[g] = at::vec::fmadd(wx - Vec<T>::loadu(in.mean[g] + j, n), Vec<T>::loadu(in.scale[g] + j, n),
+                                  at::vec::fmadd(z - Vec<T>::loadu(rec.mean[g] + j, n),
+                                                 Vec<T>::loadu(rec.scale[g] + j, n), Vec<T>::loadu(bias[g] + j, n)));
         }
         const Vec<T> i = sigmoid(pre[0]), f = sigmoid(pre[1]), g = fast_tanh(pre[2]), o = sigmoid(pre[3]);
         const Vec<T> c_prev = Vec<T>::loadu(c_b + j, n);
