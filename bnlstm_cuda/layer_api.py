@@ -29,8 +29,12 @@ class LayerParams(NamedTuple):
 
     def to(self, dtype: torch.dtype) -> "LayerParams":
         # Tensor.to of a tensor already in `dtype` returns it, but still costs a dispatcher
-        # call: skipped, since seven of them are a noticeable part of a small cell call.
-        return LayerParams(*(p if p is None or p.dtype == dtype else p.to(dtype) for p in self))
+        # call: skipped, since seven of them are a noticeable part of a small cell call; and
+        # where nothing converts, the tuple itself comes back.
+        for p in self:  # a loop, not any() over a generator: this runs at every call
+            if p is not None and p.dtype != dtype:
+                return LayerParams(*[p if p is None or p.dtype == dtype else p.to(dtype) for p in self])
+        return self
 
 
 # part -> (running_mean [S, F], running_var [S, F]); S = max_length, or 1 for sequence-wise.

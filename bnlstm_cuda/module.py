@@ -335,6 +335,8 @@ class BNLSTM(BNLSTMBase):
                 last_layer = index == self.num_layers * self.num_directions - 1
                 if dropout > 0 and not last_layer:
                     x = F.dropout(x, dropout, training=True)
+        if len(h_n) == 1:  # one layer-direction: a view, without stack's copy
+            return x, h_n[0].unsqueeze(0), c_n[0].unsqueeze(0), batch_stats
         return x, torch.stack(h_n), torch.stack(c_n), batch_stats
 
     def _run_bidirectional_layers(self, backend: Backend, x, h0, c0, lengths, batch_statistics: bool,

@@ -76,13 +76,15 @@ def initialise(module: nn.Module, suffix: str, hidden_size: int, variant: Varian
 
 def layer_params(module: nn.Module, suffix: str) -> LayerParams:
     registered = module._parameters  # without nn.Module.__getattr__'s search, at every forward
-    return LayerParams(*(_parameter(module, registered, field + suffix) for field in PARAMETER_FIELDS))
+    # None: an absent part (bias=False), or one a parametrization or hook replaced by an attribute.
+    return LayerParams(*[parameter if (parameter := registered.get(name)) is not None else getattr(module, name, None)
+                         for name in _parameter_names(suffix)])
 
 
-def _parameter(module: nn.Module, registered: dict, name: str):
-    parameter = registered.get(name)
-    # An absent part (bias=False), or one a parametrization or hook replaced by an attribute.
-    return parameter if parameter is not None else getattr(module, name, None)
+@functools.lru_cache(maxsize=None)
+def _parameter_names(suffix: str) -> tuple:
+    """The names of one layer-direction's parameters, in LayerParams' order, worked out once."""
+    return tuple(field + suffix for field in PARAMETER_FIELDS)
 
 
 def running_stats(module: nn.Module, suffix: str, variant: Variant) -> RunningStats:
