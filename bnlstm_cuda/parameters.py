@@ -76,7 +76,8 @@ def initialise(module: nn.Module, suffix: str, hidden_size: int, variant: Varian
 
 def layer_params(module: nn.Module, suffix: str) -> LayerParams:
     registered = module._parameters  # without nn.Module.__getattr__'s search, at every forward
-    # None: an absent part (bias=False), or one a parametrization or hook replaced by an attribute.
+    # Not a registered tensor: an absent part (bias=False: None), or one a parametrization or
+    # hook replaced by an attribute.
     return LayerParams(*[parameter if (parameter := registered.get(name)) is not None else getattr(module, name, None)
                          for name in _parameter_names(suffix)])
 
