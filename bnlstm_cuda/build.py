@@ -54,8 +54,8 @@ from pathlib import Path
 from typing import List, Optional
 
 PACKAGE_DIR = Path(__file__).resolve().parent
-CPU_SOURCES = ("ops.cpp", "layer.cpp", "recurrent_cpu.cpp", "bidirectional_cpu.cpp", "running_stats.cpp",
-               "bf16_gemm.cpp")
+CPU_SOURCES = ("ops.cpp", "layer.cpp", "layer_autograd.cpp", "recurrent_cpu.cpp", "bidirectional_cpu.cpp",
+               "running_stats.cpp", "bf16_gemm.cpp")
 HEADERS = ("bf16_gemm.h", "bnlstm.h", "buffer_pool.h", "checks.h", "layer_ops.h", "packed_gemm.h", "step_loop.h", "vec_math.h")
 # Name of the library that `pip install` builds into the package (setup.py).
 PREBUILT_NAME = "_bnlstm_cpu"

@@ -10,6 +10,9 @@ signature of `reference.bnlstm_layer_reference`; `bnlstm_layer_fused` is it for 
 On the CPU, `bnlstm::bidirectional_forward` and `bidirectional_backward` run both directions
 of a bidirectional layer in one call (at once where that pays); `bidirectional_layer_fused`
 calls them for the module in eager mode, and they get fake kernels and autograd here too.
+Eager calls that record a graph take `bnlstm::layer` and `bnlstm::bidirectional` instead:
+each C++ pair as one operator with its autograd node in C++ (csrc/layer_autograd.cpp), the
+same formula without Python in the forward's bookkeeping or in the backward.
 """
 from __future__ import annotations
 
@@ -50,10 +53,13 @@ BACKWARD_SCHEMA = (
 
 class LayerOperators(NamedTuple):
     """A backend's pair of operators: `forward` with FORWARD_SCHEMA, `backward` (its
-    gradients) with BACKWARD_SCHEMA."""
+    gradients) with BACKWARD_SCHEMA; and, where the backend has one, `differentiable`: the
+    pair as one operator with its autograd node in C++ (`bnlstm::layer`, csrc/ops.cpp),
+    which eager calls that record a graph take instead of _LayerFunction."""
 
     forward: Callable
     backward: Callable
+    differentiable: Optional[Callable] = None
 
 
 def reserve_width(hidden: int, normalize_recurrent: bool) -> int:
@@ -186,7 +192,8 @@ def compiled_operators() -> LayerOperators:
     global _compiled_operators
     if _compiled_operators is None:
         ensure_loaded()
-        _compiled_operators = LayerOperators(torch.ops.bnlstm.layer_forward, torch.ops.bnlstm.layer_backward)
+        _compiled_operators = LayerOperators(torch.ops.bnlstm.layer_forward, torch.ops.bnlstm.layer_backward,
+                                             torch.ops.bnlstm.layer)
     return _compiled_operators
 
 
@@ -339,7 +346,8 @@ def _registered_backward(ctx, grad_output, grad_h_n, grad_c_n, *_grad_statistics
 
 
 class _LayerFunction(torch.autograd.Function):
-    """Eager autograd for a pair of layer operators, the formula torch.library has for them
+    """Eager autograd for a pair of layer operators without a C++ node (the Triton pair's),
+    the formula torch.library has for them
     (_layer_gradients), without its wrapper's per-call cost: that wrapper re-fills the
     schema's defaults and flattens the tensor lists on every call (docs/CPU.md). An
     autograd.Function tracks only tensors passed directly, so the parameters come as
@@ -415,11 +423,14 @@ def run_layer(
     absent = x.new_empty(0)  # stands for a part the layer does not have, or statistics not read
     parameter_list = [absent if p is None else p for p in params]
     running_given = running_list(running if not training else {}, absent)
-    flags = (*_operator_flags(variant, training, eps), reverse, keep_reserve, start_step,
-             _operand_dtype(out_dtype, dtype))
+    operator_flags, operand_dtype = _operator_flags(variant, training, eps), _operand_dtype(out_dtype, dtype)
+    flags = (*operator_flags, reverse, keep_reserve, start_step, operand_dtype)
     if torch.compiler.is_compiling():
         output, h_n, c_n, statistics, _projection, _reserve = operators.forward(
             x, h0, c0, lengths, parameter_list, running_given, *flags)
+    elif keep_reserve and operators.differentiable is not None:
+        output, h_n, c_n, statistics = operators.differentiable(
+            x, h0, c0, lengths, parameter_list, running_given, *operator_flags, reverse, start_step, operand_dtype)
     elif keep_reserve:
         output, h_n, c_n, *statistics = _LayerFunction.apply(operators, x, h0, c0, lengths, *parameter_list,
                                                              running_given, *flags)[:9]
@@ -504,27 +515,6 @@ def _registered_bidirectional_backward(ctx, grad_output, grad_h_n, grad_c_n, *_g
     return (grad_x, grad_h0, grad_c0, None, grad_params, [None] * 2 * len(STATISTICS)) + (None,) * flags
 
 
-class _BidirectionalFunction(torch.autograd.Function):
-    """Eager autograd for bnlstm::bidirectional_forward, as _LayerFunction for one direction:
-    apply(x, h0, c0, lengths, *params, running, *flags), params both directions' in one list."""
-
-    @staticmethod
-    def forward(ctx, x, h0, c0, lengths, *rest):
-        count = 2 * PARAMETERS_PER_DIRECTION
-        inputs = (x, h0, c0, lengths, list(rest[:count]), *rest[count:])
-        with torch._C._AutoDispatchBelowAutograd():
-            output, h_n, c_n, statistics, projection, reserve = torch.ops.bnlstm.bidirectional_forward(*inputs)
-        ctx.mark_non_differentiable(*statistics)
-        _save_bidirectional(ctx, inputs, output, statistics, projection, reserve)
-        return (output, h_n, c_n, *statistics)
-
-    @staticmethod
-    def backward(ctx, grad_output, grad_h_n, grad_c_n, *_grad_statistics):
-        grad_x, grad_h0, grad_c0, grad_params = _bidirectional_gradients(ctx, grad_output, grad_h_n, grad_c_n,
-                                                                         ctx.needs_input_grad[0])
-        return (grad_x, grad_h0, grad_c0, None, *grad_params) + (None,) * 8  # running and the flags
-
-
 def bidirectional_layer_fused(x: Tensor, h0: Tensor, c0: Tensor, params: Tuple[LayerParams, LayerParams],
                               running: Tuple[RunningStats, RunningStats], *, variant: Variant, training: bool,
                               eps: float, lengths: Optional[Tensor] = None,
@@ -542,14 +532,14 @@ def bidirectional_layer_fused(x: Tensor, h0: Tensor, c0: Tensor, params: Tuple[L
     parameter_list = [absent if p is None else p for p in (*params[0], *params[1])]
     running_given = (running_list(running[0], absent) + running_list(running[1], absent) if not training
                      else [absent] * 2 * len(STATISTICS))
-    flags = (*_operator_flags(variant, training, eps), keep_reserve, _operand_dtype(out_dtype, dtype))
-    if keep_reserve:
-        output, h_n, c_n, *statistics = _BidirectionalFunction.apply(x, h0, c0, lengths, *parameter_list,
-                                                                     running_given, *flags)
+    flags, operand_dtype = _operator_flags(variant, training, eps), _operand_dtype(out_dtype, dtype)
+    if keep_reserve:  # the pair with its autograd node in C++ (csrc/layer_autograd.cpp)
+        output, h_n, c_n, statistics = torch.ops.bnlstm.bidirectional(
+            x, h0, c0, lengths, parameter_list, running_given, *flags, operand_dtype)
     else:
         with torch._C._AutoDispatchBelowAutograd():
             output, h_n, c_n, statistics, _projection, _reserve = torch.ops.bnlstm.bidirectional_forward(
-                x, h0, c0, lengths, parameter_list, running_given, *flags)
+                x, h0, c0, lengths, parameter_list, running_given, *flags, False, operand_dtype)
     batch_stats = ({}, {})
     if training:
         counts, half = _step_counts(x, lengths), len(STATISTICS)  # the same steps in both directions

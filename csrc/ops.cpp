@@ -38,6 +38,13 @@ TORCH_LIBRARY(bnlstm, m) {
       "int input_statistics, bool normalize_recurrent, bool normalize_cell, bool training, float eps, "
       "bool reverse, bool keep_reserve, int start_step=0, ScalarType? operand_dtype=None) -> "
       "(Tensor output, Tensor h_n, Tensor c_n, Tensor[] statistics, Tensor projection, Tensor reserve)");
+  // layer_forward with keep_reserve=True as one autograd node, for eager calls that record
+  // a graph (layer_autograd.cpp): output, h_n, c_n and the statistics (not differentiable).
+  m.def(
+      "layer(Tensor x, Tensor h0, Tensor c0, Tensor? lengths, Tensor[] params, Tensor[] running, "
+      "int input_statistics, bool normalize_recurrent, bool normalize_cell, bool training, float eps, "
+      "bool reverse, int start_step=0, ScalarType? operand_dtype=None) -> "
+      "(Tensor output, Tensor h_n, Tensor c_n, Tensor[] statistics)");
   // Gradients of layer_forward's inputs, from its inputs, output, statistics, projection
   // and reserve; grad_params in params' order, empty for absent parts. input_grad=False
   // skips grad_x (returned empty): a model's input layer rarely needs it, and it is one of
@@ -59,6 +66,12 @@ TORCH_LIBRARY(bnlstm, m) {
       "int input_statistics, bool normalize_recurrent, bool normalize_cell, bool training, float eps, "
       "bool keep_reserve, ScalarType? operand_dtype=None) -> "
       "(Tensor output, Tensor h_n, Tensor c_n, Tensor[] statistics, Tensor[] projection, Tensor[] reserve)");
+  // bidirectional_forward with keep_reserve=True as one autograd node, as layer is
+  // layer_forward's (layer_autograd.cpp).
+  m.def(
+      "bidirectional(Tensor x, Tensor h0, Tensor c0, Tensor? lengths, Tensor[] params, Tensor[] running, "
+      "int input_statistics, bool normalize_recurrent, bool normalize_cell, bool training, float eps, "
+      "ScalarType? operand_dtype=None) -> (Tensor output, Tensor h_n, Tensor c_n, Tensor[] statistics)");
   // Its gradients: grad_x sums both directions', grad_h0 and grad_c0 are [2, B, H],
   // grad_params lists the forward direction's and then the reverse one's.
   m.def(

@@ -34,7 +34,8 @@ def main(argv):
     csrc = ROOT / "csrc"
     cpp_extension.load(
         name="bnlstm_cuda_emulation",
-        sources=[str(csrc / "ops.cpp"), str(csrc / "layer.cpp"), str(csrc / "running_stats.cpp"),
+        sources=[str(csrc / "ops.cpp"), str(csrc / "layer.cpp"), str(csrc / "layer_autograd.cpp"),
+                 str(csrc / "running_stats.cpp"),
                  str(csrc / "tests" / "emulate_cuda.cpp")],
         extra_cflags=["-O2", "-std=c++20", "-Drecurrent_forward_cpu=recurrent_forward_cuda",
                       "-Drecurrent_backward_cpu=recurrent_backward_cuda", "-Dmatmul_cpu=matmul_cuda",
