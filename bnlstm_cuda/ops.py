@@ -347,15 +347,14 @@ def _registered_backward(ctx, grad_output, grad_h_n, grad_c_n, *_grad_statistics
 
 class _LayerFunction(torch.autograd.Function):
     """Eager autograd for a pair of layer operators without a C++ node (the Triton pair's),
-    the formula torch.library has for them
-    (_layer_gradients), without its wrapper's per-call cost: that wrapper re-fills the
-    schema's defaults and flattens the tensor lists on every call (docs/CPU.md). An
-    autograd.Function tracks only tensors passed directly, so the parameters come as
-    separate arguments: apply(operators, x, h0, c0, lengths, *params, running, *flags). Its
-    forward calls the forward operator below the Autograd key, and returns the statistics
-    unpacked. The forward takes ctx itself: a separate setup_context makes every apply bind
-    its arguments to forward's signature with inspect. torch.compile traces the operator
-    itself."""
+    the formula torch.library has for them (_layer_gradients), without its wrapper's per-call
+    cost: that wrapper re-fills the schema's defaults and flattens the tensor lists on every
+    call (docs/CPU.md). An autograd.Function tracks only tensors passed directly, so the
+    parameters come as separate arguments: apply(operators, x, h0, c0, lengths, *params,
+    running, *flags). Its forward calls the forward operator below the Autograd key, and
+    returns the statistics unpacked. The forward takes ctx itself: a separate setup_context
+    makes every apply bind its arguments to forward's signature with inspect. torch.compile
+    traces the operator itself."""
 
     @staticmethod
     def forward(ctx, operators, x, h0, c0, lengths, *rest):

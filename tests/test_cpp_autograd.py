@@ -29,10 +29,11 @@ def _gradients(call, x, h0, c0, params, rest, input_grad: bool, weights):
 
 
 def _assert_same(first, second):
-    for (values_a, grads_a), (values_b, grads_b) in zip(first, second):
-        assert len(grads_a) == len(grads_b)
-        for a, b in zip([*values_a, *grads_a], [*values_b, *grads_b]):
-            assert torch.equal(a, b)
+    """first, second: _gradients' results."""
+    (values_a, grads_a), (values_b, grads_b) = first, second
+    assert len(grads_a) == len(grads_b)
+    for a, b in zip([*values_a, *grads_a], [*values_b, *grads_b]):
+        assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -49,7 +50,7 @@ def test_layer_node_matches_the_registered_formula(variant, training, input_grad
     node = _gradients(torch.ops.bnlstm.layer, a.x, a.h0, a.c0, a.params, node_rest, input_grad, weights)
     registered = _gradients(torch.ops.bnlstm.layer_forward, a.x, a.h0, a.c0, a.params, registered_rest, input_grad,
                             weights)
-    _assert_same([node], [registered])
+    _assert_same(node, registered)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -65,7 +66,7 @@ def test_bidirectional_node_matches_the_registered_formula(variant, training):
                           weights)
         registered = _gradients(torch.ops.bnlstm.bidirectional_forward, x, h0, c0, params,
                                 (lengths, running, *flags, True), input_grad, weights)
-        _assert_same([node], [registered])
+        _assert_same(node, registered)
 
 
 @pytest.mark.parametrize("bidirectional", [False, True], ids=["one_direction", "bidirectional"])
