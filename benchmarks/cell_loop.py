@@ -21,7 +21,7 @@ from bnlstm_cuda import BNLSTMCell
 from bnlstm_cuda.backends import available_backends
 
 from .report import add_output_arguments, device_tag, environment, output_dir
-from .timing import synchronized, time_call
+from .timing import synchronized, time_interleaved
 
 MODES = ("inference", "train_step")
 
@@ -77,10 +77,10 @@ def main(argv: Optional[List[str]] = None) -> None:
 
     records = []
     for mode in MODES:
-        loops = {name: time_call(loop_call(cell, mode, args.steps, args.batch, device), device)
-                 for name, cell in cells(device, args.hidden, args.hidden, args.steps).items()}
-        overhead = {name: time_call(loop_call(cell, mode, 1, 2, device), device)
-                    for name, cell in cells(device, 8, 8, 1).items()}
+        loops = time_interleaved({name: loop_call(cell, mode, args.steps, args.batch, device)
+                                  for name, cell in cells(device, args.hidden, args.hidden, args.steps).items()}, device)
+        overhead = time_interleaved({name: loop_call(cell, mode, 1, 2, device)
+                                     for name, cell in cells(device, 8, 8, 1).items()}, device)
         for name, timing in loops.items():
             records.append({
                 "mode": mode, "provider": name, "loop_ms": timing.median_ms,

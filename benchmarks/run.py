@@ -34,9 +34,9 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=2, help="untimed calls before timing")
     parser.add_argument("--min-runs", type=int, default=10, help="timed runs per measurement, at least")
     parser.add_argument("--min-time", type=float, default=0.5, help="seconds of timed runs per measurement, at least")
-    parser.add_argument("--rounds", type=int, default=5,
-                        help="the providers of a configuration and mode are timed in turn, in this many rounds "
-                             "(1: one after the other)")
+    parser.add_argument("--rounds", type=int, default=None,
+                        help="time the providers of a configuration and mode in this many rounds of consecutive "
+                             "runs (1: one after the other) instead of alternating them call by call")
     add_output_arguments(parser)
     parser.add_argument("--budget", type=float, default=None,
                         help="seconds: start no configuration after this long, and write what was measured "
@@ -85,7 +85,8 @@ def main(argv: Optional[List[str]] = None) -> None:
                 progress.update(len(modules))
             del modules
 
-    env = environment(device, args.sweep, timing, rates)
+    alternation = "call by call" if args.rounds is None else f"{args.rounds} rounds"
+    env = environment(device, args.sweep, {**timing, "alternation": alternation}, rates)
     records = rows(measurements, rates)
     print(markdown_table(records))
     below_floor = sum(record.get("times_floor", 1.0) < 1.0 for record in records)

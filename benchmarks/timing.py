@@ -71,20 +71,24 @@ def time_call(
 
 def time_interleaved(
     fns: Dict[str, Callable[[], None]], device: torch.device, *, warmup: int = 2, min_runs: int = 10,
-    min_time_s: float = 0.5, rounds: int = 5,
+    min_time_s: float = 0.5, rounds: Optional[int] = None,
 ) -> Dict[str, Timing]:
-    """time_call for calls to be compared with each other, in alternation: `rounds` rounds,
-    each giving every call in turn a round's share of `min_runs` and `min_time_s`, the order
-    reversed every other round. A slow spell of a shared machine (seconds long on a VM)
-    then falls on every call instead of on whichever ran during it. Each call's Timing is
-    over all its runs. With triton's do_bench (device time on a GPU, which host load does
-    not move) the calls are timed one after the other."""
+    """time_call for calls to be compared with each other, in alternation, so that a slow
+    spell of a shared machine (on a VM it comes and goes within a second) falls on every
+    call instead of on whichever ran during it. By default the calls alternate call by call,
+    the order reversed every other turn, until each has `min_runs` runs and all together
+    `min_time_s` seconds each. With `rounds`, they alternate in that many rounds of
+    consecutive runs (each a round's share of `min_runs` and `min_time_s`; 1: one after the
+    other). Each call's Timing is over all its runs. With triton's do_bench (device time on
+    a GPU, which host load does not move) the calls are timed one after the other."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
     if device.type == "cuda" and do_bench is not None:
         return {name: time_call(fn, device, warmup=0, min_runs=min_runs, min_time_s=min_time_s)
                 for name, fn in fns.items()}
+    if rounds is None:
+        return {name: _timing(found) for name, found in _alternating_times(fns, device, min_runs, min_time_s).items()}
     rounds = max(1, rounds)
     runs, seconds = math.ceil(min_runs / rounds), min_time_s / rounds
     times: Dict[str, List[float]] = {name: [] for name in fns}
@@ -93,6 +97,21 @@ def time_interleaved(
         for name in order if round_index % 2 == 0 else reversed(order):
             times[name] += _times(fns[name], device, runs, seconds)
     return {name: _timing(found) for name, found in times.items()}
+
+
+def _alternating_times(
+    fns: Dict[str, Callable[[], None]], device: torch.device, min_runs: int, min_time_s: float,
+) -> Dict[str, List[float]]:
+    """One run of each call per turn, in the reverse order every other turn."""
+    times: Dict[str, List[float]] = {name: [] for name in fns}
+    order = list(fns)
+    start = time.perf_counter()
+    turn = 0
+    while turn < min_runs or time.perf_counter() - start < min_time_s * len(fns):
+        for name in order if turn % 2 == 0 else reversed(order):
+            times[name] += _times(fns[name], device, 1, 0.0)
+        turn += 1
+    return times
 
 
 def _times(fn: Callable[[], None], device: torch.device, min_runs: int, min_time_s: float) -> List[float]:

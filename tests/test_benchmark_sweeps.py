@@ -268,6 +268,18 @@ def test_providers_are_timed_in_alternating_rounds():
     assert {name: timing.runs for name, timing in timings.items()} == {"a": 6, "b": 6}
 
 
+def test_providers_alternate_call_by_call_by_default():
+    """Without rounds, time_interleaved warms every call up, then runs one call of each per
+    turn, the order reversed every other turn, until each has min_runs runs."""
+    from benchmarks.timing import time_interleaved
+
+    order = []
+    calls = {name: (lambda name=name: order.append(name)) for name in ("a", "b", "c")}
+    timings = time_interleaved(calls, torch.device("cpu"), warmup=1, min_runs=3, min_time_s=0)
+    assert order == ["a", "b", "c"] + ["a", "b", "c"] + ["c", "b", "a"] + ["a", "b", "c"]
+    assert {name: timing.runs for name, timing in timings.items()} == {"a": 3, "b": 3, "c": 3}
+
+
 def test_a_failing_provider_is_recorded_beside_the_others(monkeypatch):
     """Where one provider's call raises, the failure is a record with its error and the
     others are timed together, each call made only by the provider it belongs to."""

@@ -73,7 +73,8 @@ def test_cell_loop_leaves_committed_results_alone(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(cell_loop, "cells", lambda device, input_size, hidden_size, steps: {
         "nn.LSTMCell": nn.LSTMCell(input_size, hidden_size)})
-    monkeypatch.setattr(cell_loop, "time_call", lambda fn, device: fn() or Timing(1.0, 1.0, 1.0, 1.0, 1.0, 1))
+    monkeypatch.setattr(cell_loop, "time_interleaved", lambda fns, device: {
+        name: fn() or Timing(1.0, 1.0, 1.0, 1.0, 1.0, 1) for name, fn in fns.items()})
     before = committed_files()
     cell_loop.main(["--device", "cpu", "--steps", "2", "--batch", "2", "--hidden", "4"])
     written = sorted(path.name for path in (tmp_path / DEFAULT_RESULTS).iterdir())
