@@ -57,6 +57,10 @@ class Backend:
     # them as casting them would (LayerFunction): torch.autocast's inputs and weights then
     # reach them uncast, without the casts' copies and autograd nodes.
     rounds_operands: Callable[[torch.dtype], bool] = _rounds_no_operands
+    # Whether its layer functions take fold_momentum and then fold the batch statistics into
+    # the running statistics themselves (LayerFunction): the CPU's, whose steps fold as they
+    # go, without a pass over every step's statistics after the call.
+    folds_in_layer: bool = False
 
 
 _fallback_warned = False
@@ -144,7 +148,7 @@ REFERENCE = Backend("reference", bnlstm_layer_reference, update_running_stats_pa
 # are a few percent of a small layer's training step); it rounds an ulp differently from
 # the reference's fold, which is why the fold belongs to the backend that ran.
 CPU = Backend("cpu", bnlstm_layer_fused, ops.update_running_stats_parts_compiled, _cpu_unavailable,
-              ops.bidirectional_layer_fused, ops.cpu_rounds_operands)
+              ops.bidirectional_layer_fused, ops.cpu_rounds_operands, folds_in_layer=True)
 CUDA = Backend("cuda", bnlstm_layer_fused, update_running_stats_parts, _cuda_unavailable)
 TRITON = Backend("triton", _triton_layer, update_running_stats_parts, _triton_problem)
 REGISTRY: Dict[str, Backend] = {backend.name: backend for backend in (REFERENCE, CPU, CUDA, TRITON)}

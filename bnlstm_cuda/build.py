@@ -56,7 +56,8 @@ from typing import List, Optional
 PACKAGE_DIR = Path(__file__).resolve().parent
 CPU_SOURCES = ("ops.cpp", "layer.cpp", "layer_autograd.cpp", "recurrent_cpu.cpp", "bidirectional_cpu.cpp",
                "running_stats.cpp", "bf16_gemm.cpp")
-HEADERS = ("bf16_gemm.h", "bnlstm.h", "buffer_pool.h", "checks.h", "layer_ops.h", "packed_gemm.h", "step_loop.h", "vec_math.h")
+HEADERS = ("bf16_gemm.h", "bnlstm.h", "buffer_pool.h", "checks.h", "layer_ops.h", "packed_gemm.h", "running_fold.h",
+           "step_loop.h", "vec_math.h")
 # Name of the library that `pip install` builds into the package (setup.py).
 PREBUILT_NAME = "_bnlstm_cpu"
 # What a build directory in the cache holds besides ninja's files: the library, our lock

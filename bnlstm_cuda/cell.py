@@ -161,22 +161,28 @@ class BNLSTMCell(BNLSTMBase):
             anchor = parameters.graph_anchor(self, x, h0, c0)
             return h0 + anchor, c0 + anchor
 
+        fold_momentum = self._fold_momentum(backend, self.training, group)
+        options = {} if fold_momentum is None else {"fold_momentum": fold_momentum}
         if autocast_dtype is None:
             result = backend.layer(
                 x, h0, c0, parameters.layer_params(self, ""), self._running_stats(""),
                 variant=self._variant, training=self.training, eps=self.eps, lengths=lengths, start_step=step,
+                **options,
             )
         else:
             # Off inside, so statistics and cell math stay in float32 (see BNLSTM._forward); the
             # weights cast only where the backend does not round them itself (operand_dtype).
-            options = {} if operand_dtype is None else {"operand_dtype": operand_dtype}
+            if operand_dtype is not None:
+                options["operand_dtype"] = operand_dtype
             with torch.autocast(x.device.type, enabled=False):
                 result = backend.layer(
                     x, h0, c0, self._layer_params("", autocast_dtype if operand_dtype is None else None),
                     self._running_stats(""), variant=self._variant, training=self.training, eps=self.eps,
                     lengths=lengths, start_step=step, **options,
                 )
-        if self.training:
+        if fold_momentum is not None:
+            self._folded_in_layer("", result.batch_stats, step, result.folded)
+        elif self.training:
             self._fold(backend, "", result.batch_stats, step)
         h_1, c_1 = result.h_n, result.c_n
         return (h_1[0], c_1[0]) if unbatched else (h_1, c_1)

@@ -48,6 +48,10 @@ class LayerResult(NamedTuple):
     # part -> BatchStats of each processed step ([T, F]; [1, F] for sequence-wise input
     # statistics). Filled in training only: evaluation takes no batch statistics.
     batch_stats: Dict[str, BatchStats]
+    # Where the layer folded batch_stats into the running statistics itself (fold_momentum):
+    # each part's first step whose statistics held an inf or NaN, in batch_stats' order
+    # ([parts] int64; -1: none). None: nothing was folded.
+    folded: Optional[Tensor] = None
 
 
 class LayerFunction(Protocol):
@@ -58,7 +62,9 @@ class LayerFunction(Protocol):
     params:  the layer-direction's parameters, in any floating dtype (computed in
              compute_dtype(x.dtype))
     running: running statistics, read in evaluation; training leaves them alone (the caller
-             folds LayerResult.batch_stats into them with its backend's fold)
+             folds LayerResult.batch_stats into them with its backend's fold), unless the
+             backend folds in its layers (backends.Backend.folds_in_layer) and the caller
+             passes fold_momentum: then the layer folds them itself (LayerResult.folded)
     lengths: [B] int64 on x's device, 1 <= lengths <= T, or None for all T
     reverse: process each sequence from its own last element: step t reads position
              lengths[b] - 1 - t
@@ -81,6 +87,7 @@ class BidirectionalResult(NamedTuple):
     h_n: Tensor  # [2, B, H]: forward, reverse
     c_n: Tensor  # [2, B, H]
     batch_stats: Tuple[Dict[str, BatchStats], Dict[str, BatchStats]]  # forward's, reverse's
+    folded: Tuple[Optional[Tensor], Optional[Tensor]] = (None, None)  # LayerResult.folded of each
 
 
 class BidirectionalLayerFunction(Protocol):

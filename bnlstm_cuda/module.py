@@ -186,16 +186,14 @@ class BNLSTM(BNLSTMBase):
     def forward(self, input, hx: Optional[Tuple[Tensor, Tensor]] = None, lengths=None, start_step: int = 0):
         self._refuse_torchscript_onnx()
         group = distributed.statistics_group(self, self.training)
-        output, state, batch_stats, backend = self._forward(
+        output, state, _, _ = self._forward(
             input, hx, lengths,
             batch_statistics=self.training,
             dropout=self.dropout if self.training else 0.0,
             start_step=start_step,
             group=group,
+            fold=self.training,
         )
-        if self.training:
-            for suffix, parts in batch_stats.items():
-                self._fold(backend, suffix, parts, start_step)
         return output, state
 
     # Checkpoints --------------------------------------------------------------------------
@@ -215,11 +213,12 @@ class BNLSTM(BNLSTMBase):
         return [suffix for suffix, _ in self._layer_directions()]
 
     def _forward(self, input, hx, lengths, *, batch_statistics: bool, dropout: float, start_step: int = 0,
-                 group=None):
+                 group=None, fold: bool = False):
         """Validate, bring the input to [T, B, I], run every layer, restore the layout.
 
         group: a process group for synchronized batch statistics (distributed.statistics_group),
-        or None for statistics of this batch.
+        or None for statistics of this batch. fold: fold the batch statistics into the running
+        statistics (a training step; the calibration only collects them).
         Returns (output, (h_n, c_n), batch statistics of every layer-direction, the Backend
         that ran); for an empty batch, no statistics and no Backend (None).
         """
@@ -261,6 +260,7 @@ class BNLSTM(BNLSTMBase):
             # Each step all-reduces, so every process runs the longest sequence of the group.
             x, lengths = distributed.pad_to_global_length(x, lengths, group)
         backend, x, operand_dtype = self._backend_and_operands(x, group, autocast_dtype)
+        fold_momentum = self._fold_momentum(backend, fold, group)
 
         num_states = self.num_layers * self.num_directions
         if hx is None:
@@ -283,17 +283,21 @@ class BNLSTM(BNLSTMBase):
             # No sequence, no statistics: the backends need not run, and nothing is folded.
             anchor = parameters.graph_anchor(self, x, h0, c0)
             output = x.new_zeros(num_steps, 0, self.num_directions * self.hidden_size) + anchor
-            h_n, c_n, batch_stats = h0 + anchor, c0 + anchor, {}
+            h_n, c_n, batch_stats, folded = h0 + anchor, c0 + anchor, {}, set()
         elif autocast_dtype is None:
-            output, h_n, c_n, batch_stats = self._run_layers(backend, x, h0, c0, lengths, batch_statistics,
-                                                             dropout, start_step)
+            output, h_n, c_n, batch_stats, folded = self._run_layers(
+                backend, x, h0, c0, lengths, batch_statistics, dropout, start_step, fold_momentum=fold_momentum)
         else:
             # Off inside: the backends keep statistics and cell math in float32, which
             # autocast would otherwise turn to its dtype at every matrix product.
             with torch.autocast(x.device.type, enabled=False):
-                output, h_n, c_n, batch_stats = self._run_layers(
+                output, h_n, c_n, batch_stats, folded = self._run_layers(
                     backend, x, h0, c0, lengths, batch_statistics, dropout, start_step,
-                    autocast_dtype if operand_dtype is None else None, operand_dtype)
+                    autocast_dtype if operand_dtype is None else None, operand_dtype, fold_momentum)
+        if fold:
+            for suffix, parts in batch_stats.items():
+                if suffix not in folded:
+                    self._fold(backend, suffix, parts, start_step)
         if group is not None:
             output = output[:num_steps]  # [T, B, H]: drop the steps added for other processes
 
@@ -307,17 +311,22 @@ class BNLSTM(BNLSTMBase):
 
     def _run_layers(self, backend: Backend, x, h0, c0, lengths, batch_statistics: bool, dropout: float,
                     start_step: int, autocast_dtype: Optional[torch.dtype] = None,
-                    operand_dtype: Optional[torch.dtype] = None):
+                    operand_dtype: Optional[torch.dtype] = None, fold_momentum: Optional[float] = None):
         """x: [T, B, I]; h0, c0: [num_layers * num_directions, B, H]; autocast_dtype: the
         dtype of the weights under torch.autocast (None: as they are); operand_dtype: the
-        layers' (layer_api.LayerFunction), where the backend rounds the operands itself."""
+        layers' (layer_api.LayerFunction), where the backend rounds the operands itself;
+        fold_momentum: the layers' (_fold_momentum). Returns the output, h_n, c_n, the batch
+        statistics and the layer-directions whose layers folded them."""
         options = {} if operand_dtype is None else {"operand_dtype": operand_dtype}
+        if fold_momentum is not None:
+            options["fold_momentum"] = fold_momentum
         if self.bidirectional and backend.bidirectional_layer is not None and not torch.compiler.is_compiling():
             return self._run_bidirectional_layers(backend, x, h0, c0, lengths, batch_statistics, dropout,
                                                   autocast_dtype, options)
         layer_fn = backend.layer
         h_n, c_n, outputs = [], [], []
         batch_stats: ForwardStats = {}
+        folded = set()
         for index, (suffix, _) in enumerate(self._layer_directions()):
             direction = index % self.num_directions
             result = layer_fn(
@@ -329,6 +338,9 @@ class BNLSTM(BNLSTMBase):
             h_n.append(result.h_n)
             c_n.append(result.c_n)
             batch_stats[suffix] = result.batch_stats
+            if fold_momentum is not None:
+                self._folded_in_layer(suffix, result.batch_stats, start_step, result.folded)
+                folded.add(suffix)
             if direction == self.num_directions - 1:
                 x = torch.cat(outputs, dim=-1) if len(outputs) > 1 else outputs[0]
                 outputs = []
@@ -336,15 +348,17 @@ class BNLSTM(BNLSTMBase):
                 if dropout > 0 and not last_layer:
                     x = F.dropout(x, dropout, training=True)
         if len(h_n) == 1:  # one layer-direction: a view, without stack's copy
-            return x, h_n[0].unsqueeze(0), c_n[0].unsqueeze(0), batch_stats
-        return x, torch.stack(h_n), torch.stack(c_n), batch_stats
+            return x, h_n[0].unsqueeze(0), c_n[0].unsqueeze(0), batch_stats, folded
+        return x, torch.stack(h_n), torch.stack(c_n), batch_stats, folded
 
     def _run_bidirectional_layers(self, backend: Backend, x, h0, c0, lengths, batch_statistics: bool,
                                   dropout: float, autocast_dtype: Optional[torch.dtype], options: dict):
         """_run_layers with a call of the backend's bidirectional_layer per layer (torch.compile
-        traces the call per direction); options: the layer functions' operand_dtype, if any."""
+        traces the call per direction); options: the layer functions' operand_dtype and
+        fold_momentum, if any."""
         h_n, c_n = [], []
         batch_stats: ForwardStats = {}
+        folded = set()
         for layer in range(self.num_layers):
             suffixes = (parameters.suffix_of(layer, False), parameters.suffix_of(layer, True))
             states = slice(2 * layer, 2 * layer + 2)
@@ -357,9 +371,13 @@ class BNLSTM(BNLSTMBase):
             h_n.append(result.h_n)
             c_n.append(result.c_n)
             batch_stats.update(zip(suffixes, result.batch_stats))
+            if "fold_momentum" in options:
+                for suffix, parts, skipped in zip(suffixes, result.batch_stats, result.folded):
+                    self._folded_in_layer(suffix, parts, 0, skipped)
+                folded.update(suffixes)
             if dropout > 0 and layer < self.num_layers - 1:
                 x = F.dropout(x, dropout, training=True)
-        return x, torch.cat(h_n), torch.cat(c_n), batch_stats
+        return x, torch.cat(h_n), torch.cat(c_n), batch_stats, folded
 
     # Interoperability -------------------------------------------------------------------
 

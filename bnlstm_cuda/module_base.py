@@ -190,6 +190,22 @@ class BNLSTMBase(nn.Module):
         skipped = backend.fold(self._running_stats(suffix), batch_stats, self.momentum, start_step)
         self._warn_if_not_finite(suffix, batch_stats, start_step, skipped)
 
+    def _fold_momentum(self, backend: Optional[Backend], fold: bool, group) -> Optional[float]:
+        """The layers' fold_momentum: the module's momentum where a training call's backend
+        folds in its layers (Backend.folds_in_layer) and the statistics are this batch's
+        (group None; synchronized ones come from the reference backend); None: the module
+        folds after the layers (_fold), or there is nothing to fold (an empty batch runs no
+        backend)."""
+        folds = fold and backend is not None and backend.folds_in_layer and group is None
+        return self.momentum if folds else None
+
+    def _folded_in_layer(self, suffix: str, batch_stats: Dict[str, BatchStats], start_step: int,
+                         skipped: Optional[Tensor]) -> None:
+        """After a layer that folded its batch statistics itself (LayerResult.folded): the
+        warning _fold would give."""
+        if batch_stats:  # variant "none": nothing to fold, nothing to warn of
+            self._warn_if_not_finite(suffix, batch_stats, start_step, skipped)
+
     def _warn_if_not_finite(self, suffix: str, batch_stats: Dict[str, BatchStats], start_step: int,
                             skipped: Optional[Tensor]) -> None:
         """Warn once per module when batch statistics held an inf or NaN (the fold skipped

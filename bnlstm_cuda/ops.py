@@ -407,18 +407,25 @@ def run_layer(
     reverse: bool = False,
     start_step: int = 0,
     operand_dtype: Optional[torch.dtype] = None,
+    fold_momentum: Optional[float] = None,
 ) -> LayerResult:
     """One layer-direction through `operators`; the other arguments and the result as
     `reference.bnlstm_layer_reference`. Half-precision inputs reach the operators in float32
     with their dtype as `operand_dtype`, in which the operators multiply (fp32 accumulation).
     operand_dtype given: the inputs come in float32, to be multiplied in that dtype, and the
-    outputs go out in it (layer_api.LayerFunction)."""
+    outputs go out in it (layer_api.LayerFunction).
+    fold_momentum (training, CPU tensors): also fold the batch statistics into `running`
+    (LayerResult.folded): the C++ node's steps fold them as they go where it runs, the fold
+    operator after the call elsewhere (torch.compile, no graph, the Triton pair)."""
     out_dtype = x.dtype if operand_dtype is None else operand_dtype
     dtype = compute_dtype(out_dtype)
     if out_dtype != dtype:
         x, h0, c0 = x.to(dtype), h0.to(dtype), c0.to(dtype)
     params = params.to(dtype)
     keep_reserve = needs_backward(x, h0, c0, params)
+    fold, node_folds, folded = fold_momentum is not None and training, False, None
+    if fold and x.device.type != "cpu":
+        raise ValueError(f"fold_momentum folds CPU tensors only, got x on {x.device}")
     absent = x.new_empty(0)  # stands for a part the layer does not have, or statistics not read
     parameter_list = [absent if p is None else p for p in params]
     running_given = running_list(running if not training else {}, absent)
@@ -428,8 +435,10 @@ def run_layer(
         output, h_n, c_n, statistics, _projection, _reserve = operators.forward(
             x, h0, c0, lengths, parameter_list, running_given, *flags)
     elif keep_reserve and operators.differentiable is not None:
-        output, h_n, c_n, statistics = operators.differentiable(
-            x, h0, c0, lengths, parameter_list, running_given, *operator_flags, reverse, start_step, operand_dtype)
+        node_folds = fold
+        output, h_n, c_n, statistics, folded = operators.differentiable(
+            x, h0, c0, lengths, parameter_list, running_list(running, absent) if fold else running_given,
+            *operator_flags, reverse, start_step, operand_dtype, fold_momentum if fold else None)
     elif keep_reserve:
         output, h_n, c_n, *statistics = _LayerFunction.apply(operators, x, h0, c0, lengths, *parameter_list,
                                                              running_given, *flags)[:9]
@@ -441,9 +450,11 @@ def run_layer(
             output, h_n, c_n, statistics, _projection, _reserve = operators.forward(
                 x, h0, c0, lengths, parameter_list, running_given, *flags)
     batch_stats = step_batch_stats(variant, _step_counts(x, lengths), *statistics) if training else {}
+    if fold and not node_folds:
+        folded = update_running_stats_parts_compiled(running, batch_stats, fold_momentum, start_step)
     if out_dtype != dtype:
         output, h_n, c_n = output.to(out_dtype), h_n.to(out_dtype), c_n.to(out_dtype)
-    return LayerResult(output, h_n, c_n, batch_stats)
+    return LayerResult(output, h_n, c_n, batch_stats, folded)
 
 
 # Both directions of a bidirectional layer: bnlstm::bidirectional_forward and its backward
@@ -517,10 +528,12 @@ def _registered_bidirectional_backward(ctx, grad_output, grad_h_n, grad_c_n, *_g
 def bidirectional_layer_fused(x: Tensor, h0: Tensor, c0: Tensor, params: Tuple[LayerParams, LayerParams],
                               running: Tuple[RunningStats, RunningStats], *, variant: Variant, training: bool,
                               eps: float, lengths: Optional[Tensor] = None,
-                              operand_dtype: Optional[torch.dtype] = None) -> BidirectionalResult:
+                              operand_dtype: Optional[torch.dtype] = None,
+                              fold_momentum: Optional[float] = None) -> BidirectionalResult:
     """Both directions of a bidirectional layer in one call of the CPU operators (a
     `layer_api.BidirectionalLayerFunction`): what `bnlstm_layer_fused` gives for each
-    direction, with the directions run at once where that pays (csrc/bidirectional_cpu.cpp)."""
+    direction, with the directions run at once where that pays (csrc/bidirectional_cpu.cpp),
+    fold_momentum included."""
     out_dtype = x.dtype if operand_dtype is None else operand_dtype
     dtype = compute_dtype(out_dtype)
     if out_dtype != dtype:
@@ -529,24 +542,32 @@ def bidirectional_layer_fused(x: Tensor, h0: Tensor, c0: Tensor, params: Tuple[L
     keep_reserve = needs_backward(x, h0, c0, params[0]) or needs_backward(x, h0, c0, params[1])
     absent = x.new_empty(0)
     parameter_list = [absent if p is None else p for p in (*params[0], *params[1])]
-    running_given = (running_list(running[0], absent) + running_list(running[1], absent) if not training
+    fold = fold_momentum is not None and training
+    running_given = (running_list(running[0], absent) + running_list(running[1], absent) if not training or fold
                      else [absent] * 2 * len(STATISTICS))
     flags, operand_dtype = _operator_flags(variant, training, eps), _operand_dtype(out_dtype, dtype)
+    folded = None
     if keep_reserve:  # the pair with its autograd node in C++ (csrc/layer_autograd.cpp)
-        output, h_n, c_n, statistics = torch.ops.bnlstm.bidirectional(
-            x, h0, c0, lengths, parameter_list, running_given, *flags, operand_dtype)
+        output, h_n, c_n, statistics, folded = torch.ops.bnlstm.bidirectional(
+            x, h0, c0, lengths, parameter_list, running_given, *flags, operand_dtype,
+            fold_momentum if fold else None)
     else:
         with torch._C._AutoDispatchBelowAutograd():
             output, h_n, c_n, statistics, _projection, _reserve = torch.ops.bnlstm.bidirectional_forward(
                 x, h0, c0, lengths, parameter_list, running_given, *flags, False, operand_dtype)
-    batch_stats = ({}, {})
+    batch_stats, folds = ({}, {}), (None, None)
     if training:
         counts, half = _step_counts(x, lengths), len(STATISTICS)  # the same steps in both directions
         batch_stats = (step_batch_stats(variant, counts, *statistics[:half]),
                        step_batch_stats(variant, counts, *statistics[half:]))
+    if fold and folded is not None:  # the node folded: each direction's parts, one after the other
+        folds = tuple(folded.view(2, -1))
+    elif fold:
+        folds = tuple(update_running_stats_parts_compiled(direction_running, direction_stats, fold_momentum)
+                      for direction_running, direction_stats in zip(running, batch_stats))
     if out_dtype != dtype:
         output, h_n, c_n = output.to(out_dtype), h_n.to(out_dtype), c_n.to(out_dtype)
-    return BidirectionalResult(output, h_n, c_n, batch_stats)
+    return BidirectionalResult(output, h_n, c_n, batch_stats, folds)
 
 
 def bnlstm_layer_fused(x: Tensor, h0: Tensor, c0: Tensor, params: LayerParams, running: RunningStats,

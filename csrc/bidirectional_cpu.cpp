@@ -44,12 +44,20 @@ void run_directions(bool concurrent, const Direction& direction) {
   });
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>,
-           std::vector<at::Tensor>>
-bidirectional_forward_cpu(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& c0, const OptTensor& lengths,
-                          at::TensorList params, at::TensorList running, int64_t input_statistics,
-                          bool normalize_recurrent, bool normalize_cell, bool training, double eps, bool keep_reserve,
-                          c10::optional<at::ScalarType> operand_dtype) {
+BidirectionalForwardResult bidirectional_forward_cpu(
+    const at::Tensor& x, const at::Tensor& h0, const at::Tensor& c0, const OptTensor& lengths, at::TensorList params,
+    at::TensorList running, int64_t input_statistics, bool normalize_recurrent, bool normalize_cell, bool training,
+    double eps, bool keep_reserve, c10::optional<at::ScalarType> operand_dtype) {
+  return bidirectional_forward_cpu_folding(x, h0, c0, lengths, params, running, input_statistics, normalize_recurrent,
+                                           normalize_cell, training, eps, keep_reserve, operand_dtype, nullptr);
+}
+
+}  // namespace
+
+BidirectionalForwardResult bidirectional_forward_cpu_folding(
+    const at::Tensor& x, const at::Tensor& h0, const at::Tensor& c0, const OptTensor& lengths, at::TensorList params,
+    at::TensorList running, int64_t input_statistics, bool normalize_recurrent, bool normalize_cell, bool training,
+    double eps, bool keep_reserve, c10::optional<at::ScalarType> operand_dtype, RunningFold* folds) {
   check_count(params, 2 * kParameterCount, "params", "weight_ih, weight_hh, bias, gamma_ih, gamma_hh, gamma_c, beta_c");
   check_count(running, 2 * kStatisticsCount, "running", "mean_ih, var_ih, mean_hh, var_hh, mean_c, var_c");
   TORCH_CHECK(x.dim() == 3, "x must be [T, B, I], got ", x.sizes());
@@ -61,11 +69,10 @@ bidirectional_forward_cpu(const at::Tensor& x, const at::Tensor& h0, const at::T
                                         /*start_step=*/0, operand_dtype);
   LayerForwardResult results[2];
   run_directions(cpu_directions_concurrent(T, B, H), [&](int64_t d) {
-    results[d] = layer_forward(
-        recurrent_forward_cpu, matmul_cpu, cpu_steps_project_input,
+    results[d] = layer_forward_cpu(
         {x, h0[d], c0[d], lengths, unpack_parameters(params.slice(d * kParameterCount, kParameterCount)),
          unpack_running(running.slice(d * kStatisticsCount, kStatisticsCount)), flags, /*reverse=*/d == 1,
-         keep_reserve});
+         keep_reserve, folds == nullptr ? nullptr : folds + d});
   });
   auto& [output_f, h_f, c_f, statistics_f, projection_f, reserve_f] = results[0];
   auto& [output_r, h_r, c_r, statistics_r, projection_r, reserve_r] = results[1];
@@ -76,6 +83,8 @@ bidirectional_forward_cpu(const at::Tensor& x, const at::Tensor& h0, const at::T
   return {output, at::stack({h_f, h_r}), at::stack({c_f, c_r}), std::move(statistics),
           {projection_f, projection_r}, {reserve_f, reserve_r}};
 }
+
+namespace {
 
 LayerBackwardResult bidirectional_backward_cpu(
     const at::Tensor& grad_output, const at::Tensor& grad_h_n, const at::Tensor& grad_c_n, const at::Tensor& x,

@@ -75,6 +75,19 @@ struct ReserveLayout {
   }
 };
 
+// Running statistics a training forward folds its batch statistics into as it goes (the
+// CPU's; `bnlstm::layer` with a momentum): what update_running_stats_parts does after the
+// call (running_stats.cpp), step t into slot min(start_step + t, S - 1) of each part's
+// [S, F] pair, each in the compute dtype and contiguous; undefined where a part is not
+// folded. The recurrence folds the parts it computes step by step, the host code the rest.
+struct RunningFold {
+  double momentum;
+  at::Tensor mean_ih, var_ih, mean_hh, var_hh, mean_c, var_c;
+  // Each part's (ih, hh, c) first step with a non-finite statistic, which kept its running
+  // value (-1: none); written by whoever folds the part.
+  int64_t first_skipped[3] = {-1, -1, -1};
+};
+
 // Inputs of the recurrent part, in processing order (the reverse direction is already
 // reversed by the host code). Each step normalizes its slice of the input projection in
 // the same pass as the recurrent one: with its own batch statistics (step-wise training)
@@ -94,6 +107,10 @@ struct RecurrentForwardArgs {
   at::Tensor input_mean, input_var;            // [S, 4H] unless step-wise training
   at::Tensor running_mean_hh, running_var_hh;  // [S, 4H], read in evaluation
   at::Tensor running_mean_c, running_var_c;    // [S, H]
+  // Training: the running statistics the steps fold their batch statistics into as they go
+  // (the step-wise ones: not sequence-wise input statistics), or null. Only the CPU's
+  // recurrence folds.
+  RunningFold* fold = nullptr;
 };
 
 // Outputs of the recurrent part. All are allocated by the caller; the kernel writes every

@@ -10,6 +10,7 @@
 #include "buffer_pool.h"
 #include "checks.h"
 #include "layer_ops.h"
+#include "running_fold.h"
 
 namespace bnlstm {
 namespace {
@@ -142,8 +143,54 @@ LayerFlags unpack_flags(int64_t input_statistics, bool normalize_recurrent, bool
           checked_operand_dtype(operand_dtype)};
 }
 
+namespace {
+
+// Checks the running statistics of every part the variant normalizes: [S >= 1, F] pairs on
+// x's device, F = 4H (input, recurrent) or H (cell). Returns whether the recurrence can fold
+// into them itself: x's dtype, contiguous.
+bool fold_targets_match(const RunningFold& fold, const LayerFlags& flags, const at::Tensor& x, int64_t hidden) {
+  bool match = true;
+  const auto check = [&](const at::Tensor& mean, const at::Tensor& var, bool needed, int64_t features,
+                         const char* name) {
+    if (!needed) return;
+    TORCH_CHECK(mean.defined() && var.defined() && mean.dim() == 2 && mean.size(0) >= 1 &&
+                    mean.size(1) == features && var.sizes() == mean.sizes(),
+                "the fold needs the running statistics of ", name, " as two [S >= 1, ", features,
+                "] tensors, got ", mean.defined() ? mean.sizes() : at::IntArrayRef{}, " and ",
+                var.defined() ? var.sizes() : at::IntArrayRef{});
+    TORCH_CHECK(mean.device() == x.device() && var.device() == x.device(), "the running statistics of ", name,
+                " must be on ", x.device(), ", got ", mean.device(), " and ", var.device());
+    match = match && mean.scalar_type() == x.scalar_type() && var.scalar_type() == x.scalar_type() &&
+            mean.is_contiguous() && var.is_contiguous();
+  };
+  check(fold.mean_ih, fold.var_ih, flags.input_statistics != kInputNone, 4 * hidden, "ih");
+  check(fold.mean_hh, fold.var_hh, flags.normalize_recurrent, 4 * hidden, "hh");
+  check(fold.mean_c, fold.var_c, flags.normalize_cell, hidden, "c");
+  return match;
+}
+
+// What the recurrence did not fold: the sequence-wise input statistics (one row, over every
+// active step of every sequence), or everything where it could not (fold_targets_match).
+void fold_after_steps(RunningFold& fold, const LayerFlags& flags, bool folded_in_steps, const at::Tensor& counts,
+                      const RecurrentForwardOutputs& out) {
+  const auto fold_part = [&](int64_t part, const at::Tensor& mean, const at::Tensor& var, const at::Tensor& step_mean,
+                             const at::Tensor& step_var, const at::Tensor& count) {
+    fold.first_skipped[part] =
+        fold_running_stats(mean, var, step_mean, step_var, count, fold.momentum, flags.start_step);
+  };
+  if (flags.input_statistics == kInputSequence) {
+    fold_part(0, fold.mean_ih, fold.var_ih, out.mean_ih, out.var_ih, counts.sum().reshape({1}));
+  }
+  if (folded_in_steps) return;
+  if (flags.input_statistics == kInputStep) fold_part(0, fold.mean_ih, fold.var_ih, out.mean_ih, out.var_ih, counts);
+  if (flags.normalize_recurrent) fold_part(1, fold.mean_hh, fold.var_hh, out.mean_hh, out.var_hh, counts);
+  if (flags.normalize_cell) fold_part(2, fold.mean_c, fold.var_c, out.mean_c, out.var_c, counts);
+}
+
+}  // namespace
+
 LayerForwardResult layer_forward(RecurrentForwardFn recurrent, MatmulFn matmul, StepsProjectInputFn steps_project_input,
-                                 const LayerForwardInputs& in) {
+                                 const LayerForwardInputs& in, bool recurrent_folds) {
   const at::Tensor& x = in.x;
   const LayerFlags& flags = in.flags;
   const LayerParameters& w = in.params;
@@ -171,6 +218,12 @@ LayerForwardResult layer_forward(RecurrentForwardFn recurrent, MatmulFn matmul, 
   check_running(running.var_hh, normalize_recurrent && !training, "running_var_hh", G, x);
   check_running(running.mean_c, normalize_cell && !training, "running_mean_c", H, x);
   check_running(running.var_c, normalize_cell && !training, "running_var_c", H, x);
+
+  TORCH_CHECK(in.fold == nullptr || (training && x.is_cpu()),
+              "folding the running statistics in the forward pass needs training on the CPU");
+  // A recurrence that folds (recurrent_folds) does so into running statistics in the compute
+  // dtype, contiguous (the module's buffers are); the rest is folded after it.
+  const bool fold_in_steps = in.fold != nullptr && fold_targets_match(*in.fold, flags, x, H) && recurrent_folds;
 
   const OptTensor& lengths = in.lengths;
   const Prepared p = prepare(x, lengths, in.reverse);
@@ -263,7 +316,11 @@ LayerForwardResult layer_forward(RecurrentForwardFn recurrent, MatmulFn matmul, 
   const ReserveLayout layout(H, flags);
   if (in.keep_reserve) out.reserve = pooled_empty({T, B, layout.width}, x.options());
   if (in.keep_reserve && normalize_input && project_in_steps) out.projection = pooled_empty({T, B, G}, x.options());
+  if (fold_in_steps) args.fold = in.fold;
   recurrent(args, out, flags);
+  if (in.fold != nullptr) {
+    fold_after_steps(*in.fold, flags, fold_in_steps, p.counts, out);
+  }
 
   at::Tensor output = in.reverse ? reversed_output(out.output, lengths) : out.output;
   at::Tensor reserve = in.keep_reserve ? out.reserve : at::empty({0}, x.options());
@@ -445,10 +502,16 @@ LayerBackwardResult layer_backward(RecurrentBackwardFn recurrent, MatmulFn matmu
 #ifdef BNLSTM_CUDA_KERNELS_ON_CPU
 constexpr bool kCpuWeightsInRecurrence = false;
 constexpr StepsProjectInputFn kCpuStepsProjectInput = nullptr;
+constexpr bool kCpuRecurrenceFolds = false;
 #else
 constexpr bool kCpuWeightsInRecurrence = true;
 constexpr StepsProjectInputFn kCpuStepsProjectInput = cpu_steps_project_input;
+constexpr bool kCpuRecurrenceFolds = true;
 #endif
+
+LayerForwardResult layer_forward_cpu(const LayerForwardInputs& in) {
+  return layer_forward(recurrent_forward_cpu, matmul_cpu, kCpuStepsProjectInput, in, kCpuRecurrenceFolds);
+}
 
 TORCH_LIBRARY_IMPL(bnlstm, CPU, m) {
   m.impl("layer_forward", bind_layer_forward<recurrent_forward_cpu, matmul_cpu, kCpuStepsProjectInput>);

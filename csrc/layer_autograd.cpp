@@ -8,6 +8,8 @@
 #include <torch/autograd.h>
 #include <torch/library.h>
 
+#include <vector>
+
 #include "layer_ops.h"
 
 namespace bnlstm {
@@ -33,13 +35,45 @@ struct UntrackedArguments {
   bool reverse;  // one direction only
   int64_t start_step;  // one direction only
   OptDtype operand_dtype;
+  // Training on the CPU: fold the batch statistics into `running` in place (RunningFold).
+  c10::optional<double> momentum;
 };
+
+// The schema's `running` list of one direction as the running statistics to fold into
+// (empty tensors: parts the variant does not normalize).
+RunningFold running_fold(at::TensorList running, double momentum) {
+  TORCH_CHECK(running.size() == 6, "running must hold 6 tensors (mean_ih, var_ih, mean_hh, var_hh, mean_c, var_c), "
+              "got ", running.size());
+  const auto given = [](const at::Tensor& t) { return t.numel() ? t : at::Tensor(); };
+  return {momentum, given(running[0]), given(running[1]), given(running[2]), given(running[3]), given(running[4]),
+          given(running[5])};
+}
+
+// The operators' `folded` output: each folded direction's first non-finite step of every
+// part the variant normalizes, in the order ih, hh, c, direction after direction.
+at::Tensor first_skipped(const RunningFold* folds, size_t count, const UntrackedArguments& a) {
+  const bool normalized[3] = {a.input_statistics != kInputNone, a.normalize_recurrent, a.normalize_cell};
+  std::vector<int64_t> firsts;
+  for (size_t d = 0; d < count; ++d) {
+    for (int part = 0; part < 3; ++part) {
+      if (normalized[part]) firsts.push_back(folds[d].first_skipped[part]);
+    }
+  }
+  return at::tensor(firsts, at::kLong);
+}
+
+void check_fold_device(const at::Tensor& x, const UntrackedArguments& a) {
+  TORCH_CHECK(!a.momentum.has_value() || (x.is_cpu() && a.training),
+              "momentum (folding the running statistics in the forward pass) needs training=True and CPU tensors, "
+              "got training=", a.training, " and x on ", x.device());
+}
 
 // What a forward operator returns, grouped for the node: `kept` holds what only the
 // backward reads (the projections, then the reserves).
 struct ForwardResult {
   at::Tensor output, h_n, c_n;
   std::vector<at::Tensor> statistics, kept;
+  at::Tensor folded;  // first_skipped's, or [0] without a fold
 };
 
 // What the backward operator reads besides the incoming gradients.
@@ -65,10 +99,22 @@ struct OneDirection {
                                          at::TensorList, at::TensorList, int64_t, bool, bool, bool, double, bool,
                                          bool, int64_t, OptDtype);
     static const auto op = find_operator<Signature>("bnlstm::layer_forward");
-    auto [output, h_n, c_n, statistics, projection, reserve] =
-        op.call(x, h0, c0, a.lengths, params, a.running, a.input_statistics, a.normalize_recurrent,
-                a.normalize_cell, a.training, a.eps, a.reverse, /*keep_reserve=*/true, a.start_step, a.operand_dtype);
-    return {output, h_n, c_n, std::move(statistics), {projection, reserve}};
+    check_fold_device(x, a);
+    if (!a.momentum.has_value()) {
+      auto [output, h_n, c_n, statistics, projection, reserve] =
+          op.call(x, h0, c0, a.lengths, params, a.running, a.input_statistics, a.normalize_recurrent,
+                  a.normalize_cell, a.training, a.eps, a.reverse, /*keep_reserve=*/true, a.start_step,
+                  a.operand_dtype);
+      return {output, h_n, c_n, std::move(statistics), {projection, reserve}, at::empty({0}, at::kLong)};
+    }
+    // Folding: the CPU's host code directly, which takes the running statistics to fold into.
+    RunningFold fold = running_fold(a.running, *a.momentum);
+    auto [output, h_n, c_n, statistics, projection, reserve] = layer_forward_cpu(
+        {x, h0, c0, a.lengths, unpack_parameters(params), unpack_running(a.running),
+         unpack_flags(a.input_statistics, a.normalize_recurrent, a.normalize_cell, a.training, a.eps, a.start_step,
+                      a.operand_dtype),
+         a.reverse, /*keep_reserve=*/true, &fold});
+    return {output, h_n, c_n, std::move(statistics), {projection, reserve}, first_skipped(&fold, 1, a)};
   }
 
   static LayerBackwardResult backward(const at::Tensor& grad_output, const at::Tensor& grad_h_n,
@@ -96,11 +142,26 @@ struct BothDirections {
     using Signature = Result(const at::Tensor&, const at::Tensor&, const at::Tensor&, const OptTensor&,
                              at::TensorList, at::TensorList, int64_t, bool, bool, bool, double, bool, OptDtype);
     static const auto op = find_operator<Signature>("bnlstm::bidirectional_forward");
-    auto [output, h_n, c_n, statistics, projection, reserve] =
-        op.call(x, h0, c0, a.lengths, params, a.running, a.input_statistics, a.normalize_recurrent,
-                a.normalize_cell, a.training, a.eps, /*keep_reserve=*/true, a.operand_dtype);
+    check_fold_device(x, a);
+    if (!a.momentum.has_value()) {
+      auto [output, h_n, c_n, statistics, projection, reserve] =
+          op.call(x, h0, c0, a.lengths, params, a.running, a.input_statistics, a.normalize_recurrent,
+                  a.normalize_cell, a.training, a.eps, /*keep_reserve=*/true, a.operand_dtype);
+      projection.insert(projection.end(), reserve.begin(), reserve.end());
+      return {output, h_n, c_n, std::move(statistics), std::move(projection), at::empty({0}, at::kLong)};
+    }
+#ifdef BNLSTM_CUDA_KERNELS_ON_CPU
+    TORCH_CHECK(false, "the CUDA emulation build has no bidirectional CPU operators");
+#else
+    TORCH_CHECK(a.running.size() == 12, "running must hold 12 tensors (6 a direction), got ", a.running.size());
+    RunningFold folds[2] = {running_fold(a.running.slice(0, 6), *a.momentum),
+                            running_fold(a.running.slice(6, 6), *a.momentum)};
+    auto [output, h_n, c_n, statistics, projection, reserve] = bidirectional_forward_cpu_folding(
+        x, h0, c0, a.lengths, params, a.running, a.input_statistics, a.normalize_recurrent, a.normalize_cell,
+        a.training, a.eps, /*keep_reserve=*/true, a.operand_dtype, folds);
     projection.insert(projection.end(), reserve.begin(), reserve.end());
-    return {output, h_n, c_n, std::move(statistics), std::move(projection)};
+    return {output, h_n, c_n, std::move(statistics), std::move(projection), first_skipped(folds, 2, a)};
+#endif
   }
 
   static LayerBackwardResult backward(const at::Tensor& grad_output, const at::Tensor& grad_h_n,
@@ -132,6 +193,7 @@ class LayerNode : public torch::autograd::Function<LayerNode<Pair>> {
     // No zero gradients for the statistics: nothing differentiates them.
     ctx->set_materialize_grads(false);
     ctx->mark_non_differentiable(r.statistics);
+    ctx->mark_non_differentiable({r.folded});
     variable_list saved{x, h0, c0, r.output};
     saved.insert(saved.end(), r.kept.begin(), r.kept.end());
     saved.insert(saved.end(), params.begin(), params.end());
@@ -144,6 +206,7 @@ class LayerNode : public torch::autograd::Function<LayerNode<Pair>> {
     ctx->saved_data["operand_dtype"] = a.operand_dtype;
     variable_list result{r.output, r.h_n, r.c_n};
     result.insert(result.end(), r.statistics.begin(), r.statistics.end());
+    result.push_back(r.folded);
     return result;
   }
 
@@ -183,7 +246,7 @@ class LayerNode : public torch::autograd::Function<LayerNode<Pair>> {
   }
 };
 
-using LayerOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>>;
+using LayerOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>, at::Tensor>;
 
 template <typename Pair>
 LayerOutputs apply_node(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& c0, at::TensorList params,
@@ -191,25 +254,26 @@ LayerOutputs apply_node(const at::Tensor& x, const at::Tensor& h0, const at::Ten
   TORCH_CHECK(params.size() == Pair::kParameters, "params must list ", Pair::kParameters, " tensors, got ",
               params.size());
   const variable_list result = LayerNode<Pair>::apply(x, h0, c0, params, untracked);
-  return {result[0], result[1], result[2], std::vector<at::Tensor>(result.begin() + 3, result.end())};
+  return {result[0], result[1], result[2], std::vector<at::Tensor>(result.begin() + 3, result.end() - 1),
+          result.back()};
 }
 
 LayerOutputs layer(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& c0, const OptTensor& lengths,
                    at::TensorList params, at::TensorList running, int64_t input_statistics, bool normalize_recurrent,
                    bool normalize_cell, bool training, double eps, bool reverse, int64_t start_step,
-                   OptDtype operand_dtype) {
+                   OptDtype operand_dtype, c10::optional<double> momentum) {
   return apply_node<OneDirection>(x, h0, c0, params,
                                   {lengths, running, input_statistics, normalize_recurrent, normalize_cell, training,
-                                   eps, reverse, start_step, operand_dtype});
+                                   eps, reverse, start_step, operand_dtype, momentum});
 }
 
 LayerOutputs bidirectional(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& c0, const OptTensor& lengths,
                            at::TensorList params, at::TensorList running, int64_t input_statistics,
                            bool normalize_recurrent, bool normalize_cell, bool training, double eps,
-                           OptDtype operand_dtype) {
+                           OptDtype operand_dtype, c10::optional<double> momentum) {
   return apply_node<BothDirections>(x, h0, c0, params,
                                     {lengths, running, input_statistics, normalize_recurrent, normalize_cell,
-                                     training, eps, /*reverse=*/false, /*start_step=*/0, operand_dtype});
+                                     training, eps, /*reverse=*/false, /*start_step=*/0, operand_dtype, momentum});
 }
 
 }  // namespace

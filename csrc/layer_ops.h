@@ -64,6 +64,9 @@ struct LayerForwardInputs {
   LayerFlags flags;
   bool reverse;
   bool keep_reserve;
+  // Training: fold the batch statistics into these running statistics in place (the
+  // recurrence as it goes, where it can), or null (RunningFold; CPU only).
+  RunningFold* fold = nullptr;
 };
 
 struct LayerBackwardInputs {
@@ -83,14 +86,30 @@ struct LayerBackwardInputs {
 using StepsProjectInputFn = bool (*)(int64_t batch, int64_t input_size);
 
 // steps_project_input: where it says so, and no other code reads the projection of every
-// step, the recurrent kernel gets x and W_ih.
+// step, the recurrent kernel gets x and W_ih. recurrent_folds: the recurrent kernel folds
+// RecurrentForwardArgs::fold as it goes (the CPU's).
 LayerForwardResult layer_forward(RecurrentForwardFn recurrent, MatmulFn matmul, StepsProjectInputFn steps_project_input,
-                                 const LayerForwardInputs& in);
+                                 const LayerForwardInputs& in, bool recurrent_folds = false);
 
 // weights_in_recurrence: the device's backward kernel accumulates the weight gradients
 // itself (RecurrentBackwardOutputs::grad_weight_hh).
 LayerBackwardResult layer_backward(RecurrentBackwardFn recurrent, MatmulFn matmul, bool weights_in_recurrence,
                                    const LayerBackwardInputs& in);
+
+// The CPU's layer_forward, for the node of bnlstm::layer (layer_autograd.cpp), which calls
+// it directly where it folds the running statistics as the steps go (in.fold).
+LayerForwardResult layer_forward_cpu(const LayerForwardInputs& in);
+
+// (output [T, B, 2H], h_n [2, B, H], c_n [2, B, H], statistics (both directions' lists),
+//  projection and reserve of each direction)
+using BidirectionalForwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>,
+                                              std::vector<at::Tensor>, std::vector<at::Tensor>>;
+// The CPU's bidirectional_forward (bidirectional_cpu.cpp), folding each direction's running
+// statistics into folds[d] as layer_forward_cpu does (null: no fold).
+BidirectionalForwardResult bidirectional_forward_cpu_folding(
+    const at::Tensor& x, const at::Tensor& h0, const at::Tensor& c0, const OptTensor& lengths, at::TensorList params,
+    at::TensorList running, int64_t input_statistics, bool normalize_recurrent, bool normalize_cell, bool training,
+    double eps, bool keep_reserve, c10::optional<at::ScalarType> operand_dtype, RunningFold* folds);
 
 // The schema's arguments, as the dispatcher passes them, unpacked once.
 template <RecurrentForwardFn Recurrent, MatmulFn Matmul, StepsProjectInputFn kStepsProjectInput = nullptr>

@@ -40,11 +40,17 @@ TORCH_LIBRARY(bnlstm, m) {
       "(Tensor output, Tensor h_n, Tensor c_n, Tensor[] statistics, Tensor projection, Tensor reserve)");
   // layer_forward with keep_reserve=True as one autograd node, for eager calls that record
   // a graph (layer_autograd.cpp): output, h_n, c_n and the statistics (not differentiable).
+  // With a momentum (training, CPU tensors), `running` holds the running statistics, all six
+  // as in layer_forward's list, and the steps fold their batch statistics into them in place
+  // as they go, as update_running_stats_parts would after the call; `folded` is then, for
+  // each part the variant normalizes (in the order ih, hh, c), the first step whose
+  // statistics were not finite, which kept its running value (-1: none; int64), and [0]
+  // without a momentum.
   m.def(
-      "layer(Tensor x, Tensor h0, Tensor c0, Tensor? lengths, Tensor[] params, Tensor[] running, "
+      "layer(Tensor x, Tensor h0, Tensor c0, Tensor? lengths, Tensor[] params, Tensor(a!)[] running, "
       "int input_statistics, bool normalize_recurrent, bool normalize_cell, bool training, float eps, "
-      "bool reverse, int start_step=0, ScalarType? operand_dtype=None) -> "
-      "(Tensor output, Tensor h_n, Tensor c_n, Tensor[] statistics)");
+      "bool reverse, int start_step=0, ScalarType? operand_dtype=None, float? momentum=None) -> "
+      "(Tensor output, Tensor h_n, Tensor c_n, Tensor[] statistics, Tensor folded)");
   // Gradients of layer_forward's inputs, from its inputs, output, statistics, projection
   // and reserve; grad_params in params' order, empty for absent parts. input_grad=False
   // skips grad_x (returned empty): a model's input layer rarely needs it, and it is one of
@@ -67,11 +73,13 @@ TORCH_LIBRARY(bnlstm, m) {
       "bool keep_reserve, ScalarType? operand_dtype=None) -> "
       "(Tensor output, Tensor h_n, Tensor c_n, Tensor[] statistics, Tensor[] projection, Tensor[] reserve)");
   // bidirectional_forward with keep_reserve=True as one autograd node, as layer is
-  // layer_forward's (layer_autograd.cpp).
+  // layer_forward's (layer_autograd.cpp), momentum and folded included (the forward
+  // direction's parts, then the reverse one's).
   m.def(
-      "bidirectional(Tensor x, Tensor h0, Tensor c0, Tensor? lengths, Tensor[] params, Tensor[] running, "
+      "bidirectional(Tensor x, Tensor h0, Tensor c0, Tensor? lengths, Tensor[] params, Tensor(a!)[] running, "
       "int input_statistics, bool normalize_recurrent, bool normalize_cell, bool training, float eps, "
-      "ScalarType? operand_dtype=None) -> (Tensor output, Tensor h_n, Tensor c_n, Tensor[] statistics)");
+      "ScalarType? operand_dtype=None, float? momentum=None) -> "
+      "(Tensor output, Tensor h_n, Tensor c_n, Tensor[] statistics, Tensor folded)");
   // Its gradients: grad_x sums both directions', grad_h0 and grad_c0 are [2, B, H],
   // grad_params lists the forward direction's and then the reverse one's.
   m.def(

@@ -21,6 +21,7 @@
 #include "bnlstm.h"
 #include "buffer_pool.h"
 #include "packed_gemm.h"
+#include "running_fold.h"
 #include "step_loop.h"
 #include "vec_math.h"
 
@@ -29,6 +30,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -627,6 +629,91 @@ void copy_slot_rows(const at::Tensor& used, const at::Tensor& given, int64_t sta
   for (int64_t t = own; t < steps; ++t) std::memcpy(out + t * columns, in + (slots - 1) * columns, sizeof(T) * columns);
 }
 
+// The training forward's fold as it goes (RecurrentForwardArgs::fold): after a block has
+// taken a step's batch statistics of its columns, it folds them into the step's slot, while
+// they are in its cache and before the next step. A pass after the loop would read every
+// step's statistics and the running ones again, enough at small sizes to push the next
+// call's weights out of L2 (docs/CPU.md). Each block keeps its own first skipped steps.
+template <typename T>
+class StepFold {
+ public:
+  StepFold(RunningFold* fold, const LayerFlags& flags, int64_t hidden, int64_t blocks)
+      : fold_(fold), hidden_(hidden), start_step_(flags.start_step),
+        keep_(T(1 - (fold != nullptr ? fold->momentum : 0))), take_(T(fold != nullptr ? fold->momentum : 0)),
+        skipped_(fold != nullptr ? blocks : 0, {-1, -1, -1}) {
+    if (fold == nullptr) return;
+    const bool step_input = flags.input_statistics == kInputStep;
+    parts_[0] = part(step_input ? fold->mean_ih : at::Tensor(), step_input ? fold->var_ih : at::Tensor());
+    parts_[1] = part(flags.normalize_recurrent ? fold->mean_hh : at::Tensor(),
+                     flags.normalize_recurrent ? fold->var_hh : at::Tensor());
+    parts_[2] = part(flags.normalize_cell ? fold->mean_c : at::Tensor(),
+                     flags.normalize_cell ? fold->var_c : at::Tensor());
+  }
+
+  bool active() const { return fold_ != nullptr; }
+
+  // Block k's columns (units [j0, j0 + J); every gate of the 4H-wide parts) of step t's
+  // statistics, the rows of the parts' [T, F] outputs (null where not taken), over count rows.
+  void step(int64_t k, int64_t t, int64_t j0, int64_t J, int64_t count, const std::array<const T*, 6>& rows) {
+    if (count < 2) return;  // no unbiased variance: the fold leaves the slot as it is
+    const T unbias = unbiasing_factor<T>(double(count));
+    for (int64_t p = 0; p < 3; ++p) {
+      const Part& part = parts_[p];
+      if (part.mean == nullptr) continue;
+      const int64_t slot = std::min(start_step_ + t, part.slots - 1), F = part.features;
+      const int64_t gates = F == hidden_ ? 1 : 4;
+      bool skipped = false;
+      for (int64_t g = 0; g < gates; ++g) {
+        const int64_t at = g * hidden_ + j0;
+        skipped |= fold_step(part.mean + slot * F + at, part.var + slot * F + at, rows[2 * p] + at,
+                             rows[2 * p + 1] + at, J, keep_, take_, unbias);
+      }
+      if (skipped && skipped_[k][p] < 0) skipped_[k][p] = t;
+    }
+  }
+
+  // Asks for step t's slot rows of the block's columns ahead of its fold (prefetch_span):
+  // read once a call, they come from L3 or memory.
+  void prefetch(int64_t t, int64_t j0, int64_t J) const {
+    for (const Part& part : parts_) {
+      if (part.mean == nullptr) continue;
+      const int64_t slot = std::min(start_step_ + t, part.slots - 1), F = part.features;
+      for (int64_t g = 0, gates = F == hidden_ ? 1 : 4; g < gates; ++g) {
+        prefetch_span<true>(part.mean + slot * F + g * hidden_ + j0, J);
+        prefetch_span<true>(part.var + slot * F + g * hidden_ + j0, J);
+      }
+    }
+  }
+
+  // After the last step: each part's first skipped step over all blocks, into the fold.
+  void report() const {
+    if (fold_ == nullptr) return;
+    for (const auto& block : skipped_) {
+      for (int64_t p = 0; p < 3; ++p) {
+        int64_t& first = fold_->first_skipped[p];
+        if (block[p] >= 0 && (first < 0 || block[p] < first)) first = block[p];
+      }
+    }
+  }
+
+ private:
+  struct Part {
+    T* mean = nullptr;
+    T* var = nullptr;
+    int64_t slots = 0, features = 0;
+  };
+  static Part part(const at::Tensor& mean, const at::Tensor& var) {
+    if (!mean.defined()) return {};
+    return {mean.data_ptr<T>(), var.data_ptr<T>(), mean.size(0), mean.size(1)};
+  }
+
+  RunningFold* fold_;
+  int64_t hidden_, start_step_;
+  T keep_, take_;
+  Part parts_[3];
+  std::vector<std::array<int64_t, 3>> skipped_;
+};
+
 template <typename T>
 void recurrent_forward_impl(const RecurrentForwardArgs& args, RecurrentForwardOutputs& out,
                             const LayerFlags& flags) {
@@ -701,6 +788,7 @@ void recurrent_forward_impl(const RecurrentForwardArgs& args, RecurrentForwardOu
       mean_hh(out.mean_hh, training && flags.normalize_recurrent),
       var_hh(out.var_hh, training && flags.normalize_recurrent), mean_c(out.mean_c, training && flags.normalize_cell),
       var_c(out.var_c, training && flags.normalize_cell);
+  StepFold<T> fold(training ? args.fold : nullptr, flags, H, blocks);
   run_steps(T_, blocks, [&](int64_t t, int64_t k) {
     const int64_t j0 = bounds[k], J = bounds[k + 1] - j0;
     T* block_zx = project_in_steps && !keep_projection ? zx[k].data_ptr<T>() : nullptr;
@@ -725,13 +813,18 @@ void recurrent_forward_impl(const RecurrentForwardArgs& args, RecurrentForwardOu
     if (blocks > 1) {
       for (int64_t b = 0; b < B; ++b) prefetch_span(step.h_prev + b * H, H);
     }
+    if (fold.active()) fold.prefetch(t, j0, J);
     gemms[k].run(step.h_prev, block_zh);
     if (keep) {
       kernel.template run<true>(step, block_zh, bounds[k], bounds[k + 1], scratch[k]);
     } else {
       kernel.template run<false>(step, block_zh, bounds[k], bounds[k + 1], scratch[k]);
     }
+    if (fold.active()) {
+      fold.step(k, t, j0, J, step.count, {step.mean_ih, step.var_ih, step.mean_hh, step.var_hh, step.mean_c, step.var_c});
+    }
   });
+  fold.report();
   if (h_in_output) {
     if (T_ > 0 && B * H > 0) std::memcpy(out.h.data_ptr<T>(), output[T_ - 1], sizeof(T) * B * H);
   } else if (T_ % 2 == 1) {

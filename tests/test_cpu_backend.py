@@ -327,24 +327,21 @@ def test_compile_as_the_first_call_in_a_fresh_process(training):
     assert "compiled first call matches eager" in result.stdout
 
 
-@pytest.mark.parametrize("backend, compiled", [("cpu", True), ("auto", True), ("reference", False)])
-def test_running_statistics_fold_follows_the_backend(backend, compiled, monkeypatch):
-    """Modules on the fused CPU backend fold their running statistics with the C++ operator,
-    reference modules with the vectorised fold (whatever this process loaded before), and
-    both agree."""
-    import dataclasses
-
+@pytest.mark.parametrize("backend, in_layers", [("cpu", True), ("auto", True), ("reference", False)])
+def test_running_statistics_fold_follows_the_backend(backend, in_layers, monkeypatch):
+    """Modules on the fused CPU backend fold their running statistics in their layers (the
+    steps fold as they go: test_fold_in_layer.py), reference modules after them with the
+    vectorised fold (whatever this process loaded before), and both agree."""
     calls = []
-    compiled_fold = backends.CPU.fold
-    monkeypatch.setattr(backends, "CPU", dataclasses.replace(
-        backends.CPU, fold=lambda *args: calls.append(args) or compiled_fold(*args)))
     module = BNLSTM(4, 6, max_length=3, backend=backend, dtype=torch.float64)
     reference = BNLSTM(4, 6, max_length=3, backend="reference", dtype=torch.float64)
     reference.load_state_dict(module.state_dict())
+    fold_after = module._fold
+    monkeypatch.setattr(module, "_fold", lambda *args: calls.append(args) or fold_after(*args))
     x = torch.randn(5, 3, 4, dtype=torch.float64)
     module(x, lengths=[5, 2, 4])
     reference(x, lengths=[5, 2, 4])
-    assert len(calls) == (1 if compiled else 0)  # one call folds ih, hh and c
+    assert len(calls) == (0 if in_layers else 1)  # one call folds ih, hh and c
     for name, buffer in reference.named_buffers():
         torch.testing.assert_close(getattr(module, name), buffer, rtol=1e-12, atol=1e-12)
     # The cell, step by step, likewise.
@@ -352,10 +349,12 @@ def test_running_statistics_fold_follows_the_backend(backend, compiled, monkeypa
     cell = bnlstm_cuda.BNLSTMCell(4, 6, max_length=3, backend=backend, dtype=torch.float64)
     reference_cell = bnlstm_cuda.BNLSTMCell(4, 6, max_length=3, backend="reference", dtype=torch.float64)
     reference_cell.load_state_dict(cell.state_dict())
+    fold_after = cell._fold
+    monkeypatch.setattr(cell, "_fold", lambda *args: calls.append(args) or fold_after(*args))
     for step in range(2):
         cell(x[step], step=step)
         reference_cell(x[step], step=step)
-    assert len(calls) == (2 if compiled else 0)
+    assert len(calls) == (0 if in_layers else 2)
     for name, buffer in reference_cell.named_buffers():
         torch.testing.assert_close(getattr(cell, name), buffer, rtol=1e-12, atol=1e-12)
 
