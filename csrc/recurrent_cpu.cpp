@@ -660,13 +660,12 @@ class StepFold {
     for (int64_t p = 0; p < 3; ++p) {
       const Part& part = parts_[p];
       if (part.mean == nullptr) continue;
-      const int64_t slot = std::min(start_step_ + t, part.slots - 1), F = part.features;
-      const int64_t gates = F == hidden_ ? 1 : 4;
+      const int64_t slot = slot_offset(part, t);
       bool skipped = false;
-      for (int64_t g = 0; g < gates; ++g) {
+      for (int64_t g = 0; g < part.gates; ++g) {
         const int64_t at = g * hidden_ + j0;
-        skipped |= fold_step(part.mean + slot * F + at, part.var + slot * F + at, rows[2 * p] + at,
-                             rows[2 * p + 1] + at, J, keep_, take_, unbias);
+        skipped |= fold_step(part.mean + slot + at, part.var + slot + at, rows[2 * p] + at, rows[2 * p + 1] + at, J,
+                             keep_, take_, unbias);
       }
       if (skipped && skipped_[k][p] < 0) skipped_[k][p] = t;
     }
@@ -677,10 +676,10 @@ class StepFold {
   void prefetch(int64_t t, int64_t j0, int64_t J) const {
     for (const Part& part : parts_) {
       if (part.mean == nullptr) continue;
-      const int64_t slot = std::min(start_step_ + t, part.slots - 1), F = part.features;
-      for (int64_t g = 0, gates = F == hidden_ ? 1 : 4; g < gates; ++g) {
-        prefetch_span<true>(part.mean + slot * F + g * hidden_ + j0, J);
-        prefetch_span<true>(part.var + slot * F + g * hidden_ + j0, J);
+      const int64_t slot = slot_offset(part, t);
+      for (int64_t g = 0; g < part.gates; ++g) {
+        prefetch_span<true>(part.mean + slot + g * hidden_ + j0, J);
+        prefetch_span<true>(part.var + slot + g * hidden_ + j0, J);
       }
     }
   }
@@ -701,10 +700,15 @@ class StepFold {
     T* mean = nullptr;
     T* var = nullptr;
     int64_t slots = 0, features = 0;
+    int64_t gates = 0;  // H-wide segments a row holds: 4 (input, recurrent) or 1 (cell)
   };
-  static Part part(const at::Tensor& mean, const at::Tensor& var) {
+  Part part(const at::Tensor& mean, const at::Tensor& var) const {
     if (!mean.defined()) return {};
-    return {mean.data_ptr<T>(), var.data_ptr<T>(), mean.size(0), mean.size(1)};
+    return {mean.data_ptr<T>(), var.data_ptr<T>(), mean.size(0), mean.size(1), mean.size(1) / hidden_};
+  }
+  // Where step t's slot, row min(start_step + t, S - 1), starts in the part's [S, F] tensors.
+  int64_t slot_offset(const Part& part, int64_t t) const {
+    return std::min(start_step_ + t, part.slots - 1) * part.features;
   }
 
   RunningFold* fold_;
