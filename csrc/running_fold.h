@@ -41,6 +41,14 @@ scalar_t unbiasing_factor(double count) {
   return scalar_t(count / (count - 1));
 }
 
+// Marks a tensor the fold updates in place as changed, as torch's in-place operations do:
+// a graph that saved it before refuses to backward instead of using the new values. (An
+// inference tensor has no version; outside torch.inference_mode this refuses the update,
+// as torch does.)
+inline void mark_updated_in_place(const at::Tensor& t) {
+  if (t.defined()) t.unsafeGetTensorImpl()->bump_version();
+}
+
 // Step t of mean, var [N, F] (biased) with count[t] active rows updates slot
 // min(start_step + t, S - 1) of running_mean, running_var [S, F] in order, with the unbiased
 // variance, unless count[t] < 2; a feature whose mean or variance is not finite is skipped.

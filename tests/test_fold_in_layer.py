@@ -194,3 +194,47 @@ def test_cell_folds_in_its_layer(monkeypatch):
         assert torch.equal(state_a[0], state_b[0])
     for (name, a), (_, b) in zip(cell.named_buffers(), folding_after.named_buffers()):
         assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("grad_mode", ["graph", "no_grad"])
+@pytest.mark.parametrize("bidirectional", [False, True], ids=["one_direction", "bidirectional"])
+@pytest.mark.parametrize("variant", ["cooijmans", "laurent_step", "laurent_sequence"])
+def test_a_training_call_marks_the_running_statistics_changed(variant, bidirectional, grad_mode):
+    """The fold updates the running statistics in place, as torch's in-place operations do
+    (the reference backend's fold is some): each buffer's version goes up, and a graph that
+    saved one before refuses to backward after, instead of using the new values. With a
+    graph the node folds in the steps; without one, the fold operator after the layer."""
+    torch.manual_seed(11)
+    kwargs = dict(input_size=3, hidden_size=5, num_layers=2, bidirectional=bidirectional, max_length=3)
+    x = torch.randn(4, 3, 3, dtype=torch.float64)
+    for backend in ("cpu", "reference"):
+        module = make_module(variant, backend=backend, **kwargs)
+        buffers = dict(module.named_buffers())
+        assert buffers
+        before = {name: buffer._version for name, buffer in buffers.items()}
+        first = next(iter(buffers.values()))
+        weight = torch.ones(first.shape[-1], dtype=torch.float64, requires_grad=True)
+        saved = (first * weight).sum()  # saves a running statistic for weight's gradient
+        with torch.set_grad_enabled(grad_mode == "graph"):
+            module(x)
+        assert all(buffer._version > before[name] for name, buffer in buffers.items()), backend
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            saved.backward()
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_a_training_step_of_the_cell_marks_the_running_statistics_changed(backend):
+    cell = bnlstm_cuda.BNLSTMCell(3, 6, max_length=2, backend=backend, dtype=torch.float64)
+    before = {name: buffer._version for name, buffer in cell.named_buffers()}
+    cell(torch.randn(4, 3, dtype=torch.float64), step=1)
+    assert all(buffer._version > before[name] for name, buffer in cell.named_buffers())
+
+
+def test_the_fold_operators_mark_the_running_statistics_changed():
+    running_mean, running_var = torch.zeros(2, 4), torch.ones(2, 4)
+    mean, var, count = torch.randn(3, 4), torch.rand(3, 4), torch.full((3,), 4.0)
+    versions = running_mean._version, running_var._version
+    torch.ops.bnlstm.update_running_stats(running_mean, running_var, mean, var, count, MOMENTUM)
+    assert (running_mean._version, running_var._version) == (versions[0] + 1, versions[1] + 1)
+    torch.ops.bnlstm.update_running_stats_parts([running_mean], [running_var], [mean], [var], [count], MOMENTUM)
+    assert (running_mean._version, running_var._version) == (versions[0] + 2, versions[1] + 2)
