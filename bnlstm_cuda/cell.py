@@ -155,7 +155,8 @@ class BNLSTMCell(BNLSTMBase):
             h0, c0 = validation.check_hx(hx, shape, x, layout, autocast=autocast_dtype)
             if autocast_dtype is not None:
                 h0, c0 = h0.to(autocast_dtype), c0.to(autocast_dtype)
-            h0, c0 = h0.reshape(batch, self.hidden_size), c0.reshape(batch, self.hidden_size)
+            if unbatched:  # batched, they have their shape already (checked)
+                h0, c0 = h0.reshape(batch, self.hidden_size), c0.reshape(batch, self.hidden_size)
         if batch == 0:
             # No row, no statistics: the backends need not run, and nothing is folded.
             anchor = parameters.graph_anchor(self, x, h0, c0)

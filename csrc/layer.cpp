@@ -251,7 +251,9 @@ LayerForwardResult layer_forward(RecurrentForwardFn recurrent, MatmulFn matmul, 
   // are fresh empty tensors, never one shared.
   const auto empty_g = [&x, G] { return at::empty({0, G}, x.options()); };
   const auto empty_h = [&x, H] { return at::empty({0, H}, x.options()); };
-  const auto as_input = [&x](const OptTensor& t) { return t->to(x.scalar_type()).contiguous(); };
+  const auto as_input = [&x](const OptTensor& t) {
+    return t->scalar_type() == x.scalar_type() ? t->contiguous() : t->to(x.scalar_type()).contiguous();
+  };
 
   RecurrentForwardArgs args;
   // The input projection of all steps: one GEMM, which the step kernels normalize. Where
@@ -342,7 +344,10 @@ LayerForwardResult layer_forward(RecurrentForwardFn recurrent, MatmulFn matmul, 
                          : project_in_steps                      ? out.projection
                                                                  : args.input_projection;
   StepStatistics statistics{out.mean_ih, out.var_ih, out.mean_hh, out.var_hh, out.mean_c, out.var_c};
-  if (!report_statistics) statistics = {empty_g(), empty_g(), empty_g(), empty_g(), empty_h(), empty_h()};
+  // Unreported: empty tensors, the placeholders themselves where the steps wrote no rows.
+  if (!report_statistics && statistics_buffers) {
+    statistics = {empty_g(), empty_g(), empty_g(), empty_g(), empty_h(), empty_h()};
+  }
   return {output, out.h, out.c, pack_statistics(std::move(statistics)), projection, reserve};
 }
 

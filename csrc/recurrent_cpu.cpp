@@ -613,6 +613,7 @@ void host_matmul(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b
 // [j0, j0 + J), gate after gate, as [4J, C] (the column order of the block's zh and dz).
 at::Tensor block_rows(const at::Tensor& weight, int64_t j0, int64_t J) {
   const int64_t H = weight.size(0) / 4, C = weight.size(1);
+  if (j0 == 0 && J == H) return weight.contiguous();  // the whole layer: no views to dispatch
   return weight.view({4, H, C}).narrow(1, j0, J).reshape({4 * J, C}).contiguous();
 }
 
