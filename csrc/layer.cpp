@@ -467,7 +467,6 @@ LayerBackwardResult layer_backward(RecurrentBackwardFn recurrent, MatmulFn matmu
 
   // Weight gradients the kernel did not accumulate, and the input gradient, as large GEMMs
   // over all steps.
-  const at::Tensor h_prev = output_ordered.narrow(0, 0, T - 1);
   // With many rows (T * B) on the CPU, each weight gradient is computed transposed (h^T dz
   // rather than dz^T h) and transposed back: with the long dimension as the reduction of a
   // row-major A^T, MKL runs these products faster, which pays for the copy (docs/CPU.md); a
@@ -492,6 +491,7 @@ LayerBackwardResult layer_backward(RecurrentBackwardFn recurrent, MatmulFn matmu
   };
   at::Tensor grad_weight_hh = out.grad_weight_hh, grad_weight_ih = out.grad_weight_ih;
   if (!kernel_weight_hh) {  // sum_t grad_zh_t^T h_{t-1}: h_0 first, then the outputs
+    const at::Tensor h_prev = output_ordered.narrow(0, 0, T - 1);
     grad_weight_hh = weight_gradient({{out.grad_zh[0], h0},
                                       {out.grad_zh.narrow(0, 1, T - 1).reshape({(T - 1) * B, G}),
                                        h_prev.reshape({(T - 1) * B, H})}},
