@@ -169,18 +169,6 @@ bool fold_targets_match(const RunningFold& fold, const LayerFlags& flags, const 
   return match;
 }
 
-// The running statistics of every part the fold updates, marked as changed in place.
-void mark_fold_targets(const RunningFold& fold, const LayerFlags& flags) {
-  const auto mark = [](const at::Tensor& mean, const at::Tensor& var, bool normalized) {
-    if (!normalized) return;
-    mark_updated_in_place(mean);
-    mark_updated_in_place(var);
-  };
-  mark(fold.mean_ih, fold.var_ih, flags.input_statistics != kInputNone);
-  mark(fold.mean_hh, fold.var_hh, flags.normalize_recurrent);
-  mark(fold.mean_c, fold.var_c, flags.normalize_cell);
-}
-
 // What the recurrence did not fold: the sequence-wise input statistics (one row, over every
 // active step of every sequence), or everything where it could not (fold_targets_match).
 void fold_after_steps(RunningFold& fold, const LayerFlags& flags, bool folded_in_steps, const at::Tensor& counts,
@@ -236,7 +224,6 @@ LayerForwardResult layer_forward(RecurrentForwardFn recurrent, MatmulFn matmul, 
   // A recurrence that folds (recurrent_folds) does so into running statistics in the compute
   // dtype, contiguous (the module's buffers are); the rest is folded after it.
   const bool fold_in_steps = in.fold != nullptr && fold_targets_match(*in.fold, flags, x, H) && recurrent_folds;
-  if (in.fold != nullptr) mark_fold_targets(*in.fold, flags);
 
   const OptTensor& lengths = in.lengths;
   const Prepared p = prepare(x, lengths, in.reverse);

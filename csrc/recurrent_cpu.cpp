@@ -703,8 +703,11 @@ class StepFold {
     int64_t slots = 0, features = 0;
     int64_t gates = 0;  // H-wide segments a row holds: 4 (input, recurrent) or 1 (cell)
   };
+  // A part's pointers; its tensors are marked as changed in place (the steps write them).
   Part part(const at::Tensor& mean, const at::Tensor& var) const {
     if (!mean.defined()) return {};
+    mark_updated_in_place(mean);
+    mark_updated_in_place(var);
     return {mean.data_ptr<T>(), var.data_ptr<T>(), mean.size(0), mean.size(1), mean.size(1) / hidden_};
   }
   // Where step t's slot, row min(start_step + t, S - 1), starts in the part's [S, F] tensors.

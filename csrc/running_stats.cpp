@@ -30,6 +30,8 @@ int64_t fold_running_stats(const at::Tensor& running_mean, const at::Tensor& run
   TORCH_CHECK(var.sizes() == mean.sizes(), "var must have shape ", mean.sizes(), ", got ", var.sizes());
   TORCH_CHECK(count.dim() == 1 && count.size(0) == steps, "count must be [", steps, "], got ", count.sizes());
   TORCH_CHECK(start_step >= 0, "start_step must be >= 0, got ", start_step);
+  mark_updated_in_place(running_mean);
+  mark_updated_in_place(running_var);
   // Converted only where needed: each conversion is an allocation, three parts a call.
   const auto as_running = [&](const at::Tensor& t) {
     return t.scalar_type() == running_mean.scalar_type() ? t.contiguous() : t.to(running_mean.scalar_type()).contiguous();
@@ -66,8 +68,6 @@ namespace {
 at::Tensor update_running_stats_cpu(at::Tensor running_mean, at::Tensor running_var, const at::Tensor& mean,
                                     const at::Tensor& var, const at::Tensor& count, double momentum,
                                     int64_t start_step) {
-  mark_updated_in_place(running_mean);
-  mark_updated_in_place(running_var);
   return at::scalar_tensor(fold_running_stats(running_mean, running_var, mean, var, count, momentum, start_step),
                            at::kLong);
 }
@@ -85,8 +85,6 @@ at::Tensor update_running_stats_parts_cpu(at::TensorList running_means, at::Tens
   at::Tensor skipped = at::empty({static_cast<int64_t>(parts)}, at::kLong);
   int64_t* first = skipped.data_ptr<int64_t>();
   for (size_t i = 0; i < parts; ++i) {
-    mark_updated_in_place(running_means[i]);
-    mark_updated_in_place(running_vars[i]);
     first[i] = fold_running_stats(running_means[i], running_vars[i], means[i], vars[i], counts[i], momentum,
                                   start_step);
   }
