@@ -93,8 +93,16 @@ void transpose_into(T* dst, int64_t dst_stride, const T* src, int64_t src_stride
       transpose_tile(src + c * src_stride + r, src_stride, dst + r * dst_stride + c, dst_stride);
     }
   }
-  for (int64_t r = 0; r < rows; ++r) {
-    for (int64_t c = r < whole_rows ? whole_cols : 0; c < cols; ++c) dst[r * dst_stride + c] = src[c * src_stride + r];
+  // The edges: the columns past the whole tiles of the tiled rows, then the rows past them.
+  // Walked only where there are any: a loop over the rows with no column to copy costs a
+  // pack of W^T (SmallGemm) a third of its time.
+  if (whole_cols < cols) {
+    for (int64_t r = 0; r < whole_rows; ++r) {
+      for (int64_t c = whole_cols; c < cols; ++c) dst[r * dst_stride + c] = src[c * src_stride + r];
+    }
+  }
+  for (int64_t r = whole_rows; r < rows; ++r) {
+    for (int64_t c = 0; c < cols; ++c) dst[r * dst_stride + c] = src[c * src_stride + r];
   }
 }
 

@@ -566,6 +566,11 @@ bool stream_reserve_rows(int64_t hidden, int64_t bytes) {
 // read and write every chunk dominate the GEMMs (docs/CPU.md has the chunk sizes measured).
 constexpr int64_t kWeightGradientChunkBytes = int64_t(256) << 10;
 constexpr int64_t kWeightGradientChunkRows = 256;
+// Up to this many rows (T * B), a backward of one block writes the weight gradients as they
+// are (dz^T h) instead of into transposed rows (h^T dz) transposed back after the
+// recurrence: MKL runs h^T dz faster from about this many rows on, which pays for the
+// transposes; a cell's step or a short, small batch would pay only them (docs/CPU.md).
+constexpr int64_t kDirectWeightGradientRows = 64;
 // Rows a backward column pass walks per group (RecurrentBackwardCPU::run): enough to keep
 // the per-column sums and constants in registers for a while, few enough that a group's
 // rows (kilobytes apart) share the L1 sets without evicting each other.
@@ -1228,6 +1233,9 @@ void recurrent_backward_impl(const RecurrentBackwardArgs& args, RecurrentBackwar
   std::vector<at::Tensor> weight_ih_by_block;
   const at::Tensor grad_x_partials =
       input_grad && blocks > 1 ? pooled_empty({blocks - 1, T_ * B, input_size}, options) : at::Tensor();
+  // Only a single block's products can write the weight gradients themselves: with several,
+  // a block's rows are four slices of them, one per gate.
+  const bool transposed_rows = blocks > 1 || T_ * B > kDirectWeightGradientRows;
   std::vector<StepGemm> gemms;  // block k: dz [B, 4J] @ (its rows of W_hh) [4J, H] -> [B, H]
   // Block k's buffers of `chunk` steps (step t in slot t % chunk), each [chunk, B, 4J]: dy,
   // dz (normalized recurrence), dwx (step-wise input); its weight-gradient rows, gate-major.
@@ -1242,15 +1250,30 @@ void recurrent_backward_impl(const RecurrentBackwardArgs& args, RecurrentBackwar
     dy_ring.push_back(at::empty({dy_kept ? chunk : 1, B, 4 * J}, options));
     dz_ring.push_back(flags.normalize_recurrent ? at::empty({chunk, B, 4 * J}, options) : dy_ring.back());
     dwx_ring.push_back(step_input ? at::empty({chunk, B, 4 * J}, options) : dy_ring.back());
-    // Transposed, [H, 4J] and [I, 4J]: MKL runs h^T dz faster than dz^T h (layer.cpp).
-    if (weights_hh) weight_hh_rows.push_back(at::zeros({H, 4 * J}, options));
-    if (weights_ih) weight_ih_rows.push_back(at::zeros({args.x.size(2), 4 * J}, options));
+    // Transposed, [H, 4J] and [I, 4J], and transposed into the weight gradients after the
+    // recurrence; with one block and few rows, the weight gradients themselves
+    // (kDirectWeightGradientRows).
+    if (weights_hh) {
+      weight_hh_rows.push_back(transposed_rows ? at::zeros({H, 4 * J}, options) : out.grad_weight_hh.zero_());
+    }
+    if (weights_ih) {
+      weight_ih_rows.push_back(transposed_rows ? at::zeros({args.x.size(2), 4 * J}, options)
+                                               : out.grad_weight_ih.zero_());
+    }
     if (input_grad) {
       weight_ih_by_block.push_back(block_rows(args.weight_ih, bounds[k], J));
     }
   }
   const auto product = [bf16](const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bool accumulate) {
     host_matmul(out, a, b, accumulate, bf16);
+  };
+  // rows += inputs^T grads [C, 4J] (transposed rows), else grads^T inputs [4J, C].
+  const auto add_weight_product = [&](const at::Tensor& rows, const at::Tensor& inputs, const at::Tensor& grads) {
+    if (transposed_rows) {
+      product(rows, inputs.t(), grads, true);
+    } else {
+      product(rows, grads.t(), inputs, true);
+    }
   };
   // Block k's share of the weight gradients from steps [t0, t0 + n) (its slots 0 to n - 1).
   const auto add_weight_gradients = [&](int64_t k, int64_t t0, int64_t n) {
@@ -1259,14 +1282,14 @@ void recurrent_backward_impl(const RecurrentBackwardArgs& args, RecurrentBackwar
     const at::Tensor dz = dz_ring[k].view({chunk * B, columns}).narrow(0, 0, rows);
     const at::Tensor outputs = args.output.view({-1, H});
     if (t0 == 0) {  // step 0 meets h_0
-      product(weight_hh_rows[k], args.h0.t(), dz.narrow(0, 0, B), true);
-      if (n > 1) product(weight_hh_rows[k], outputs.narrow(0, 0, rows - B).t(), dz.narrow(0, B, rows - B), true);
+      add_weight_product(weight_hh_rows[k], args.h0, dz.narrow(0, 0, B));
+      if (n > 1) add_weight_product(weight_hh_rows[k], outputs.narrow(0, 0, rows - B), dz.narrow(0, B, rows - B));
     } else {
-      product(weight_hh_rows[k], outputs.narrow(0, (t0 - 1) * B, rows).t(), dz, true);
+      add_weight_product(weight_hh_rows[k], outputs.narrow(0, (t0 - 1) * B, rows), dz);
     }
     const at::Tensor dwx = dwx_ring[k].view({chunk * B, columns}).narrow(0, 0, rows);
     if (weights_ih) {
-      product(weight_ih_rows[k], args.x.view({-1, args.x.size(2)}).narrow(0, t0 * B, rows).t(), dwx, true);
+      add_weight_product(weight_ih_rows[k], args.x.view({-1, args.x.size(2)}).narrow(0, t0 * B, rows), dwx);
     }
     if (input_grad) {
       product((k == 0 ? out.grad_x.view({T_ * B, input_size}) : grad_x_partials[k - 1]).narrow(0, t0 * B, rows), dwx,
@@ -1351,9 +1374,9 @@ void recurrent_backward_impl(const RecurrentBackwardArgs& args, RecurrentBackwar
     at::Tensor grad_x_rows = out.grad_x.view({T_ * B, input_size});
     for (int64_t k = 1; k < blocks; ++k) grad_x_rows.add_(grad_x_partials[k - 1]);
   }
-  // The blocks' rows, transposed, into the weight gradients: every row of every gate.
+  // The blocks' transposed rows into the weight gradients: every row of every gate.
   const int64_t I = weights_ih ? out.grad_weight_ih.size(1) : 0;
-  for (int64_t k = 0; k < blocks; ++k) {
+  for (int64_t k = 0; transposed_rows && k < blocks; ++k) {
     const int64_t j0 = bounds[k], J = bounds[k + 1] - j0;
     for (int64_t g = 0; g < 4; ++g) {
       if (weights_hh) {

@@ -59,3 +59,20 @@ def test_float32_transposed_weight_tiles(hidden_size, batch, threads):
     got, (got_h, got_c) = module(x.float())
     for name, value, expected in (("output", got, want), ("h_n", got_h, want_h), ("c_n", got_c, want_c)):
         torch.testing.assert_close(value.double(), expected, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
+# The backward's weight gradients (recurrent_backward_impl): with one block of units and at
+# most 64 rows (T * B), the products write them as they are (dz^T h); beyond, into transposed
+# rows transposed back after the recurrence (kDirectWeightGradientRows), as several blocks
+# always do (test_rows_of_two_blocks). 4 x 16 = 64 and 5 x 16 = 80 rows sit on either side;
+# one step is the cell's backward.
+# laurent_step leaves the recurrence unnormalized: its dz is the gates' gradient itself.
+@pytest.mark.parametrize("steps", [1, 4, 5, 12])
+@pytest.mark.parametrize("variant", ["cooijmans", "laurent_step"])
+def test_weight_gradient_layouts(steps, variant, threads):
+    threads(1)
+    assert torch.ops.bnlstm.cpu_hidden_blocks(steps, 16, ONE_BLOCK_H) == 1
+    lengths = torch.full((16,), steps)
+    lengths[-1] = max(steps // 2, 1)  # a padded row adds nothing in either layout
+    assert_layer_matches_reference(bnlstm_layer_fused, variant, lengths, tol=TOL, T=steps, B=16, I=5,
+                                   H=ONE_BLOCK_H, training=True)
