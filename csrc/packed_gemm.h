@@ -93,9 +93,10 @@ void transpose_into(T* dst, int64_t dst_stride, const T* src, int64_t src_stride
       transpose_tile(src + c * src_stride + r, src_stride, dst + r * dst_stride + c, dst_stride);
     }
   }
-  // The edges, only where there are any (a pack calls this per panel of whole tiles, where
-  // an empty pass over every row would cost more than the tiles): the columns past the
-  // whole tiles of the tiled rows, then the rows past them.
+  // The edges, walked only where there are any: a pack calls this once per panel, most
+  // often of whole tiles alone, and a pass over every row with nothing to copy would take a
+  // large share of its time. First the columns past the whole tiles of the tiled rows, then
+  // the rows past them.
   if (whole_cols < cols) {
     for (int64_t r = 0; r < whole_rows; ++r) {
       for (int64_t c = whole_cols; c < cols; ++c) dst[r * dst_stride + c] = src[c * src_stride + r];

@@ -53,8 +53,9 @@ inline void mark_updated_in_place(const at::Tensor& t) {
 // Step t of mean, var [N, F] (biased) with count[t] active rows updates slot
 // min(start_step + t, S - 1) of running_mean, running_var [S, F] in order, with the unbiased
 // variance, unless count[t] < 2; a feature whose mean or variance is not finite is skipped.
-// Marks both as changed (mark_updated_in_place). Returns the first step t that had such a feature (-1: none), so the caller can warn
-// without scanning the statistics again. (running_stats.cpp)
+// Marks both as changed (mark_updated_in_place). Returns the first step t that had such a
+// feature (-1: none), so the caller can warn without scanning the statistics again.
+// (running_stats.cpp)
 int64_t fold_running_stats(const at::Tensor& running_mean, const at::Tensor& running_var, const at::Tensor& mean,
                            const at::Tensor& var, const at::Tensor& count, double momentum, int64_t start_step);
 
