@@ -8,12 +8,13 @@ math and its backward pass are the layer's.
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
 
-from . import distributed, parameters, validation
+from . import distributed, ops, parameters, validation
+from .layer_api import step_batch_stats
 from .module_base import BNLSTMBase
 
 
@@ -120,6 +121,9 @@ class BNLSTMCell(BNLSTMBase):
 
     def forward(self, input, hx: Optional[Tuple[Tensor, Tensor]] = None, step: int = 0,
                 mask: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+        direct = self._direct_cpu_call(input, hx, step, mask)
+        if direct is not None:
+            return direct
         self._refuse_torchscript_onnx()
         weight = self.weight_ih
         if not isinstance(input, Tensor):
@@ -188,6 +192,66 @@ class BNLSTMCell(BNLSTMBase):
         h_1, c_1 = result.h_n, result.c_n
         return (h_1[0], c_1[0]) if unbatched else (h_1, c_1)
 
+    def _direct_cpu_call(self, input, hx, step, mask) -> Optional[Tuple[Tensor, Tensor]]:
+        """forward's result for the call a decoder loop makes at every step, or None for
+        forward to take its general path. That call (a [B, I] float32 or float64 CPU tensor,
+        hx a tuple of [B, H] tensors or None, no mask, no autocast, no synchronized
+        statistics, not traced or compiled, the CPU backend already resolved by an earlier
+        call) goes straight to the C++ operator: at small sizes forward's general path costs
+        about as much Python as the operator itself (docs/CPU.md). Anything else, an error
+        included, is left to the general path, whose checks name what is wrong."""
+        resolved = self.__dict__.get("_resolved")  # modules pickled before it existed lack it
+        if (resolved is None or resolved[1].name != "cpu" or mask is not None or type(step) is not int
+                or step < 0 or type(input) is not Tensor or input.dim() != 2 or not input.is_cpu):
+            return None
+        training = self.training
+        key = (resolved[0], training, self.eps, self.variant)
+        plan = self.__dict__.get("_direct_plan")
+        if plan is None or plan.key != key:
+            plan = self._direct_plan = _DirectPlan.make(self, key)
+        dtype = input.dtype
+        batch, features = input.shape
+        if (dtype is not plan.dtype or features != self.input_size or batch == 0
+                or (training and (batch == 1 or self.sync_statistics))):
+            return None
+        if torch.is_autocast_enabled("cpu") or torch.compiler.is_compiling() or torch.jit.is_tracing():
+            return None
+        hidden = self.hidden_size
+        if hx is None:
+            h0 = c0 = torch.zeros(batch, hidden, dtype=dtype)
+        else:
+            if type(hx) is not tuple or len(hx) != 2:
+                return None
+            h0, c0 = hx
+            if (type(h0) is not Tensor or type(c0) is not Tensor or h0.dtype is not dtype or c0.dtype is not dtype
+                    or h0.shape != (batch, hidden) or c0.shape != (batch, hidden) or not (h0.is_cpu and c0.is_cpu)):
+                return None
+        absent, registered = plan.absent, self._parameters
+        params = [registered.get(name) if name else absent for name in plan.parameter_names]
+        grad = torch.is_grad_enabled()
+        recording = grad and (input.requires_grad or h0.requires_grad or c0.requires_grad)
+        for parameter in params:
+            if parameter is None or parameter.dtype is not dtype or not parameter.is_cpu:
+                return None  # a parametrized or converted parameter: the general path
+            if grad and parameter.requires_grad:
+                recording = True
+        if training and not recording:
+            return None  # a training call without autograd: the general path folds after it
+        buffers = self._buffers
+        running = [buffers[name] if name else absent for name in plan.running_names]
+        x = input.unsqueeze(0)  # [T=1, B, I]
+        if not recording:
+            with torch._C._AutoDispatchBelowAutograd():  # as run_layer: no Python autograd kernel
+                _, h_n, c_n, _, _, _ = ops.compiled_operators().forward.default(
+                    x, h0, c0, None, params, running, *plan.flags, False, False, step, None)
+            return h_n, c_n
+        _, h_n, c_n, statistics, folded = ops.compiled_operators().differentiable(
+            x, h0, c0, None, params, running, *plan.flags, False, step, None, self.momentum if training else None)
+        if training and not self.__dict__.get("_warned_not_finite", False) and max(folded.tolist(), default=-1) >= 0:
+            counts = x.new_full((1,), batch)
+            self._folded_in_layer("", step_batch_stats(self._variant, counts, *statistics), step, folded)
+        return h_n, c_n
+
     @staticmethod
     def _mask_to_lengths(mask, batch: int, unbatched: bool, device) -> Optional[Tensor]:
         """mask [B] bool -> lengths [B] of 1 (active) or 0: the layer's padding rule."""
@@ -203,3 +267,26 @@ class BNLSTMCell(BNLSTMBase):
         if mask.device.type != "cpu" and mask.device != device:
             raise ValueError(f"mask must be on the CPU or on the input's device {device}, got {mask.device}")
         return mask.reshape(batch).to(device=device, dtype=torch.int64)
+
+
+class _DirectPlan(NamedTuple):
+    """What BNLSTMCell._direct_cpu_call passes the operator beside the call's tensors, worked
+    out on its first call for a backend, mode, eps and variant (key)."""
+
+    key: tuple
+    dtype: torch.dtype
+    absent: Tensor  # the operators' stand-in for a part the variant lacks
+    parameter_names: Tuple[str, ...]  # LayerParams' order; "" for an absent part
+    running_names: Tuple[str, ...]  # ops.STATISTICS' order; "" for an absent part
+    flags: tuple  # ops.operator_flags
+
+    @staticmethod
+    def make(cell: BNLSTMCell, key: tuple) -> "_DirectPlan":
+        (_backend, _device, dtype, _batch), training = key[0], key[1]
+        variant = cell._variant
+        names = tuple(name if hasattr(cell, name) else "" for name in parameters.PARAMETER_FIELDS)
+        running = tuple(f"running_{kind}_{part}" if part in variant.parts else ""
+                        for part in ops.STATISTICS_PARTS for kind in ("mean", "var"))
+        return _DirectPlan(key, dtype, torch.empty(0, dtype=dtype), names, running,
+                           ops.operator_flags(variant, training, cell.eps))
+

@@ -374,7 +374,7 @@ class _LayerFunction(torch.autograd.Function):
         return (None, grad_x, grad_h0, grad_c0, None, *grad_params) + (None,) * non_tensors
 
 
-def _operator_flags(variant: Variant, training: bool, eps: float) -> tuple:
+def operator_flags(variant: Variant, training: bool, eps: float) -> tuple:
     """The operators' flags from input_statistics to eps (FORWARD_SCHEMA's order)."""
     return (INPUT_STATISTICS[variant.input_statistics], variant.normalize_recurrent, variant.normalize_cell,
             training, eps)
@@ -429,8 +429,8 @@ def run_layer(
     absent = x.new_empty(0)  # stands for a part the layer does not have, or statistics not read
     parameter_list = [absent if p is None else p for p in params]
     running_given = running_list(running if not training else {}, absent)
-    operator_flags, operand_dtype = _operator_flags(variant, training, eps), _operand_dtype(out_dtype, dtype)
-    flags = (*operator_flags, reverse, keep_reserve, start_step, operand_dtype)
+    variant_flags, operand_dtype = operator_flags(variant, training, eps), _operand_dtype(out_dtype, dtype)
+    flags = (*variant_flags, reverse, keep_reserve, start_step, operand_dtype)
     if torch.compiler.is_compiling():
         output, h_n, c_n, statistics, _projection, _reserve = operators.forward(
             x, h0, c0, lengths, parameter_list, running_given, *flags)
@@ -438,7 +438,7 @@ def run_layer(
         node_folds = fold
         output, h_n, c_n, statistics, folded = operators.differentiable(
             x, h0, c0, lengths, parameter_list, running_list(running, absent) if fold else running_given,
-            *operator_flags, reverse, start_step, operand_dtype, fold_momentum if fold else None)
+            *variant_flags, reverse, start_step, operand_dtype, fold_momentum if fold else None)
     elif keep_reserve:
         output, h_n, c_n, *statistics = _LayerFunction.apply(operators, x, h0, c0, lengths, *parameter_list,
                                                              running_given, *flags)[:9]
@@ -545,7 +545,7 @@ def bidirectional_layer_fused(x: Tensor, h0: Tensor, c0: Tensor, params: Tuple[L
     fold = fold_momentum is not None and training
     running_given = (running_list(running[0], absent) + running_list(running[1], absent) if not training or fold
                      else [absent] * 2 * len(STATISTICS))
-    flags, operand_dtype = _operator_flags(variant, training, eps), _operand_dtype(out_dtype, dtype)
+    flags, operand_dtype = operator_flags(variant, training, eps), _operand_dtype(out_dtype, dtype)
     folded = None
     if keep_reserve:  # the pair with its autograd node in C++ (csrc/layer_autograd.cpp)
         output, h_n, c_n, statistics, folded = torch.ops.bnlstm.bidirectional(

@@ -1,9 +1,13 @@
 """BNLSTMCell and streaming with start_step: the step index made explicit."""
+import copy
+import io
+import warnings
+
 import pytest
 import torch
 
 from bnlstm_cuda import BNLSTM, BNLSTMCell
-from helpers import make_module, scalar_loss
+from helpers import make_module, randomize_bn_parameters, scalar_loss
 
 TOL = dict(rtol=1e-10, atol=1e-10)
 BACKENDS = ["reference", "cpu"]
@@ -23,14 +27,15 @@ def cell_loop(cell, x, hx, masks=None):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("variant", ["cooijmans", "laurent_step", "none"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-def test_cell_over_steps_equals_the_layer(backend, variant, training):
+@pytest.mark.parametrize("masked", [True, False], ids=["masked", "unmasked"])
+def test_cell_over_steps_equals_the_layer(backend, variant, training, masked):
     """T=6 > max_length=4: the cell's steps 3..5 share the last slot as the layer's do. With
     masks equal to the layer's lengths: inactive rows keep their state and stay out of the
-    statistics."""
+    statistics. Unmasked, the CPU cell's calls after its first take its direct path."""
     layer = make_module(variant, input_size=3, hidden_size=5, max_length=4, backend=backend).train(training)
     cell = BNLSTMCell.from_layer(layer).train(training)
-    lengths = torch.tensor([6, 2, 5, 6])
-    masks = torch.arange(6).unsqueeze(1) < lengths.unsqueeze(0)  # [T, B]
+    lengths = torch.tensor([6, 2, 5, 6]) if masked else None
+    masks = torch.arange(6).unsqueeze(1) < lengths.unsqueeze(0) if masked else None  # [T, B]
     x = torch.randn(6, 4, 3, dtype=torch.float64)
     h0, c0 = torch.randn(1, 4, 5, dtype=torch.float64), torch.randn(1, 4, 5, dtype=torch.float64)
     x_layer, x_cell = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
@@ -140,3 +145,113 @@ def test_cell_errors_are_clear():
         BNLSTM(3, 5).load_cell(BNLSTMCell(3, 5, variant="none"))
     with pytest.raises(ValueError, match="max_length differ"):
         BNLSTM(3, 5, max_length=7).load_cell(BNLSTMCell(3, 5, max_length=4))
+
+
+def general_path_only(cell):
+    """`cell` with its direct path turned off: every call takes forward's general path."""
+    cell._direct_cpu_call = lambda *args: None
+    return cell
+
+
+@pytest.mark.parametrize("variant", ["cooijmans", "laurent_step", "laurent_sequence", "none"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("mode", ["train", "eval_graph", "eval_no_grad"])
+@pytest.mark.parametrize("first_state", ["given", "none"])
+def test_direct_call_equals_the_general_path(variant, bias, dtype, mode, first_state):
+    """The CPU cell's direct path gives, bit for bit, what the general path gives: states,
+    running statistics after every fold, and every gradient. A decoder loop of 6 steps
+    past max_length=4; the first call resolves the backend, the others go direct."""
+    torch.manual_seed(3)
+    training, grad = mode == "train", mode != "eval_no_grad"
+    kwargs = dict(bias=bias, variant=variant, max_length=4, backend="cpu", dtype=dtype)
+    direct = BNLSTMCell(5, 7, **kwargs).train(training)
+    general = general_path_only(BNLSTMCell(5, 7, **kwargs).train(training))
+    randomize_bn_parameters(direct)
+    general.load_state_dict(direct.state_dict())
+    taken = []
+    direct_call = direct._direct_cpu_call
+    direct._direct_cpu_call = lambda *args: taken.append(result := direct_call(*args)) or result
+    x = torch.randn(6, 3, 5, dtype=dtype)
+    hx = None if first_state == "none" else (torch.randn(3, 7, dtype=dtype), torch.randn(3, 7, dtype=dtype))
+    results = []
+    for cell in (direct, general):
+        inputs = x.clone().requires_grad_(grad)
+        state = None if hx is None else tuple(t.clone().requires_grad_(grad) for t in hx)
+        with torch.set_grad_enabled(grad):
+            new_state = state
+            for step in range(6):
+                new_state = cell(inputs[step], new_state, step=step)
+            got = list(new_state)
+            if grad:
+                scalar_loss(*new_state, new_state[0]).backward()
+                got += [inputs.grad] + ([] if state is None else [t.grad for t in state])
+                got += [p.grad for p in cell.parameters()]
+        results.append(got + [b.clone() for b in cell.buffers()])
+    assert sum(result is not None for result in taken) == 5
+    for index, (a, b) in enumerate(zip(*results)):
+        assert torch.equal(a, b), index
+
+
+def test_direct_call_leaves_other_calls_to_the_general_path():
+    """Calls the direct path does not serve reach the general path, which names what is
+    wrong with a bad one, as before the first call."""
+    cell = BNLSTMCell(3, 5, max_length=4, backend="cpu")
+    x, hx = torch.randn(4, 3), (torch.zeros(4, 5), torch.zeros(4, 5))
+    cell(x, hx)  # resolves the backend
+    assert cell._direct_cpu_call(x, hx, 1, None) is not None
+    mask = torch.ones(4, dtype=torch.bool)
+    served_elsewhere = [
+        (x, hx, 1, mask), (x[0], None, 1, None), (x, list(hx), 1, None), (x.double(), None, 1, None),
+        (x[:1], None, 1, None), (x[:0], None, 1, None), (x, hx, 1.0, None), (x, hx, -1, None),
+    ]
+    for arguments in served_elsewhere:
+        assert cell._direct_cpu_call(*arguments) is None
+    with torch.no_grad():  # a training call without autograd folds after its layer
+        assert cell._direct_cpu_call(x, hx, 1, None) is None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert cell._direct_cpu_call(x, hx, 1, None) is None
+    cell.to(torch.bfloat16)
+    assert cell._direct_cpu_call(x.bfloat16(), None, 1, None) is None
+    cell.float()
+    with pytest.raises(ValueError, match=r"hx\[h_0\] must have shape \(4, 5\) \(batch, hidden_size\), got \(4, 6\)"):
+        cell(x, (torch.zeros(4, 6), torch.zeros(4, 5)))
+    with pytest.raises(TypeError, match=r"hx\[c_0\] must have dtype torch.float32, got torch.float64"):
+        cell(x, (torch.zeros(4, 5), torch.zeros(4, 5, dtype=torch.float64)))
+    with pytest.raises(ValueError, match="input_size=3 features"):
+        cell(torch.randn(4, 2), hx)
+    with pytest.raises(ValueError, match="step must be >= 0, got -1"):
+        cell(x, hx, step=-1)
+    with pytest.raises(ValueError, match="batch=1"):
+        cell(x[:1], (hx[0][:1], hx[1][:1]))
+
+
+def test_direct_call_warns_of_statistics_that_are_not_finite():
+    """A training call whose batch holds an inf: the direct path warns once, as the general
+    path does, and the slot keeps its running statistics."""
+    cell = BNLSTMCell(3, 5, max_length=4, backend="cpu", dtype=torch.float64)
+    cell(torch.randn(4, 3, dtype=torch.float64), step=0)
+    before = cell.running_mean_ih[2].clone()
+    poisoned = torch.randn(4, 3, dtype=torch.float64)
+    poisoned[1, 0] = float("inf")
+    with pytest.warns(UserWarning, match=r"the cell: the batch statistics of step 2 \(ih\) are not finite"):
+        cell(poisoned, step=2)
+    assert torch.equal(cell.running_mean_ih[2], before)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cell(poisoned, step=2)  # warned once per module
+
+
+def test_a_copied_or_loaded_cell_keeps_its_direct_path():
+    """copy.deepcopy and torch.save/torch.load copy the resolved backend with the module: the
+    copies still go direct, and agree with the original."""
+    cell = BNLSTMCell(3, 5, max_length=4, backend="cpu").eval()
+    x = torch.randn(4, 3)
+    cell(x)  # resolves the backend
+    saved = io.BytesIO()
+    torch.save(cell, saved)
+    saved.seek(0)
+    for copy_of_cell in (copy.deepcopy(cell), torch.load(saved, weights_only=False)):
+        with torch.no_grad():
+            assert copy_of_cell._direct_cpu_call(x, None, 2, None) is not None
+            assert torch.equal(copy_of_cell(x, step=2)[0], cell(x, step=2)[0])
