@@ -201,8 +201,9 @@ class BNLSTMCell(BNLSTMBase):
         about as much Python as the operator itself (docs/CPU.md). Anything else, an error
         included, is left to the general path, whose checks name what is wrong."""
         resolved = self.__dict__.get("_resolved")  # modules pickled before it existed lack it
-        if (resolved is None or resolved[1].name != "cpu" or mask is not None or type(step) is not int
-                or step < 0 or type(input) is not Tensor or input.dim() != 2 or not input.is_cpu):
+        if (resolved is None or resolved[1].name != "cpu" or resolved[0][0] != self.backend or mask is not None
+                or type(step) is not int or step < 0 or type(input) is not Tensor or input.dim() != 2
+                or not input.is_cpu):
             return None
         training = self.training
         key = (resolved[0], training, self.eps, self.variant)

@@ -214,6 +214,9 @@ def test_direct_call_leaves_other_calls_to_the_general_path():
     cell.to(torch.bfloat16)
     assert cell._direct_cpu_call(x.bfloat16(), None, 1, None) is None
     cell.float()
+    cell.backend = "reference"  # a backend changed after the first call is resolved again
+    assert cell._direct_cpu_call(x, hx, 1, None) is None
+    cell.backend = "cpu"
     with pytest.raises(ValueError, match=r"hx\[h_0\] must have shape \(4, 5\) \(batch, hidden_size\), got \(4, 6\)"):
         cell(x, (torch.zeros(4, 6), torch.zeros(4, 5)))
     with pytest.raises(TypeError, match=r"hx\[c_0\] must have dtype torch.float32, got torch.float64"):
