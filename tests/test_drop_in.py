@@ -481,6 +481,33 @@ def test_double_backward_works_or_names_the_reference(backend):
             torch.autograd.grad(out.pow(2).sum(), x, create_graph=True)
 
 
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_torch_func_transforms_run_on_the_reference(backend):
+    """torch.func.grad and vmap over functional_call in evaluation: the reference gives
+    autograd's gradients and the per-sample outputs; the CPU backend is refused by torch
+    (README, "Compile, export, mixed precision")."""
+    torch.manual_seed(0)
+    module = BNLSTM(3, 4, max_length=5, backend=backend, dtype=torch.float64).eval()
+    x = torch.randn(5, 3, 3, dtype=torch.float64)
+    params = dict(module.named_parameters())
+    loss = lambda p: torch.func.functional_call(module, p, (x,))[0].pow(2).sum()  # noqa: E731
+    samples = torch.randn(2, 5, 3, 3, dtype=torch.float64)
+    per_sample = lambda sample: torch.func.functional_call(module, params, (sample,))[0]  # noqa: E731
+    if backend == "reference":
+        grads = torch.func.grad(loss)(params)
+        module(x)[0].pow(2).sum().backward()
+        for name, parameter in params.items():
+            torch.testing.assert_close(grads[name], parameter.grad, rtol=1e-10, atol=1e-12)
+        with torch.no_grad():
+            torch.testing.assert_close(torch.func.vmap(per_sample)(samples),
+                                       torch.stack([module(sample)[0] for sample in samples]), rtol=0, atol=1e-12)
+    else:
+        with pytest.raises(RuntimeError, match="functorch transforms"):
+            torch.func.grad(loss)(params)
+        with torch.no_grad(), pytest.raises(RuntimeError, match="Batching rule not implemented for bnlstm::layer_forward"):
+            torch.func.vmap(per_sample)(samples)
+
+
 def test_torchscript_says_what_to_use_instead():
     for module in (BNLSTM(3, 4), BNLSTMCell(3, 4)):
         with pytest.raises(RuntimeError, match="cannot be compiled with torch.jit.script; use torch.compile"):
