@@ -249,8 +249,8 @@ class BNLSTMCell(BNLSTMBase):
         _, h_n, c_n, statistics, folded = ops.compiled_operators().differentiable(
             x, h0, c0, None, params, running, *plan.flags, False, step, None, self.momentum if training else None)
         if training and not self.__dict__.get("_warned_not_finite", False) and max(folded.tolist(), default=-1) >= 0:
-            counts = x.new_full((1,), batch)
-            self._folded_in_layer("", step_batch_stats(self._variant, counts, *statistics), step, folded)
+            batch_stats = step_batch_stats(self._variant, ops.step_counts(x, None), *statistics)
+            self._folded_in_layer("", batch_stats, step, folded)
         return h_n, c_n
 
     @staticmethod
@@ -286,8 +286,8 @@ class _DirectPlan(NamedTuple):
         (_backend, _device, dtype, _batch), training = key[0], key[1]
         variant = cell._variant
         names = tuple(name if hasattr(cell, name) else "" for name in parameters.PARAMETER_FIELDS)
-        running = tuple(f"running_{kind}_{part}" if part in variant.parts else ""
-                        for part in ops.STATISTICS_PARTS for kind in ("mean", "var"))
+        running_names = {part: (mean, var) for part, mean, var in parameters.running_stat_names("", variant)}
+        running = tuple(name for part in ops.STATISTICS_PARTS for name in running_names.get(part, ("", "")))
         return _DirectPlan(key, dtype, torch.empty(0, dtype=dtype), names, running,
                            ops.operator_flags(variant, training, cell.eps))
 

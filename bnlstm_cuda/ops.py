@@ -385,7 +385,7 @@ def _operand_dtype(out_dtype: torch.dtype, dtype: torch.dtype) -> Optional[torch
     return out_dtype if out_dtype != dtype else None
 
 
-def _step_counts(x: Tensor, lengths: Optional[Tensor]) -> Tensor:
+def step_counts(x: Tensor, lengths: Optional[Tensor]) -> Tensor:
     """[T]: the active sequences at each of x's steps, in x's dtype (for step_batch_stats)."""
     steps, batch = x.shape[0], x.shape[1]
     return (x.new_full((steps,), batch) if lengths is None
@@ -449,7 +449,7 @@ def run_layer(
         with torch._C._AutoDispatchBelowAutograd():
             output, h_n, c_n, statistics, _projection, _reserve = operators.forward(
                 x, h0, c0, lengths, parameter_list, running_given, *flags)
-    batch_stats = step_batch_stats(variant, _step_counts(x, lengths), *statistics) if training else {}
+    batch_stats = step_batch_stats(variant, step_counts(x, lengths), *statistics) if training else {}
     if fold and not node_folds:
         folded = update_running_stats_parts_compiled(running, batch_stats, fold_momentum, start_step)
     if out_dtype != dtype:
@@ -557,7 +557,7 @@ def bidirectional_layer_fused(x: Tensor, h0: Tensor, c0: Tensor, params: Tuple[L
                 x, h0, c0, lengths, parameter_list, running_given, *flags, False, operand_dtype)
     batch_stats, folds = ({}, {}), (None, None)
     if training:
-        counts, half = _step_counts(x, lengths), len(STATISTICS)  # the same steps in both directions
+        counts, half = step_counts(x, lengths), len(STATISTICS)  # the same steps in both directions
         batch_stats = (step_batch_stats(variant, counts, *statistics[:half]),
                        step_batch_stats(variant, counts, *statistics[half:]))
     if fold and folded is not None:  # the node folded: each direction's parts, one after the other

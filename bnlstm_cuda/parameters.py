@@ -90,11 +90,11 @@ def _parameter_names(suffix: str) -> tuple:
 
 def running_stats(module: nn.Module, suffix: str, variant: Variant) -> RunningStats:
     buffers = module._buffers  # registered buffers, without nn.Module.__getattr__'s search
-    return {part: (buffers[mean], buffers[var]) for part, mean, var in _running_stat_names(suffix, variant)}
+    return {part: (buffers[mean], buffers[var]) for part, mean, var in running_stat_names(suffix, variant)}
 
 
 @functools.lru_cache(maxsize=None)
-def _running_stat_names(suffix: str, variant: Variant) -> tuple:
+def running_stat_names(suffix: str, variant: Variant) -> tuple:
     """(part, running-mean name, running-variance name) of each part the variant normalizes,
     worked out once (the statistics are read twice at every training step)."""
     return tuple((part, f"running_mean_{part}{suffix}", f"running_var_{part}{suffix}") for part in variant.parts)

@@ -48,7 +48,7 @@ def _layer_calls(variant, dtype, reverse, start_step, T, B, H, S, lengths, poiso
     output_b, h_n_b, c_n_b, statistics_b, unfolded = torch.ops.bnlstm.layer(x, a.h0, a.c0, lengths, a.params,
                                                                             [absent] * 6, *flags)
     assert unfolded.numel() == 0
-    batch_stats = step_batch_stats(bnlstm_cuda.get_variant(variant), ops._step_counts(x, lengths), *statistics_b)
+    batch_stats = step_batch_stats(bnlstm_cuda.get_variant(variant), ops.step_counts(x, lengths), *statistics_b)
     skipped = ops.update_running_stats_parts_compiled(ops.running_dict(after), batch_stats, MOMENTUM, start_step)
     return ((output, h_n, c_n, statistics, folding, folded),
             (output_b, h_n_b, c_n_b, statistics_b, after, skipped))
@@ -113,7 +113,7 @@ def test_running_statistics_in_another_dtype_are_folded_after_the_steps():
     _, _, _, statistics, _ = torch.ops.bnlstm.layer(a.x, a.h0, a.c0, a.lengths, a.params, [torch.empty(0)] * 6,
                                                    *flags)
     after = [r.clone() for r in running]
-    batch_stats = step_batch_stats(bnlstm_cuda.get_variant("cooijmans"), ops._step_counts(a.x, a.lengths),
+    batch_stats = step_batch_stats(bnlstm_cuda.get_variant("cooijmans"), ops.step_counts(a.x, a.lengths),
                                    *statistics)
     skipped = ops.update_running_stats_parts_compiled(ops.running_dict(after), batch_stats, MOMENTUM)
     assert all(torch.equal(p, q) for p, q in zip(folding, after)) and torch.equal(folded, skipped)
@@ -137,7 +137,7 @@ def test_bidirectional_fold_in_steps_equals_the_fold_after(variant):
     output_b, _, _, statistics_b, _ = torch.ops.bnlstm.bidirectional(x, h0, c0, lengths, params,
                                                                      [torch.empty(0, dtype=x.dtype)] * 12, *flags)
     assert torch.equal(output, output_b) and all(torch.equal(a, b) for a, b in zip(statistics, statistics_b))
-    counts = ops._step_counts(x, lengths)
+    counts = ops.step_counts(x, lengths)
     skipped = []
     for d in range(2):
         stats = step_batch_stats(bnlstm_cuda.get_variant(variant), counts, *statistics_b[6 * d:6 * d + 6])
