@@ -6,7 +6,7 @@
 // At a few rows (small batches) even MKL's packed call spends more time deciding and
 // copying than multiplying, so up to kSmallGemmRows rows a register-blocked kernel of its
 // own runs instead (SmallGemm), on the vector code this library is built for; on AMD CPUs
-// with the AVX-512 build it runs at every batch (panel_gemm_preferred).
+// it runs at every batch (small_gemm_applies).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -258,25 +258,36 @@ class SmallGemm {
   int64_t m_, n_, k_, panels_;
 };
 
-// Whether the host code's GEMMs (all steps' rows: the input projection, the weight
-// gradients, grad_x) and the step GEMMs of any batch run on SmallGemm's kernel instead of
-// MKL's: on AMD CPUs with the AVX-512 build, where MKL takes AVX2 kernels and runs at half
-// the rate of this one on the host shapes and at 0.7-0.85 of it on the steps' (docs/CPU.md).
-inline bool panel_gemm_preferred() {
-#if defined(CPU_CAPABILITY_AVX512) && defined(__x86_64__) && defined(__GNUC__)
-  static const bool preferred = __builtin_cpu_is("amd");
-  return preferred;
+// Whether this library runs vector code (AVX2 or AVX-512) on an AMD CPU. MKL takes its
+// AVX2 kernels there whatever the build, and SmallGemm's kernel outruns its packed GEMM on
+// the step GEMMs' shapes in both builds (docs/CPU.md).
+inline bool amd_vector_build() {
+#if (defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)) && defined(__x86_64__) && defined(__GNUC__)
+  static const bool amd = __builtin_cpu_is("amd");
+  return amd;
 #else
   return false;
 #endif
 }
 
-// Whether SmallGemm runs for `rows` rows of this dtype: on real vector code only (the
-// default capability's at::vec is plain arrays, slower than MKL's own dispatch), up to
-// kSmallGemmRows rows, or for any rows where it outruns MKL (panel_gemm_preferred).
+// Whether the host code's GEMMs (all steps' rows: the input projection, the weight
+// gradients, grad_x) run on SmallGemm's kernel instead of MKL's: on AMD CPUs with the
+// AVX-512 build, where MKL runs at half the rate of this one on the host shapes. Against
+// the AVX2 build's kernel MKL holds its own there (docs/CPU.md).
+inline bool panel_gemm_preferred() {
+#if defined(CPU_CAPABILITY_AVX512)
+  return amd_vector_build();
+#else
+  return false;
+#endif
+}
+
+// Whether SmallGemm runs a step GEMM of `rows` rows of this dtype: on real vector code only
+// (the default capability's at::vec is plain arrays, slower than MKL's own dispatch), up to
+// kSmallGemmRows rows, or for any rows on AMD CPUs (amd_vector_build).
 inline bool small_gemm_applies(at::ScalarType dtype, int64_t rows) {
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
-  const bool kernel_wins = rows <= kSmallGemmRows || panel_gemm_preferred();
+  const bool kernel_wins = rows <= kSmallGemmRows || amd_vector_build();
   return rows > 0 && kernel_wins && (dtype == at::kFloat || dtype == at::kDouble);
 #else
   (void)dtype;
@@ -307,13 +318,30 @@ void panel_matmul(const at::Tensor& out, const at::Tensor& a, const at::Tensor& 
   });
 }
 
+// A step GEMM's kernel (float32 and float64 operands; bfloat16 ones take Bf16Gemm): SmallGemm,
+// MKL's packed GEMM, or at::mm_out.
+enum class StepKernel { kSmall, kMklPacked, kAten };
+
+inline bool mkl_packed_available() {
+  return cblas_sgemm_pack_get_size != nullptr && cblas_sgemm_pack != nullptr && cblas_sgemm_compute != nullptr;
+}
+
+// The kernel a step GEMM of `rows` rows of this dtype takes.
+inline StepKernel chosen_step_kernel(at::ScalarType dtype, int64_t rows) {
+  if (small_gemm_applies(dtype, rows)) return StepKernel::kSmall;
+  if (dtype == at::kFloat && rows > 0 && mkl_packed_available()) return StepKernel::kMklPacked;
+  return StepKernel::kAten;
+}
+
 // out [M, N] = a [M, K] @ op(weight), op(weight) [K, N] packed once at construction.
 class StepGemm {
  public:
   // weight: [N, K] used transposed (transpose=true) or [K, N] as is; rows contiguous
   // (stride 1 along them), any row stride: a slice of columns packs without a copy.
   // bf16: multiply in bfloat16 (Bf16Gemm; bf16_operands() must hold for the weight's dtype).
-  StepGemm(const at::Tensor& weight, bool transpose, int64_t rows, bool bf16 = false)
+  // kernel: chosen_step_kernel's by default; tests name each one.
+  StepGemm(const at::Tensor& weight, bool transpose, int64_t rows, bool bf16 = false,
+           c10::optional<StepKernel> kernel = c10::nullopt)
       : weight_(weight), transpose_(transpose), m_(rows), n_(transpose ? weight.size(0) : weight.size(1)),
         k_(transpose ? weight.size(1) : weight.size(0)) {
     TORCH_CHECK(weight.dim() == 2 && weight.stride(1) == 1, "StepGemm: weight rows must be contiguous, got strides ",
@@ -322,21 +350,29 @@ class StepGemm {
       bf16_ = std::make_unique<Bf16Gemm>(weight, transpose);
       return;
     }
-    if (small_gemm_applies(weight.scalar_type(), m_)) {
-      if (weight.scalar_type() == at::kFloat) {
-        small_float_ = std::make_unique<SmallGemm<float>>(weight, transpose, m_);
-      } else {
-        small_double_ = std::make_unique<SmallGemm<double>>(weight, transpose, m_);
+    const at::ScalarType dtype = weight.scalar_type();
+    switch (kernel.value_or(chosen_step_kernel(dtype, m_))) {
+      case StepKernel::kSmall:
+        TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble, "StepGemm: SmallGemm takes float32 or float64, got ",
+                    dtype);
+        if (dtype == at::kFloat) {
+          small_float_ = std::make_unique<SmallGemm<float>>(weight, transpose, m_);
+        } else {
+          small_double_ = std::make_unique<SmallGemm<double>>(weight, transpose, m_);
+        }
+        return;
+      case StepKernel::kMklPacked: {
+        TORCH_CHECK(mkl_packed_available() && dtype == at::kFloat && weight.is_cpu() && m_ > 0,
+                    "StepGemm: MKL's packed GEMM needs float32 CPU operands, at least one row and a torch build that "
+                    "exports it");
+        const size_t bytes = cblas_sgemm_pack_get_size(kCblasBMatrix, m_, n_, k_);
+        packed_ = at::empty({static_cast<int64_t>(bytes)}, weight.options().dtype(at::kByte));
+        cblas_sgemm_pack(kCblasRowMajor, kCblasBMatrix, transpose ? kCblasTrans : kCblasNoTrans, m_, n_, k_, 1.0f,
+                         weight.data_ptr<float>(), weight.stride(0), reinterpret_cast<float*>(packed_.data_ptr()));
+        return;
       }
-      return;
-    }
-    const bool mkl = cblas_sgemm_pack_get_size != nullptr && cblas_sgemm_pack != nullptr &&
-                     cblas_sgemm_compute != nullptr;
-    if (mkl && weight.scalar_type() == at::kFloat && weight.is_cpu() && m_ > 0) {
-      const size_t bytes = cblas_sgemm_pack_get_size(kCblasBMatrix, m_, n_, k_);
-      packed_ = at::empty({static_cast<int64_t>(bytes)}, weight.options().dtype(at::kByte));
-      cblas_sgemm_pack(kCblasRowMajor, kCblasBMatrix, transpose ? kCblasTrans : kCblasNoTrans, m_, n_, k_, 1.0f,
-                       weight.data_ptr<float>(), weight.stride(0), reinterpret_cast<float*>(packed_.data_ptr()));
+      case StepKernel::kAten:
+        return;
     }
   }
 

@@ -1429,11 +1429,57 @@ constexpr const char* kVectorCapability = "avx2";
 constexpr const char* kVectorCapability = "default";
 #endif
 
+namespace {
+
+const char* step_kernel_name(StepKernel kernel) {
+  switch (kernel) {
+    case StepKernel::kSmall:
+      return "small";
+    case StepKernel::kMklPacked:
+      return "mkl_packed";
+    case StepKernel::kAten:
+      return "aten";
+  }
+  return "";
+}
+
+StepKernel step_kernel_named(c10::string_view name) {
+  for (const StepKernel kernel : {StepKernel::kSmall, StepKernel::kMklPacked, StepKernel::kAten}) {
+    if (name == step_kernel_name(kernel)) return kernel;
+  }
+  TORCH_CHECK(false, "kernel must be \"small\", \"mkl_packed\" or \"aten\", got \"", name, "\"");
+}
+
+// a [M, K] @ op(weight) through the step GEMM kernel named `kernel`, whichever one this CPU
+// would choose for M rows.
+at::Tensor cpu_step_gemm(const at::Tensor& a, const at::Tensor& weight, bool transpose, c10::string_view kernel) {
+  TORCH_CHECK(a.dim() == 2 && weight.dim() == 2, "a and weight must be 2-D, got ", a.sizes(), " and ", weight.sizes());
+  TORCH_CHECK(a.is_cpu() && weight.is_cpu() && a.scalar_type() == weight.scalar_type(),
+              "a and weight must be CPU tensors of one dtype, got ", a.scalar_type(), " on ", a.device(), " and ",
+              weight.scalar_type(), " on ", weight.device());
+  const int64_t k = transpose ? weight.size(1) : weight.size(0), n = transpose ? weight.size(0) : weight.size(1);
+  TORCH_CHECK(a.size(1) == k, "a must have ", k, " columns for weight ", weight.sizes(), " (transpose=", transpose,
+              "), got ", a.size(1));
+  const StepGemm gemm(weight.contiguous(), transpose, a.size(0), /*bf16=*/false, step_kernel_named(kernel));
+  const at::Tensor rows = a.contiguous();
+  at::Tensor out = at::empty({a.size(0), n}, a.options());
+  AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "cpu_step_gemm",
+                             [&] { gemm.run(rows.data_ptr<scalar_t>(), out.data_ptr<scalar_t>()); });
+  return out;
+}
+
+}  // namespace
+
 // For tests and diagnostics: how many blocks of hidden units (threads) this recurrence uses
 // for a call of these sizes with torch's current thread count, whether a bidirectional
 // layer's directions run at once, whether an inference call projects each step's input in
-// the step, and the vector code built.
+// the step, the vector code built, and the step GEMMs' kernels: the one chosen for a number
+// of rows, and a product through any of them.
 TORCH_LIBRARY_FRAGMENT(bnlstm, m) {
+  m.def("cpu_step_gemm_kernel(ScalarType dtype, int rows) -> str", [](at::ScalarType dtype, int64_t rows) {
+    return std::string(step_kernel_name(chosen_step_kernel(dtype, rows)));
+  });
+  m.def("cpu_step_gemm(Tensor a, Tensor weight, bool transpose, str kernel) -> Tensor", cpu_step_gemm);
   m.def("cpu_vector_capability() -> str", [] { return std::string(kVectorCapability); });
   m.def("cpu_hidden_blocks(int steps, int batch, int hidden) -> int",
         [](int64_t steps, int64_t batch, int64_t hidden) {

@@ -258,8 +258,8 @@ def test_evaluation_statistics_tables_split_over_threads(variant, threads):
 @pytest.mark.parametrize("steps, batch, hidden_size", BLOCK_SHAPES, ids=["H100", "H150", "streamed", "streamed-reserve"])
 @pytest.mark.parametrize("padded", [False, True], ids=["full", "padded"])
 def test_float32_hidden_unit_blocks(steps, batch, hidden_size, padded, threads):
-    """float32 step products (the small-batch kernel at B = 9, MKL's packed GEMM at B = 33,
-    csrc/packed_gemm.h): with 2 threads each block
+    """float32 step products (the small-batch kernel at B = 9; at B = 33 MKL's packed GEMM,
+    or the small-batch kernel again on AMD CPUs: csrc/packed_gemm.h): with 2 threads each block
     multiplies its own columns of grad_zh by its rows of W_hh and the next step sums the
     blocks' partial products into grad_h (on active rows; padded ones pass theirs through).
     The input (12 features) is narrow against the batch: each block projects it gate by gate

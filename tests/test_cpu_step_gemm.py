@@ -1,9 +1,13 @@
 """The CPU backend's step GEMMs (csrc/packed_gemm.h): up to 32 rows its own
-register-blocked kernel (SmallGemm; AVX2 and AVX-512 builds), beyond that MKL or at::mm,
-or SmallGemm again on AMD CPUs with the AVX-512 build (panel_gemm_preferred). Every row
+register-blocked kernel (SmallGemm; AVX2 and AVX-512 builds), beyond that MKL's packed GEMM
+(float32) or at::mm, or SmallGemm again on AMD CPUs (small_gemm_applies). Each kernel on its
+own, whichever this CPU chooses, against the float64 product; then in the layer: every row
 remainder of its 4-row blocks, partial column panels, both sides of the 32-row switch and a
 batch of many blocks, forward and backward, in float64 against the reference to rounding,
 with one hidden-unit block and with two (each block multiplies by its own rows of W_hh)."""
+import platform
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -18,6 +22,58 @@ ONE_BLOCK_H, TWO_BLOCKS_H = 13, 150
 
 
 pytestmark = pytest.mark.usefixtures("cpu_extension")
+
+# (rows, K, N): a row remainder of each size, both sides of 32 rows, many blocks; N = 45
+# leaves a partial column panel at either vector width.
+PRODUCT_SHAPES = [(1, 29, 45), (2, 29, 45), (3, 29, 45), (5, 1, 45), (32, 29, 45), (33, 29, 45), (70, 64, 45)]
+
+
+def kernels_for(dtype):
+    """The kernels a step GEMM of this dtype can take here: MKL's packed GEMM takes float32,
+    where torch exports it (x86-64 builds do)."""
+    names = ["small", "aten"]
+    if dtype == torch.float32 and platform.machine() in ("x86_64", "AMD64"):
+        names.append("mkl_packed")
+    return names
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("transpose", [True, False], ids=["transposed", "as-is"])
+@pytest.mark.parametrize("rows, k, n", PRODUCT_SHAPES)
+def test_each_step_kernel_matches_the_product(rows, k, n, transpose, dtype, threads):
+    """a @ op(weight) through each kernel by name (cpu_step_gemm), so that every kernel is
+    checked on any CPU, not only the one this CPU chooses for these rows."""
+    threads(1)
+    torch.manual_seed(rows * 100 + k)
+    a = torch.randn(rows, k, dtype=torch.float64)
+    weight = torch.randn(n, k, dtype=torch.float64) if transpose else torch.randn(k, n, dtype=torch.float64)
+    want = a @ (weight.t() if transpose else weight)
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
+    for kernel in kernels_for(dtype):
+        got = torch.ops.bnlstm.cpu_step_gemm(a.to(dtype), weight.to(dtype), transpose, kernel)
+        torch.testing.assert_close(got.double(), want, **tol, msg=lambda m: f"{kernel}: {m}")
+
+
+def test_step_kernel_choice_and_errors():
+    """Up to 32 rows SmallGemm (with vector code); beyond, SmallGemm on AMD CPUs, else MKL's
+    packed GEMM for float32 and at::mm for float64. A kernel that cannot take the operands
+    says so."""
+    vector = torch.ops.bnlstm.cpu_vector_capability() != "default"
+    cpuinfo = Path("/proc/cpuinfo")
+    if not cpuinfo.exists():
+        pytest.skip("needs /proc/cpuinfo to tell an AMD CPU")
+    amd = "AuthenticAMD" in cpuinfo.read_text()
+    choose = torch.ops.bnlstm.cpu_step_gemm_kernel
+    for dtype, other in ((torch.float32, "mkl_packed"), (torch.float64, "aten")):
+        assert choose(dtype, 32) == ("small" if vector else other)
+        assert choose(dtype, 33) == ("small" if vector and amd else other)
+    a, weight = torch.randn(4, 3, dtype=torch.float64), torch.randn(5, 3, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="float32 CPU operands"):
+        torch.ops.bnlstm.cpu_step_gemm(a, weight, True, "mkl_packed")
+    with pytest.raises(RuntimeError, match='kernel must be "small", "mkl_packed" or "aten", got "fast"'):
+        torch.ops.bnlstm.cpu_step_gemm(a, weight, True, "fast")
+    with pytest.raises(RuntimeError, match="a must have 5 columns"):
+        torch.ops.bnlstm.cpu_step_gemm(a, weight, False, "aten")
 
 
 @pytest.mark.parametrize("batch", [1, 2, 3, 4, 5, 31, 32, 33, 70])
