@@ -5,7 +5,6 @@ own, whichever this CPU chooses, against the float64 product; then in the layer:
 remainder of its 4-row blocks, partial column panels, both sides of the 32-row switch and a
 batch of many blocks, forward and backward, in float64 against the reference to rounding,
 with one hidden-unit block and with two (each block multiplies by its own rows of W_hh)."""
-import platform
 from pathlib import Path
 
 import pytest
@@ -30,9 +29,9 @@ PRODUCT_SHAPES = [(1, 29, 45), (2, 29, 45), (3, 29, 45), (5, 1, 45), (32, 29, 45
 
 def kernels_for(dtype):
     """The kernels a step GEMM of this dtype can take here: MKL's packed GEMM takes float32,
-    where torch exports it (x86-64 builds do)."""
+    where torch is built with MKL (and so exports it)."""
     names = ["small", "aten"]
-    if dtype == torch.float32 and platform.machine() in ("x86_64", "AMD64"):
+    if dtype == torch.float32 and torch.backends.mkl.is_available():
         names.append("mkl_packed")
     return names
 
@@ -56,15 +55,16 @@ def test_each_step_kernel_matches_the_product(rows, k, n, transpose, dtype, thre
 
 def test_step_kernel_choice_and_errors():
     """Up to 32 rows SmallGemm (with vector code); beyond, SmallGemm on AMD CPUs, else MKL's
-    packed GEMM for float32 and at::mm for float64. A kernel that cannot take the operands
-    says so."""
+    packed GEMM for float32 (where torch has MKL) and at::mm for float64. A kernel that
+    cannot take the operands says so."""
     vector = torch.ops.bnlstm.cpu_vector_capability() != "default"
     cpuinfo = Path("/proc/cpuinfo")
     if not cpuinfo.exists():
         pytest.skip("needs /proc/cpuinfo to tell an AMD CPU")
     amd = "AuthenticAMD" in cpuinfo.read_text()
     choose = torch.ops.bnlstm.cpu_step_gemm_kernel
-    for dtype, other in ((torch.float32, "mkl_packed"), (torch.float64, "aten")):
+    mkl = "mkl_packed" if torch.backends.mkl.is_available() else "aten"
+    for dtype, other in ((torch.float32, mkl), (torch.float64, "aten")):
         assert choose(dtype, 32) == ("small" if vector else other)
         assert choose(dtype, 33) == ("small" if vector and amd else other)
     a, weight = torch.randn(4, 3, dtype=torch.float64), torch.randn(5, 3, dtype=torch.float64)
