@@ -8,13 +8,12 @@ math and its backward pass are the layer's.
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor, nn
 
-from . import distributed, ops, parameters, validation
-from .layer_api import step_batch_stats
+from . import direct_cpu, distributed, parameters, validation
 from .module_base import BNLSTMBase
 
 
@@ -194,63 +193,37 @@ class BNLSTMCell(BNLSTMBase):
 
     def _direct_cpu_call(self, input, hx, step, mask) -> Optional[Tuple[Tensor, Tensor]]:
         """forward's result for the call a decoder loop makes at every step, or None for
-        forward to take its general path. That call (a [B, I] float32 or float64 CPU tensor,
-        hx a tuple of [B, H] tensors or None, no mask, no autocast, no synchronized
-        statistics, not traced or compiled, the CPU backend already resolved by an earlier
-        call) goes straight to the C++ operator: at small sizes forward's general path costs
-        about as much Python as the operator itself (docs/CPU.md). Anything else, an error
-        included, is left to the general path, whose checks name what is wrong."""
-        resolved = self.__dict__.get("_resolved")  # modules pickled before it existed lack it
-        if (resolved is None or resolved[1].name != "cpu" or resolved[0][0] != self.backend or mask is not None
-                or type(step) is not int or step < 0 or type(input) is not Tensor or input.dim() != 2
+        forward to take its general path. That call (a [B, I] CPU tensor with the
+        parameters' dtype, float32 or float64; hx a tuple of [B, H] tensors or None; no
+        mask; the direct_cpu module's conditions) goes straight to the C++ operator: at
+        small sizes forward's general path costs about as much Python as the operator
+        itself (docs/CPU.md)."""
+        if (mask is not None or type(step) is not int or step < 0 or type(input) is not Tensor or input.dim() != 2
                 or not input.is_cpu):
             return None
+        plan = direct_cpu.plan_for(self)
+        if plan is None:
+            return None
         training = self.training
-        key = (resolved[0], training, self.eps, self.variant)
-        plan = self.__dict__.get("_direct_plan")
-        if plan is None or plan.key != key:
-            plan = self._direct_plan = _DirectPlan.make(self, key)
-        dtype = input.dtype
         batch, features = input.shape
-        if (dtype is not plan.dtype or features != self.input_size or batch == 0
-                or (training and (batch == 1 or self.sync_statistics))):
+        if input.dtype is not plan.dtype or features != self.input_size or batch == 0 or (training and batch == 1):
             return None
-        if torch.is_autocast_enabled("cpu") or torch.compiler.is_compiling() or torch.jit.is_tracing():
+        state = direct_cpu.initial_state(hx, (batch, self.hidden_size), plan.dtype)
+        if state is None:
             return None
-        hidden = self.hidden_size
-        if hx is None:
-            h0 = c0 = torch.zeros(batch, hidden, dtype=dtype)
-        else:
-            if type(hx) is not tuple or len(hx) != 2:
-                return None
-            h0, c0 = hx
-            if (type(h0) is not Tensor or type(c0) is not Tensor or h0.dtype is not dtype or c0.dtype is not dtype
-                    or h0.shape != (batch, hidden) or c0.shape != (batch, hidden) or not (h0.is_cpu and c0.is_cpu)):
-                return None
-        absent, registered = plan.absent, self._parameters
-        params = [registered.get(name) if name else absent for name in plan.parameter_names]
+        h0, c0 = state
         grad = torch.is_grad_enabled()
-        recording = grad and (input.requires_grad or h0.requires_grad or c0.requires_grad)
-        for parameter in params:
-            if parameter is None or parameter.dtype is not dtype or not parameter.is_cpu:
-                return None  # a parametrized or converted parameter: the general path
-            if grad and parameter.requires_grad:
-                recording = True
+        layer = direct_cpu.layer_arguments(self, plan, 0, grad)
+        if layer is None:
+            return None
+        recording = layer.needs_grad or (grad and (input.requires_grad or h0.requires_grad or c0.requires_grad))
         if training and not recording:
-            return None  # a training call without autograd: the general path folds after it
-        buffers = self._buffers
-        running = [buffers[name] if name else absent for name in plan.running_names]
+            return None  # a training call without autograd: the general path folds after its layer
         x = input.unsqueeze(0)  # [T=1, B, I]
-        if not recording:
-            with torch._C._AutoDispatchBelowAutograd():  # as run_layer: no Python autograd kernel
-                _, h_n, c_n, _, _, _ = ops.compiled_operators().forward.default(
-                    x, h0, c0, None, params, running, *plan.flags, False, False, step, None)
-            return h_n, c_n
-        _, h_n, c_n, statistics, folded = ops.compiled_operators().differentiable(
-            x, h0, c0, None, params, running, *plan.flags, False, step, None, self.momentum if training else None)
-        if training and not self.__dict__.get("_warned_not_finite", False) and max(folded.tolist(), default=-1) >= 0:
-            batch_stats = step_batch_stats(self._variant, ops.step_counts(x, None), *statistics)
-            self._folded_in_layer("", batch_stats, step, folded)
+        _, h_n, c_n, statistics, folded = direct_cpu.run_layer(plan, x, h0, c0, layer, step, recording,
+                                                               self.momentum if training else None)
+        if training:
+            direct_cpu.warn_if_not_finite(self, plan.suffixes, x, statistics, folded, step)
         return h_n, c_n
 
     @staticmethod
@@ -268,26 +241,3 @@ class BNLSTMCell(BNLSTMBase):
         if mask.device.type != "cpu" and mask.device != device:
             raise ValueError(f"mask must be on the CPU or on the input's device {device}, got {mask.device}")
         return mask.reshape(batch).to(device=device, dtype=torch.int64)
-
-
-class _DirectPlan(NamedTuple):
-    """What BNLSTMCell._direct_cpu_call passes the operator beside the call's tensors, worked
-    out on its first call for a backend, mode, eps and variant (key)."""
-
-    key: tuple
-    dtype: torch.dtype
-    absent: Tensor  # the operators' stand-in for a part the variant lacks
-    parameter_names: Tuple[str, ...]  # LayerParams' order; "" for an absent part
-    running_names: Tuple[str, ...]  # ops.STATISTICS' order; "" for an absent part
-    flags: tuple  # ops.operator_flags
-
-    @staticmethod
-    def make(cell: BNLSTMCell, key: tuple) -> "_DirectPlan":
-        (_backend, _device, dtype, _batch), training = key[0], key[1]
-        variant = cell._variant
-        names = tuple(name if hasattr(cell, name) else "" for name in parameters.PARAMETER_FIELDS)
-        running_names = {part: (mean, var) for part, mean, var in parameters.running_stat_names("", variant)}
-        running = tuple(name for part in ops.STATISTICS_PARTS for name in running_names.get(part, ("", "")))
-        return _DirectPlan(key, dtype, torch.empty(0, dtype=dtype), names, running,
-                           ops.operator_flags(variant, training, cell.eps))
-

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
-from . import distributed, parameters, validation
+from . import direct_cpu, distributed, parameters, validation
 from .backends import Backend
 from .module_base import BNLSTMBase
 from .statistics import BatchStats
@@ -184,6 +184,9 @@ class BNLSTM(BNLSTMBase):
     # Forward ----------------------------------------------------------------------------
 
     def forward(self, input, hx: Optional[Tuple[Tensor, Tensor]] = None, lengths=None, start_step: int = 0):
+        direct = self._direct_cpu_call(input, hx, lengths, start_step)
+        if direct is not None:
+            return direct
         self._refuse_torchscript_onnx()
         group = distributed.statistics_group(self, self.training)
         output, state, _, _ = self._forward(
@@ -195,6 +198,71 @@ class BNLSTM(BNLSTMBase):
             fold=self.training,
         )
         return output, state
+
+    def _direct_cpu_call(self, input, hx, lengths, start_step):
+        """forward's result for the call a training or serving loop makes at every step, or
+        None for forward to take its general path. That call (a [T, B, I] CPU tensor,
+        batch-first or not, with the parameters' dtype, float32 or float64; hx a tuple of
+        tensors or None; no lengths, no PackedSequence; the direct_cpu module's conditions)
+        goes straight to the C++ operators, one call per layer: at small sizes forward's
+        general path costs about as much Python as the operators (docs/CPU.md)."""
+        if (lengths is not None or type(input) is not Tensor or input.dim() != 3 or not input.is_cpu
+                or type(start_step) is not int or start_step < 0 or (start_step and self.bidirectional)):
+            return None
+        plan = direct_cpu.plan_for(self)
+        if plan is None:
+            return None
+        x = input.transpose(0, 1) if self.batch_first else input  # [T, B, I]
+        steps, batch, features = x.shape
+        training = self.training
+        if (input.dtype is not plan.dtype or features != self.input_size or steps == 0 or batch == 0
+                or (training and batch == 1)):
+            return None
+        directions, hidden = self.num_directions, self.hidden_size
+        if hx is None:  # every layer starts from the same zeros, without a view per layer
+            h0 = c0 = torch.zeros((batch, hidden) if directions == 1 else (2, batch, hidden), dtype=plan.dtype)
+        else:
+            state = direct_cpu.initial_state(hx, (self.num_layers * directions, batch, hidden), plan.dtype)
+            if state is None:
+                return None
+            h0, c0 = state
+        grad = torch.is_grad_enabled()
+        recording = grad and (input.requires_grad or h0.requires_grad or c0.requires_grad)
+        layers = []
+        for index in range(len(plan.suffixes)):
+            arguments = direct_cpu.layer_arguments(self, plan, index, grad)
+            if arguments is None:
+                return None
+            layers.append(arguments)
+            recording = recording or arguments.needs_grad
+        if training and not recording:
+            return None  # a training call without autograd: the general path folds after its layers
+        momentum = self.momentum if training else None
+        h_n, c_n = [], []
+        for layer in range(self.num_layers):
+            first = layer * directions
+            states = first if directions == 1 else slice(first, first + 2)
+            layer_h0, layer_c0 = (h0, c0) if hx is None else (h0[states], c0[states])
+            if directions == 1:
+                output, h, c, statistics, folded = direct_cpu.run_layer(
+                    plan, x, layer_h0, layer_c0, layers[first], start_step, recording, momentum)
+            else:
+                output, h, c, statistics, folded = direct_cpu.run_bidirectional(
+                    plan, x, layer_h0, layer_c0, layers[first], layers[first + 1], recording, momentum)
+            if training:
+                direct_cpu.warn_if_not_finite(self, plan.suffixes[first:first + directions], x, statistics, folded,
+                                              start_step)
+            h_n.append(h)
+            c_n.append(c)
+            x = output
+            if training and self.dropout > 0 and layer < self.num_layers - 1:
+                x = F.dropout(x, self.dropout, training=True)
+        if directions == 1:
+            h_n, c_n = (h_n[0].unsqueeze(0), c_n[0].unsqueeze(0)) if len(h_n) == 1 else (torch.stack(h_n),
+                                                                                         torch.stack(c_n))
+        else:
+            h_n, c_n = (h_n[0], c_n[0]) if len(h_n) == 1 else (torch.cat(h_n), torch.cat(c_n))
+        return (x.transpose(0, 1) if self.batch_first else x), (h_n, c_n)
 
     # Checkpoints --------------------------------------------------------------------------
 

@@ -1,4 +1,6 @@
 """Small helpers shared by the tests."""
+import copy
+import io
 import math
 
 import torch
@@ -29,6 +31,14 @@ def prepare_triton():
     if not on_gpu and not triton_layer._kernels_interpreted():
         importlib.reload(triton_kernels)
     return device, None
+
+
+def copied_and_loaded(module):
+    """copy.deepcopy(module), and module after a torch.save/torch.load round trip."""
+    saved = io.BytesIO()
+    torch.save(module, saved)
+    saved.seek(0)
+    return copy.deepcopy(module), torch.load(saved, weights_only=False)
 
 
 def randomize_bn_parameters(module, generator=None):

@@ -1,13 +1,11 @@
 """BNLSTMCell and streaming with start_step: the step index made explicit."""
-import copy
-import io
 import warnings
 
 import pytest
 import torch
 
 from bnlstm_cuda import BNLSTM, BNLSTMCell
-from helpers import make_module, randomize_bn_parameters, scalar_loss
+from helpers import copied_and_loaded, make_module, randomize_bn_parameters, scalar_loss
 
 TOL = dict(rtol=1e-10, atol=1e-10)
 BACKENDS = ["reference", "cpu"]
@@ -251,10 +249,7 @@ def test_a_copied_or_loaded_cell_keeps_its_direct_path():
     cell = BNLSTMCell(3, 5, max_length=4, backend="cpu").eval()
     x = torch.randn(4, 3)
     cell(x)  # resolves the backend
-    saved = io.BytesIO()
-    torch.save(cell, saved)
-    saved.seek(0)
-    for copy_of_cell in (copy.deepcopy(cell), torch.load(saved, weights_only=False)):
+    for copy_of_cell in copied_and_loaded(cell):
         with torch.no_grad():
             assert copy_of_cell._direct_cpu_call(x, None, 2, None) is not None
             assert torch.equal(copy_of_cell(x, step=2)[0], cell(x, step=2)[0])
