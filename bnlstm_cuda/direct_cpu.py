@@ -47,12 +47,19 @@ class LayerArguments(NamedTuple):
     needs_grad: bool  # a parameter requires grad and grad mode is on
 
 
+# The dtypes the operators compute in, which the direct path hands them as they are.
+_COMPUTE_DTYPES = (torch.float32, torch.float64)
+
+
 def plan_for(module) -> Optional[DirectPlan]:
     """`module`'s plan for a call now, or None where the direct path does not serve it: the
     CPU backend not resolved by an earlier call (or another backend asked for since), a
-    synchronized training step, torch.autocast, torch.compile or tracing."""
+    module in half precision, a synchronized training step, torch.autocast, torch.compile
+    or tracing."""
     resolved = module.__dict__.get("_resolved")  # modules pickled before it existed lack it
     if resolved is None or resolved[1].name != "cpu" or resolved[0][0] != module.backend:
+        return None
+    if resolved[0][2] not in _COMPUTE_DTYPES:  # half precision: the general path computes it in float32
         return None
     training = module.training
     if training and module.sync_statistics:

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch.nn.utils.rnn import pack_padded_sequence
 
-from bnlstm_cuda import BNLSTM
+from bnlstm_cuda import BNLSTM, BNLSTMCell
 from helpers import copied_and_loaded, randomize_bn_parameters, scalar_loss
 
 
@@ -206,3 +206,26 @@ def test_a_replaced_parameter_is_read_at_the_next_call():
         torch.nn.utils.parametrize.register_parametrization(module, "weight_ih_l0", torch.nn.Identity())
         assert module._direct_cpu_call(x, None, None, 0) is None
         module(x)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("kind", ["module", "cell"])
+def test_half_precision_calls_stay_on_the_general_path(kind, dtype):
+    """A module or cell in half precision computes in float32 through the general path at
+    every call, the ones after the backend is resolved included: the direct path declines
+    them, and repeated calls give the first call's result."""
+    torch.manual_seed(5)
+    if kind == "module":
+        module, x = BNLSTM(3, 5, backend="cpu", dtype=dtype), torch.randn(4, 2, 3, dtype=dtype)
+        direct_arguments = (x, None, None, 0)
+    else:
+        module, x = BNLSTMCell(3, 5, backend="cpu", dtype=dtype), torch.randn(2, 3, dtype=dtype)
+        direct_arguments = (x, None, 0, None)
+    for training in (True, False):
+        module.train(training)
+        results = [module(x) for _ in range(3)]
+        assert module._direct_cpu_call(*direct_arguments) is None
+        first = results[0][0]
+        if not training:  # training calls fold: each call's statistics move the next one's
+            for result in results[1:]:
+                assert torch.equal(result[0], first)
