@@ -241,3 +241,16 @@ class BNLSTMCell(BNLSTMBase):
         if mask.device.type != "cpu" and mask.device != device:
             raise ValueError(f"mask must be on the CPU or on the input's device {device}, got {mask.device}")
         return mask.reshape(batch).to(device=device, dtype=torch.int64)
+
+
+class _DirectPlan(tuple):
+    """The class of the direct path's plan in cells pickled before the plan moved to
+    direct_cpu.py (a NamedTuple of six fields; since then the plan is not pickled). Such a
+    plan loads as this empty stand-in, whose key matches no call's, so the cell's next call
+    makes a new plan."""
+
+    key = None
+
+    def __new__(cls, *fields):
+        return super().__new__(cls)
+

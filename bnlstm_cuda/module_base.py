@@ -89,6 +89,13 @@ class BNLSTMBase(nn.Module):
             converted += 1
         return has_weights and not has_own_only and (converted > 0 or not with_bias)
 
+    def __getstate__(self):
+        # The direct CPU path's plan (direct_cpu.py) is a cache the next call remakes: left out,
+        # so a pickled module does not depend on the plan's class.
+        state = super().__getstate__()
+        state.pop("_direct_plan", None)
+        return state
+
     def _apply(self, fn, *args, **kwargs):
         super()._apply(fn, *args, **kwargs)
         parameters.keep_statistics_float32(self)

@@ -349,7 +349,7 @@ class RecurrentForwardCPU {
   // scratch: this block's, ForwardScratch(B, j1 - j0).
   template <bool kKeep>
   void run(const StepForward<T>& s, const T* zh, int64_t j0, int64_t j1, ForwardScratch<T>& scratch) const {
-    const int64_t H = hidden_, G = 4 * hidden_, B = batch_, W = layout_.width, J = j1 - j0;
+    const int64_t H = hidden_, B = batch_, W = layout_.width, J = j1 - j0;
     const T eps = T(flags_.eps);
     const bool normalize_input = flags_.input_statistics != kInputNone;
     GateStatistics<T> in, rec, cell;

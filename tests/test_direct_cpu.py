@@ -229,3 +229,47 @@ def test_half_precision_calls_stay_on_the_general_path(kind, dtype):
         if not training:  # training calls fold: each call's statistics move the next one's
             for result in results[1:]:
                 assert torch.equal(result[0], first)
+
+
+def test_the_plan_is_not_pickled_and_an_old_pickled_plan_loads():
+    """A pickled module leaves its plan out (a cache the next call remakes). A cell pickled
+    while the plan was `bnlstm_cuda.cell._DirectPlan`, a NamedTuple of six fields, still
+    loads, and its next call makes a new plan and gives the original's result."""
+    import pickle
+    from typing import NamedTuple
+
+    import bnlstm_cuda.cell
+
+    cell = BNLSTMCell(3, 5, backend="cpu").eval()
+    x = torch.randn(4, 3)
+    with torch.no_grad():
+        cell(x)
+        want = cell(x)[0]  # direct: the cell has a plan
+    assert "_direct_plan" in cell.__dict__
+    assert "_direct_plan" not in pickle.loads(pickle.dumps(cell)).__dict__
+
+    class OldPlan(NamedTuple):
+        key: tuple
+        dtype: torch.dtype
+        absent: torch.Tensor
+        parameter_names: tuple
+        running_names: tuple
+        flags: tuple
+
+    OldPlan.__module__, OldPlan.__qualname__ = "bnlstm_cuda.cell", "_DirectPlan"
+    old_plan = OldPlan(cell._direct_plan.key, torch.float32, torch.empty(0), (), (), ())
+    saved = cell.__dict__.copy()
+    saved["_direct_plan"] = old_plan
+    original = bnlstm_cuda.cell._DirectPlan
+    bnlstm_cuda.cell._DirectPlan = OldPlan  # pickle finds the class under its name while dumping
+    try:
+        pickled = pickle.dumps(saved)
+    finally:
+        bnlstm_cuda.cell._DirectPlan = original
+    loaded = BNLSTMCell.__new__(BNLSTMCell)
+    loaded.__setstate__(pickle.loads(pickled))
+    assert loaded._direct_plan.key is None
+    with torch.no_grad():
+        assert loaded._direct_cpu_call(x, None, 0, None) is not None
+        assert torch.equal(loaded(x)[0], want)
+    assert loaded._direct_plan.key == cell._direct_plan.key
