@@ -17,7 +17,7 @@ whose checks name what is wrong.
 """
 from __future__ import annotations
 
-from typing import List, NamedTuple, Optional, Tuple
+from typing import Callable, List, NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -37,6 +37,8 @@ class DirectPlan(NamedTuple):
     parameter_names: Tuple[Tuple[str, ...], ...]  # per layer-direction, LayerParams' order; "" absent
     running_names: Tuple[Tuple[str, ...], ...]  # per layer-direction, ops.STATISTICS' order; "" absent
     flags: tuple  # ops.operator_flags
+    forward: Callable  # bnlstm::layer_forward, or bidirectional_forward for a bidirectional module
+    recording: Callable  # bnlstm::layer, or bidirectional: the operator with its autograd node
 
 
 class LayerArguments(NamedTuple):
@@ -83,8 +85,13 @@ def _make_plan(module, key: tuple) -> DirectPlan:
                                      for field in parameters.PARAMETER_FIELDS))
         running = {part: (mean, var) for part, mean, var in parameters.running_stat_names(suffix, variant)}
         running_names.append(tuple(name for part in ops.STATISTICS_PARTS for name in running.get(part, ("", ""))))
+    ops.ensure_loaded()  # (a module unpickled in a new process may not have loaded the extension)
+    bnlstm, both_directions = torch.ops.bnlstm, getattr(module, "bidirectional", False)  # (a cell has one)
+    forward, recording = ((bnlstm.bidirectional_forward, bnlstm.bidirectional) if both_directions
+                          else (bnlstm.layer_forward, bnlstm.layer))
     return DirectPlan(key, dtype, torch.empty(0, dtype=dtype), suffixes, tuple(parameter_names),
-                      tuple(running_names), ops.operator_flags(variant, training, module.eps))
+                      tuple(running_names), ops.operator_flags(variant, training, module.eps), forward.default,
+                      recording.default)
 
 
 def layer_arguments(module, plan: DirectPlan, index: int, grad: bool) -> Optional[LayerArguments]:
@@ -122,28 +129,26 @@ def run_layer(plan: DirectPlan, x: Tensor, h0: Tensor, c0: Tensor, layer: LayerA
               recording: bool, momentum: Optional[float]):
     """One layer-direction (forward in time): output, h_n, c_n, statistics and, where it
     records a graph, `folded` (ops.cpp, `layer`); momentum: fold in the steps (training)."""
-    operators = ops.compiled_operators()  # (loads the extension in a process that unpickled the module)
     if not recording:
         with torch._C._AutoDispatchBelowAutograd():  # as ops.run_layer: no Python autograd kernel
-            output, h_n, c_n, statistics, _, _ = operators.forward.default(
+            output, h_n, c_n, statistics, _, _ = plan.forward(
                 x, h0, c0, None, layer.params, layer.running, *plan.flags, False, False, start_step, None)
         return output, h_n, c_n, statistics, None
-    return operators.differentiable.default(x, h0, c0, None, layer.params, layer.running, *plan.flags, False,
-                                            start_step, None, momentum)
+    return plan.recording(x, h0, c0, None, layer.params, layer.running, *plan.flags, False, start_step, None,
+                          momentum)
 
 
 def run_bidirectional(plan: DirectPlan, x: Tensor, h0: Tensor, c0: Tensor, forward: LayerArguments,
                       reverse: LayerArguments, recording: bool, momentum: Optional[float]):
     """Both directions of a layer (h0, c0 [2, B, H]): as run_layer, the lists of the forward
     direction followed by the reverse one's."""
-    ops.ensure_loaded()
     params, running = forward.params + reverse.params, forward.running + reverse.running
     if not recording:
         with torch._C._AutoDispatchBelowAutograd():
-            output, h_n, c_n, statistics, _, _ = torch.ops.bnlstm.bidirectional_forward.default(
-                x, h0, c0, None, params, running, *plan.flags, False, None)
+            output, h_n, c_n, statistics, _, _ = plan.forward(x, h0, c0, None, params, running, *plan.flags, False,
+                                                              None)
         return output, h_n, c_n, statistics, None
-    return torch.ops.bnlstm.bidirectional.default(x, h0, c0, None, params, running, *plan.flags, None, momentum)
+    return plan.recording(x, h0, c0, None, params, running, *plan.flags, None, momentum)
 
 
 def warn_if_not_finite(module, suffixes: Tuple[str, ...], x: Tensor, statistics: List[Tensor], folded: Tensor,
