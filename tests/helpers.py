@@ -41,6 +41,20 @@ def copied_and_loaded(module):
     return copy.deepcopy(module), torch.load(saved, weights_only=False)
 
 
+def general_path_only(module):
+    """`module` (BNLSTM or BNLSTMCell) with its direct CPU path turned off: every call takes
+    forward's general path."""
+    module._direct_cpu_call = lambda *args: None
+    return module
+
+
+def counting_direct_calls(module):
+    """`module`, and a list that gets each direct call's result (None: the general path)."""
+    taken, direct_call = [], module._direct_cpu_call
+    module._direct_cpu_call = lambda *args: taken.append(result := direct_call(*args)) or result
+    return module, taken
+
+
 def randomize_bn_parameters(module, generator=None):
     """Give every gamma, beta and bias a random value and every running statistic a random
     plausible one, so no comparison passes by the accident of an initial value."""

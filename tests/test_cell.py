@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from bnlstm_cuda import BNLSTM, BNLSTMCell
-from helpers import copied_and_loaded, make_module, randomize_bn_parameters, scalar_loss
+from helpers import (copied_and_loaded, counting_direct_calls, general_path_only, make_module,
+                     randomize_bn_parameters, scalar_loss)
 
 TOL = dict(rtol=1e-10, atol=1e-10)
 BACKENDS = ["reference", "cpu"]
@@ -145,12 +146,6 @@ def test_cell_errors_are_clear():
         BNLSTM(3, 5, max_length=7).load_cell(BNLSTMCell(3, 5, max_length=4))
 
 
-def general_path_only(cell):
-    """`cell` with its direct path turned off: every call takes forward's general path."""
-    cell._direct_cpu_call = lambda *args: None
-    return cell
-
-
 @pytest.mark.parametrize("variant", ["cooijmans", "laurent_step", "laurent_sequence", "none"])
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
@@ -163,13 +158,10 @@ def test_direct_call_equals_the_general_path(variant, bias, dtype, mode, first_s
     torch.manual_seed(3)
     training, grad = mode == "train", mode != "eval_no_grad"
     kwargs = dict(bias=bias, variant=variant, max_length=4, backend="cpu", dtype=dtype)
-    direct = BNLSTMCell(5, 7, **kwargs).train(training)
+    direct, taken = counting_direct_calls(BNLSTMCell(5, 7, **kwargs).train(training))
     general = general_path_only(BNLSTMCell(5, 7, **kwargs).train(training))
     randomize_bn_parameters(direct)
     general.load_state_dict(direct.state_dict())
-    taken = []
-    direct_call = direct._direct_cpu_call
-    direct._direct_cpu_call = lambda *args: taken.append(result := direct_call(*args)) or result
     x = torch.randn(6, 3, 5, dtype=dtype)
     hx = None if first_state == "none" else (torch.randn(3, 7, dtype=dtype), torch.randn(3, 7, dtype=dtype))
     results = []

@@ -8,20 +8,8 @@ import torch
 from torch.nn.utils.rnn import pack_padded_sequence
 
 from bnlstm_cuda import BNLSTM, BNLSTMCell
-from helpers import copied_and_loaded, randomize_bn_parameters, scalar_loss
-
-
-def general_path_only(module):
-    """`module` with its direct path turned off: every call takes forward's general path."""
-    module._direct_cpu_call = lambda *args: None
-    return module
-
-
-def counting_direct_calls(module):
-    """`module`, and a list that gets each direct call's result (None: general path)."""
-    taken, direct_call = [], module._direct_cpu_call
-    module._direct_cpu_call = lambda *args: taken.append(result := direct_call(*args)) or result
-    return module, taken
+from helpers import (copied_and_loaded, counting_direct_calls, general_path_only, randomize_bn_parameters,
+                     scalar_loss)
 
 
 LAYOUTS = {  # (num_layers, bidirectional, batch_first, dropout)
