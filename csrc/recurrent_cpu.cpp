@@ -871,6 +871,8 @@ struct StepBackward {
   const T* next_reserve;
   const T* next_wx;
   const T* next_grad_output;
+  // h_t as the forward pass wrote it ([B, H]), or null: pass 1 then recomputes tanh(BN(c_t)).
+  const T* output;
 };
 
 // Adds src[0, size) into dst.
@@ -951,6 +953,11 @@ class RecurrentBackwardCPU {
     const T* const next_grad_output = s.next_grad_output;
     const int64_t gates_at = layout_.gates, zhat_at = layout_.zhat, c_new_at = layout_.c_new;
     const T* const gamma_c = gamma_c_;
+    // tanh(BN(c_t)) read back as h_t / o rather than recomputed: one division in place of
+    // tanh's forty-odd instructions, which bound pass 1 (docs/CPU.md). float32 only: its
+    // sigmoid is at least about 1e-35 (exp_clamped), while float64's can be 0, and float64
+    // is the precision tests check against. A padded row's h is 0, and so is its gradient.
+    const T* const h_rows = std::is_same_v<T, float> ? s.output : nullptr;
 
     // Per-column constants: u indexes gate g's column of hidden unit j0 + j as g * J + j.
     T* const cell_rstd = scratch.cell_rstd.data();
@@ -1019,20 +1026,27 @@ class RecurrentBackwardCPU {
       const T* const o_row = rs + gates_at + 3 * H + j0;
       const T* const grad_output_row = grad_output + b * H + j0;
       const T* const grad_h_row = grad_h + b * H + j0;
+      const T* const h_row = h_rows == nullptr ? nullptr : h_rows + b * H + j0;
       T* const c_hat_row = c_hat + b * J;
       T* const grad_seen_row = grad_seen + b * J;
       for_each_vec<T>(J, [&](int64_t j, auto n) {
-        Vec<T> seen = Vec<T>::loadu(c_new_row + j, n);
         Vec<T> normalized = zero;
         if (cell_bn) {
-          normalized = (seen - Vec<T>::loadu(cell_mean + j, n)) * Vec<T>::loadu(cell_rstd + j, n);
+          normalized = (Vec<T>::loadu(c_new_row + j, n) - Vec<T>::loadu(cell_mean + j, n)) *
+                       Vec<T>::loadu(cell_rstd + j, n);
           normalized.store(c_hat_row + j, n);
-          seen = at::vec::fmadd(normalized, Vec<T>::loadu(gamma_c + j0 + j, n), Vec<T>::loadu(cell_beta + j, n));
         }
-        const Vec<T> tanh = fast_tanh(seen);
+        const Vec<T> o = Vec<T>::loadu(o_row + j, n);
+        Vec<T> tanh;
+        if (h_row != nullptr) {
+          tanh = Vec<T>::loadu(h_row + j, n) / o;
+        } else {
+          tanh = fast_tanh(cell_bn ? at::vec::fmadd(normalized, Vec<T>::loadu(gamma_c + j0 + j, n),
+                                                    Vec<T>::loadu(cell_beta + j, n))
+                                   : Vec<T>::loadu(c_new_row + j, n));
+        }
         const Vec<T> grad_h_new =
             active ? Vec<T>::loadu(grad_output_row + j, n) + Vec<T>::loadu(grad_h_row + j, n) : zero;
-        const Vec<T> o = Vec<T>::loadu(o_row + j, n);
         const Vec<T> grad_o = grad_h_new * tanh * o * (one - o);
         store_dy(b, 3, j, n, grad_o);
         const Vec<T> grad = grad_h_new * o * (one - tanh * tanh);
@@ -1314,7 +1328,7 @@ void recurrent_backward_impl(const RecurrentBackwardArgs& args, RecurrentBackwar
       var_hh(args.var_hh, flags.normalize_recurrent), mean_c(args.mean_c, flags.normalize_cell),
       var_c(args.var_c, flags.normalize_cell), grad_gates(out.grad_gates, out.grad_gates.defined()),
       grad_zh(out.grad_zh, out.grad_zh.defined()), grad_wx(out.grad_wx, step_input && out.grad_wx.defined()),
-      partial_slots(partials, true);
+      partial_slots(partials, true), outputs(args.output, args.output.defined());
   // grad_h[:, j0 + J) = the sum of the partials of step t (processing order), on the rows
   // active at step t; padded rows pass their gradient through unchanged.
   const auto gather_grad_h = [&](int64_t t, int64_t j0, int64_t J) {
@@ -1359,6 +1373,7 @@ void recurrent_backward_impl(const RecurrentBackwardArgs& args, RecurrentBackwar
         t > 0 ? reserve + (t - 1) * B * width : nullptr,
         t > 0 ? projection[t - 1] : nullptr,
         t > 0 ? grad_output[t - 1] : nullptr,
+        outputs[t],
     };
     const int64_t j0 = bounds[k], J = bounds[k + 1] - j0;
     if (t + 1 < T_) gather_grad_h(t + 1, j0, J);
