@@ -194,10 +194,10 @@ class BNLSTMCell(BNLSTMBase):
     def _direct_cpu_call(self, input, hx, step, mask) -> Optional[Tuple[Tensor, Tensor]]:
         """forward's result for the call a decoder loop makes at every step, or None for
         forward to take its general path. That call (a [B, I] CPU tensor with the
-        parameters' dtype, float32 or float64; hx a tuple of [B, H] tensors or None; no
-        mask; the direct_cpu module's conditions) goes straight to the C++ operator: at
-        small sizes forward's general path costs about as much Python as the operator
-        itself (docs/CPU.md)."""
+        parameters' dtype, half precision computed in float32 as the general path computes
+        it; hx a tuple of [B, H] tensors or None; no mask; the direct_cpu module's
+        conditions) goes straight to the C++ operator: at small sizes forward's general path
+        costs about as much Python as the operator itself (docs/CPU.md)."""
         if (mask is not None or type(step) is not int or step < 0 or type(input) is not Tensor or input.dim() != 2
                 or not input.is_cpu):
             return None

@@ -202,10 +202,11 @@ class BNLSTM(BNLSTMBase):
     def _direct_cpu_call(self, input, hx, lengths, start_step):
         """forward's result for the call a training or serving loop makes at every step, or
         None for forward to take its general path. That call (a [T, B, I] CPU tensor,
-        batch-first or not, with the parameters' dtype, float32 or float64; hx a tuple of
-        tensors or None; no lengths, no PackedSequence; the direct_cpu module's conditions)
-        goes straight to the C++ operators, one call per layer: at small sizes forward's
-        general path costs about as much Python as the operators (docs/CPU.md)."""
+        batch-first or not, with the parameters' dtype, half precision computed in float32 as
+        the general path computes it; hx a tuple of tensors or None; no lengths, no
+        PackedSequence; the direct_cpu module's conditions) goes straight to the C++
+        operators, one call per layer: at small sizes forward's general path costs about as
+        much Python as the operators (docs/CPU.md)."""
         if (lengths is not None or type(input) is not Tensor or input.dim() != 3 or not input.is_cpu
                 or type(start_step) is not int or start_step < 0 or (start_step and self.bidirectional)):
             return None
@@ -220,7 +221,7 @@ class BNLSTM(BNLSTMBase):
             return None
         directions, hidden = self.num_directions, self.hidden_size
         if hx is None:  # every layer starts from the same zeros, without a view per layer
-            h0 = c0 = torch.zeros((batch, hidden) if directions == 1 else (2, batch, hidden), dtype=plan.dtype)
+            h0 = c0 = torch.zeros((batch, hidden) if directions == 1 else (2, batch, hidden), dtype=plan.compute_dtype)
         else:
             state = direct_cpu.initial_state(hx, (self.num_layers * directions, batch, hidden), plan.dtype)
             if state is None:

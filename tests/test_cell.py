@@ -148,7 +148,8 @@ def test_cell_errors_are_clear():
 
 @pytest.mark.parametrize("variant", ["cooijmans", "laurent_step", "laurent_sequence", "none"])
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16],
+                         ids=["fp32", "fp64", "bf16", "fp16"])
 @pytest.mark.parametrize("mode", ["train", "eval_graph", "eval_no_grad"])
 @pytest.mark.parametrize("first_state", ["given", "none"])
 def test_direct_call_equals_the_general_path(variant, bias, dtype, mode, first_state):
