@@ -57,7 +57,8 @@ inline void matmul_aten(const at::Tensor& out, const at::Tensor& a, const at::Te
 // Memory bandwidth, not arithmetic, is what a stored value costs, so the reserve keeps only
 // what cannot be had cheaply: W_ih x_t is kept whole by the host (the input GEMM wrote it
 // anyway), h_{t-1} is the previous step's output, c_{t-1} the previous step's c_new, and
-// the normalized cell and its tanh are recomputed from c_new and the step's statistics.
+// the normalized cell and its tanh are recomputed from c_new and the step's statistics (the
+// CPU's float32 backward reads the tanh back from the output instead, as h_t / o).
 // bnlstm_cuda/ops.py mirrors the width.
 struct ReserveLayout {
   int64_t zhat;   // [4H] (W_hh h_{t-1} - mean) * rstd, if normalize_recurrent

@@ -954,9 +954,11 @@ class RecurrentBackwardCPU {
     const int64_t gates_at = layout_.gates, zhat_at = layout_.zhat, c_new_at = layout_.c_new;
     const T* const gamma_c = gamma_c_;
     // tanh(BN(c_t)) read back as h_t / o rather than recomputed: one division in place of
-    // tanh's forty-odd instructions, which bound pass 1 (docs/CPU.md). float32 only: its
-    // sigmoid is at least about 1e-35 (exp_clamped), while float64's can be 0, and float64
-    // is the precision tests check against. A padded row's h is 0, and so is its gradient.
+    // tanh's forty-odd instructions, which bound pass 1 (docs/CPU.md). Where o is 0 (a
+    // sigmoid that underflowed: at::vec's exp without vec_math.h's clamp, as in the default
+    // build, or a padded row's extreme gate) the quotient is taken as 0, which gives the
+    // right gradients: both uses of tanh below are multiplied by o. A padded row's h is 0,
+    // and so is its gradient. float32 only: float64 is the precision the tests check against.
     const T* const h_rows = std::is_same_v<T, float> ? s.output : nullptr;
 
     // Per-column constants: u indexes gate g's column of hidden unit j0 + j as g * J + j.
@@ -1005,8 +1007,9 @@ class RecurrentBackwardCPU {
              Vec<T>::loadu(in_rstd + g * J + j, n);
     };
 
-    // Pass 1: the normalized cell and its tanh, recomputed from c_t and the step's
-    // statistics; the output gate's gradient; the gradient reaching the normalized cell.
+    // Pass 1: the normalized cell, recomputed from c_t and the step's statistics, and its
+    // tanh (h_rows above); the output gate's gradient; the gradient reaching the normalized
+    // cell.
     T* const c_hat = scratch.c_hat.data();
     T* const grad_seen = scratch.grad_seen.data();
     T* const sum_seen = scratch.sum_seen.data();
@@ -1039,7 +1042,7 @@ class RecurrentBackwardCPU {
         const Vec<T> o = Vec<T>::loadu(o_row + j, n);
         Vec<T> tanh;
         if (h_row != nullptr) {
-          tanh = Vec<T>::loadu(h_row + j, n) / o;
+          tanh = Vec<T>::blendv(zero, Vec<T>::loadu(h_row + j, n) / o, o > zero);
         } else {
           tanh = fast_tanh(cell_bn ? at::vec::fmadd(normalized, Vec<T>::loadu(gamma_c + j0 + j, n),
                                                     Vec<T>::loadu(cell_beta + j, n))
