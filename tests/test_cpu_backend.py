@@ -290,6 +290,32 @@ def test_float32_hidden_unit_blocks(steps, batch, hidden_size, padded, threads):
             assert error < 1e-4, error
 
 
+def test_float32_backward_through_saturated_output_gates():
+    """The float32 backward reads tanh(BN(c_t)) back as h_t / o (csrc/recurrent_cpu.cpp).
+    Output gates driven to saturation both ways (a sigmoid that underflows to exactly 0
+    where at::vec's exp has no clamp, the portable build CI also tests), on a padded batch:
+    every gradient finite and within float32 rounding of the float64 module's."""
+    torch.manual_seed(7)
+    hidden = 8
+    wide = BNLSTM(3, hidden, max_length=6, backend="reference", dtype=torch.float64)
+    with torch.no_grad():
+        wide.bias_l0[3 * hidden:3 * hidden + 4] = -200.0
+        wide.bias_l0[3 * hidden + 4:] = 200.0
+    narrow = BNLSTM(3, hidden, max_length=6, backend="cpu")
+    narrow.load_state_dict({k: v.float() for k, v in wide.state_dict().items()})
+    x, lengths = torch.randn(6, 5, 3, dtype=torch.float64), [6, 2, 4, 1, 6]
+    results = []
+    for module, dtype in ((wide, torch.float64), (narrow, torch.float32)):
+        x_in = x.to(dtype).detach().requires_grad_(True)
+        out, (h_n, c_n) = module(x_in, lengths=lengths)
+        scalar_loss(out.double(), h_n.double(), c_n.double()).backward()
+        results.append([out, h_n, c_n, x_in.grad, *(p.grad for p in module.parameters())])
+    for expected, got in zip(*results):
+        assert torch.isfinite(got).all()
+        error = (got.double() - expected).norm() / expected.norm()
+        assert error < 1e-4, error
+
+
 COMPILE_FIRST = textwrap.dedent(
     """
     import torch, bnlstm_cuda
