@@ -8,9 +8,10 @@ path serves the common call: CPU tensors of the parameters' dtype, the CPU backe
 by an earlier call, no torch.autocast, no synchronized training step, not traced or
 compiled. A module in half precision computes as the general path computes it: input, state
 and parameters cast to float32, the operators told to multiply in its dtype
-(`operand_dtype`), their results cast back. It runs `bnlstm::layer_forward` (`bidirectional_forward`) below
-the Autograd key where nothing records a graph, and `bnlstm::layer` (`bidirectional`), the
-C++ autograd node that folds the batch statistics in its steps, where something does.
+(`operand_dtype`), their results cast back. It runs `bnlstm::layer_forward`
+(`bidirectional_forward`) below the Autograd key where nothing records a graph, and
+`bnlstm::layer` (`bidirectional`), the C++ autograd node that folds the batch statistics in
+its steps, where something does.
 Its argument lists come from names worked out once per backend, mode, eps and variant
 (`DirectPlan`), read from `_parameters` and `_buffers` at every call, so a replaced,
 parametrized or converted tensor is seen at once. Anything else, a training call without
@@ -53,9 +54,8 @@ class LayerArguments(NamedTuple):
     needs_grad: bool  # a parameter requires grad and grad mode is on
 
 
-# The dtype the operators compute each module dtype in (ops.run_layer's, layer_api.compute_dtype).
-_COMPUTE_DTYPES = {torch.float32: torch.float32, torch.float64: torch.float64, torch.bfloat16: torch.float32,
-                   torch.float16: torch.float32}
+# The module dtypes the direct path serves; each computes in layer_api.compute_dtype's.
+_SERVED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
 def plan_for(module) -> Optional[DirectPlan]:
@@ -65,7 +65,7 @@ def plan_for(module) -> Optional[DirectPlan]:
     resolved = module.__dict__.get("_resolved")  # modules pickled before it existed lack it
     if resolved is None or resolved[1].name != "cpu" or resolved[0][0] != module.backend:
         return None
-    if resolved[0][2] not in _COMPUTE_DTYPES:
+    if resolved[0][2] not in _SERVED_DTYPES:
         return None
     training = module.training
     if training and module.sync_statistics:
@@ -93,11 +93,10 @@ def _make_plan(module, key: tuple) -> DirectPlan:
     bnlstm, both_directions = torch.ops.bnlstm, getattr(module, "bidirectional", False)  # (a cell has one)
     forward, recording = ((bnlstm.bidirectional_forward, bnlstm.bidirectional) if both_directions
                           else (bnlstm.layer_forward, bnlstm.layer))
-    compute_dtype = _COMPUTE_DTYPES[dtype]
-    return DirectPlan(key, dtype, compute_dtype, None if compute_dtype is dtype else dtype,
-                      torch.empty(0, dtype=compute_dtype), suffixes, tuple(parameter_names),
-                      tuple(running_names), ops.operator_flags(variant, training, module.eps), forward.default,
-                      recording.default)
+    compute = compute_dtype(dtype)
+    return DirectPlan(key, dtype, compute, None if compute is dtype else dtype, torch.empty(0, dtype=compute),
+                      suffixes, tuple(parameter_names), tuple(running_names),
+                      ops.operator_flags(variant, training, module.eps), forward.default, recording.default)
 
 
 def layer_arguments(module, plan: DirectPlan, index: int, grad: bool) -> Optional[LayerArguments]:

@@ -954,10 +954,10 @@ class RecurrentBackwardCPU {
     const int64_t gates_at = layout_.gates, zhat_at = layout_.zhat, c_new_at = layout_.c_new;
     const T* const gamma_c = gamma_c_;
     // tanh(BN(c_t)) read back as h_t / o rather than recomputed: one division in place of
-    // tanh's forty-odd instructions, which bound pass 1 (docs/CPU.md). Where o is 0 (a
-    // sigmoid that underflowed: at::vec's exp without vec_math.h's clamp, as in the default
-    // build, or a padded row's extreme gate) the quotient is taken as 0, which gives the
-    // right gradients: both uses of tanh below are multiplied by o. A padded row's h is 0,
+    // tanh's forty-odd instructions, which bound pass 1 (docs/CPU.md). Where o is 0 (an
+    // extreme gate's sigmoid underflows in the portable build, whose at::vec exp lacks
+    // vec_math.h's clamp) the quotient is taken as 0, which gives the right gradients: both
+    // uses of tanh below are multiplied by o. A padded row's h is 0,
     // and so is its gradient. float32 only: float64 is the precision the tests check against.
     const T* const h_rows = std::is_same_v<T, float> ? s.output : nullptr;
 
