@@ -67,13 +67,35 @@ struct Prepared {
   at::Tensor weight() const { return active.unsqueeze(2).to(x.scalar_type()); }
 };
 
+// The mask and counts of T steps of B full sequences on the CPU. The kernels only read
+// them, so each thread keeps the last ones it made: a small call (a cell's step) spends a
+// visible part of its time allocating and filling tensors (docs/CPU.md).
+std::pair<at::Tensor, at::Tensor> all_active_cpu(int64_t T, int64_t B) {
+  struct Kept {
+    int64_t T = -1, B = -1;
+    at::Tensor active, counts;
+  };
+  static thread_local Kept* kept = new Kept();  // never destroyed: no tensor freed at thread exit
+  if (kept->T != T || kept->B != B) {
+    kept->active = at::ones({T, B}, at::kBool);
+    kept->counts = at::full({T}, B, at::kLong);
+    kept->T = T;
+    kept->B = B;
+  }
+  return {kept->active, kept->counts};
+}
+
 Prepared prepare(const at::Tensor& x, const OptTensor& lengths, bool reverse) {
   const int64_t T = x.size(0), B = x.size(1);
   Prepared p;
   const at::Tensor ordered = reverse ? reversed_copy(x, lengths) : x;
   if (!lengths.has_value()) {  // every sequence full: no mask to compute, no padding to zero
-    p.active = at::ones({T, B}, x.options().dtype(at::kBool));
-    p.counts = at::full({T}, B, x.options().dtype(at::kLong));
+    if (x.is_cpu()) {
+      std::tie(p.active, p.counts) = all_active_cpu(T, B);
+    } else {
+      p.active = at::ones({T, B}, x.options().dtype(at::kBool));
+      p.counts = at::full({T}, B, x.options().dtype(at::kLong));
+    }
     p.x = ordered;
     return p;
   }

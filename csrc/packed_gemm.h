@@ -319,16 +319,34 @@ void panel_matmul(const at::Tensor& out, const at::Tensor& a, const at::Tensor& 
 }
 
 // A step GEMM's kernel (float32 and float64 operands; bfloat16 ones take Bf16Gemm): SmallGemm,
-// MKL's packed GEMM, or at::mm_out.
-enum class StepKernel { kSmall, kMklPacked, kAten };
+// SmallGemm with the operands' roles swapped (kSmallSwapped, below), MKL's packed GEMM, or
+// at::mm_out.
+enum class StepKernel { kSmall, kSmallSwapped, kMklPacked, kAten };
 
 inline bool mkl_packed_available() {
   return cblas_sgemm_pack_get_size != nullptr && cblas_sgemm_pack != nullptr && cblas_sgemm_compute != nullptr;
 }
 
-// The kernel a step GEMM of `rows` rows of this dtype takes.
-inline StepKernel chosen_step_kernel(at::ScalarType dtype, int64_t rows) {
-  if (small_gemm_applies(dtype, rows)) return StepKernel::kSmall;
+// Whether a product that runs once (a one-step call) is cheaper with SmallGemm's operands
+// swapped: out^T [N, M] = W [N, K] @ a^T, a's M rows packed as the panel's columns and W's
+// rows read where they are, then out^T transposed into out. Packing W, N x K elements,
+// costs about what the product does for a few rows of a; a swapped product pays instead
+// for the panel's columns past M, and reads W from L2 once per panel. So it runs on one
+// panel whose columns past M are at most half a vector (docs/CPU.md).
+template <typename T>
+bool swapped_product_cheaper(int64_t rows) {
+  constexpr int64_t panel = SmallGemm<T>::kPanel, width = at::vec::Vectorized<T>::size();
+  return rows <= panel && panel - rows <= width / 2;
+}
+
+// The kernel a step GEMM of `rows` rows of this dtype takes; `once`: it runs once, with
+// the weight transposed (W^T: swapped_product_cheaper may apply).
+inline StepKernel chosen_step_kernel(at::ScalarType dtype, int64_t rows, bool once = false) {
+  if (small_gemm_applies(dtype, rows)) {
+    const bool swapped = once && (dtype == at::kFloat ? swapped_product_cheaper<float>(rows)
+                                                      : swapped_product_cheaper<double>(rows));
+    return swapped ? StepKernel::kSmallSwapped : StepKernel::kSmall;
+  }
   if (dtype == at::kFloat && rows > 0 && mkl_packed_available()) return StepKernel::kMklPacked;
   return StepKernel::kAten;
 }
@@ -339,8 +357,9 @@ class StepGemm {
   // weight: [N, K] used transposed (transpose=true) or [K, N] as is; rows contiguous
   // (stride 1 along them), any row stride: a slice of columns packs without a copy.
   // bf16: multiply in bfloat16 (Bf16Gemm; bf16_operands() must hold for the weight's dtype).
+  // once: the product runs once (a one-step call; see swapped_product_cheaper).
   // kernel: chosen_step_kernel's by default; tests name each one.
-  StepGemm(const at::Tensor& weight, bool transpose, int64_t rows, bool bf16 = false,
+  StepGemm(const at::Tensor& weight, bool transpose, int64_t rows, bool bf16 = false, bool once = false,
            c10::optional<StepKernel> kernel = c10::nullopt)
       : weight_(weight), transpose_(transpose), m_(rows), n_(transpose ? weight.size(0) : weight.size(1)),
         k_(transpose ? weight.size(1) : weight.size(0)) {
@@ -351,7 +370,7 @@ class StepGemm {
       return;
     }
     const at::ScalarType dtype = weight.scalar_type();
-    switch (kernel.value_or(chosen_step_kernel(dtype, m_))) {
+    switch (kernel.value_or(chosen_step_kernel(dtype, m_, once && transpose))) {
       case StepKernel::kSmall:
         TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble, "StepGemm: SmallGemm takes float32 or float64, got ",
                     dtype);
@@ -360,6 +379,12 @@ class StepGemm {
         } else {
           small_double_ = std::make_unique<SmallGemm<double>>(weight, transpose, m_);
         }
+        return;
+      case StepKernel::kSmallSwapped:
+        TORCH_CHECK((dtype == at::kFloat || dtype == at::kDouble) && transpose,
+                    "StepGemm: the swapped SmallGemm takes float32 or float64 and a transposed weight, got ", dtype,
+                    " and transpose=", transpose);
+        swapped_ = true;  // nothing packed until run, which packs a
         return;
       case StepKernel::kMklPacked: {
         TORCH_CHECK(mkl_packed_available() && dtype == at::kFloat && weight.is_cpu() && m_ > 0,
@@ -381,6 +406,12 @@ class StepGemm {
   template <typename T>
   void run(const T* a, T* out, int64_t out_stride = -1) const {
     const int64_t ldc = out_stride < 0 ? n_ : out_stride;
+    if constexpr (std::is_same<T, float>::value || std::is_same<T, double>::value) {
+      if (swapped_) {
+        run_swapped(a, out, ldc);
+        return;
+      }
+    }
     if constexpr (std::is_same<T, float>::value) {
       if (bf16_) {
         bf16_->run(a, k_, m_, out, ldc, /*accumulate=*/false);
@@ -413,11 +444,21 @@ class StepGemm {
   }
 
  private:
+  // out [M, N] = (W [N, K] @ a^T)^T: a^T packed as SmallGemm's panels, W's rows as its rows.
+  template <typename T>
+  void run_swapped(const T* a, T* out, int64_t ldc) const {
+    const auto options = weight_.options();
+    const SmallGemm<T> gemm(at::from_blob(const_cast<T*>(a), {m_, k_}, options), /*transpose=*/true, n_);
+    const at::Tensor product = at::empty({n_, m_}, options);  // out^T
+    gemm.run_rows(weight_.data_ptr<T>(), weight_.stride(0), n_, product.data_ptr<T>(), m_, /*accumulate=*/false);
+    transpose_into(out, ldc, product.data_ptr<T>(), m_, m_, n_);
+  }
+
   at::Tensor weight_, packed_;
   std::unique_ptr<SmallGemm<float>> small_float_;  // the small-batch kernel, where it applies
   std::unique_ptr<SmallGemm<double>> small_double_;
   std::unique_ptr<Bf16Gemm> bf16_;  // bfloat16 operands, where the layer asks for them
-  bool transpose_;
+  bool transpose_, swapped_ = false;
   int64_t m_, n_, k_;
 };
 

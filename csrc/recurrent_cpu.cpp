@@ -742,6 +742,7 @@ void recurrent_forward_impl(const RecurrentForwardArgs& args, RecurrentForwardOu
   const bool bf16 = bf16_operands(flags.operand_dtype, c10::CppTypeToScalarType<T>::value);
   const std::vector<int64_t> bounds = hidden_blocks(T_, B, H);
   const int64_t blocks = static_cast<int64_t>(bounds.size()) - 1;
+  const bool once = T_ == 1;  // each product runs once: StepGemm may read W as it is
   std::vector<StepGemm> gemms;        // block k: h [B, H] @ (its rows of W_hh)^T -> [B, 4J]
   std::vector<StepGemm> input_gemms;  // block k: x_t [B, I] @ (its rows of W_ih)^T -> [B, 4J], if project_in_steps
   // Where keep_projection, instead block k's gate g at 4 * k + g: x_t @ (gate g's rows of W_ih
@@ -753,14 +754,15 @@ void recurrent_forward_impl(const RecurrentForwardArgs& args, RecurrentForwardOu
   const int64_t staged_row_width = stream_reserve && kStageStreamedReserve<T> ? ReserveLayout(H, flags).width : 0;
   for (int64_t k = 0; k < blocks; ++k) {
     const int64_t J = bounds[k + 1] - bounds[k];
-    gemms.emplace_back(block_rows(args.weight_hh, bounds[k], J), /*transpose=*/true, B, bf16);
+    gemms.emplace_back(block_rows(args.weight_hh, bounds[k], J), /*transpose=*/true, B, bf16, once);
     zh.push_back(at::empty({B, 4 * J}, options));
     if (keep_projection) {
       for (int64_t g = 0; g < 4; ++g) {
-        input_gemms.emplace_back(args.weight_ih.narrow(0, g * H + bounds[k], J), /*transpose=*/true, B, bf16);
+        input_gemms.emplace_back(args.weight_ih.narrow(0, g * H + bounds[k], J), /*transpose=*/true, B, bf16,
+                                   once);
       }
     } else if (project_in_steps) {
-      input_gemms.emplace_back(block_rows(args.weight_ih, bounds[k], J), /*transpose=*/true, B, bf16);
+      input_gemms.emplace_back(block_rows(args.weight_ih, bounds[k], J), /*transpose=*/true, B, bf16, once);
       zx.push_back(at::empty({B, 4 * J}, options));
     }
     scratch.emplace_back(B, J, staged_row_width);
@@ -1453,6 +1455,8 @@ const char* step_kernel_name(StepKernel kernel) {
   switch (kernel) {
     case StepKernel::kSmall:
       return "small";
+    case StepKernel::kSmallSwapped:
+      return "small_swapped";
     case StepKernel::kMklPacked:
       return "mkl_packed";
     case StepKernel::kAten:
@@ -1462,10 +1466,12 @@ const char* step_kernel_name(StepKernel kernel) {
 }
 
 StepKernel step_kernel_named(c10::string_view name) {
-  for (const StepKernel kernel : {StepKernel::kSmall, StepKernel::kMklPacked, StepKernel::kAten}) {
+  for (const StepKernel kernel : {StepKernel::kSmall, StepKernel::kSmallSwapped, StepKernel::kMklPacked,
+                                  StepKernel::kAten}) {
     if (name == step_kernel_name(kernel)) return kernel;
   }
-  TORCH_CHECK(false, "kernel must be \"small\", \"mkl_packed\" or \"aten\", got \"", name, "\"");
+  TORCH_CHECK(false, "kernel must be \"small\", \"small_swapped\", \"mkl_packed\" or \"aten\", got \"", name,
+              "\"");
 }
 
 // a [M, K] @ op(weight) through the step GEMM kernel named `kernel`, whichever one this CPU
@@ -1478,7 +1484,8 @@ at::Tensor cpu_step_gemm(const at::Tensor& a, const at::Tensor& weight, bool tra
   const int64_t k = transpose ? weight.size(1) : weight.size(0), n = transpose ? weight.size(0) : weight.size(1);
   TORCH_CHECK(a.size(1) == k, "a must have ", k, " columns for weight ", weight.sizes(), " (transpose=", transpose,
               "), got ", a.size(1));
-  const StepGemm gemm(weight.contiguous(), transpose, a.size(0), /*bf16=*/false, step_kernel_named(kernel));
+  const StepGemm gemm(weight.contiguous(), transpose, a.size(0), /*bf16=*/false, /*once=*/true,
+                      step_kernel_named(kernel));
   const at::Tensor rows = a.contiguous();
   at::Tensor out = at::empty({a.size(0), n}, a.options());
   AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "cpu_step_gemm",
@@ -1494,9 +1501,10 @@ at::Tensor cpu_step_gemm(const at::Tensor& a, const at::Tensor& weight, bool tra
 // the step, the vector code built, and the step GEMMs' kernels: the one chosen for a number
 // of rows, and a product through any of them.
 TORCH_LIBRARY_FRAGMENT(bnlstm, m) {
-  m.def("cpu_step_gemm_kernel(ScalarType dtype, int rows) -> str", [](at::ScalarType dtype, int64_t rows) {
-    return std::string(step_kernel_name(chosen_step_kernel(dtype, rows)));
-  });
+  m.def("cpu_step_gemm_kernel(ScalarType dtype, int rows, bool once=False) -> str",
+        [](at::ScalarType dtype, int64_t rows, bool once) {
+          return std::string(step_kernel_name(chosen_step_kernel(dtype, rows, once)));
+        });
   m.def("cpu_step_gemm(Tensor a, Tensor weight, bool transpose, str kernel) -> Tensor", cpu_step_gemm);
   m.def("cpu_vector_capability() -> str", [] { return std::string(kVectorCapability); });
   m.def("cpu_hidden_blocks(int steps, int batch, int hidden) -> int",

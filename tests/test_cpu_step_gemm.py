@@ -27,10 +27,11 @@ pytestmark = pytest.mark.usefixtures("cpu_extension")
 PRODUCT_SHAPES = [(1, 29, 45), (2, 29, 45), (3, 29, 45), (5, 1, 45), (32, 29, 45), (33, 29, 45), (70, 64, 45)]
 
 
-def kernels_for(dtype):
-    """The kernels a step GEMM of this dtype can take here: MKL's packed GEMM takes float32,
-    where torch is built with MKL (and so exports it)."""
-    names = ["small", "aten"]
+def kernels_for(dtype, transpose):
+    """The kernels a step GEMM of this dtype can take here: the swapped SmallGemm takes a
+    transposed weight, MKL's packed GEMM float32, where torch is built with MKL (and so
+    exports it)."""
+    names = ["small", "aten"] + (["small_swapped"] if transpose else [])
     if dtype == torch.float32 and torch.backends.mkl.is_available():
         names.append("mkl_packed")
     return names
@@ -48,7 +49,7 @@ def test_each_step_kernel_matches_the_product(rows, k, n, transpose, dtype, thre
     weight = torch.randn(n, k, dtype=torch.float64) if transpose else torch.randn(k, n, dtype=torch.float64)
     want = a @ (weight.t() if transpose else weight)
     tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
-    for kernel in kernels_for(dtype):
+    for kernel in kernels_for(dtype, transpose):
         got = torch.ops.bnlstm.cpu_step_gemm(a.to(dtype), weight.to(dtype), transpose, kernel)
         torch.testing.assert_close(got.double(), want, **tol, msg=lambda m: f"{kernel}: {m}")
 
@@ -70,8 +71,10 @@ def test_step_kernel_choice_and_errors():
     a, weight = torch.randn(4, 3, dtype=torch.float64), torch.randn(5, 3, dtype=torch.float64)
     with pytest.raises(RuntimeError, match="float32 CPU operands"):
         torch.ops.bnlstm.cpu_step_gemm(a, weight, True, "mkl_packed")
-    with pytest.raises(RuntimeError, match='kernel must be "small", "mkl_packed" or "aten", got "fast"'):
+    with pytest.raises(RuntimeError, match='kernel must be "small", "small_swapped", "mkl_packed" or "aten", got "fast"'):
         torch.ops.bnlstm.cpu_step_gemm(a, weight, True, "fast")
+    with pytest.raises(RuntimeError, match="swapped SmallGemm takes float32 or float64 and a transposed weight"):
+        torch.ops.bnlstm.cpu_step_gemm(a, weight.t(), False, "small_swapped")
     with pytest.raises(RuntimeError, match="a must have 5 columns"):
         torch.ops.bnlstm.cpu_step_gemm(a, weight, False, "aten")
 
@@ -132,3 +135,47 @@ def test_weight_gradient_layouts(steps, variant, threads):
     lengths[-1] = max(steps // 2, 1)  # a padded row adds nothing in either layout
     assert_layer_matches_reference(bnlstm_layer_fused, variant, lengths, tol=TOL, T=steps, B=16, I=5,
                                    H=ONE_BLOCK_H, training=True)
+
+
+def swapped_batches(dtype):
+    """The rows a one-step product takes the swapped SmallGemm for with this build's vector
+    width: one panel (two vectors) of a's rows, at most half a vector of it unused."""
+    width = {"avx512": 16, "avx2": 8}.get(torch.ops.bnlstm.cpu_vector_capability(), 0)
+    width //= 2 if dtype == torch.float64 else 1
+    return list(range(2 * width - width // 2, 2 * width + 1)) if width else []
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+def test_one_step_products_choose_the_swapped_kernel(dtype):
+    """A product that runs once (a one-step call) swaps SmallGemm's operands where a's rows
+    fill most of one panel, and only then; the default capability never swaps."""
+    choose = torch.ops.bnlstm.cpu_step_gemm_kernel
+    swapped = swapped_batches(dtype)
+    for rows in range(1, 70):
+        want_swapped = rows in swapped
+        assert (choose(dtype, rows, True) == "small_swapped") == want_swapped, rows
+        assert choose(dtype, rows) != "small_swapped"
+
+
+# One step (a cell's call, a module's call of one step): the forward's products take the
+# swapped kernel at the batches swapped_batches names for float64, and the packed one on
+# either side; I = 5 projects each step's input in the step, I = 70 in one product first.
+# H = 512 on two threads makes two blocks of units (a step of fewer units runs on one
+# thread), each swapping its own rows of W.
+@pytest.mark.parametrize("batch", [5, 6, 7, 8, 9, 12, 14, 16, 17])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_one_step_layer(batch, training, threads):
+    threads(1)
+    lengths = torch.ones(batch, dtype=torch.int64)
+    lengths[-1] = 0  # a row already ended: padded at its one step
+    for input_size in (5, 70):
+        assert_layer_matches_reference(bnlstm_layer_fused, "cooijmans", lengths, tol=TOL, T=1, B=batch,
+                                       I=input_size, H=ONE_BLOCK_H, training=training)
+
+
+@pytest.mark.parametrize("batch", [8, 16])
+def test_one_step_layer_of_two_blocks(batch, threads):
+    threads(2)
+    assert torch.ops.bnlstm.cpu_hidden_blocks(1, batch, 512) == 2
+    assert_layer_matches_reference(bnlstm_layer_fused, "cooijmans", None, tol=TOL, T=1, B=batch, I=5, H=512,
+                                   training=True)
