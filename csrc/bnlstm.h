@@ -188,8 +188,10 @@ bool cpu_directions_concurrent(int64_t steps, int64_t batch, int64_t hidden);
 // Whether the CPU's recurrence multiplies each step's input by W_ih itself (RecurrentForwardArgs::x),
 // where nothing else needs the projection of every step: a step's product reads the block's
 // rows of W_ih (I values a gate unit) for B rows, so it pays where the input is narrow
-// against the batch; the projection's trip to memory and back is what it saves.
-bool cpu_steps_project_input(int64_t batch, int64_t input_size);
+// against the batch; the projection's trip to memory and back is what it saves. A one-step
+// call always does: its step's product runs once, on a kernel that reads W_ih as it is
+// (StepGemm's `once`), where the projection's GEMM would pack it.
+bool cpu_steps_project_input(int64_t steps, int64_t batch, int64_t input_size);
 // CUDA (recurrent_cuda.cu), compiled only into the CUDA-enabled extension.
 void recurrent_forward_cuda(const RecurrentForwardArgs& args, RecurrentForwardOutputs& out,
                             const LayerFlags& flags);

@@ -271,7 +271,7 @@ LayerForwardResult layer_forward(RecurrentForwardFn recurrent, MatmulFn matmul, 
   // instead: the projection of a long sequence is written to memory and read back, a step's
   // stays in cache (docs/CPU.md). Where the backward reads it (it recomputes the normalized
   // input from it), the steps write it to out.projection.
-  const bool project_in_steps = steps_project_input != nullptr && steps_project_input(B, I) &&
+  const bool project_in_steps = steps_project_input != nullptr && steps_project_input(T, B, I) &&
                                 !(training && input_statistics == kInputSequence);
   if (project_in_steps) {
     args.x = p.x.contiguous();

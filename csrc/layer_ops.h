@@ -83,7 +83,7 @@ struct LayerBackwardInputs {
 
 // Whether a device's recurrent kernel takes x and W_ih instead of the input projection
 // (RecurrentForwardArgs) for a batch and input size; null: never.
-using StepsProjectInputFn = bool (*)(int64_t batch, int64_t input_size);
+using StepsProjectInputFn = bool (*)(int64_t steps, int64_t batch, int64_t input_size);
 
 // steps_project_input: where it says so, and no other code reads the projection of every
 // step, the recurrent kernel gets x and W_ih. recurrent_folds: the recurrent kernel folds

@@ -12,6 +12,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/LegacyTypeDispatch.h>
+#include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
 #if defined(CPU_CAPABILITY_AVX512)
@@ -318,10 +319,57 @@ void panel_matmul(const at::Tensor& out, const at::Tensor& a, const at::Tensor& 
   });
 }
 
+// out [M, N] = a [M, K] @ W^T, W [N, K] with rows ldw apart, as dot products of W's rows
+// with a's, W read as it is: a one-step product of a single row (a GEMV), where packing W
+// would cost several times the product. Four rows of W at a time share each load of a.
+template <typename T>
+void dot_rows(const T* a, int64_t m, int64_t k, const T* w, int64_t ldw, int64_t n, T* out, int64_t ldc) {
+  using V = at::vec::Vectorized<T>;
+  constexpr int64_t width = V::size();
+  const auto sum = [](const V& v) { return at::vec::vec_reduce_all<T>([](V x, V y) { return x + y; }, v); };
+  for (int64_t r = 0; r < m; ++r) {
+    const T* x = a + r * k;
+    T* y = out + r * ldc;
+    int64_t j = 0;
+    for (; j + 4 <= n; j += 4) {
+      const T *w0 = w + j * ldw, *w1 = w0 + ldw, *w2 = w1 + ldw, *w3 = w2 + ldw;
+      V s0(T(0)), s1(T(0)), s2(T(0)), s3(T(0));
+      int64_t i = 0;
+      for (; i + width <= k; i += width) {
+        const V xi = V::loadu(x + i);
+        s0 = at::vec::fmadd(V::loadu(w0 + i), xi, s0);
+        s1 = at::vec::fmadd(V::loadu(w1 + i), xi, s1);
+        s2 = at::vec::fmadd(V::loadu(w2 + i), xi, s2);
+        s3 = at::vec::fmadd(V::loadu(w3 + i), xi, s3);
+      }
+      T y0 = sum(s0), y1 = sum(s1), y2 = sum(s2), y3 = sum(s3);
+      for (; i < k; ++i) {
+        y0 += w0[i] * x[i];
+        y1 += w1[i] * x[i];
+        y2 += w2[i] * x[i];
+        y3 += w3[i] * x[i];
+      }
+      y[j] = y0;
+      y[j + 1] = y1;
+      y[j + 2] = y2;
+      y[j + 3] = y3;
+    }
+    for (; j < n; ++j) {
+      const T* wj = w + j * ldw;
+      V s(T(0));
+      int64_t i = 0;
+      for (; i + width <= k; i += width) s = at::vec::fmadd(V::loadu(wj + i), V::loadu(x + i), s);
+      T yj = sum(s);
+      for (; i < k; ++i) yj += wj[i] * x[i];
+      y[j] = yj;
+    }
+  }
+}
+
 // A step GEMM's kernel (float32 and float64 operands; bfloat16 ones take Bf16Gemm): SmallGemm,
-// SmallGemm with the operands' roles swapped (kSmallSwapped, below), MKL's packed GEMM, or
-// at::mm_out.
-enum class StepKernel { kSmall, kSmallSwapped, kMklPacked, kAten };
+// SmallGemm with the operands' roles swapped (kSmallSwapped, below), dot_rows, MKL's packed
+// GEMM, or at::mm_out.
+enum class StepKernel { kSmall, kSmallSwapped, kDotRows, kMklPacked, kAten };
 
 inline bool mkl_packed_available() {
   return cblas_sgemm_pack_get_size != nullptr && cblas_sgemm_pack != nullptr && cblas_sgemm_compute != nullptr;
@@ -340,9 +388,10 @@ bool swapped_product_cheaper(int64_t rows) {
 }
 
 // The kernel a step GEMM of `rows` rows of this dtype takes; `once`: it runs once, with
-// the weight transposed (W^T: swapped_product_cheaper may apply).
+// the weight transposed (W^T: dot_rows for a single row, swapped_product_cheaper).
 inline StepKernel chosen_step_kernel(at::ScalarType dtype, int64_t rows, bool once = false) {
   if (small_gemm_applies(dtype, rows)) {
+    if (once && rows == 1) return StepKernel::kDotRows;
     const bool swapped = once && (dtype == at::kFloat ? swapped_product_cheaper<float>(rows)
                                                       : swapped_product_cheaper<double>(rows));
     return swapped ? StepKernel::kSmallSwapped : StepKernel::kSmall;
@@ -386,6 +435,12 @@ class StepGemm {
                     " and transpose=", transpose);
         swapped_ = true;  // nothing packed until run, which packs a
         return;
+      case StepKernel::kDotRows:
+        TORCH_CHECK((dtype == at::kFloat || dtype == at::kDouble) && transpose,
+                    "StepGemm: dot_rows takes float32 or float64 and a transposed weight, got ", dtype,
+                    " and transpose=", transpose);
+        dot_rows_ = true;  // nothing packed
+        return;
       case StepKernel::kMklPacked: {
         TORCH_CHECK(mkl_packed_available() && dtype == at::kFloat && weight.is_cpu() && m_ > 0,
                     "StepGemm: MKL's packed GEMM needs float32 CPU operands, at least one row and a torch build that "
@@ -409,6 +464,10 @@ class StepGemm {
     if constexpr (std::is_same<T, float>::value || std::is_same<T, double>::value) {
       if (swapped_) {
         run_swapped(a, out, ldc);
+        return;
+      }
+      if (dot_rows_) {
+        dot_rows(a, m_, k_, weight_.data_ptr<T>(), weight_.stride(0), n_, out, ldc);
         return;
       }
     }
@@ -458,7 +517,7 @@ class StepGemm {
   std::unique_ptr<SmallGemm<float>> small_float_;  // the small-batch kernel, where it applies
   std::unique_ptr<SmallGemm<double>> small_double_;
   std::unique_ptr<Bf16Gemm> bf16_;  // bfloat16 operands, where the layer asks for them
-  bool transpose_, swapped_ = false;
+  bool transpose_, swapped_ = false, dot_rows_ = false;
   int64_t m_, n_, k_;
 };
 

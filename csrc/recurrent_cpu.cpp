@@ -1420,7 +1420,9 @@ bool cpu_directions_concurrent(int64_t steps, int64_t batch, int64_t hidden) {
 
 // Measured (docs/CPU.md): I=1 at B=16 and I=64 at B=32 gain, I=64 at B=8 breaks even, and
 // I=64 at B=1 and I=512 at B=32 lose.
-bool cpu_steps_project_input(int64_t batch, int64_t input_size) { return input_size <= kStepInputPerRow * batch; }
+bool cpu_steps_project_input(int64_t steps, int64_t batch, int64_t input_size) {
+  return steps == 1 || input_size <= kStepInputPerRow * batch;
+}
 
 void recurrent_forward_cpu(const RecurrentForwardArgs& args, RecurrentForwardOutputs& out,
                            const LayerFlags& flags) {
@@ -1457,6 +1459,8 @@ const char* step_kernel_name(StepKernel kernel) {
       return "small";
     case StepKernel::kSmallSwapped:
       return "small_swapped";
+    case StepKernel::kDotRows:
+      return "dot_rows";
     case StepKernel::kMklPacked:
       return "mkl_packed";
     case StepKernel::kAten:
@@ -1466,12 +1470,12 @@ const char* step_kernel_name(StepKernel kernel) {
 }
 
 StepKernel step_kernel_named(c10::string_view name) {
-  for (const StepKernel kernel : {StepKernel::kSmall, StepKernel::kSmallSwapped, StepKernel::kMklPacked,
-                                  StepKernel::kAten}) {
+  for (const StepKernel kernel : {StepKernel::kSmall, StepKernel::kSmallSwapped, StepKernel::kDotRows,
+                                  StepKernel::kMklPacked, StepKernel::kAten}) {
     if (name == step_kernel_name(kernel)) return kernel;
   }
-  TORCH_CHECK(false, "kernel must be \"small\", \"small_swapped\", \"mkl_packed\" or \"aten\", got \"", name,
-              "\"");
+  TORCH_CHECK(false, "kernel must be \"small\", \"small_swapped\", \"dot_rows\", \"mkl_packed\" or \"aten\", got \"",
+              name, "\"");
 }
 
 // a [M, K] @ op(weight) through the step GEMM kernel named `kernel`, whichever one this CPU
@@ -1512,7 +1516,7 @@ TORCH_LIBRARY_FRAGMENT(bnlstm, m) {
           return hidden_block_count(steps, batch, hidden, available_threads());
         });
   m.def("cpu_directions_concurrent(int steps, int batch, int hidden) -> bool", cpu_directions_concurrent);
-  m.def("cpu_steps_project_input(int batch, int input_size) -> bool", cpu_steps_project_input);
+  m.def("cpu_steps_project_input(int steps, int batch, int input_size) -> bool", cpu_steps_project_input);
 }
 
 }  // namespace bnlstm

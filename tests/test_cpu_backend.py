@@ -228,7 +228,8 @@ def test_inference_input_products(variant, training, reverse, input_size, thread
     threads(2)
     T, B, H = 40, 7, 100
     assert torch.ops.bnlstm.cpu_hidden_blocks(T, B, H) == 2
-    assert torch.ops.bnlstm.cpu_steps_project_input(B, input_size) == (input_size == 3)
+    assert torch.ops.bnlstm.cpu_steps_project_input(T, B, input_size) == (input_size == 3)
+    assert torch.ops.bnlstm.cpu_steps_project_input(1, B, input_size)  # one step: always
     x, h0, c0, params, running = random_layer(variant, T=T, B=B, I=input_size, H=H, S=30)
     lengths = torch.tensor([40, 13, 40, 1, 40, 27, 40])
     x = x.masked_fill((torch.arange(T).unsqueeze(1) >= lengths).unsqueeze(-1), float("nan"))

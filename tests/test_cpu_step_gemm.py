@@ -28,10 +28,10 @@ PRODUCT_SHAPES = [(1, 29, 45), (2, 29, 45), (3, 29, 45), (5, 1, 45), (32, 29, 45
 
 
 def kernels_for(dtype, transpose):
-    """The kernels a step GEMM of this dtype can take here: the swapped SmallGemm takes a
-    transposed weight, MKL's packed GEMM float32, where torch is built with MKL (and so
-    exports it)."""
-    names = ["small", "aten"] + (["small_swapped"] if transpose else [])
+    """The kernels a step GEMM of this dtype can take here: the swapped SmallGemm and
+    dot_rows take a transposed weight, MKL's packed GEMM float32, where torch is built with
+    MKL (and so exports it)."""
+    names = ["small", "aten"] + (["small_swapped", "dot_rows"] if transpose else [])
     if dtype == torch.float32 and torch.backends.mkl.is_available():
         names.append("mkl_packed")
     return names
@@ -71,10 +71,13 @@ def test_step_kernel_choice_and_errors():
     a, weight = torch.randn(4, 3, dtype=torch.float64), torch.randn(5, 3, dtype=torch.float64)
     with pytest.raises(RuntimeError, match="float32 CPU operands"):
         torch.ops.bnlstm.cpu_step_gemm(a, weight, True, "mkl_packed")
-    with pytest.raises(RuntimeError, match='kernel must be "small", "small_swapped", "mkl_packed" or "aten", got "fast"'):
+    with pytest.raises(RuntimeError, match='kernel must be "small", "small_swapped", "dot_rows", "mkl_packed" or '
+                                           '"aten", got "fast"'):
         torch.ops.bnlstm.cpu_step_gemm(a, weight, True, "fast")
     with pytest.raises(RuntimeError, match="swapped SmallGemm takes float32 or float64 and a transposed weight"):
         torch.ops.bnlstm.cpu_step_gemm(a, weight.t(), False, "small_swapped")
+    with pytest.raises(RuntimeError, match="dot_rows takes float32 or float64 and a transposed weight"):
+        torch.ops.bnlstm.cpu_step_gemm(a, weight.t(), False, "dot_rows")
     with pytest.raises(RuntimeError, match="a must have 5 columns"):
         torch.ops.bnlstm.cpu_step_gemm(a, weight, False, "aten")
 
@@ -146,28 +149,32 @@ def swapped_batches(dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
-def test_one_step_products_choose_the_swapped_kernel(dtype):
-    """A product that runs once (a one-step call) swaps SmallGemm's operands where a's rows
-    fill most of one panel, and only then; the default capability never swaps."""
+def test_one_step_products_read_the_weight_as_it_is(dtype):
+    """A product that runs once (a one-step call) takes dot_rows for a single row and swaps
+    SmallGemm's operands where a's rows fill most of one panel; otherwise it packs W as
+    every other product does. The default capability does neither."""
     choose = torch.ops.bnlstm.cpu_step_gemm_kernel
+    vector = torch.ops.bnlstm.cpu_vector_capability() != "default"
     swapped = swapped_batches(dtype)
     for rows in range(1, 70):
-        want_swapped = rows in swapped
-        assert (choose(dtype, rows, True) == "small_swapped") == want_swapped, rows
-        assert choose(dtype, rows) != "small_swapped"
+        want = "dot_rows" if vector and rows == 1 else "small_swapped" if rows in swapped else choose(dtype, rows)
+        assert choose(dtype, rows, True) == want, rows
+        assert choose(dtype, rows) not in ("small_swapped", "dot_rows")
 
 
-# One step (a cell's call, a module's call of one step): the forward's products take the
-# swapped kernel at the batches swapped_batches names for float64, and the packed one on
-# either side; I = 5 projects each step's input in the step, I = 70 in one product first.
+# One step (a cell's call, a module's call of one step): the forward's products take
+# dot_rows for one row, the swapped kernel at the batches swapped_batches names for float64,
+# and the packed one on either side, for W_hh and W_ih alike (a one-step call projects its
+# input in the step, I = 70 as well as I = 5, which a longer call would project first).
 # H = 512 on two threads makes two blocks of units (a step of fewer units runs on one
 # thread), each swapping its own rows of W.
-@pytest.mark.parametrize("batch", [5, 6, 7, 8, 9, 12, 14, 16, 17])
+@pytest.mark.parametrize("batch", [1, 2, 5, 6, 7, 8, 9, 12, 14, 16, 17])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_one_step_layer(batch, training, threads):
     threads(1)
     lengths = torch.ones(batch, dtype=torch.int64)
-    lengths[-1] = 0  # a row already ended: padded at its one step
+    if batch > 2:
+        lengths[-1] = 0  # a row already ended: padded at its one step
     for input_size in (5, 70):
         assert_layer_matches_reference(bnlstm_layer_fused, "cooijmans", lengths, tol=TOL, T=1, B=batch,
                                        I=input_size, H=ONE_BLOCK_H, training=training)
