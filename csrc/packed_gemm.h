@@ -319,50 +319,74 @@ void panel_matmul(const at::Tensor& out, const at::Tensor& a, const at::Tensor& 
   });
 }
 
-// out [M, N] = a [M, K] @ W^T, W [N, K] with rows ldw apart, as dot products of W's rows
-// with a's, W read as it is: a one-step product of a single row (a GEMV), where packing W
-// would cost several times the product. Four rows of W at a time share each load of a.
-template <typename T>
-void dot_rows(const T* a, int64_t m, int64_t k, const T* w, int64_t ldw, int64_t n, T* out, int64_t ldc) {
+// kRows rows of a (k apart) times all n rows of W (ldw apart), two rows of W at a time:
+// out[r, j] = a[r, :] . W[j, :]. Each load of a serves two rows of W and each load of W
+// kRows rows of a; the 2 x kRows accumulators are named, as SmallGemm::block's.
+template <typename T, int kRows>
+void dot_block(const T* a, int64_t k, const T* w, int64_t ldw, int64_t n, T* out, int64_t ldc) {
   using V = at::vec::Vectorized<T>;
   constexpr int64_t width = V::size();
   const auto sum = [](const V& v) { return at::vec::vec_reduce_all<T>([](V x, V y) { return x + y; }, v); };
-  for (int64_t r = 0; r < m; ++r) {
-    const T* x = a + r * k;
-    T* y = out + r * ldc;
-    int64_t j = 0;
-    for (; j + 4 <= n; j += 4) {
-      const T *w0 = w + j * ldw, *w1 = w0 + ldw, *w2 = w1 + ldw, *w3 = w2 + ldw;
-      V s0(T(0)), s1(T(0)), s2(T(0)), s3(T(0));
-      int64_t i = 0;
-      for (; i + width <= k; i += width) {
-        const V xi = V::loadu(x + i);
-        s0 = at::vec::fmadd(V::loadu(w0 + i), xi, s0);
-        s1 = at::vec::fmadd(V::loadu(w1 + i), xi, s1);
-        s2 = at::vec::fmadd(V::loadu(w2 + i), xi, s2);
-        s3 = at::vec::fmadd(V::loadu(w3 + i), xi, s3);
+  // Row r of a against row wj of W: the vector sum plus the columns past the last vector.
+  const auto finish = [k](const V& partial, const T* x, const T* wj, int64_t from, const auto& reduce) {
+    T total = reduce(partial);
+    for (int64_t i = from; i < k; ++i) total += x[i] * wj[i];
+    return total;
+  };
+  const int64_t vectors_end = k - k % width;
+  int64_t j = 0;
+  for (; j + 2 <= n; j += 2) {
+    const T *w0 = w + j * ldw, *w1 = w0 + ldw;
+    V c00(T(0)), c01(T(0)), c10(T(0)), c11(T(0)), c20(T(0)), c21(T(0)), c30(T(0)), c31(T(0));
+    for (int64_t i = 0; i < vectors_end; i += width) {
+      const V b0 = V::loadu(w0 + i), b1 = V::loadu(w1 + i);
+      const V x0 = V::loadu(a + i);
+      c00 = at::vec::fmadd(x0, b0, c00);
+      c01 = at::vec::fmadd(x0, b1, c01);
+      if constexpr (kRows > 1) {
+        const V x1 = V::loadu(a + k + i);
+        c10 = at::vec::fmadd(x1, b0, c10);
+        c11 = at::vec::fmadd(x1, b1, c11);
       }
-      T y0 = sum(s0), y1 = sum(s1), y2 = sum(s2), y3 = sum(s3);
-      for (; i < k; ++i) {
-        y0 += w0[i] * x[i];
-        y1 += w1[i] * x[i];
-        y2 += w2[i] * x[i];
-        y3 += w3[i] * x[i];
+      if constexpr (kRows > 2) {
+        const V x2 = V::loadu(a + 2 * k + i);
+        c20 = at::vec::fmadd(x2, b0, c20);
+        c21 = at::vec::fmadd(x2, b1, c21);
       }
-      y[j] = y0;
-      y[j + 1] = y1;
-      y[j + 2] = y2;
-      y[j + 3] = y3;
+      if constexpr (kRows > 3) {
+        const V x3 = V::loadu(a + 3 * k + i);
+        c30 = at::vec::fmadd(x3, b0, c30);
+        c31 = at::vec::fmadd(x3, b1, c31);
+      }
     }
-    for (; j < n; ++j) {
-      const T* wj = w + j * ldw;
-      V s(T(0));
-      int64_t i = 0;
-      for (; i + width <= k; i += width) s = at::vec::fmadd(V::loadu(wj + i), V::loadu(x + i), s);
-      T yj = sum(s);
-      for (; i < k; ++i) yj += wj[i] * x[i];
-      y[j] = yj;
+    const V* sums[4][2] = {{&c00, &c01}, {&c10, &c11}, {&c20, &c21}, {&c30, &c31}};
+    for (int r = 0; r < kRows; ++r) {
+      out[r * ldc + j] = finish(*sums[r][0], a + r * k, w0, vectors_end, sum);
+      out[r * ldc + j + 1] = finish(*sums[r][1], a + r * k, w1, vectors_end, sum);
     }
+  }
+  if (j < n) {  // W's last row, odd n
+    const T* wj = w + j * ldw;
+    for (int r = 0; r < kRows; ++r) {
+      V c(T(0));
+      for (int64_t i = 0; i < vectors_end; i += width) c = at::vec::fmadd(V::loadu(a + r * k + i), V::loadu(wj + i), c);
+      out[r * ldc + j] = finish(c, a + r * k, wj, vectors_end, sum);
+    }
+  }
+}
+
+// out [M, N] = a [M, K] @ W^T, a contiguous, W [N, K] with rows ldw apart, as dot products
+// of W's rows with a's, W read as it is: a one-step product of a few rows, where packing W
+// would cost more than the product (chosen_step_kernel). Four rows of a at a time.
+template <typename T>
+void dot_rows(const T* a, int64_t m, int64_t k, const T* w, int64_t ldw, int64_t n, T* out, int64_t ldc) {
+  int64_t r = 0;
+  for (; r + 4 <= m; r += 4) dot_block<T, 4>(a + r * k, k, w, ldw, n, out + r * ldc, ldc);
+  switch (m - r) {
+    case 3: dot_block<T, 3>(a + r * k, k, w, ldw, n, out + r * ldc, ldc); break;
+    case 2: dot_block<T, 2>(a + r * k, k, w, ldw, n, out + r * ldc, ldc); break;
+    case 1: dot_block<T, 1>(a + r * k, k, w, ldw, n, out + r * ldc, ldc); break;
+    default: break;
   }
 }
 
@@ -387,13 +411,23 @@ bool swapped_product_cheaper(int64_t rows) {
   return rows <= panel && panel - rows <= width / 2;
 }
 
+// Whether a product that runs once is cheaper as dot_rows: for up to half a vector of
+// rows, where the pack of W costs more than the product and dot_rows' horizontal sums less
+// (docs/CPU.md).
+template <typename T>
+bool dot_rows_cheaper(int64_t rows) {
+  return rows <= at::vec::Vectorized<T>::size() / 2;
+}
+
 // The kernel a step GEMM of `rows` rows of this dtype takes; `once`: it runs once, with
-// the weight transposed (W^T: dot_rows for a single row, swapped_product_cheaper).
+// the weight transposed (W^T: dot_rows_cheaper, swapped_product_cheaper).
 inline StepKernel chosen_step_kernel(at::ScalarType dtype, int64_t rows, bool once = false) {
   if (small_gemm_applies(dtype, rows)) {
-    if (once && rows == 1) return StepKernel::kDotRows;
-    const bool swapped = once && (dtype == at::kFloat ? swapped_product_cheaper<float>(rows)
-                                                      : swapped_product_cheaper<double>(rows));
+    const bool single = dtype == at::kFloat;
+    if (once && (single ? dot_rows_cheaper<float>(rows) : dot_rows_cheaper<double>(rows))) {
+      return StepKernel::kDotRows;
+    }
+    const bool swapped = once && (single ? swapped_product_cheaper<float>(rows) : swapped_product_cheaper<double>(rows));
     return swapped ? StepKernel::kSmallSwapped : StepKernel::kSmall;
   }
   if (dtype == at::kFloat && rows > 0 && mkl_packed_available()) return StepKernel::kMklPacked;

@@ -140,35 +140,45 @@ def test_weight_gradient_layouts(steps, variant, threads):
                                    H=ONE_BLOCK_H, training=True)
 
 
-def swapped_batches(dtype):
-    """The rows a one-step product takes the swapped SmallGemm for with this build's vector
-    width: one panel (two vectors) of a's rows, at most half a vector of it unused."""
+def vector_width(dtype):
+    """Elements of this dtype in a vector of this build (0: the default capability)."""
     width = {"avx512": 16, "avx2": 8}.get(torch.ops.bnlstm.cpu_vector_capability(), 0)
-    width //= 2 if dtype == torch.float64 else 1
+    return width // 2 if dtype == torch.float64 else width
+
+
+def dot_rows_batches(dtype):
+    """The rows a one-step product takes dot_rows for: at most half a vector."""
+    return list(range(1, vector_width(dtype) // 2 + 1))
+
+
+def swapped_batches(dtype):
+    """The rows a one-step product takes the swapped SmallGemm for: one panel (two vectors)
+    of a's rows, at most half a vector of it unused."""
+    width = vector_width(dtype)
     return list(range(2 * width - width // 2, 2 * width + 1)) if width else []
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
 def test_one_step_products_read_the_weight_as_it_is(dtype):
-    """A product that runs once (a one-step call) takes dot_rows for a single row and swaps
-    SmallGemm's operands where a's rows fill most of one panel; otherwise it packs W as
-    every other product does. The default capability does neither."""
+    """A product that runs once (a one-step call) takes dot_rows for up to half a vector of
+    rows and swaps SmallGemm's operands where a's rows fill most of one panel; otherwise it
+    packs W as every other product does. The default capability does neither."""
     choose = torch.ops.bnlstm.cpu_step_gemm_kernel
-    vector = torch.ops.bnlstm.cpu_vector_capability() != "default"
-    swapped = swapped_batches(dtype)
+    dot, swapped = dot_rows_batches(dtype), swapped_batches(dtype)
     for rows in range(1, 70):
-        want = "dot_rows" if vector and rows == 1 else "small_swapped" if rows in swapped else choose(dtype, rows)
+        want = "dot_rows" if rows in dot else "small_swapped" if rows in swapped else choose(dtype, rows)
         assert choose(dtype, rows, True) == want, rows
         assert choose(dtype, rows) not in ("small_swapped", "dot_rows")
 
 
 # One step (a cell's call, a module's call of one step): the forward's products take
-# dot_rows for one row, the swapped kernel at the batches swapped_batches names for float64,
-# and the packed one on either side, for W_hh and W_ih alike (a one-step call projects its
-# input in the step, I = 70 as well as I = 5, which a longer call would project first).
-# H = 512 on two threads makes two blocks of units (a step of fewer units runs on one
-# thread), each swapping its own rows of W.
-@pytest.mark.parametrize("batch", [1, 2, 5, 6, 7, 8, 9, 12, 14, 16, 17])
+# dot_rows and the swapped kernel at the batches dot_rows_batches and swapped_batches name
+# for float64 (the oracle's precision, which this layer runs in), and the packed one on
+# either side, for W_hh and W_ih alike (a one-step call projects its input in the step,
+# I = 70 as well as I = 5, which a longer call would project first). H = 512 on two threads
+# makes two blocks of units (a step of fewer units runs on one thread), each with its own
+# rows of W.
+@pytest.mark.parametrize("batch", [1, 2, 3, 4, 5, 6, 7, 8, 9, 12, 14, 16, 17])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_one_step_layer(batch, training, threads):
     threads(1)
@@ -180,7 +190,7 @@ def test_one_step_layer(batch, training, threads):
                                        I=input_size, H=ONE_BLOCK_H, training=training)
 
 
-@pytest.mark.parametrize("batch", [8, 16])
+@pytest.mark.parametrize("batch", [4, 8, 16])
 def test_one_step_layer_of_two_blocks(batch, threads):
     threads(2)
     assert torch.ops.bnlstm.cpu_hidden_blocks(1, batch, 512) == 2
