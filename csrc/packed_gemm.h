@@ -326,14 +326,14 @@ template <typename T, int kRows>
 void dot_block(const T* a, int64_t k, const T* w, int64_t ldw, int64_t n, T* out, int64_t ldc) {
   using V = at::vec::Vectorized<T>;
   constexpr int64_t width = V::size();
-  const auto sum = [](const V& v) { return at::vec::vec_reduce_all<T>([](V x, V y) { return x + y; }, v); };
-  // Row r of a against row wj of W: the vector sum plus the columns past the last vector.
-  const auto finish = [k](const V& partial, const T* x, const T* wj, int64_t from, const auto& reduce) {
-    T total = reduce(partial);
-    for (int64_t i = from; i < k; ++i) total += x[i] * wj[i];
+  const int64_t vectors_end = k - k % width;
+  // Row x of a against row wj of W: the lanes of the vector sum plus the columns past the
+  // last vector.
+  const auto finish = [k, vectors_end](const V& partial, const T* x, const T* wj) {
+    T total = at::vec::vec_reduce_all<T>([](V u, V v) { return u + v; }, partial);
+    for (int64_t i = vectors_end; i < k; ++i) total += x[i] * wj[i];
     return total;
   };
-  const int64_t vectors_end = k - k % width;
   int64_t j = 0;
   for (; j + 2 <= n; j += 2) {
     const T *w0 = w + j * ldw, *w1 = w0 + ldw;
@@ -361,8 +361,8 @@ void dot_block(const T* a, int64_t k, const T* w, int64_t ldw, int64_t n, T* out
     }
     const V* sums[4][2] = {{&c00, &c01}, {&c10, &c11}, {&c20, &c21}, {&c30, &c31}};
     for (int r = 0; r < kRows; ++r) {
-      out[r * ldc + j] = finish(*sums[r][0], a + r * k, w0, vectors_end, sum);
-      out[r * ldc + j + 1] = finish(*sums[r][1], a + r * k, w1, vectors_end, sum);
+      out[r * ldc + j] = finish(*sums[r][0], a + r * k, w0);
+      out[r * ldc + j + 1] = finish(*sums[r][1], a + r * k, w1);
     }
   }
   if (j < n) {  // W's last row, odd n
@@ -370,7 +370,7 @@ void dot_block(const T* a, int64_t k, const T* w, int64_t ldw, int64_t n, T* out
     for (int r = 0; r < kRows; ++r) {
       V c(T(0));
       for (int64_t i = 0; i < vectors_end; i += width) c = at::vec::fmadd(V::loadu(a + r * k + i), V::loadu(wj + i), c);
-      out[r * ldc + j] = finish(c, a + r * k, wj, vectors_end, sum);
+      out[r * ldc + j] = finish(c, a + r * k, wj);
     }
   }
 }
@@ -419,16 +419,20 @@ bool dot_rows_cheaper(int64_t rows) {
   return rows <= at::vec::Vectorized<T>::size() / 2;
 }
 
+// Where SmallGemm applies, the kernel of a product that runs once with the weight
+// transposed: one that reads W as it is where that is cheaper, else SmallGemm's pack.
+template <typename T>
+StepKernel one_step_kernel(int64_t rows) {
+  if (dot_rows_cheaper<T>(rows)) return StepKernel::kDotRows;
+  return swapped_product_cheaper<T>(rows) ? StepKernel::kSmallSwapped : StepKernel::kSmall;
+}
+
 // The kernel a step GEMM of `rows` rows of this dtype takes; `once`: it runs once, with
-// the weight transposed (W^T: dot_rows_cheaper, swapped_product_cheaper).
+// the weight transposed (one_step_kernel).
 inline StepKernel chosen_step_kernel(at::ScalarType dtype, int64_t rows, bool once = false) {
   if (small_gemm_applies(dtype, rows)) {
-    const bool single = dtype == at::kFloat;
-    if (once && (single ? dot_rows_cheaper<float>(rows) : dot_rows_cheaper<double>(rows))) {
-      return StepKernel::kDotRows;
-    }
-    const bool swapped = once && (single ? swapped_product_cheaper<float>(rows) : swapped_product_cheaper<double>(rows));
-    return swapped ? StepKernel::kSmallSwapped : StepKernel::kSmall;
+    if (!once) return StepKernel::kSmall;
+    return dtype == at::kFloat ? one_step_kernel<float>(rows) : one_step_kernel<double>(rows);
   }
   if (dtype == at::kFloat && rows > 0 && mkl_packed_available()) return StepKernel::kMklPacked;
   return StepKernel::kAten;
@@ -453,7 +457,8 @@ class StepGemm {
       return;
     }
     const at::ScalarType dtype = weight.scalar_type();
-    switch (kernel.value_or(chosen_step_kernel(dtype, m_, once && transpose))) {
+    kernel_ = kernel.value_or(chosen_step_kernel(dtype, m_, once && transpose));
+    switch (kernel_) {
       case StepKernel::kSmall:
         TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble, "StepGemm: SmallGemm takes float32 or float64, got ",
                     dtype);
@@ -464,16 +469,10 @@ class StepGemm {
         }
         return;
       case StepKernel::kSmallSwapped:
-        TORCH_CHECK((dtype == at::kFloat || dtype == at::kDouble) && transpose,
-                    "StepGemm: the swapped SmallGemm takes float32 or float64 and a transposed weight, got ", dtype,
-                    " and transpose=", transpose);
-        swapped_ = true;  // nothing packed until run, which packs a
-        return;
-      case StepKernel::kDotRows:
-        TORCH_CHECK((dtype == at::kFloat || dtype == at::kDouble) && transpose,
-                    "StepGemm: dot_rows takes float32 or float64 and a transposed weight, got ", dtype,
-                    " and transpose=", transpose);
-        dot_rows_ = true;  // nothing packed
+      case StepKernel::kDotRows:  // nothing of W packed (the swapped kernel packs a as it runs)
+        TORCH_CHECK((dtype == at::kFloat || dtype == at::kDouble) && transpose, "StepGemm: ",
+                    kernel_ == StepKernel::kDotRows ? "dot_rows" : "the swapped SmallGemm",
+                    " takes float32 or float64 and a transposed weight, got ", dtype, " and transpose=", transpose);
         return;
       case StepKernel::kMklPacked: {
         TORCH_CHECK(mkl_packed_available() && dtype == at::kFloat && weight.is_cpu() && m_ > 0,
@@ -496,11 +495,11 @@ class StepGemm {
   void run(const T* a, T* out, int64_t out_stride = -1) const {
     const int64_t ldc = out_stride < 0 ? n_ : out_stride;
     if constexpr (std::is_same<T, float>::value || std::is_same<T, double>::value) {
-      if (swapped_) {
+      if (kernel_ == StepKernel::kSmallSwapped) {
         run_swapped(a, out, ldc);
         return;
       }
-      if (dot_rows_) {
+      if (kernel_ == StepKernel::kDotRows) {
         dot_rows(a, m_, k_, weight_.data_ptr<T>(), weight_.stride(0), n_, out, ldc);
         return;
       }
@@ -551,7 +550,8 @@ class StepGemm {
   std::unique_ptr<SmallGemm<float>> small_float_;  // the small-batch kernel, where it applies
   std::unique_ptr<SmallGemm<double>> small_double_;
   std::unique_ptr<Bf16Gemm> bf16_;  // bfloat16 operands, where the layer asks for them
-  bool transpose_, swapped_ = false, dot_rows_ = false;
+  bool transpose_;
+  StepKernel kernel_ = StepKernel::kAten;  // the kernel chosen (bf16_ runs instead where set)
   int64_t m_, n_, k_;
 };
 

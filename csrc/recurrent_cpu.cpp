@@ -959,8 +959,8 @@ class RecurrentBackwardCPU {
     // tanh's forty-odd instructions, which bound pass 1 (docs/CPU.md). Where o is 0 (an
     // extreme gate's sigmoid underflows in the portable build, whose at::vec exp lacks
     // vec_math.h's clamp) the quotient is taken as 0, which gives the right gradients: both
-    // uses of tanh below are multiplied by o. A padded row's h is 0,
-    // and so is its gradient. float32 only: float64 is the precision the tests check against.
+    // uses of tanh below are multiplied by o. A padded row's h is 0, and so is its gradient.
+    // float32 only: float64 is the precision the tests check against.
     const T* const h_rows = std::is_same_v<T, float> ? s.output : nullptr;
 
     // Per-column constants: u indexes gate g's column of hidden unit j0 + j as g * J + j.
